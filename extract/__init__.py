@@ -1,0 +1,1 @@
+"""xlbake stage: extract."""

@@ -1,0 +1,25 @@
+"""Shared fixtures: the tiny SDXL model and the demo dataset, built once per test session (offline, seconds)."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("DIFFUSERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_paths(tmp_path_factory):
+    """The tiny SDXL model as a diffusers folder and a single-file SGM checkpoint."""
+    from xlbake.tiny import save_tiny
+
+    return save_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def demo_dataset(tmp_path_factory):
+    """The built-in procedurally drawn dataset in kohya layout."""
+    from xlbake.demo_data import make_demo_dataset
+
+    return make_demo_dataset(tmp_path_factory.mktemp("data"), n_images=8)
