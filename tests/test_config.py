@@ -113,7 +113,7 @@ def test_missing_required_and_wrong_section_type_reported_together(tmp_path):
     with pytest.raises(ConfigError) as exc:
         load_config(RootConfig, path)
     assert problems(exc) == [
-        f"{path}: data: missing required key (a DataSection)",
+        f"{path}: data: missing required key (DataSection)",
         f"{path}:1: optim: expected a section of keys (OptimSection), got int 3",
     ]
 
@@ -144,6 +144,16 @@ def test_bool_and_str_fields_are_strict():
     assert load_config(RootConfig, data={"data": {"folder": "d"}, "use_ema": True, "steps": 10}).use_ema is True
 
 
+def test_every_bad_entry_of_a_mapping_is_reported():
+    with pytest.raises(ConfigError) as exc:
+        load_config(RootConfig, data={"data": {"folder": "d", "repeats": {"a": 1.5, "b": 2, 3: 1, "c": "x"}}})
+    assert problems(exc) == [
+        "<config>: data.repeats.a: expected an integer, got float 1.5",
+        "<config>: data.repeats.3: expected a string, got int 3; quote it in YAML",
+        '<config>: data.repeats.c: expected an integer, got str "x"',
+    ]
+
+
 def test_yaml_syntax_error_names_file_and_line(tmp_path):
     path = write(tmp_path, "data:\n  folder: d\noptim: [1, 2\nsteps: 3\n")
     with pytest.raises(ConfigError, match=rf"^{path}:4:\d+: invalid YAML: ") as exc:
@@ -155,6 +165,17 @@ def test_duplicate_keys_refused(tmp_path):
     path = write(tmp_path, "steps: 1\ndata: {folder: d}\nsteps: 2\n")
     with pytest.raises(ConfigError, match=rf"^{path}:3: steps: duplicate key"):
         load_config(RootConfig, path)
+
+
+def test_recursive_and_exponential_aliases_do_not_hang(tmp_path):
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(9)
+    )
+    with pytest.raises(ConfigError) as exc:
+        load_config(RootConfig, write(tmp_path, bomb + "data: {folder: d}\n"))
+    assert "a: unknown key" in str(exc.value) and "j: unknown key" in str(exc.value)
+    with pytest.raises(ConfigError, match=r"dims\[0\]: expected an integer, got a list"):
+        load_config(RootConfig, write(tmp_path, "data: {folder: d}\ndims: &d [*d]\n"))
 
 
 @pytest.mark.parametrize(

@@ -198,7 +198,7 @@ def _read_yaml(file: Path) -> tuple[Any, dict[_KeyPath, int]]:
     loader = yaml.SafeLoader(text)
     try:
         node = loader.get_single_node()
-        lines = _key_lines(node, (), file) if node is not None else {}
+        lines = _key_lines(node, file) if node is not None else {}
         return loader.construct_document(node) if node is not None else None, lines
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
@@ -211,23 +211,33 @@ def _read_yaml(file: Path) -> tuple[Any, dict[_KeyPath, int]]:
         loader.dispose()
 
 
-def _key_lines(node: yaml.Node, path: _KeyPath, file: Path) -> dict[_KeyPath, int]:
-    """Map each key path to the line it is written on; refuse duplicate keys (PyYAML keeps the last silently)."""
+def _key_lines(root: yaml.Node, file: Path) -> dict[_KeyPath, int]:
+    """Map each key path to the line it is written on; refuse duplicate keys (PyYAML keeps the last silently).
+
+    An aliased node is walked once, so recursive or exponentially nested aliases cannot hang the loader.
+    """
     lines: dict[_KeyPath, int] = {}
-    if isinstance(node, yaml.MappingNode):
-        for key_node, value_node in node.value:
-            if not isinstance(key_node, yaml.ScalarNode) or key_node.value == "<<":
-                continue
-            key_path = (*path, key_node.value)
-            if key_path in lines:
-                line = key_node.start_mark.line + 1
-                raise ConfigError(f"{file}:{line}: {dotted(key_path)}: duplicate key; keep only one")
-            lines[key_path] = key_node.start_mark.line + 1
-            lines.update(_key_lines(value_node, key_path, file))
-    elif isinstance(node, yaml.SequenceNode):
-        for index, item in enumerate(node.value):
-            lines[(*path, index)] = item.start_mark.line + 1
-            lines.update(_key_lines(item, (*path, index), file))
+    seen: set[int] = set()
+
+    def walk(node: yaml.Node, path: _KeyPath) -> None:
+        if id(node) in seen:
+            return
+        seen.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                lines[(*path, index)] = item.start_mark.line + 1
+                walk(item, (*path, index))
+        elif isinstance(node, yaml.MappingNode):
+            for key, child in node.value:
+                if not isinstance(key, yaml.ScalarNode) or key.value == "<<":
+                    continue
+                key_path, line = (*path, key.value), key.start_mark.line + 1
+                if key_path in lines:
+                    raise ConfigError(f"{file}:{line}: {dotted(key_path)}: duplicate key; keep only one")
+                lines[key_path] = line
+                walk(child, key_path)
+
+    walk(root, ())
     return lines
 
 
@@ -332,7 +342,7 @@ def _build(cls: type, value: Any, path: _KeyPath, ctx: _Context) -> Any:
             kwargs[name] = _convert(value[name], hints[name], (*path, name), ctx)
             ok = ok and kwargs[name] is not _INVALID
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            ctx.error((*path, name), f"missing required key (a {type_name(hints[name])})")
+            ctx.error((*path, name), f"missing required key ({type_name(hints[name])})")
             ok = False
     if not ok:
         return _INVALID
@@ -364,7 +374,7 @@ def _convert_choice(value: Any, tp: Any, path: _KeyPath, ctx: _Context) -> Any:
     else:
         choices = {json.dumps(m.value): m for m in tp}
     for text, choice in choices.items():
-        if json.dumps(value) == text:
+        if json.dumps(value, default=str) == text:
             return choice
     allowed = ", ".join(choices)
     hint = difflib.get_close_matches(json.dumps(value), list(choices), n=1) if isinstance(value, str) else []
@@ -394,13 +404,11 @@ def _convert_mapping(value: Any, args: tuple, path: _KeyPath, ctx: _Context) -> 
     if not isinstance(value, Mapping):
         ctx.error(path, f"expected a mapping, got {_show(value)}")
         return _INVALID
-    out = {}
-    for key, item in value.items():
-        typed_key = _convert(key, args[0], (*path, str(key)), ctx)
-        out[typed_key] = _convert(item, args[1], (*path, str(key)), ctx)
-        if typed_key is _INVALID or out[typed_key] is _INVALID:
-            return _INVALID
-    return out
+    pairs = [
+        (_convert(key, args[0], (*path, str(key)), ctx), _convert(item, args[1], (*path, str(key)), ctx))
+        for key, item in value.items()
+    ]
+    return _INVALID if any(k is _INVALID or v is _INVALID for k, v in pairs) else dict(pairs)
 
 
 def _convert_scalar(value: Any, tp: type, base: Path) -> Any:
@@ -408,7 +416,9 @@ def _convert_scalar(value: Any, tp: type, base: Path) -> Any:
     number = value if not isinstance(value, str) else _parse_number(value)
     if tp is bool and isinstance(value, bool):
         return value
-    if tp is int and isinstance(number, (int, float)) and not isinstance(number, bool) and float(number).is_integer():
+    if tp is int and isinstance(number, int) and not isinstance(number, bool):
+        return number
+    if tp is int and isinstance(number, float) and number.is_integer():
         return int(number)
     if tp is float and isinstance(number, (int, float)) and not isinstance(number, bool):
         return float(number)
