@@ -1,0 +1,392 @@
+"""Training data: kohya-layout images in aspect-ratio buckets, re-cropped and re-captioned every epoch, and a
+bucket-aware, resumable, multi-process batch sampler.
+
+Reproducibility: every random draw of a sample (flip, crop offset, caption shuffle/dropout) comes from a
+generator seeded by (seed, epoch, index), and the batch order from (seed, epoch), so a run and a resumed run see
+the same batches whatever the number of DataLoader workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch import Tensor
+from torch.utils.data import Dataset, Sampler
+from tqdm import tqdm
+
+from finetune.buckets import BucketGrid, CropGeometry, Size, crop_geometry
+from finetune.captions import CaptionConfig, process_caption
+from finetune.text import tokenize_chunks
+from xlbake.errors import InputError, TrainingError
+from xlbake.kohya_dataset import IMAGE_EXTENSIONS, CaptionSource, Scan, scan_dataset, verify_image
+
+BAD_CAPTION_KINDS = ("missing_caption", "empty_caption", "unreadable_caption")
+"""Scan problems that make an image bad data (handled by data.on_bad_image) rather than a note."""
+LISTED_FILES = 20
+"""How many files a warning lists before "... and N more"."""
+NAMED_IN_ERROR = 3
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the images are, how they are bucketed and augmented, and what to do with bad files."""
+
+    roots: tuple[Path, ...] = ()
+    """Dataset roots in kohya layout: each holds `N_name` folders (N = repeats per epoch) of images and captions."""
+    dataset_toml: Path | None = None
+    """A kohya sd-scripts dataset TOML ([[datasets]] / [[datasets.subsets]] with image_dir, num_repeats,
+    class_tokens, caption_extension and caption options), used in addition to `roots`."""
+    resolution: int = 1024
+    """Training resolution: buckets have at most resolution^2 pixels."""
+    min_bucket_reso: int = 256
+    """Smallest bucket side."""
+    max_bucket_reso: int = 2048
+    """Largest bucket side."""
+    bucket_step: int = 64
+    """Bucket sides are multiples of this (64 for SDXL; 8 for the tiny model)."""
+    no_upscale: bool = False
+    """Never enlarge images: small images get a bucket of about their own size instead of the closest-aspect one."""
+    random_crop: bool = False
+    """Crop a random part of the resized image, re-drawn every epoch (else the center); SDXL is conditioned on the
+    real crop offset."""
+    flip: bool = False
+    """Mirror half of the images horizontally, re-drawn every epoch."""
+    caption_extension: str = ".txt"
+    """Caption file of `image.png` is `image` + this."""
+    caption_source: CaptionSource = "file"
+    """Captions from `file`, the image's `filename` (minus a " (2)" copy suffix), `file_or_filename` (file, else
+    file name) or `file_or_folder` (file, else the folder's name after N_, as kohya does)."""
+    image_extensions: tuple[str, ...] = IMAGE_EXTENSIONS
+    """Image file types to train on (case-insensitive)."""
+    on_bad_image: Literal["skip", "error"] = "error"
+    """Unreadable image, missing/empty caption or image below min_image_side: `error` stops before training naming
+    the files; `skip` leaves them out with one warning listing them."""
+    min_image_side: int | None = None
+    """Images whose shorter side is below this are bad data; null = min_bucket_reso."""
+    cache_latents: bool = False
+    """Encode each image with the VAE once and cache the latents on disk (only without random_crop)."""
+
+    def __post_init__(self) -> None:
+        errors = []
+        if self.cache_latents and self.random_crop:
+            errors.append("data.cache_latents needs data.random_crop: false (a cached latent cannot be re-cropped)")
+        if self.bucket_step <= 0 or self.bucket_step % 8:
+            errors.append(f"data.bucket_step must be a positive multiple of 8, got {self.bucket_step}")
+        else:
+            try:
+                self.bucket_grid()
+            except ValueError as err:
+                errors.append(f"data: {err}")
+        if self.min_image_side is not None and self.min_image_side < 1:
+            errors.append(f"data.min_image_side must be >= 1 or null, got {self.min_image_side}")
+        if not self.image_extensions or not self.caption_extension:
+            errors.append("data.image_extensions and data.caption_extension must not be empty")
+        if errors:
+            raise ValueError("; ".join(errors))
+
+    def bucket_grid(self) -> BucketGrid:
+        return BucketGrid(
+            self.resolution, self.min_bucket_reso, self.max_bucket_reso, self.bucket_step, self.no_upscale
+        )
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image of the dataset, ready to draw training samples from."""
+
+    image: Path
+    caption: str
+    size: Size
+    """(w, h) of the image as displayed."""
+    bucket: Size
+    """(bw, bh) of its bucket."""
+    repeats: int
+    caption_cfg: CaptionConfig
+
+
+class TrainDataset(Dataset):
+    """Map-style dataset over the images expanded by their repeats.
+
+    An index is an ``int`` (drawn at ``self.epoch``, see ``set_epoch``) or an ``(epoch, index)`` pair, which is
+    what ``BucketBatchSampler`` yields so that DataLoader workers never need to be told the epoch. An item is a
+    dict: pixel_values (3, H, W) fp32 in [-1, 1]; original_size, crop_top_left, target_size (2,) long as (h, w),
+    (top, left), (h, w); caption str (processed); input_ids_1, input_ids_2 (C, 77) long; path str.
+    """
+
+    def __init__(self, samples: Sequence[Sample], tokenizers: tuple, *, random_crop: bool, flip: bool, seed: int):
+        self.samples = tuple(samples)
+        self.tokenizers = tokenizers
+        self.random_crop, self.flip, self.seed = random_crop, flip, seed
+        self.sample_of = tuple(i for i, s in enumerate(self.samples) for _ in range(s.repeats))
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.sample_of)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Epoch used for plain integer indices."""
+        self.epoch = epoch
+
+    def bucket_groups(self) -> dict[Size, list[int]]:
+        """Bucket (bw, bh) -> dataset indices in it, buckets sorted."""
+        groups: dict[Size, list[int]] = {}
+        for index, sample_index in enumerate(self.sample_of):
+            groups.setdefault(self.samples[sample_index].bucket, []).append(index)
+        return dict(sorted(groups.items()))
+
+    def geometry(self, epoch: int, index: int) -> tuple[CropGeometry, random.Random]:
+        """The crop of dataset index ``index`` in ``epoch``, and the generator left for its caption."""
+        sample = self.samples[self.sample_of[index]]
+        rng = random.Random(_seed_for(self.seed, epoch, index))
+        flip = self.flip and rng.random() < 0.5
+        jitter = (rng.random(), rng.random()) if self.random_crop else None
+        return crop_geometry(*sample.size, sample.bucket, jitter=jitter, flip=flip), rng
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
+        sample = self.samples[self.sample_of[index]]
+        geometry, rng = self.geometry(epoch, index)
+        caption = process_caption(sample.caption, sample.caption_cfg, epoch, rng)
+        length = sample.caption_cfg.max_token_length
+        return {
+            "pixel_values": load_pixels(sample.image, geometry, sample.size),
+            "original_size": torch.tensor(geometry.original_size_hw, dtype=torch.long),
+            "crop_top_left": torch.tensor(geometry.crop_top_left, dtype=torch.long),
+            "target_size": torch.tensor(geometry.target_size_hw, dtype=torch.long),
+            "caption": caption,
+            "input_ids_1": tokenize_chunks(self.tokenizers[0], caption, length),
+            "input_ids_2": tokenize_chunks(self.tokenizers[1], caption, length),
+            "path": str(sample.image),
+        }
+
+
+def load_pixels(path: Path, geometry: CropGeometry, size: Size) -> Tensor:
+    """The image resized, cropped and flipped per ``geometry``: (3, H, W) fp32 in [-1, 1]."""
+    try:
+        with Image.open(path) as opened:
+            image = ImageOps.exif_transpose(opened).convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError) as err:
+        raise InputError(f"{path}: cannot read the image ({err}); fix or remove it") from err
+    if image.size != size:
+        raise InputError(f"{path}: image changed since the dataset was checked ({size} -> {image.size}); restart")
+    (bucket_h, bucket_w), left, top = geometry.target_size_hw, geometry.crop_left, geometry.crop_top
+    image = image.resize(geometry.resize, Image.Resampling.LANCZOS).crop((left, top, left + bucket_w, top + bucket_h))
+    if geometry.flip:
+        image = ImageOps.mirror(image)
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def collate(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Stack a list of items (one bucket): tensors get a leading batch axis, strings become lists."""
+    return {
+        key: torch.stack([item[key] for item in batch])
+        if isinstance(batch[0][key], Tensor)
+        else [item[key] for item in batch]
+        for key in batch[0]
+    }
+
+
+class BucketBatchSampler(Sampler):
+    """Batches of one bucket each, shuffled per epoch from (seed, epoch), split between processes, resumable.
+
+    Each epoch: every bucket's indices are shuffled and cut into batches (a last smaller batch is kept unless
+    ``drop_last``), then the batches are shuffled. With several processes, rank r takes batches r, r + R, ...;
+    the list is padded by repeating its first batches (or cut, with ``drop_last``) so that ranks get equal counts.
+    Yields lists of (epoch, index) pairs for ``TrainDataset``. ``total_batches``: batches in one epoch over all
+    processes, before padding or cutting.
+    """
+
+    def __init__(
+        self,
+        dataset: TrainDataset,
+        batch_size: int,
+        seed: int,
+        num_replicas: int = 1,
+        rank: int = 0,
+        drop_last: bool = False,
+    ):
+        if batch_size < 1 or not 0 <= rank < num_replicas:
+            raise ValueError(
+                f"need batch_size >= 1 and 0 <= rank < num_replicas, got {batch_size}, {rank}, {num_replicas}"
+            )
+        self.groups = list(dataset.bucket_groups().values())
+        self.batch_size, self.seed, self.drop_last = batch_size, seed, drop_last
+        self.num_replicas, self.rank = num_replicas, rank
+        rounding = math.floor if drop_last else math.ceil
+        self.total_batches = sum(rounding(len(g) / batch_size) for g in self.groups)
+        if len(self) == 0:
+            raise InputError(
+                f"the dataset makes {self.total_batches} batches of {batch_size} per epoch, fewer than the "
+                f"{num_replicas} processes; add images or lower the batch size"
+            )
+        self.epoch, self._start, self._yielded = 0, 0, 0
+
+    def __len__(self) -> int:
+        """Batches per epoch for this rank."""
+        return (
+            self.total_batches // self.num_replicas
+            if self.drop_last
+            else math.ceil(self.total_batches / self.num_replicas)
+        )
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch to iterate; a position restored by ``load_state_dict`` is kept for its own epoch."""
+        if epoch != self.epoch:
+            self.epoch, self._start = epoch, 0
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """This rank's batches of ``epoch`` (dataset indices), in order."""
+        rng = np.random.default_rng([self.seed, epoch])
+        batches = []
+        for group in self.groups:
+            shuffled = [group[i] for i in rng.permutation(len(group))]
+            for start in range(0, len(shuffled), self.batch_size):
+                batch = shuffled[start : start + self.batch_size]
+                if len(batch) == self.batch_size or not self.drop_last:
+                    batches.append(batch)
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+        per_rank = len(self)
+        batches = (batches * math.ceil(per_rank * self.num_replicas / len(batches)))[: per_rank * self.num_replicas]
+        return batches[self.rank :: self.num_replicas]
+
+    def __iter__(self):
+        epoch, start = self.epoch, self._start
+        self._start, self._yielded = 0, start
+        for batch in self.epoch_batches(epoch)[start:]:
+            self._yielded += 1
+            yield [(epoch, index) for index in batch]
+
+    def state_dict(self, consumed: int | None = None) -> dict[str, int]:
+        """Epoch and position in it. The position is the number of batches yielded this epoch, exact when the
+        DataLoader does not prefetch (num_workers=0); with workers pass ``consumed``, the batches of this epoch
+        actually trained on (including any before a resume)."""
+        position = self._yielded if consumed is None else consumed
+        return {
+            "epoch": self.epoch,
+            "position": position,
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "num_replicas": self.num_replicas,
+            "total_batches": self.total_batches,
+        }
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue at the saved epoch and position; refuse if the seed, batch size, process count or dataset
+        changed (the batch order would differ)."""
+        for key in ("seed", "batch_size", "num_replicas", "total_batches"):
+            if state[key] != getattr(self, key):
+                raise TrainingError(
+                    f"cannot resume the data order: {key} was {state[key]}, now {getattr(self, key)}; restore the "
+                    f"dataset and settings of the interrupted run or start a new run"
+                )
+        self.epoch, self._start, self._yielded = state["epoch"], state["position"], state["position"]
+
+
+def steps_per_epoch(n_batches: int, grad_accum: int, num_processes: int) -> int:
+    """Optimizer steps per epoch: ceil(n_batches / (grad_accum * num_processes)), with n_batches the batches of
+    one epoch over all processes (``BucketBatchSampler.total_batches``)."""
+    return math.ceil(n_batches / (grad_accum * num_processes))
+
+
+def build_dataset(
+    cfg: DataConfig,
+    caption_cfg: CaptionConfig,
+    tokenizers: tuple,
+    *,
+    seed: int = 0,
+    logger: logging.Logger | logging.LoggerAdapter | None = None,
+) -> TrainDataset:
+    """Scan, validate and bucket the dataset before training.
+
+    Bad data (unreadable or corrupt image, missing/empty caption, image smaller than ``min_image_side``) is, per
+    ``cfg.on_bad_image``, skipped with ONE warning listing the files, or refused with an InputError naming the
+    first files. Other findings (misnamed folders, ignored files or TOML keys) are logged in one warning.
+    Raises InputError when no image is left.
+    """
+    log = logger or logging.getLogger(__name__)
+    scan = scan_dataset(
+        cfg.roots,
+        cfg.dataset_toml,
+        caption_extension=cfg.caption_extension,
+        caption_source=cfg.caption_source,
+        image_extensions=cfg.image_extensions,
+    )
+    samples, bad = _check_images(scan, cfg, caption_cfg)
+    bad = [(p.path, p.message) for p in scan.problems if p.kind in BAD_CAPTION_KINDS] + bad
+    notes = [(p.path, p.message) for p in scan.problems if p.kind not in BAD_CAPTION_KINDS]
+    if notes:
+        log.warning("dataset notes (%d):\n%s", len(notes), _listing(notes))
+    if bad and cfg.on_bad_image == "error":
+        named = "; ".join(f"{path}: {why}" for path, why in bad[:NAMED_IN_ERROR])
+        more = f" (and {len(bad) - NAMED_IN_ERROR} more)" if len(bad) > NAMED_IN_ERROR else ""
+        raise InputError(
+            f"{len(bad)} bad dataset files: {named}{more}; fix or remove them, or set "
+            f"data.on_bad_image=skip to train without them"
+        )
+    if bad:
+        log.warning("skipping %d bad dataset files (data.on_bad_image=skip):\n%s", len(bad), _listing(bad))
+    if not samples:
+        where = ", ".join(map(str, (*cfg.roots, *([cfg.dataset_toml] if cfg.dataset_toml else []))))
+        raise InputError(
+            f"no usable image in {where or 'data.roots (empty)'}; expected N_name folders of images "
+            f"with {cfg.caption_extension} captions"
+        )
+    dataset = TrainDataset(samples, tokenizers, random_crop=cfg.random_crop, flip=cfg.flip, seed=seed)
+    summary = ", ".join(f"{w}x{h}: {len(ix)}" for (w, h), ix in dataset.bucket_groups().items())
+    log.info("dataset: %d images, %d samples per epoch with repeats; buckets %s", len(samples), len(dataset), summary)
+    return dataset
+
+
+def _check_images(scan: Scan, cfg: DataConfig, caption_cfg: CaptionConfig) -> tuple[list[Sample], list]:
+    """Decode every image once; return the usable samples and (path, reason) of the bad images."""
+    grid = cfg.bucket_grid()
+    min_side = cfg.min_image_side if cfg.min_image_side is not None else cfg.min_bucket_reso
+    samples, bad = [], []
+    progress = tqdm(total=scan.n_images, desc="checking images", unit="img", leave=False, disable=None)
+    for subset in scan.subsets:
+        subset_caption_cfg = _subset_caption_cfg(caption_cfg, subset.caption_options, subset.root)
+        for item in subset.items:
+            progress.update()
+            try:
+                size = verify_image(item.image)
+            except InputError as err:
+                bad.append((item.image, f"unreadable image ({err.__cause__})"))
+                continue
+            if min(size) < min_side:
+                bad.append((item.image, f"{size[0]}x{size[1]} is smaller than min_image_side {min_side}"))
+                continue
+            bucket = grid.assign_bucket(*size)
+            samples.append(Sample(item.image, item.caption, size, bucket, subset.repeats, subset_caption_cfg))
+    progress.close()
+    return samples, bad
+
+
+def _subset_caption_cfg(base: CaptionConfig, options: tuple[tuple[str, Any], ...], where: Path) -> CaptionConfig:
+    if not options:
+        return base
+    try:
+        return replace(base, **dict(options))
+    except (TypeError, ValueError) as err:
+        raise InputError(f"dataset TOML subset {where}: invalid caption option ({err}); fix the TOML") from err
+
+
+def _listing(entries: Sequence[tuple[Path, str]]) -> str:
+    lines = [f"  {path}: {why}" for path, why in entries[:LISTED_FILES]]
+    if len(entries) > LISTED_FILES:
+        lines.append(f"  ... and {len(entries) - LISTED_FILES} more")
+    return "\n".join(lines)
+
+
+def _seed_for(seed: int, epoch: int, index: int) -> int:
+    """A well-mixed 64-bit seed for one (seed, epoch, index)."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, dtype=np.uint64)[0])
