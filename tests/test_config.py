@@ -45,6 +45,8 @@ class DataSection:
     """Caption file extension."""
     repeats: dict[str, int] = field(default_factory=dict)
     """Repeats per folder name."""
+    options: dict[str, float | int | str | bool] = field(default_factory=dict)
+    """Free-form loader options."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,8 @@ class RootConfig:
     """LoRA ranks to extract."""
     resume_from: Path | None = None
     """Checkpoint folder to resume from."""
+    run_dir: Path = Path("runs/default")
+    """Run folder."""
     mode: Mode = Mode.FAST
     """Speed/precision trade-off."""
     config_version: int = 2
@@ -243,6 +247,7 @@ def test_paths_resolve_against_config_folder_and_overrides_against_cwd(tmp_path,
     assert cfg.data.folder == elsewhere / "runs" / "x"
     assert cfg.resume_from == Path.home() / "ckpt"
     assert load_config(RootConfig, data={"data": {"folder": "rel"}}).data.folder == elsewhere / "rel"
+    assert cfg.run_dir == elsewhere / "runs" / "default"  # a relative default is relative to where you run
 
 
 def test_post_init_checks_collected_with_section_prefix(tmp_path):
@@ -269,6 +274,15 @@ def test_config_version_newer_than_code_is_refused_alone(tmp_path):
     assert load_config(RootConfig, data={"config_version": 1, "data": {"folder": "d"}}).config_version == 1
 
 
+def test_union_keeps_exact_types_and_reads_numeric_strings_in_declared_order():
+    options = {"a": 3, "b": 0.5, "c": "1e-6", "d": True, "e": "cosine"}
+    cfg = load_config(RootConfig, data={"data": {"folder": "d", "options": options}})
+    assert cfg.data.options == {"a": 3, "b": 0.5, "c": 1e-6, "d": True, "e": "cosine"}
+    assert [type(v) for v in cfg.data.options.values()] == [int, float, float, bool, str]
+    with pytest.raises(ConfigError, match=r"data.options.x: expected float \| int \| str \| bool, got a list"):
+        load_config(RootConfig, data={"data": {"folder": "d", "options": {"x": [1]}}})
+
+
 def test_literal_enum_and_optional_fields():
     base = {"data": {"folder": "d"}}
     cfg = load_config(RootConfig, data={**base, "mode": "exact", "resume_from": None})
@@ -292,6 +306,8 @@ def test_dump_yaml_round_trips_and_hash_tracks_values(tmp_path):
     assert load_config(RootConfig, data=yaml.safe_load(text)) == cfg
     assert config_hash(cfg) == config_hash(load_config(RootConfig, moved))
     assert config_hash(cfg) != config_hash(load_config(RootConfig, moved, ["optim.lr=2e-7"]))
+    defaults = load_config(RootConfig, data={"data": {"folder": "d"}})
+    assert load_config(RootConfig, data=yaml.safe_load(dump_yaml(defaults))) == defaults
 
 
 def test_describe_finds_every_field_and_its_doc():
@@ -302,6 +318,7 @@ def test_describe_finds_every_field_and_its_doc():
         "data.extra_folders",
         "data.caption_ext",
         "data.repeats",
+        "data.options",
         "optim",
         "optim.lr",
         "optim.name",
@@ -311,6 +328,7 @@ def test_describe_finds_every_field_and_its_doc():
         "use_ema",
         "dims",
         "resume_from",
+        "run_dir",
         "mode",
         "config_version",
     ]

@@ -64,10 +64,16 @@ class _Context:
     base: Path  # folder that relative paths from the file are resolved against
     lines: dict[_KeyPath, int]  # key path -> 1-based line in the file
     overridden: set[_KeyPath]
+    defaulted: set[_KeyPath] = dataclasses.field(default_factory=set)  # filled in from the dataclass defaults
     problems: list[str] = dataclasses.field(default_factory=list)
 
     def from_override(self, path: _KeyPath) -> bool:
         return any(path[:i] in self.overridden for i in range(len(path) + 1))
+
+    def base_for(self, path: _KeyPath) -> Path:
+        """Overrides and defaults are relative to the working folder, file values to the file's folder."""
+        from_cwd = self.from_override(path) or any(path[:i] in self.defaulted for i in range(len(path) + 1))
+        return Path.cwd() if from_cwd else self.base
 
     def error(self, path: _KeyPath, message: str) -> None:
         if self.from_override(path):
@@ -318,7 +324,7 @@ def _convert(value: Any, tp: Any, path: _KeyPath, ctx: _Context) -> Any:
     if tp not in _SCALARS:
         raise TypeError(f"config field {dotted(path)} has an unsupported type {tp!r}")
     try:
-        return _convert_scalar(value, tp, ctx.base if not ctx.from_override(path) else Path.cwd())
+        return _convert_scalar(value, tp, ctx.base_for(path))
     except ValueError as exc:
         ctx.error(path, str(exc))
         return _INVALID
@@ -340,10 +346,15 @@ def _build(cls: type, value: Any, path: _KeyPath, ctx: _Context) -> Any:
     for name, f in fields.items():
         if name in value:
             kwargs[name] = _convert(value[name], hints[name], (*path, name), ctx)
-            ok = ok and kwargs[name] is not _INVALID
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+        elif f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
+            # defaults go through the same conversion, so relative Path defaults come out absolute like the rest
+            ctx.defaulted.add((*path, name))
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            kwargs[name] = _convert(to_dict(default), hints[name], (*path, name), ctx)
+        else:
             ctx.error((*path, name), f"missing required key ({type_name(hints[name])})")
-            ok = False
+            kwargs[name] = _INVALID
+        ok = ok and kwargs[name] is not _INVALID
     if not ok:
         return _INVALID
     try:
@@ -359,6 +370,8 @@ def _convert_union(value: Any, args: tuple, path: _KeyPath, ctx: _Context) -> An
     members = [a for a in args if a is not type(None)]
     if len(members) == 1:
         return _convert(value, members[0], path, ctx)
+    # 3 stays an int under ``float | int``; strings go by the declared order ("1e-6" is a float under float | str)
+    members.sort(key=lambda member: not (member is type(value) and not isinstance(value, str)))
     for member in members:  # first member that takes the value without complaint
         trial = dataclasses.replace(ctx, problems=[])
         out = _convert(value, member, path, trial)
