@@ -262,7 +262,7 @@ def test_existing_output_is_not_overwritten_without_force(tmp_path):
 
 def test_fp16_overflow_is_refused_without_a_file(tmp_path):
     huge = {"lora_unet_a": (torch.full((2, 1), 1e5), torch.full((1, 2), 1e5))}
-    with pytest.raises(OutputError, match="bf16/fp32"):
+    with pytest.raises(OutputError, match="overflows"):
         write_lora(tmp_path / "h.safetensors", huge, metadata={}, dtype=torch.float16)
     assert list(tmp_path.iterdir()) == []
     write_lora(tmp_path / "h.safetensors", huge, metadata={}, dtype=torch.bfloat16)
@@ -271,6 +271,12 @@ def test_fp16_overflow_is_refused_without_a_file(tmp_path):
 def test_write_rejects_bad_factors(tmp_path):
     with pytest.raises(ValueError, match="disagree"):
         write_lora(tmp_path / "x.safetensors", {"lora_unet_a": (torch.ones(3, 2), torch.ones(3, 4))}, metadata={})
+    with pytest.raises(ValueError, match="NaN"):
+        write_lora(
+            tmp_path / "x.safetensors",
+            {"lora_unet_a": (torch.ones(3, 2), torch.full((2, 4), float("nan")))},
+            metadata={},
+        )
     with pytest.raises(InputError, match="prefix"):
         write_lora(tmp_path / "x.safetensors", {"unet_a": (torch.ones(3, 2), torch.ones(2, 4))}, metadata={})
     assert not (tmp_path / "x.safetensors").exists()

@@ -192,9 +192,11 @@ def write_lora(
     tensors: dict[str, torch.Tensor] = {}
     for name, (up, down) in shaped.items():
         up_f, down_f = fold_alpha(up, down, stored_alpha)
+        if not (torch.isfinite(up_f).all() and torch.isfinite(down_f).all()):
+            raise ValueError(f"write_lora: {name}: factors hold NaN/Inf")
         up_s, down_s = up_f.to(dtype).contiguous(), down_f.to(dtype).contiguous()
         if not (torch.isfinite(up_s).all() and torch.isfinite(down_s).all()):
-            raise OutputError(f"{path}: module {name} has NaN/Inf factors in {dtype}; save as bf16/fp32 instead")
+            raise OutputError(f"{path}: module {name} overflows {dtype}; save as bf16 or fp32 instead")
         tensors[name + DOWN], tensors[name + UP] = down_s, up_s
         tensors[name + ALPHA] = torch.tensor(stored_alpha, dtype=dtype)
     header = _output_metadata(path, metadata)
