@@ -123,7 +123,9 @@ def image_size(path: Path) -> tuple[int, int]:
     try:
         with Image.open(path) as image:
             width, height = image.size
-            if image.getexif().get(EXIF_ORIENTATION) in ROTATED_ORIENTATIONS:
+            # a PNG's getexif() decodes the whole file to look for EXIF after the pixels: use the header's only
+            header_exif = image.format != "PNG" or "exif" in image.info
+            if header_exif and image.getexif().get(EXIF_ORIENTATION) in ROTATED_ORIENTATIONS:
                 width, height = height, width
     except (OSError, UnidentifiedImageError, ValueError) as err:
         raise InputError(f"{path}: cannot read the image ({err}); re-save or remove it") from err
