@@ -8,6 +8,7 @@ the same batches whatever the number of DataLoader workers.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import random
@@ -18,7 +19,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 from tqdm import tqdm
@@ -27,7 +28,7 @@ from finetune.buckets import BucketGrid, CropGeometry, Size, crop_geometry
 from finetune.captions import CaptionConfig, process_caption
 from finetune.text import tokenize_chunks
 from xlbake.errors import InputError, TrainingError
-from xlbake.kohya_dataset import IMAGE_EXTENSIONS, CaptionSource, Scan, scan_dataset, verify_image
+from xlbake.kohya_dataset import IMAGE_EXTENSIONS, CaptionSource, Scan, open_image, scan_dataset, verify_image
 
 BAD_CAPTION_KINDS = ("missing_caption", "empty_caption", "unreadable_caption")
 """Scan problems that make an image bad data (handled by data.on_bad_image) rather than a note."""
@@ -171,11 +172,7 @@ class TrainDataset(Dataset):
 
 def load_pixels(path: Path, geometry: CropGeometry, size: Size) -> Tensor:
     """The image resized, cropped and flipped per ``geometry``: (3, H, W) fp32 in [-1, 1]."""
-    try:
-        with Image.open(path) as opened:
-            image = ImageOps.exif_transpose(opened).convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError) as err:
-        raise InputError(f"{path}: cannot read the image ({err}); fix or remove it") from err
+    image = open_image(path)
     if image.size != size:
         raise InputError(f"{path}: image changed since the dataset was checked ({size} -> {image.size}); restart")
     (bucket_h, bucket_w), left, top = geometry.target_size_hw, geometry.crop_left, geometry.crop_top
@@ -224,6 +221,7 @@ class BucketBatchSampler(Sampler):
         self.num_replicas, self.rank = num_replicas, rank
         rounding = math.floor if drop_last else math.ceil
         self.total_batches = sum(rounding(len(g) / batch_size) for g in self.groups)
+        self.dataset_hash = _fingerprint(dataset)
         if len(self) == 0:
             raise InputError(
                 f"the dataset makes {self.total_batches} batches of {batch_size} per epoch, fewer than the "
@@ -233,16 +231,13 @@ class BucketBatchSampler(Sampler):
 
     def __len__(self) -> int:
         """Batches per epoch for this rank."""
-        return (
-            self.total_batches // self.num_replicas
-            if self.drop_last
-            else math.ceil(self.total_batches / self.num_replicas)
-        )
+        rounding = math.floor if self.drop_last else math.ceil
+        return rounding(self.total_batches / self.num_replicas)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch to iterate; a position restored by ``load_state_dict`` is kept for its own epoch."""
         if epoch != self.epoch:
-            self.epoch, self._start = epoch, 0
+            self.epoch, self._start, self._yielded = epoch, 0, 0
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         """This rank's batches of ``epoch`` (dataset indices), in order."""
@@ -278,12 +273,13 @@ class BucketBatchSampler(Sampler):
             "batch_size": self.batch_size,
             "num_replicas": self.num_replicas,
             "total_batches": self.total_batches,
+            "dataset_hash": self.dataset_hash,
         }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Continue at the saved epoch and position; refuse if the seed, batch size, process count or dataset
         changed (the batch order would differ)."""
-        for key in ("seed", "batch_size", "num_replicas", "total_batches"):
+        for key in ("seed", "batch_size", "num_replicas", "total_batches", "dataset_hash"):
             if state[key] != getattr(self, key):
                 raise TrainingError(
                     f"cannot resume the data order: {key} was {state[key]}, now {getattr(self, key)}; restore the "
@@ -385,6 +381,12 @@ def _listing(entries: Sequence[tuple[Path, str]]) -> str:
     if len(entries) > LISTED_FILES:
         lines.append(f"  ... and {len(entries) - LISTED_FILES} more")
     return "\n".join(lines)
+
+
+def _fingerprint(dataset: TrainDataset) -> str:
+    """A short hash of the images, their repeats and buckets: what the batch order depends on."""
+    text = "\n".join(f"{s.image}|{s.repeats}|{s.bucket}" for s in dataset.samples)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _seed_for(seed: int, epoch: int, index: int) -> int:

@@ -192,8 +192,14 @@ def test_sampler_resumes_mid_epoch(root, tokenizers):
     full = list(uninterrupted)
     assert head + list(resumed) == full
     assert list(resumed) == full  # a later pass over the same epoch starts from its beginning
+    uninterrupted.set_epoch(5)
+    assert uninterrupted.state_dict()["position"] == 0 and uninterrupted.state_dict(consumed=2)["position"] == 2
     with pytest.raises(TrainingError, match="batch_size"):
         BucketBatchSampler(ds, batch_size=1, seed=3).load_state_dict(state)
+    noise_image(root / "1_other" / "zz_new.png", (64, 64), 9)  # same bucket count, different images
+    changed = dataset(root, tokenizers)
+    with pytest.raises(TrainingError, match="dataset_hash"):
+        BucketBatchSampler(changed, batch_size=2, seed=3).load_state_dict(state)
 
 
 def test_dataloader_batches(root, tokenizers):
@@ -204,6 +210,14 @@ def test_dataloader_batches(root, tokenizers):
     assert batch["original_size"].shape == batch["crop_top_left"].shape == (n, 2)
     assert batch["target_size"].tolist() == [[h, w]] * n
     assert batch["input_ids_1"].shape == (n, 1, 77) and len(batch["caption"]) == len(batch["path"]) == n
+
+
+def test_builtin_demo_dataset(demo_dataset, tokenizers, caplog):
+    with caplog.at_level(logging.WARNING):
+        ds = build_dataset(DataConfig(roots=(demo_dataset,), **TINY), CaptionConfig(), tokenizers)
+    assert not caplog.records  # nothing to complain about
+    assert len(ds.samples) == 8 and len(ds) == 16 and all("xlbk emblem" in s.caption for s in ds.samples)
+    assert len(ds.bucket_groups()) > 1
 
 
 def test_steps_per_epoch():

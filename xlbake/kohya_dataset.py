@@ -132,14 +132,18 @@ def image_size(path: Path) -> tuple[int, int]:
     return width, height
 
 
-def verify_image(path: Path) -> tuple[int, int]:
-    """Decode the whole image (catching truncated and corrupt files) and return its displayed (width, height)."""
+def open_image(path: Path) -> Image.Image:
+    """The whole image decoded (truncated and corrupt files fail here), EXIF rotation applied, as RGB."""
     try:
         with Image.open(path) as image:
-            image.load()
-            return ImageOps.exif_transpose(image).size
+            return ImageOps.exif_transpose(image).convert("RGB")
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
         raise InputError(f"{path}: unreadable image ({err}); re-save or remove it") from err
+
+
+def verify_image(path: Path) -> tuple[int, int]:
+    """Decode the whole image and return its displayed (width, height); InputError if it cannot be decoded."""
+    return open_image(path).size
 
 
 def caption_from_filename(stem: str) -> str:
