@@ -1,0 +1,357 @@
+"""The resize stage: re-factor every layer of a LoRA at a lower rank without ever forming its out x in matrix.
+
+A layer's delta (alpha / r) * up @ down has rank <= r, so its SVD comes from the QR of ``up`` and of ``down^T`` and
+the SVD of the small r x r core (``xlbake.lowrank.factor_svd``): the singular values kohya gets by multiplying out
+and running a full SVD, at a fraction of the time and memory. The new factors are the top singular triplets; the
+rank comes from a fixed value, a per-layer criterion or a global size budget. Every output is written with one
+alpha and each layer's scale folded into its factors, the input's metadata updated, and a kept-energy report.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from resize.config import ResizeConfig
+from resize.metadata import resized_metadata
+from resize.plan import OutputPlan, keep_for, plan_outputs
+from xlbake import __version__
+from xlbake.errors import ConfigError, InputError
+from xlbake.fileio import check_output
+from xlbake.lora_io import (
+    ALPHA,
+    DOWN,
+    HASH_KEY,
+    UP,
+    LoraFile,
+    LoraModule,
+    module_component,
+    read_lora,
+    safetensors_data_hash,
+    write_lora,
+)
+from xlbake.lowrank import Svd, allocate_ranks, factor_svd, kept_energy, select_rank, split_factors
+from xlbake.report import LayerStat, group_stat, report_paths, write_report
+
+SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+COMPUTE_DTYPE = torch.float32
+BYTES_PER_MB = 1_000_000
+# A safetensors header entry is "KEY":{"dtype":"F16","shape":[SHAPE],"data_offsets":[A,B]}, : at most this much
+# besides the key, the shape digits and the offsets.
+_HEADER_ENTRY_BYTES = 52
+_HEADER_ALIGN = 8  # the header is padded to a multiple of 8 bytes
+_RECORD_SLACK = 256  # the record's numbers (kept energy, parameters, ranks) once the real ranks are known
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LayerSpectrum:
+    """One input layer after the factor-space SVD of its delta (alpha / r) * up @ down."""
+
+    name: str
+    component: str  # "unet" | "te1" | "te2"
+    kind: str  # "linear" | "conv1x1" | "conv3x3"
+    down_shape: tuple[int, ...]  # the input's down: (r, in) or (r, in, kh, kw)
+    spectrum: torch.Tensor  # (k,) every singular value of the delta, descending; k <= min(r, out, in * kh * kw)
+    svd: Svd  # the top triplets kept for writing: u (out, t), s (t,), vh (t, in * kh * kw), t <= k
+
+    @property
+    def rank(self) -> int:
+        """The delta's rank as stored: the most any output can keep."""
+        return int(self.spectrum.numel())
+
+    @property
+    def cost_per_rank(self) -> int:
+        """Parameters one rank costs: out + in * kh * kw."""
+        return int(self.svd.u.shape[0] + self.svd.vh.shape[1])
+
+    @property
+    def energy(self) -> float:
+        return float(self.spectrum.double().square().sum())
+
+
+@dataclass(frozen=True)
+class ResizeResult:
+    """What one output holds."""
+
+    path: Path
+    layers: tuple[LayerStat, ...]
+    kept_as_is: int  # layers whose rank was below the one asked for, written unchanged
+    reports: tuple[Path, ...]  # report JSON and PNG, empty without a report
+
+    @property
+    def file_bytes(self) -> int:
+        return self.path.stat().st_size
+
+
+def run_resize(cfg: ResizeConfig, *, force: bool = False, progress: bool = False) -> list[ResizeResult]:
+    """Resize ``cfg.lora`` into every planned output; check all outputs before any work, read the input once."""
+    plans = plan_outputs(cfg)
+    for plan in plans:
+        check_output(plan.path, force)
+        for path in report_paths(plan.path) if cfg.report else ():
+            check_output(path, force)
+    device = resolve_device(cfg.device)
+    lora = read_lora(cfg.lora)
+    source_hash = safetensors_data_hash(lora.path)
+    start = time.perf_counter()
+    layers = factorize(lora.modules, keep_for(plans), device, progress=progress)  # empties lora.modules
+    logger.info("factor-space SVD of %d layers: %.2f s", len(layers), time.perf_counter() - start)
+    return [write_output(cfg, plan, layers, lora, source_hash, force=force) for plan in plans]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``torch.device(name)``, refusing a device this machine does not have."""
+    device = torch.device(name)
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ConfigError(f"device: {name} is not available on this machine; use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device: {name} is not available on this machine; use --device cpu")
+    return device
+
+
+def factorize(
+    modules: MutableMapping[str, LoraModule],
+    keep: Callable[[str], int | None],
+    device: torch.device,
+    *,
+    progress: bool = False,
+) -> list[LayerSpectrum]:
+    """The factor-space SVD of every module's delta, in the modules' order.
+
+    Consumes ``modules``: each input layer is released once factorized, so memory stays near the input's size.
+    """
+    layers = []
+    for name in tqdm(list(modules), desc="factor SVD", unit="layer", disable=not progress, leave=False):
+        module = modules.pop(name)
+        svd = layer_svd(module, device)
+        spectrum = svd.s.to("cpu", copy=True)
+        rank = min(int(spectrum.numel()), svd.u.shape[0], svd.vh.shape[1])
+        limit = keep(module.kind)
+        top = rank if limit is None else min(limit, rank)
+        kept = Svd(
+            u=svd.u[:, :top].to("cpu", copy=True),
+            s=svd.s[:top].to("cpu", copy=True),
+            vh=svd.vh[:top].to("cpu", copy=True),
+        )
+        component = module_component(name)
+        layers.append(LayerSpectrum(name, component, module.kind, tuple(module.down.shape), spectrum[:rank], kept))
+    return layers
+
+
+def layer_svd(module: LoraModule, device: torch.device) -> Svd:
+    """SVD of ``module``'s delta (alpha / r) * up @ down in fp32 on ``device``, from its factors only.
+
+    u (out, k), s (k,), vh (k, in * kh * kw); conv kernels are flattened like ``xlbake.lowrank.to_matrix``.
+    """
+    up = module.up.to(device=device, dtype=COMPUTE_DTYPE).flatten(1) * module.scale
+    down = module.down.to(device=device, dtype=COMPUTE_DTYPE).flatten(1)
+    return factor_svd(up, down)
+
+
+def choose_ranks(
+    layers: Sequence[LayerSpectrum], plan: OutputPlan, cfg: ResizeConfig, *, budget_params: int | None = None
+) -> list[int]:
+    """Each layer's new rank: ``plan``'s fixed rank, the method's minimal rank, or the budget's allocation."""
+    if plan.budget is not None:
+        if budget_params is None:
+            raise ValueError("choose_ranks: a budget plan needs budget_params")
+        return budget_ranks(layers, plan, budget_params)
+    ranks = []
+    for layer in layers:
+        cap = plan.cap(layer.kind)
+        limit = layer.rank if cap is None else min(cap, layer.rank)
+        if cfg.method == "fixed":
+            ranks.append(limit)
+        else:
+            ranks.append(select_rank(layer.spectrum, cfg.method, float(cfg.value), limit))
+    return ranks
+
+
+def budget_ranks(layers: Sequence[LayerSpectrum], plan: OutputPlan, budget_params: int) -> list[int]:
+    """Ranks that keep the most energy within ``budget_params`` factor parameters; every layer keeps rank >= 1."""
+    costs = [layer.cost_per_rank for layer in layers]
+    caps = [layer.rank if plan.cap(layer.kind) is None else min(plan.cap(layer.kind), layer.rank) for layer in layers]
+    floor = sum(costs)
+    if budget_params < floor:
+        raise InputError(
+            f"size {plan.budget.text}: too small for this LoRA; rank 1 in each of its {len(layers)} layers already "
+            f"needs {floor} parameters, and the budget leaves {max(budget_params, 0)}"
+        )
+    extra = allocate_ranks(
+        [layer.spectrum[1:] for layer in layers], costs, budget_params - floor, [c - 1 for c in caps]
+    )
+    return [1 + int(e) for e in extra]
+
+
+def params_within(
+    file_bytes: int, layers: Sequence[LayerSpectrum], metadata: Mapping[str, str], save_dtype: torch.dtype
+) -> int:
+    """Factor parameters that fit a file of ``file_bytes``: what is left after an upper bound of the header
+    (metadata, one entry per tensor, alignment) and the alpha values."""
+    element = torch.tensor([], dtype=save_dtype).element_size()
+    digits = len(str(file_bytes))  # data offsets are never longer than the file size
+    meta = len(json.dumps({"__metadata__": {**metadata, HASH_KEY: "0" * 64}}, separators=(",", ":")))
+    entries = 0
+    for layer in layers:
+        out, rank, inner = layer.svd.u.shape[0], layer.rank, layer.down_shape[1:]
+        for suffix, shape in ((UP, (out, rank, 1, 1)), (DOWN, (rank, *inner)), (ALPHA, ())):
+            entries += len(layer.name + suffix) + _HEADER_ENTRY_BYTES + len(",".join(map(str, shape))) + 2 * digits
+    header = 8 + meta + _RECORD_SLACK + entries + _HEADER_ALIGN
+    return (file_bytes - header - len(layers) * element) // element
+
+
+def resized_factors(
+    layers: Sequence[LayerSpectrum], ranks: Sequence[int]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """name -> (up, down) with up @ down == the layer's rank-r truncation; shapes as the input's (convs 4-D)."""
+    factors = {}
+    for layer, rank in zip(layers, ranks, strict=True):
+        up, down = split_factors(layer.svd, rank)
+        down = down.reshape(rank, *layer.down_shape[1:])
+        if layer.kind != "linear":
+            up = up.reshape(up.shape[0], rank, 1, 1)
+        factors[layer.name] = (up, down)
+    return factors
+
+
+def layer_stats(layers: Sequence[LayerSpectrum], ranks: Sequence[int]) -> list[LayerStat]:
+    """What each layer keeps of the input LoRA's delta at its new rank."""
+    return [
+        LayerStat(
+            name=layer.name,
+            component=layer.component,
+            rank=rank,
+            energy=layer.energy,
+            kept=kept_energy(layer.spectrum, rank),
+            params=rank * layer.cost_per_rank,
+            spectrum=tuple(layer.spectrum.tolist()),
+        )
+        for layer, rank in zip(layers, ranks, strict=True)
+    ]
+
+
+def kept_as_is(layers: Sequence[LayerSpectrum], ranks: Sequence[int], plan: OutputPlan) -> list[LayerSpectrum]:
+    """Layers whose rank is below the one asked for: written unchanged, never zero-padded."""
+    pairs = zip(layers, ranks, strict=True)
+    return [layer for layer, rank in pairs if rank == layer.rank and _asked_above(layer, plan)]
+
+
+def write_output(
+    cfg: ResizeConfig,
+    plan: OutputPlan,
+    layers: Sequence[LayerSpectrum],
+    source: LoraFile,
+    source_hash: str,
+    *,
+    force: bool,
+) -> ResizeResult:
+    """Choose ranks for ``plan``, write its LoRA with updated metadata, and its report.
+
+    ``source`` is the input file (its modules already consumed by ``factorize``): its metadata and path.
+    """
+    save_dtype = SAVE_DTYPES[cfg.save_precision]
+    budget_params = None
+    if plan.budget is not None:
+        budget_params = plan.budget.params
+        if budget_params is None:
+            rough, _, _ = describe_output(cfg, plan, layers, [1] * len(layers), source, source_hash)
+            budget_params = params_within(plan.budget.bytes, layers, rough, save_dtype)
+    ranks = choose_ranks(layers, plan, cfg, budget_params=budget_params)
+    metadata, summary, stats = describe_output(cfg, plan, layers, ranks, source, source_hash)
+    low = kept_as_is(layers, ranks, plan)
+    if low:
+        shown = ", ".join(map(str, sorted({layer.rank for layer in low})))
+        logger.info(
+            "%s: %d of %d layers already have a lower rank than asked (%s); they are kept as is, not padded",
+            *(plan.path.name, len(low), len(layers), shown),
+        )
+    alpha = float(summary["alpha"])
+    write_lora(plan.path, resized_factors(layers, ranks), metadata=metadata, dtype=save_dtype, alpha=alpha, force=force)
+    reports: tuple[Path, ...] = ()
+    if cfg.report:
+        reports = write_report(plan.path, stats, summary, title=f"{plan.path.name}: {summary['target']}", force=force)
+    if plan.budget is not None and plan.budget.bytes is not None and plan.path.stat().st_size > plan.budget.bytes:
+        logger.warning("%s: %d bytes, over the %s budget", plan.path, plan.path.stat().st_size, plan.budget.text)
+    return ResizeResult(plan.path, tuple(stats), len(low), reports)
+
+
+def describe_output(
+    cfg: ResizeConfig,
+    plan: OutputPlan,
+    layers: Sequence[LayerSpectrum],
+    ranks: Sequence[int],
+    source: LoraFile,
+    source_hash: str,
+) -> tuple[dict[str, str], dict[str, object], list[LayerStat]]:
+    """The header metadata, the summary (record and report) and the per-layer stats of an output at ``ranks``."""
+    stats = layer_stats(layers, ranks)
+    alpha = cfg.alpha if cfg.alpha is not None else float(max(ranks))
+    low = len(kept_as_is(layers, ranks, plan))
+    summary = _summary(cfg, plan, source, source_hash, stats, alpha=alpha, kept_as_is=low)
+    metadata = resized_metadata(
+        source.metadata,
+        title=plan.path.stem,
+        ranks={layer.name: rank for layer, rank in zip(layers, ranks, strict=True)},
+        conv_names=[layer.name for layer in layers if layer.kind == "conv3x3"],
+        alpha=alpha,
+        record=summary,
+    )
+    return metadata, summary, stats
+
+
+def _summary(
+    cfg: ResizeConfig,
+    plan: OutputPlan,
+    source: LoraFile,
+    source_hash: str,
+    stats: Sequence[LayerStat],
+    *,
+    alpha: float,
+    kept_as_is: int,
+) -> dict[str, object]:
+    """What was done, for the header record and the report (file names only: the file may be shared)."""
+    total = group_stat(stats)
+    return {
+        "tool": f"xlbake {__version__} resize",
+        "source": source.path.name,
+        "source_sshs_model_hash": source_hash,
+        "target": _target_text(cfg, plan),
+        "method": "size" if plan.budget is not None else cfg.method,
+        "value": cfg.value,
+        "rank": plan.rank,
+        "conv_rank": plan.conv_rank,
+        "size": plan.budget.text if plan.budget is not None else None,
+        "alpha": alpha,
+        "save_precision": cfg.save_precision,
+        "ranks": {"min": total.min_rank, "max": total.max_rank},
+        "params": total.params,
+        "kept_energy": total.kept,
+        "kept_as_is": kept_as_is,
+    }
+
+
+def _target_text(cfg: ResizeConfig, plan: OutputPlan) -> str:
+    caps = (
+        ""
+        if plan.rank is None
+        else f"rank {plan.rank}" + ("" if plan.conv_rank == plan.rank else f", conv rank {plan.conv_rank}")
+    )
+    if plan.budget is not None:
+        return f"size {plan.budget.text}" + (f" (cap {caps})" if caps else "")
+    if cfg.method == "fixed":
+        return caps
+    return f"{cfg.method} {cfg.value:g}" + (f" (cap {caps})" if caps else "")
+
+
+def _asked_above(layer: LayerSpectrum, plan: OutputPlan) -> bool:
+    cap = plan.cap(layer.kind)
+    return cap is not None and cap > layer.rank
