@@ -1,0 +1,266 @@
+"""Model outputs of a run: single-file SGM checkpoints, the fp32 copy extraction reads, base.txt, a diffusers
+folder, the loss curve, and the SIGINT/SIGTERM guard that lets the trainer save its state before exiting.
+
+Run folder names are the contract with the Makefile and the extract stage (docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import shutil
+import signal
+import tempfile
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from finetune.base_of import BASE_TXT
+from finetune.model import PART_ATTRS, SdxlModel
+from xlbake.errors import OutputError, TrainingError
+from xlbake.fileio import TEMP_PREFIX, write_text_atomic
+
+logger = logging.getLogger(__name__)
+
+TUNED = "tuned.safetensors"
+TUNED_FP32 = "tuned.fp32.safetensors"
+RAW_SUFFIX = "-raw"
+RESOLVED_CONFIG = "config.resolved.yaml"
+CHECKPOINTS = "checkpoints"
+STATE = "state"
+SAMPLES = "samples"
+LOGS = "logs"
+LOSS_PNG = "loss.png"
+DIFFUSERS_DIR = "tuned-diffusers"
+BUILTIN = "builtin"
+SMOOTHING = 0.9
+"""Exponential smoothing factor of the loss curve."""
+SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class Weights:
+    """Diffusers-keyed state dicts of a whole SDXL model, as they will be saved."""
+
+    unet: Mapping[str, torch.Tensor]
+    text_encoder: Mapping[str, torch.Tensor]
+    text_encoder_2: Mapping[str, torch.Tensor]
+    vae: Mapping[str, torch.Tensor]
+    kind: str  # "raw" | "ema"
+
+
+def prepare_run_dir(cfg: Any, resume: bool, force: bool) -> Path:
+    """Gate the run folder and write ``config.resolved.yaml``: a non-empty folder needs ``resume`` or ``force``.
+
+    ``force`` without ``resume`` starts over: this run's state, checkpoints, samples and logs are removed.
+    """
+    from xlbake.config import dump_yaml
+
+    run_dir = Path(cfg.run_dir)
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not (resume or force):
+        raise OutputError(
+            f"{run_dir}: run folder is not empty; pass --resume auto to continue it, --force to start over, "
+            "or choose another run_dir"
+        )
+    if force and not resume:
+        for name in (STATE, CHECKPOINTS, SAMPLES, LOGS, DIFFUSERS_DIR):
+            shutil.rmtree(run_dir / name, ignore_errors=True)
+    write_text_atomic(run_dir / RESOLVED_CONFIG, dump_yaml(cfg), force=True)
+    return run_dir
+
+
+def collect_weights(model: SdxlModel, emas: Mapping[str, Any], kinds: Sequence[str]) -> list[Weights]:
+    """State dicts to save, one ``Weights`` per kind ("raw" or "ema"; parts without EMA give their raw weights)."""
+    out = []
+    for kind in kinds:
+        parts = pipeline_parts(model, emas if kind == "ema" else {})
+        dicts = {attr: parts[attr].state_dict() for attr in (*PART_ATTRS.values(), "vae")}
+        out.append(Weights(dicts["unet"], dicts["text_encoder"], dicts["text_encoder_2"], dicts["vae"], kind))
+    return out
+
+
+def pipeline_parts(model: SdxlModel, emas: Mapping[str, Any]) -> dict[str, Any]:
+    """StableDiffusionXLPipeline keyword arguments from the model, with the EMA copies of the parts in ``emas``."""
+    parts: dict[str, Any] = {attr: model.part(part) for part, attr in PART_ATTRS.items()}
+    parts |= {PART_ATTRS[part]: ema.ema_model for part, ema in emas.items()}
+    return parts | {
+        "vae": model.vae,
+        "tokenizer": model.tokenizer,
+        "tokenizer_2": model.tokenizer_2,
+        "scheduler": model.noise_scheduler,
+    }
+
+
+def check_finite(weights: Weights) -> None:
+    """TrainingError naming the first non-finite tensor: NaN weights are never written over good ones."""
+    for part in ("unet", "text_encoder", "text_encoder_2"):
+        for name, tensor in getattr(weights, part).items():
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise TrainingError(
+                    f"{part}.{name}: weights are not finite, nothing saved; the last good state is in RUN/{STATE}/ "
+                    "(lower the LR, or use bf16 instead of fp16)"
+                )
+
+
+def save_sgm(weights: Weights, path: Path, dtype: str, metadata: Mapping[str, str]) -> Path:
+    """Write ``weights`` as one SGM-keyed safetensors file at ``dtype`` (atomic; replaces an older file)."""
+    from xlbake.checkpoint import save_sgm_checkpoint, sgm_state_dict
+
+    check_finite(weights)
+    tensors = sgm_state_dict(
+        unet=weights.unet, text_encoder=weights.text_encoder, text_encoder_2=weights.text_encoder_2, vae=weights.vae
+    )
+    meta = {**metadata, "xlbake.weights": weights.kind}
+    return save_sgm_checkpoint(tensors, path, metadata=meta, dtype=SAVE_DTYPES[dtype], force=True)
+
+
+def output_name(name: str, kind: str, both: bool) -> str:
+    """``tuned.safetensors`` -> ``tuned-raw.safetensors`` for the raw copy when both EMA and raw are saved."""
+    if not both or kind == "ema":
+        return name
+    stem, _, ext = name.partition(".")
+    return f"{stem}{RAW_SUFFIX}.{ext}"
+
+
+def save_final(
+    run_dir: Path, all_weights: Sequence[Weights], dtype: str, fp32_copy: bool, base: Path, metadata: Mapping[str, str]
+) -> list[Path]:
+    """The run's final outputs: base.txt, tuned.safetensors (``dtype``) and, last, tuned.fp32.safetensors.
+
+    The fp32 copy is written last because it is the Makefile's target: its presence means the run finished.
+    """
+    both = len(all_weights) > 1
+    written = [write_text_atomic(run_dir / BASE_TXT, f"{Path(base).absolute()}\n", force=True)]
+    for weights in all_weights:
+        written.append(save_sgm(weights, run_dir / output_name(TUNED, weights.kind, both), dtype, metadata))
+    if fp32_copy:
+        for weights in sorted(all_weights, key=lambda w: output_name(TUNED_FP32, w.kind, both) == TUNED_FP32):
+            written.append(save_sgm(weights, run_dir / output_name(TUNED_FP32, weights.kind, both), "fp32", metadata))
+    return written
+
+
+def save_intermediate(
+    run_dir: Path, tag: str, all_weights: Sequence[Weights], dtype: str, keep_last: int, metadata: Mapping[str, str]
+) -> list[Path]:
+    """``RUN/checkpoints/{tag}.safetensors`` (and ``{tag}-raw`` with both); keep the newest ``keep_last`` tags."""
+    folder = run_dir / CHECKPOINTS
+    both = len(all_weights) > 1
+    written = [
+        save_sgm(w, folder / output_name(f"{tag}.safetensors", w.kind, both), dtype, metadata) for w in all_weights
+    ]
+    if keep_last:
+        files = sorted(
+            (p for p in folder.glob("*.safetensors") if not p.name.startswith(TEMP_PREFIX)), key=os.path.getmtime
+        )
+        tags = list(dict.fromkeys(p.name.split(".")[0].removesuffix(RAW_SUFFIX) for p in files))
+        for old in tags[:-keep_last]:
+            for path in folder.glob(f"{old}*.safetensors"):
+                path.unlink(missing_ok=True)
+    return written
+
+
+def save_diffusers_folder(pipeline_parts: Mapping[str, object], folder: Path) -> Path:
+    """Save a StableDiffusionXLPipeline folder built from ``pipeline_parts``, renamed into place when complete."""
+    from diffusers import StableDiffusionXLPipeline
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=folder.parent))
+    try:
+        StableDiffusionXLPipeline(**pipeline_parts, add_watermarker=False).save_pretrained(staging)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(staging, folder)
+    except OSError as exc:
+        raise OutputError(
+            f"{folder}: cannot write ({exc.strerror}); free disk space or choose another run_dir"
+        ) from exc
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def smooth(values: Sequence[float], factor: float = SMOOTHING) -> list[float]:
+    """Bias-corrected exponential moving average (as tensorboard's smoothing): same length as ``values``."""
+    out, average = [], 0.0
+    for i, value in enumerate(values, start=1):
+        average = factor * average + (1 - factor) * value
+        out.append(average / (1 - factor**i))
+    return out
+
+
+def write_loss_plot(losses: Sequence[float], lrs: Sequence[float], path: Path) -> Path | None:
+    """Loss per optimizer step (raw and smoothed) with the LR on a second axis, as a PNG; None with no data."""
+    finite = [(i + 1, v) for i, v in enumerate(losses) if math.isfinite(v)]
+    if not finite:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps, values = zip(*finite, strict=True)
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    ax.plot(steps, values, color="tab:blue", alpha=0.3, linewidth=0.8, label="loss")
+    ax.plot(steps, smooth(values), color="tab:blue", linewidth=1.8, label=f"loss (EMA {SMOOTHING})")
+    ax.set(xlabel="optimizer step", ylabel="training loss", title="Finetune loss")
+    ax.grid(alpha=0.3)
+    handles = ax.get_lines()
+    if lrs:
+        lr_ax = ax.twinx()
+        handles += lr_ax.plot(range(1, len(lrs) + 1), lrs, color="tab:orange", linewidth=1.0, label="learning rate")
+        lr_ax.set_ylabel("learning rate")
+        lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+    ax.legend(handles=handles, loc="upper right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        stack.callback(plt.close, fig)
+        from xlbake.fileio import atomic_path
+
+        with atomic_path(path, force=True) as tmp:
+            fig.savefig(tmp, format="png")
+    return path
+
+
+class StopRequest:
+    """Set by SIGINT/SIGTERM: the trainer finishes the current optimizer step, saves its state and stops."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+    def __bool__(self) -> bool:
+        return self.signal is not None
+
+    def request(self, signum: int) -> None:
+        """Record a stop request (what the signal handler does)."""
+        self.signal = signum
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[StopRequest]:
+    """Catch SIGINT/SIGTERM while training: the first asks for a clean stop, a second one interrupts at once."""
+    stop = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum: int, _frame: object) -> None:
+        if stop:
+            raise KeyboardInterrupt
+        logger.warning(
+            "%s received: saving the training state after this step (again to abort)", signal.Signals(signum).name
+        )
+        stop.request(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

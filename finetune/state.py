@@ -1,0 +1,158 @@
+"""Training state for --resume: accelerate's ``save_state`` plus our own JSON and the EMA weights.
+
+A state folder ``RUN/state/step-00000123/`` holds accelerate's files (trained weights, optimizer, scheduler,
+gradient scaler, RNG states), ``trainer_state.json`` (step, epoch, position in the epoch, sampler state, our
+generator's state, loss history, the resolved config) and ``ema.safetensors``. It is written beside its final
+name and renamed into place, so a crash leaves the previous states intact; only the newest ``keep`` are kept.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from xlbake.errors import InputError, TrainingError
+from xlbake.fileio import TEMP_PREFIX
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "trainer_state.json"
+EMA_FILE = "ema.safetensors"
+STATE_PREFIX = "step-"
+RESUME_FREE_KEYS = ("run_dir", "log.", "sample.", "checkpoint.keep_last", "checkpoint.keep_states", "train.num_workers")
+"""Config keys that may change between a run and its resume (everything else must match)."""
+
+
+@dataclass
+class TrainerState:
+    """Our part of the training state (accelerate saves the rest)."""
+
+    global_step: int = 0  # optimizer steps done
+    epoch: int = 0  # current epoch (0-based)
+    batches_in_epoch: int = 0  # batches of `epoch` already consumed
+    sampler: dict[str, Any] = field(default_factory=dict)
+    generator: str = ""  # base64 of the training generator's state (noise, timesteps, VAE sampling)
+    nan_skips: int = 0  # optimizer steps skipped in a row for a non-finite loss
+    losses: list[float] = field(default_factory=list)  # mean loss of each optimizer step
+    lrs: list[float] = field(default_factory=list)  # first param group's LR at each optimizer step
+    config_hash: str = ""
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+def encode_generator(generator: torch.Generator) -> str:
+    """A generator's state as base64 text."""
+    return base64.b64encode(generator.get_state().numpy().tobytes()).decode("ascii")
+
+
+def decode_generator(generator: torch.Generator, text: str) -> None:
+    """Restore a generator from ``encode_generator`` text."""
+    data = torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+    generator.set_state(data)
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping) and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """Dotted keys whose values differ between two resolved configs, ignoring ``RESUME_FREE_KEYS``."""
+    old, new = flatten(saved), flatten(current)
+    keys = sorted(set(old) | set(new))
+    return [k for k in keys if old.get(k) != new.get(k) and not k.startswith(RESUME_FREE_KEYS)]
+
+
+def state_dirs(root: Path) -> list[Path]:
+    """Complete state folders under ``root``, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(STATE_PREFIX) and (p / STATE_FILE).exists()]
+    return sorted(found, key=lambda p: int(p.name[len(STATE_PREFIX) :]))
+
+
+def find_resume(root: Path, resume: str) -> Path | None:
+    """The state folder to resume: ``auto`` = newest under ``root`` (None if there is none), else a given path."""
+    if resume == "auto":
+        found = state_dirs(root)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / STATE_FILE).exists():
+        raise InputError(f"{path}: not a training state folder (no {STATE_FILE}); use --resume auto or a RUN/state/*")
+    return path
+
+
+def write_state(
+    root: Path,
+    state: TrainerState,
+    save_accelerate: Any,
+    ema_tensors: Mapping[str, torch.Tensor],
+    keep: int,
+) -> Path:
+    """Write a state folder atomically and prune old ones; ``save_accelerate(folder)`` writes accelerate's files."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{STATE_PREFIX}{state.global_step:08d}"
+    staging = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=root))
+    try:
+        save_accelerate(staging)
+        if ema_tensors:
+            save_file({k: v.detach().contiguous().cpu() for k, v in ema_tensors.items()}, str(staging / EMA_FILE))
+        (staging / STATE_FILE).write_text(json.dumps(asdict(state), indent=1), encoding="utf-8")
+        _fsync_tree(staging)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging, final)
+    except OSError as exc:
+        raise TrainingError(f"{final}: cannot save training state ({exc.strerror}); free disk space") from exc
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    for old in state_dirs(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def read_state(
+    folder: Path, config: Mapping[str, Any], config_hash: str
+) -> tuple[TrainerState, dict[str, torch.Tensor]]:
+    """Read our state and EMA tensors; TrainingError naming the differing keys if the config does not match."""
+    try:
+        raw = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
+        state = TrainerState(**raw)
+    except (OSError, ValueError, TypeError) as exc:
+        raise InputError(
+            f"{folder / STATE_FILE}: unreadable training state ({exc}); resume from another state"
+        ) from exc
+    if state.config_hash != config_hash:
+        differing = config_differences(state.config, config)
+        if differing:
+            shown = ", ".join(differing[:8]) + (" ..." if len(differing) > 8 else "")
+            raise TrainingError(
+                f"{folder}: the config differs from the one this state was trained with ({shown}); "
+                "use the run's config.resolved.yaml or start a new run"
+            )
+    ema_file = folder / EMA_FILE
+    ema = load_file(str(ema_file)) if ema_file.exists() else {}
+    return state, ema
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())

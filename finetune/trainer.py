@@ -1,0 +1,465 @@
+"""The finetune recipe: one small class, read top to bottom (torchtune recipe shape, nanoGPT loop, accelerate).
+
+trainer = Trainer(cfg, resume="auto")
+trainer.setup()
+result = trainer.train()
+trainer.cleanup()
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.data_loader import prepare_data_loader
+from accelerate.logging import get_logger
+from accelerate.utils import set_seed
+from ema_pytorch import EMA
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from finetune.config import FinetuneConfig
+from finetune.data import BucketBatchSampler, build_dataset, collate, steps_per_epoch
+from finetune.model import PART_ATTRS, SdxlModel, load_model, resolve_inputs, setup_trainable
+from finetune.objective import (
+    add_noise,
+    compute_time_ids,
+    huber_c_for,
+    loss_per_sample,
+    make_noise,
+    perturb_noise,
+    sample_timesteps,
+    snr,
+    snr_weights,
+    target_for,
+)
+from finetune.optim import build_optimizer, build_scheduler, current_lrs
+from finetune.saving import (
+    BUILTIN,
+    DIFFUSERS_DIR,
+    LOGS,
+    LOSS_PNG,
+    SAMPLES,
+    STATE,
+    Weights,
+    check_finite,
+    collect_weights,
+    pipeline_parts,
+    save_diffusers_folder,
+    save_final,
+    save_intermediate,
+    stop_on_signals,
+    write_loss_plot,
+)
+from finetune.state import TrainerState, decode_generator, encode_generator, find_resume, read_state, write_state
+from finetune.text import encode_prompt
+from xlbake.config import config_hash, dump_yaml, to_dict
+from xlbake.errors import TrainingError
+
+logger = get_logger(__name__)
+
+NO_WARMUP_INV_GAMMA = 1e-9
+"""ema-pytorch's decay is 1 - (1 + n / inv_gamma) ** -power (capped at beta): a tiny inv_gamma gives beta at once."""
+NAN_HINT = "fp16 overflow (try precision.mixed: bf16) or a too-high learning rate"
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a call to ``Trainer.train`` did."""
+
+    global_step: int
+    epoch: int
+    interrupted: bool
+    state_dir: Path | None  # newest saved training state
+    outputs: tuple[Path, ...]  # model files written by the final save
+    losses: tuple[float, ...]  # mean loss of every optimizer step of the run (resumed runs included)
+
+
+class Trainer:
+    """Full SDXL finetune of the UNet and text encoders, with optional EMA, resumable exactly."""
+
+    def __init__(self, cfg: FinetuneConfig, resume: str | None = None) -> None:
+        self.cfg, self.resume, self.run_dir = cfg, resume, Path(cfg.run_dir)
+        self.state = TrainerState(config_hash=config_hash(cfg), config=to_dict(cfg))
+        self.state_dir: Path | None = None
+        self.outputs: list[Path] = []
+
+    # ------------------------------------------------------------------ setup
+
+    def setup(self) -> None:
+        """Load the model and data, build optimizer/scheduler/EMA, prepare with accelerate, restore a state."""
+        cfg = self.cfg
+        self.accelerator = acc = Accelerator(
+            gradient_accumulation_steps=cfg.train.grad_accum,
+            mixed_precision=cfg.precision.mixed,
+            log_with=[t for t, on in (("tensorboard", cfg.log.tensorboard), ("wandb", cfg.log.wandb)) if on] or None,
+            project_dir=str(self.run_dir / LOGS),
+            dynamo_backend="inductor" if cfg.model.compile else "no",
+        )
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.precision.tf32
+        set_seed(cfg.train.seed)
+        with acc.main_process_first():
+            inputs = resolve_inputs(cfg.model.base, cfg.model.components, cfg.data.roots, self.run_dir / BUILTIN)
+        self.model: SdxlModel = load_model(inputs.base, inputs.components, cfg.model.vae)
+        groups = setup_trainable(self.model, cfg.model, cfg.optim, cfg.precision)
+        self.parts = [g.name for g in groups]
+        self.params = [p for g in groups for p in g.params]
+        tokenizers = (self.model.tokenizer, self.model.tokenizer_2)
+        data_cfg = replace(cfg.data, roots=inputs.roots)
+        dataset = build_dataset(data_cfg, cfg.caption, tokenizers, seed=cfg.train.seed, logger=logger)
+        self.sampler = BucketBatchSampler(
+            dataset, cfg.train.batch_size, cfg.train.seed, acc.num_processes, acc.process_index
+        )
+        self.steps_per_epoch = steps_per_epoch(self.sampler.total_batches, cfg.train.grad_accum, acc.num_processes)
+        self.total_steps = cfg.train.epochs * self.steps_per_epoch
+        if cfg.train.max_steps:
+            self.total_steps = min(self.total_steps, cfg.train.max_steps)
+        self.emas = {name: self._make_ema(self.model.part(name)) for name in self.parts} if cfg.ema.enabled else {}
+        optimizer = build_optimizer(groups, cfg.optim)
+        scheduler = build_scheduler(optimizer, cfg.optim, self.total_steps, acc.num_processes)
+        *trained, self.optimizer, self.lr_scheduler = acc.prepare(
+            *[self.model.part(n) for n in self.parts], optimizer, scheduler
+        )
+        self.modules = {name: self.model.part(name) for name in PART_ATTRS} | dict(
+            zip(self.parts, trained, strict=True)
+        )
+        self.model.vae.to(acc.device)
+        for name, module in self.modules.items():
+            if name not in self.parts:
+                module.to(acc.device)
+        loader = DataLoader(dataset, batch_sampler=self.sampler, collate_fn=collate, num_workers=cfg.train.num_workers)
+        # The sampler already splits batches between processes: accelerate must not shard them again.
+        self.loader = prepare_data_loader(loader, acc.device, num_processes=1, process_index=0, put_on_device=True)
+        self.generator = torch.Generator().manual_seed(cfg.train.seed)
+        if self.resume:
+            self._restore(self.resume)
+        if cfg.log.tensorboard or cfg.log.wandb:
+            acc.init_trackers("finetune", config=_tracker_config(to_dict(cfg)))
+        self.inputs = inputs
+        logger.info(
+            "training %s for %d optimizer steps (%d per epoch, %d epochs), from step %d",
+            "+".join(self.parts),
+            self.total_steps,
+            self.steps_per_epoch,
+            cfg.train.epochs,
+            self.state.global_step,
+        )
+
+    def _make_ema(self, module: torch.nn.Module) -> EMA:
+        e = self.cfg.ema
+        ema = EMA(
+            module,
+            beta=e.beta,
+            update_after_step=e.update_after_step,
+            update_every=e.update_every,
+            inv_gamma=e.inv_gamma if e.warmup else NO_WARMUP_INV_GAMMA,
+            power=e.power,
+            include_online_model=False,
+            allow_different_devices=e.device == "cpu",
+        )
+        return ema.to("cpu" if e.device == "cpu" else self.accelerator.device)
+
+    def _restore(self, resume: str) -> None:
+        folder = find_resume(self.run_dir / STATE, resume)
+        if folder is None:
+            logger.info("no training state in %s: starting from the beginning", self.run_dir / STATE)
+            return
+        saved, ema_tensors = read_state(folder, self.state.config, self.state.config_hash)
+        self.accelerator.load_state(str(folder))
+        self.sampler.load_state_dict(saved.sampler)  # refuses a changed dataset, seed, batch size or process count
+        decode_generator(self.generator, saved.generator)
+        for name, ema in self.emas.items():
+            ema.load_state_dict({k.split(".", 1)[1]: v for k, v in ema_tensors.items() if k.startswith(name + ".")})
+        self.state = replace(saved, config_hash=self.state.config_hash, config=self.state.config)
+        self.state_dir = folder
+        logger.info("resumed from %s: step %d, epoch %d", folder, saved.global_step, saved.epoch + 1)
+
+    # ------------------------------------------------------------------ training
+
+    def train(self) -> TrainResult:
+        """Run until the configured epochs/steps are done or SIGINT/SIGTERM; then save (final outputs or state)."""
+        cfg, acc, state = self.cfg, self.accelerator, self.state
+        bar = tqdm(
+            total=self.total_steps,
+            initial=state.global_step,
+            unit="step",
+            disable=not (cfg.log.progress and acc.is_local_main_process),
+        )
+        with stop_on_signals() as stop:
+            while not self._finished():
+                self.loader.set_epoch(state.epoch)
+                self.sampler.load_state_dict(self._sampler_state())  # continue mid-epoch after a resume
+                step_losses: list[torch.Tensor] = []
+                skip = False  # a non-finite loss in this accumulation window (with on_nan: skip)
+                timer = DataTimer()
+                for batch in timer.wrap(self.loader):
+                    with acc.accumulate(*(self.modules[p] for p in self.parts)):
+                        loss = self.training_step(batch)
+                        if self._loss_is_finite(loss):
+                            acc.backward(loss)
+                        else:
+                            skip = True
+                        if acc.sync_gradients:
+                            self._optimizer_step(skip)
+                            skip = False
+                    state.batches_in_epoch += 1
+                    step_losses.append(loss.detach())
+                    if not acc.sync_gradients:
+                        continue
+                    state.global_step += 1
+                    self._after_step(torch.stack(step_losses).mean(), bar, timer)
+                    step_losses = []
+                    if stop or (self._finished() and state.batches_in_epoch < len(self.sampler)):
+                        break  # signal, or train.max_steps reached mid-epoch
+                else:
+                    self._end_epoch()
+                if stop:
+                    bar.close()
+                    self.save_state()
+                    logger.warning("stopped at step %d; resume with --resume auto", state.global_step)
+                    return self._result(interrupted=True)
+        bar.close()
+        self.save("final")
+        return self._result(interrupted=False)
+
+    def training_step(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Mean weighted diffusion loss of one batch: a scalar fp32 tensor (with a graph to the trained parts)."""
+        cfg, model, gen, acc = self.cfg, self.model, self.generator, self.accelerator
+        pixels = batch["pixel_values"].to(acc.device, model.vae.dtype)  # (B, 3, H, W) in [-1, 1]
+        with torch.no_grad():
+            latents = model.vae.encode(pixels).latent_dist.sample(generator=gen) * model.vae.config.scaling_factor
+        latents = latents.float()  # (B, 4, H/8, W/8)
+        alphas_cumprod = model.noise_scheduler.alphas_cumprod
+        noise = make_noise(
+            latents, cfg.noise.noise_offset, random_strength=cfg.noise.noise_offset_random_strength, generator=gen
+        )
+        timesteps = sample_timesteps(len(latents), cfg.noise.min_timestep, cfg.noise.max_timestep, generator=gen)
+        timesteps = timesteps.to(acc.device)
+        input_noise = perturb_noise(
+            noise, cfg.noise.ip_noise_gamma, random_strength=cfg.noise.ip_noise_gamma_random_strength, generator=gen
+        )
+        noisy_latents = add_noise(latents, input_noise, timesteps, alphas_cumprod)
+        time_ids = compute_time_ids(batch["original_size"], batch["crop_top_left"], batch["target_size"])
+        with acc.autocast():
+            prompt_embeds, pooled_prompt_embeds = encode_prompt(
+                self.modules["te1"], self.modules["te2"], batch["input_ids_1"], batch["input_ids_2"]
+            )
+            added = {"text_embeds": pooled_prompt_embeds, "time_ids": time_ids.to(acc.device)}
+            pred = self.modules["unet"](noisy_latents, timesteps, prompt_embeds, added_cond_kwargs=added).sample
+        target = target_for(cfg.loss.prediction, latents, noise, timesteps, alphas_cumprod)
+        huber_c = None
+        if cfg.loss.loss_type in ("huber", "smooth_l1"):
+            huber_c = huber_c_for(
+                cfg.loss.huber_schedule, cfg.loss.huber_c, timesteps, alphas_cumprod, huber_scale=cfg.loss.huber_scale
+            )
+        per_sample = loss_per_sample(pred, target, cfg.loss.loss_type, huber_c)  # (B,)
+        weights = snr_weights(
+            snr(alphas_cumprod, timesteps),
+            prediction=cfg.loss.prediction,
+            min_snr_gamma=cfg.loss.min_snr_gamma,
+            debiased=cfg.loss.debiased_estimation,
+        )
+        return (per_sample * weights.to(per_sample.device)).mean()
+
+    def _loss_is_finite(self, loss: torch.Tensor) -> bool:
+        """True for a finite loss; a non-finite one stops training (on_nan: stop) or is reported (on_nan: skip)."""
+        if torch.isfinite(loss).item():
+            return True
+        where = f"step {self.state.global_step + 1} (epoch {self.state.epoch + 1})"
+        if self.cfg.train.on_nan == "stop":
+            raise TrainingError(
+                f"{where}: loss is {loss.item()}; stopped without saving, {NAN_HINT}; "
+                f"the last saved state is in {self.run_dir / STATE}"
+            )
+        logger.warning("%s: loss is %s, skipping this optimizer step (%s)", where, loss.item(), NAN_HINT)
+        return False
+
+    def _optimizer_step(self, skip: bool) -> None:
+        """Clip, step and zero the gradients; ``skip`` drops this window's gradients instead (the LR moves on)."""
+        if skip:
+            self.state.nan_skips += 1
+            if self.state.nan_skips > self.cfg.train.max_nan_skips:
+                raise TrainingError(
+                    f"step {self.state.global_step + 1}: {self.state.nan_skips} optimizer steps in a "
+                    f"row had a non-finite loss; stopped, {NAN_HINT}"
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            self.lr_scheduler.step()
+            return
+        if self.cfg.optim.max_grad_norm:
+            self.accelerator.clip_grad_norm_(self.params, self.cfg.optim.max_grad_norm)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.nan_skips = 0
+
+    def _after_step(self, loss: torch.Tensor, bar: tqdm, timer: DataTimer) -> None:
+        """EMA update, records, logs and step-based saves after each optimizer step."""
+        cfg, state = self.cfg, self.state
+        for ema in self.emas.values():
+            ema.update()
+        loss_value = self.accelerator.reduce(loss, "mean").item()
+        lrs = current_lrs(self.optimizer)
+        state.losses.append(loss_value)
+        state.lrs.append(next(iter(lrs.values())))
+        if state.global_step % cfg.log.every_steps == 0:
+            self.accelerator.log({"loss": loss_value, **{f"lr/{k}": v for k, v in lrs.items()}}, step=state.global_step)
+        bar.update(1)
+        bar.set_postfix(
+            epoch=state.epoch + 1, loss=f"{loss_value:.4f}", lr=f"{state.lrs[-1]:.2e}", data=f"{timer.share():.0%}"
+        )
+        if cfg.checkpoint.every_steps and state.global_step % cfg.checkpoint.every_steps == 0 and not self._finished():
+            self.save(f"step-{state.global_step:08d}")
+        elif cfg.checkpoint.state_every_steps and state.global_step % cfg.checkpoint.state_every_steps == 0:
+            self.save_state()
+
+    def _end_epoch(self) -> None:
+        """Advance the epoch; save and sample on the configured epochs (the last one is saved by the final save)."""
+        cfg, state = self.cfg, self.state
+        state.epoch += 1
+        state.batches_in_epoch = 0
+        last = self._finished()
+        if cfg.checkpoint.every_epochs and state.epoch % cfg.checkpoint.every_epochs == 0 and not last:
+            self.save(f"epoch-{state.epoch:04d}")
+        if cfg.sample.prompts and (last or (cfg.sample.every_epochs and state.epoch % cfg.sample.every_epochs == 0)):
+            self.sample(f"epoch-{state.epoch:04d}")
+
+    def _finished(self) -> bool:
+        return self.state.global_step >= self.total_steps or self.state.epoch >= self.cfg.train.epochs
+
+    def _sampler_state(self) -> dict[str, int]:
+        return {**self.sampler.state_dict(), "epoch": self.state.epoch, "position": self.state.batches_in_epoch}
+
+    # ------------------------------------------------------------------ outputs
+
+    def weights(self) -> list[Weights]:
+        """The model's state dicts to save: raw, EMA, or both (EMA first), per checkpoint.weights."""
+        kinds = {"raw": ("raw",), "ema": ("ema",), "both": ("ema", "raw")}[self.cfg.checkpoint.weights]
+        return collect_weights(self.model, self.emas, kinds)
+
+    def save(self, tag: str) -> list[Path]:
+        """Save model checkpoint(s) for ``tag`` ("final" writes the run's tuned*.safetensors), then the state."""
+        acc, cfg = self.accelerator, self.cfg
+        acc.wait_for_everyone()
+        written: list[Path] = []
+        if acc.is_main_process:
+            weights, meta = self.weights(), self._metadata()
+            if tag == "final":
+                written = save_final(
+                    self.run_dir, weights, cfg.checkpoint.dtype, cfg.checkpoint.fp32_copy, self.inputs.base, meta
+                )
+                if cfg.checkpoint.diffusers:
+                    emas = self.emas if weights[0].kind == "ema" else {}
+                    written.append(
+                        save_diffusers_folder(pipeline_parts(self.model, emas), self.run_dir / DIFFUSERS_DIR)
+                    )
+                self.outputs = written
+            else:
+                written = save_intermediate(
+                    self.run_dir, tag, weights, cfg.checkpoint.dtype, cfg.checkpoint.keep_last, meta
+                )
+            if cfg.log.loss_plot:
+                write_loss_plot(self.state.losses, self.state.lrs, self.run_dir / LOSS_PNG)
+            logger.info("saved %s", ", ".join(str(p) for p in written))
+        if tag != "final" and cfg.checkpoint.save_state:
+            self.save_state()
+        return written
+
+    def save_state(self) -> Path:
+        """Save the training state (weights, optimizer, scheduler, RNG, EMA, data position) for --resume."""
+        state, acc = self.state, self.accelerator
+        check_finite(self.weights()[0])
+        state.sampler = self._sampler_state()
+        state.generator = encode_generator(self.generator)
+        ema_tensors = {f"{n}.{k}": v for n, ema in self.emas.items() for k, v in ema.state_dict().items()}
+        self.state_dir = write_state(
+            self.run_dir / STATE, state, lambda d: acc.save_state(str(d)), ema_tensors, self.cfg.checkpoint.keep_states
+        )
+        return self.state_dir
+
+    def sample(self, tag: str) -> list[Path]:
+        """Render the configured prompts with the weights that are saved (EMA if so) into RUN/samples."""
+        from finetune.sampling import render_samples
+
+        if not self.accelerator.is_main_process:
+            return []
+        parts = pipeline_parts(self.model, self.emas if self.cfg.checkpoint.weights != "raw" else {})
+        with self.accelerator.autocast():
+            return render_samples(parts, self.cfg.sample, self.run_dir / SAMPLES, tag)
+
+    def _metadata(self) -> dict[str, str]:
+        return {
+            "xlbake.stage": "finetune",
+            "xlbake.config": dump_yaml(self.cfg),
+            "xlbake.base": str(Path(self.inputs.base).absolute()),
+            "xlbake.global_step": str(self.state.global_step),
+            "xlbake.epoch": str(self.state.epoch),
+        }
+
+    def _result(self, interrupted: bool) -> TrainResult:
+        return TrainResult(
+            self.state.global_step,
+            self.state.epoch,
+            interrupted,
+            self.state_dir,
+            tuple(self.outputs),
+            tuple(self.state.losses),
+        )
+
+    def cleanup(self) -> None:
+        """End trackers and release accelerate's process-wide state (so another Trainer can run in this process)."""
+        from accelerate.state import AcceleratorState, GradientState
+
+        if hasattr(self, "accelerator"):
+            self.accelerator.end_training()
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
+def run(cfg: FinetuneConfig, resume: str | None = None) -> TrainResult:
+    """Set up, train and clean up one run (what the CLI does)."""
+    trainer = Trainer(cfg, resume)
+    try:
+        trainer.setup()
+        return trainer.train()
+    finally:
+        trainer.cleanup()
+
+
+class DataTimer:
+    """Share of wall time spent waiting for the next batch."""
+
+    def __init__(self) -> None:
+        self.waiting = 0.0
+        self.start = time.perf_counter()
+
+    def wrap(self, batches: Iterable[Any]) -> Iterator[Any]:
+        iterator = iter(batches)
+        while True:
+            began = time.perf_counter()
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            self.waiting += time.perf_counter() - began
+            yield batch
+
+    def share(self) -> float:
+        return self.waiting / max(time.perf_counter() - self.start, 1e-9)
+
+
+def _tracker_config(config: dict[str, Any]) -> dict[str, Any]:
+    """Flat scalar hyperparameters for the trackers (tensorboard's hparams take no lists or None)."""
+    from finetune.state import flatten
+
+    return {
+        k: v if isinstance(v, (int, float, str, bool)) else str(v)
+        for k, v in flatten(config).items()
+        if not (isinstance(v, float) and math.isnan(v))
+    }
