@@ -292,3 +292,33 @@ def test_module_component_and_module_math():
     module = LoraModule(up=torch.ones(3, 2), down=torch.ones(2, 4), alpha=1.0)
     assert (module.rank, module.scale, module.params, module.kind) == (2, 0.5, 14, "linear")
     assert torch.equal(module.delta(), torch.ones(3, 4))
+
+
+def test_written_lora_loads_into_diffusers_with_exact_deltas(tiny_paths, tmp_path):
+    """Varying ranks, one alpha: diffusers applies every module's delta exactly (per-layer alphas would not)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from xlbake.sdxl_keys import kohya_targets, sgm_state_dict
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_paths.diffusers_dir)
+    models = {"unet": pipe.unet, "text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2}
+    base = {key: value.clone() for key, value in sgm_state_dict(**models).items()}
+    targets = kohya_targets({key: tuple(value.shape) for key, value in base.items()}, conv=True)
+    assert {t.component for t in targets} == {"unet", "te1", "te2"}
+    gen = torch.Generator().manual_seed(0)
+    factors = {}
+    for index, target in enumerate(targets):
+        rank = 1 + index % 4
+        up = 0.05 * torch.randn(target.shape[0], rank, generator=gen)
+        factors[target.name] = (up, 0.05 * torch.randn(rank, *target.shape[1:], generator=gen))
+    out = write_lora(tmp_path / "tiny.safetensors", factors, metadata=meta(), dtype=torch.float32)
+    pipe.load_lora_weights(str(out))
+    pipe.fuse_lora(lora_scale=1.0)
+    pipe.unload_lora_weights()
+    after = sgm_state_dict(**models)
+    for target in targets:
+        change = after[target.key] - base[target.key]
+        change = change if target.rows is None else change[target.rows[0] : target.rows[1]]
+        assert rel_err(change, product(*factors[target.name])) < 1e-4, target.name
+    touched = {target.key for target in targets}
+    assert all(torch.equal(after[key], base[key]) for key in base if key not in touched)
