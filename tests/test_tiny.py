@@ -5,11 +5,13 @@ import re
 import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from xlbake.demo_data import CAPTION_WORDS
 from xlbake.errors import OutputError
 from xlbake.sdxl_configs import sdxl_config
+from xlbake.sdxl_keys import kohya_targets
 from xlbake.tiny import (
     COMMON_WORDS,
     DEFAULT_WORDS,
@@ -18,6 +20,7 @@ from xlbake.tiny import (
     TINY_VAE,
     build_tiny_components,
     learn_bpe_merges,
+    save_tiny,
     save_tiny_diffusers,
 )
 
@@ -124,14 +127,26 @@ def test_any_text_tokenizes_without_unknown_tokens(tiny):
     assert tokenizer.decode(ids, skip_special_tokens=True).replace(" ", "") == text.lower().replace(" ", "")
 
 
-def test_saved_folder_loads_offline_and_generates(tiny, tmp_path):
-    folder = save_tiny_diffusers(tmp_path / "diffusers", seed=0)
-    saved = load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
+def test_saved_folder_holds_the_seeded_weights_and_refuses_overwrite(tiny, tiny_paths):
+    saved = load_file(tiny_paths.diffusers_dir / "unet" / "diffusion_pytorch_model.safetensors")
     assert all(torch.equal(saved[k], v) for k, v in tiny["unet"].state_dict().items())
     with pytest.raises(OutputError, match="exists"):
-        save_tiny_diffusers(folder, seed=0)
+        save_tiny(tiny_paths.diffusers_dir.parent)
+    with pytest.raises(OutputError, match="exists"):
+        save_tiny_diffusers(tiny_paths.diffusers_dir)
 
-    pipe = StableDiffusionXLPipeline.from_pretrained(folder, local_files_only=True)
+
+def test_force_replaces_an_existing_folder(tmp_path):
+    folder = tmp_path / "diffusers"
+    folder.mkdir()
+    (folder / "stale.txt").write_text("old")
+    save_tiny_diffusers(folder, seed=1, force=True)
+    assert not (folder / "stale.txt").exists() and (folder / "model_index.json").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["diffusers"], "no staging folder may be left behind"
+
+
+def test_pipeline_loads_offline_and_generates(tiny_paths):
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_paths.diffusers_dir, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     image = pipe(
         "a xlbk emblem on a blue background",
@@ -143,3 +158,18 @@ def test_saved_folder_loads_offline_and_generates(tiny, tmp_path):
         output_type="np",
     ).images
     assert image.shape == (1, 64, 64, 3) and image.std() > 0
+
+
+def test_single_file_is_sgm_with_sdxl_block_indices_and_nonzero_lora_targets(tiny, tiny_paths):
+    sgm = load_file(tiny_paths.single_file)
+    with safe_open(tiny_paths.single_file, "pt") as handle:
+        assert handle.metadata()["modelspec.resolution"] == "64x64"
+    assert {k.split(".")[0] for k in sgm} == {"model", "conditioner", "first_stage_model"}
+    to_q = tiny["unet"].down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q.weight
+    assert torch.equal(sgm["model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight"], to_q)
+    targets = kohya_targets({k: tuple(t.shape) for k, t in sgm.items()}, conv=True)
+    assert {t.component for t in targets} == {"unet", "te1", "te2"}
+    assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q" in {t.name for t in targets}
+    for target in targets:
+        weight = sgm[target.key] if target.rows is None else sgm[target.key][slice(*target.rows)]
+        assert weight.std() > 0, target.name

@@ -28,6 +28,11 @@ from xlbake.sdxl_configs import build_components, sdxl_config
 
 DIFFUSERS_SUBDIR = "diffusers"
 SINGLE_FILE_NAME = "tiny-sdxl.safetensors"
+SINGLE_FILE_METADATA = {
+    "modelspec.title": "tiny-sdxl",
+    "modelspec.description": "tiny random-weight SDXL-architecture model built by xlbake.tiny (for tests and demos)",
+    "modelspec.resolution": "64x64",
+}
 MAX_TOKENS = 77
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 TE2_PAD = "!"
@@ -169,7 +174,7 @@ def save_tiny(out_dir: str | Path, seed: int = 0, force: bool = False) -> TinyPa
     if single_file.exists() and not force:
         raise OutputError(f"{single_file}: output exists; pass --force to overwrite it or choose another folder")
     diffusers_dir = save_tiny_diffusers(out_dir / DIFFUSERS_SUBDIR, seed=seed, force=force)
-    convert_diffusers_folder(diffusers_dir, single_file, force=force)
+    convert_diffusers_folder(diffusers_dir, single_file, force=force, metadata=SINGLE_FILE_METADATA)
     return TinyPaths(diffusers_dir=diffusers_dir, single_file=single_file)
 
 
