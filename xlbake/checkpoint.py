@@ -13,6 +13,7 @@ checkpoint look like a 7 GB peak. Only SDXL-architecture models are accepted, to
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime
@@ -127,16 +128,20 @@ class _PickleFile:
 
 def _read_header(path: Path) -> tuple[dict[str, Spec], dict[str, tuple[int, int]], dict[str, str]]:
     """Parse and check a safetensors header: (name -> (dtype, shape), name -> absolute byte range, metadata)."""
-    size = path.stat().st_size
-    with open(path, "rb") as handle:
-        prefix = handle.read(8)
-        length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
-        if not 2 <= length <= min(MAX_HEADER_BYTES, size - 8):
-            raise InputError(f"{path}: not a safetensors file (bad header length); is it truncated or another format?")
-        try:
-            header = json.loads(handle.read(length))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise InputError(f"{path}: not a safetensors file (header is not JSON); is it truncated?") from exc
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            prefix = handle.read(8)
+            length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+            raw = handle.read(length) if 2 <= length <= min(MAX_HEADER_BYTES, size - 8) else None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror}); check the path and its permissions") from exc
+    if raw is None:
+        raise InputError(f"{path}: not a safetensors file (bad header length); is it truncated or another format?")
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: not a safetensors file (header is not JSON); is it truncated?") from exc
     if not isinstance(header, dict):
         raise InputError(f"{path}: not a safetensors file (header is not a JSON object)")
     metadata = header.pop("__metadata__", None) or {}
@@ -148,10 +153,7 @@ def _read_header(path: Path) -> tuple[dict[str, Spec], dict[str, tuple[int, int]
             start, end = (int(o) for o in info["data_offsets"])
         except (KeyError, TypeError, ValueError) as exc:
             raise InputError(f"{path}: tensor {name} has an invalid or unsupported header entry ({exc})") from exc
-        numel = 1
-        for dim in shape:
-            numel *= dim
-        if min(shape, default=0) < 0 or not 0 <= start <= end or end - start != numel * dtype.itemsize:
+        if min(shape, default=0) < 0 or not 0 <= start <= end or end - start != math.prod(shape) * dtype.itemsize:
             raise InputError(f"{path}: tensor {name} has inconsistent offsets in the header; the file is corrupt")
         specs[name], offsets[name] = (dtype, shape), (8 + length + start, 8 + length + end)
         data_end = max(data_end, end)
@@ -263,7 +265,7 @@ def _open_folder(path: Path, allow_pickle: bool) -> CheckpointReader:
         found = "a diffusers component folder" if (path / "config.json").exists() else "no model_index.json or unet/"
         raise InputError(f"{path}: {found}; pass a diffusers SDXL pipeline folder or a single .safetensors file")
     if index.exists():
-        class_name = str(json.loads(index.read_text()).get("_class_name", ""))
+        class_name = str(_read_json(index).get("_class_name", ""))
         if class_name and "XL" not in class_name:
             raise InputError(f"{path}: diffusers {class_name} folder, not SDXL; xlbake works on SDXL models only")
     files: dict[str, dict[str, _TensorFile]] = {}  # component -> stored name -> file
@@ -283,11 +285,21 @@ def _open_folder(path: Path, allow_pickle: bool) -> CheckpointReader:
     return CheckpointReader(path, "diffusers", sources, specs, unique)
 
 
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: cannot read as JSON ({exc}); re-download or fix the file") from exc
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a JSON object; re-download or fix the file")
+    return data
+
+
 def _component_files(folder: Path, allow_pickle: bool) -> dict[str, Any]:
     """Stored tensor name -> file for one diffusers component folder (single file, sharded, or one variant)."""
     indexes = sorted(folder.glob("*.safetensors.index.json"), key=lambda p: (p.name.count("."), p.name))
     if indexes:
-        shards = sorted(set(json.loads(indexes[0].read_text()).get("weight_map", {}).values()))
+        shards = sorted(set(_read_json(indexes[0]).get("weight_map", {}).values()))
         paths = [folder / shard for shard in shards]
     else:
         weights = sorted(folder.glob("*.safetensors"), key=lambda p: (p.name.count("."), p.name))

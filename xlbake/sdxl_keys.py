@@ -37,6 +37,7 @@ SGM_IGNORED = frozenset(
     {
         SGM_PREFIX["text_encoder"] + "text_model.embeddings.position_ids",
         SGM_PREFIX["text_encoder_2"] + "logit_scale",
+        SGM_PREFIX["text_encoder_2"] + "transformer.text_model.embeddings.position_ids",  # stray key in some saves
     }
 )
 DIFFUSERS_IGNORED = frozenset({"text_model.embeddings.position_ids", "embeddings.position_ids"})
