@@ -21,6 +21,7 @@ import torch
 from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 from transformers import CLIPTokenizer
 
+from xlbake.checkpoint import convert_diffusers_folder
 from xlbake.demo_data import CAPTION_WORDS
 from xlbake.errors import OutputError
 from xlbake.fileio import TEMP_PREFIX
@@ -167,8 +168,6 @@ def save_tiny(out_dir: str | Path, seed: int = 0, force: bool = False) -> TinyPa
 
     Refuses existing outputs unless ``force``. Takes a few seconds on a CPU.
     """
-    from xlbake.checkpoint import convert_diffusers_folder  # checkpoint imports heavier modules; only needed here
-
     out_dir = Path(out_dir)
     single_file = out_dir / SINGLE_FILE_NAME
     if single_file.exists() and not force:
