@@ -1,0 +1,213 @@
+"""The extract stage: stream base and tuned one layer at a time, factor each difference, write the LoRA file(s).
+
+Memory: one layer's base, tuned and difference (plus its SVD workspace) at a time, and every layer's factors at
+the largest rank any output needs, held at the save precision (that is the LoRA itself). kohya's
+extract_lora_from_models loads both models whole in fp32 instead (22 GB resident for SDXL) and keeps every
+difference. Several ranks come from one factorization: a truncated SVD's top-r part is the rank-r optimum.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from extract.components import Decision, LayerDiff, component_totals, decide
+from extract.config import ExtractConfig
+from extract.outputs import SAVE_DTYPES, LayerResult, check_outputs, fingerprint, plan_variants, write_variant
+from xlbake.checkpoint import CheckpointReader, open_checkpoint
+from xlbake.errors import ConfigError, InputError
+from xlbake.lowrank import Svd, split_factors, svd_exact, svd_randomized, to_matrix
+from xlbake.sdxl_keys import LoraTarget, kohya_targets
+
+LOG = logging.getLogger(__name__)
+COMPUTE_DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
+
+
+@dataclass(frozen=True)
+class FactorSettings:
+    """How each layer's difference is factored."""
+
+    rank: int  # largest Linear / 1x1 conv rank any output needs
+    conv_rank: int  # largest 3x3 conv rank (0: no 3x3 convs)
+    svd: str  # "fast" | "exact"
+    dtype: torch.dtype  # precision of the difference and its SVD
+    device: torch.device
+    hold_dtype: torch.dtype  # precision the factors are kept at until written
+    power_iters: int
+    oversample: int
+    seed: int
+    full_spectrum: bool  # every singular value is needed (sv_cumulative)
+
+    @classmethod
+    def from_config(cls, cfg: ExtractConfig) -> FactorSettings:
+        device = torch.device(cfg.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device: {cfg.device} requested but torch sees no CUDA GPU; use --device cpu")
+        save = SAVE_DTYPES[cfg.save_precision]
+        return cls(
+            rank=max(cfg.dim),
+            conv_rank=max(cfg.conv_dims()),
+            svd=cfg.svd,
+            dtype=COMPUTE_DTYPES[cfg.precision],
+            device=device,
+            hold_dtype=torch.float32 if save == torch.float32 else save,
+            power_iters=cfg.power_iters,
+            oversample=cfg.oversample,
+            seed=cfg.seed,
+            full_spectrum=cfg.rank_method == "sv_cumulative",
+        )
+
+
+@dataclass(frozen=True)
+class ExtractResult:
+    outputs: tuple[Path, ...]
+    decisions: tuple[Decision, ...]
+
+
+def run_extract(cfg: ExtractConfig, *, force: bool = False, echo: Callable[[str], None] = LOG.info) -> ExtractResult:
+    """Extract LoRA file(s) from ``cfg.base`` and ``cfg.tuned``; ``echo`` receives the lines meant for the user."""
+    start = time.perf_counter()
+    cfg.check_paths()
+    variants = plan_variants(cfg)
+    check_outputs(variants, force)
+    if cfg.base.resolve() == cfg.tuned.resolve():
+        raise InputError(f"{cfg.tuned}: is the same file as --base; pass the finetuned model as --tuned")
+    settings = FactorSettings.from_config(cfg)
+    with open_checkpoint(cfg.base) as base, open_checkpoint(cfg.tuned) as tuned:
+        targets = extraction_targets(base, tuned, conv=settings.conv_rank > 0, extra=cfg.extra_layers)
+        sources = {name: {"file": path.name, "fingerprint": fingerprint(path)} for name, path in _inputs(cfg)}
+        echo(f"factoring {len(targets)} layers ({settings.svd} SVD, rank {settings.rank}, on {settings.device})")
+        layers, diffs = [], []
+        for layer, diff in tqdm(iter_layers(base, tuned, targets, settings), total=len(targets), unit="layer"):
+            layers.append(layer)
+            diffs.append(diff)
+    decisions = tuple(decide(stat, cfg.min_diff) for stat in component_totals(diffs).values())
+    for decision in decisions:
+        echo(decision.reason)
+        if decision.warning:
+            echo(decision.warning)
+    extracted = {d.component for d in decisions if d.extract}
+    if not extracted:
+        raise InputError(_nothing_changed(cfg, diffs))
+    info = {
+        "sources": sources,
+        "components": {d.component: d.reason.split(": ", 1)[1] for d in decisions},
+        "svd": settings.svd,
+        "factor_seconds": round(time.perf_counter() - start, 2),
+    }
+    outputs = tuple(
+        write_variant(variant, layers, cfg=cfg, extracted=extracted, info=info, force=force, echo=echo)
+        for variant in variants
+    )
+    echo(f"done in {time.perf_counter() - start:.1f} s")
+    return ExtractResult(outputs, decisions)
+
+
+def extraction_targets(base: CheckpointReader, tuned: CheckpointReader, *, conv: bool, extra: bool) -> list[LoraTarget]:
+    """kohya's LoRA layers of ``base``; InputError naming the first layer ``tuned`` lacks or shapes differently."""
+    base_shapes, tuned_shapes = base.shapes(), tuned.shapes()
+    targets = kohya_targets(base_shapes, conv=conv, extra=extra)
+    if not targets:
+        raise InputError(f"{base.path}: no LoRA layers found (kohya's SDXL module set); is it an SDXL checkpoint?")
+    for target in targets:
+        shape, other = base_shapes[target.key], tuned_shapes.get(target.key)
+        if other is None:
+            raise InputError(
+                f"{tuned.path}: has no {target.key} ({base.path} has it, shape {list(shape)}); "
+                "base and tuned must be the same architecture"
+            )
+        if other != shape:
+            raise InputError(
+                f"{tuned.path}: {target.key} has shape {list(other)} but {list(shape)} in {base.path}; "
+                "base and tuned must be the same architecture"
+            )
+    known = {target.key for target in targets}
+    surplus = sorted({t.key for t in kohya_targets(tuned_shapes, conv=conv, extra=extra)} - known)
+    if surplus:
+        raise InputError(
+            f"{tuned.path}: has {surplus[0]}, which {base.path} lacks; base and tuned must be the same architecture"
+        )
+    return targets
+
+
+def iter_layers(
+    base: CheckpointReader, tuned: CheckpointReader, targets: Sequence[LoraTarget], settings: FactorSettings
+) -> Iterator[tuple[LayerResult, LayerDiff]]:
+    """Factor each target's difference in turn; a fused weight (TE2 in_proj) is read once for its q, k, v."""
+    key, cached = None, None
+    for target in targets:
+        if target.key != key:
+            key, cached = target.key, None  # drop the previous layer before reading the next
+            cached = read_difference(base, tuned, target.key, settings)
+        diff, row_energy = cached
+        if target.rows is not None:
+            diff, row_energy = diff[target.rows[0] : target.rows[1]], row_energy[target.rows[0] : target.rows[1]]
+        yield factor_layer(target, diff, float(row_energy.sum()), tuned.dtype(target.key), settings)
+
+
+def read_difference(
+    base: CheckpointReader, tuned: CheckpointReader, key: str, settings: FactorSettings
+) -> tuple[Tensor, Tensor]:
+    """(tuned - base) as a matrix (out, in*kh*kw) and the base weight's squared row norms (out,), fp64."""
+    weight = _read_finite(base, key, settings)
+    diff = _read_finite(tuned, key, settings).sub_(weight)
+    row_energy = torch.linalg.vector_norm(to_matrix(weight), dim=1, dtype=torch.float64).square()
+    return to_matrix(diff), row_energy
+
+
+def factor_layer(
+    target: LoraTarget, diff: Tensor, weight_energy: float, tuned_dtype: torch.dtype, settings: FactorSettings
+) -> tuple[LayerResult, LayerDiff]:
+    """Top-rank SVD factors of one difference matrix (out, n); an exactly zero difference is not factored."""
+    energy = float(torch.linalg.vector_norm(diff, dtype=torch.float64).square())
+    max_abs = float(diff.abs().max()) if diff.numel() else 0.0
+    stats = LayerDiff(target.component, energy, weight_energy, max_abs, tuned_dtype)
+    if energy == 0:
+        empty = torch.zeros(0, dtype=settings.hold_dtype)
+        zero = LayerResult(target, empty.reshape(diff.shape[0], 0), empty.reshape(0, diff.shape[1]), empty, 0.0, True)
+        return zero, stats
+    rank = min(settings.conv_rank if target.kind == "conv3x3" else settings.rank, *diff.shape)
+    svd = truncated_svd(diff, rank, settings)
+    spectrum, full = svd.s, svd.s.numel() == min(diff.shape)
+    if settings.full_spectrum and not full:
+        spectrum, full = torch.linalg.svdvals(diff), True
+    up, down = split_factors(svd, rank)
+    hold = settings.hold_dtype
+    result = LayerResult(
+        target, up.to("cpu", hold), down.to("cpu", hold), spectrum.to("cpu", torch.float32), energy, full
+    )
+    return result, stats
+
+
+def truncated_svd(m: Tensor, rank: int, settings: FactorSettings) -> Svd:
+    """Exact (all values when the full spectrum is needed) or randomized top-``rank`` SVD of ``m``."""
+    if settings.svd == "exact":
+        return svd_exact(m, min(m.shape) if settings.full_spectrum else rank)
+    return svd_randomized(m, rank, oversample=settings.oversample, power_iters=settings.power_iters, seed=settings.seed)
+
+
+def _read_finite(reader: CheckpointReader, key: str, settings: FactorSettings) -> Tensor:
+    tensor = reader.get(key).to(device=settings.device, dtype=settings.dtype)
+    if not torch.isfinite(tensor).all():
+        raise InputError(f"{reader.path}: {key} holds NaN/Inf values; the checkpoint is broken, re-save it")
+    return tensor
+
+
+def _inputs(cfg: ExtractConfig) -> list[tuple[str, Path]]:
+    return [("base", cfg.base), ("tuned", cfg.tuned)]
+
+
+def _nothing_changed(cfg: ExtractConfig, diffs: Sequence[LayerDiff]) -> str:
+    if all(d.diff_energy == 0 for d in diffs):
+        return (
+            f"{cfg.tuned}: identical to {cfg.base} in all {len(diffs)} LoRA layers; nothing to extract "
+            "(is --tuned the finetuned model?)"
+        )
+    return f"no component's difference reaches --min-diff {cfg.min_diff:g} (see above); lower --min-diff"
