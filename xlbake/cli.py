@@ -47,6 +47,7 @@ STAGES: dict[str, Stage] = {
     "finetune": Stage("finetune.cli:main", "Full SDXL finetune (UNet + both text encoders, EMA), resumable."),
     "extract": Stage("extract.cli:main", "Extract a kohya LoRA from base and finetuned checkpoints by SVD."),
     "resize": Stage("resize.cli:main", "Resize a LoRA's ranks in factor space (fixed, dynamic or size budget)."),
+    "dataset": Stage("xlbake.dataset_cli:main", "Dataset tools: check, captions-from-filenames, tags, steps plan."),
 }
 
 
