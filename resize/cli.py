@@ -15,7 +15,6 @@ import click
 
 from resize.config import ResizeConfig
 from xlbake.cli import config_options, force_option, resolve_config, run_guarded, setup_logging
-from xlbake.report import BYTES_PER_MB, group_stat, print_summary
 
 # CLI option -> config key; values go through the config's validation (so bad values are one line, exit 1).
 _SCALAR_OPTIONS = {
@@ -54,6 +53,7 @@ def main(config: Path | None, overrides: tuple[str, ...], dry_run: bool, force: 
     """Resize a LoRA's ranks in factor space (fixed, per-layer criterion or size budget), one file per target."""
     cfg = resolve_config(ResizeConfig, config, [*option_overrides(options), *overrides], dry_run)
     from resize.pipeline import run_resize  # torch only once the arguments are known to be good
+    from xlbake.report import BYTES_PER_MB, group_stat, print_summary
 
     setup_logging()
     for result in run_resize(cfg, force=force, progress=True):

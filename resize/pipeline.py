@@ -130,7 +130,8 @@ def factorize(
     Consumes ``modules``: each input layer is released once factorized, so memory stays near the input's size.
     """
     layers = []
-    for name in tqdm(list(modules), desc="factor SVD", unit="layer", disable=not progress, leave=False):
+    # disable=None: a bar only on a terminal, so logs and pipes stay clean
+    for name in tqdm(list(modules), desc="factor SVD", unit="layer", disable=None if progress else True, leave=False):
         module = modules.pop(name)
         svd = layer_svd(module, device)
         spectrum = svd.s.to("cpu", copy=True)
@@ -182,10 +183,7 @@ def budget_ranks(layers: Sequence[LayerSpectrum], plan: OutputPlan, budget_param
     caps = [layer.rank if plan.cap(layer.kind) is None else min(plan.cap(layer.kind), layer.rank) for layer in layers]
     floor = sum(costs)
     if budget_params < floor:
-        raise InputError(
-            f"size {plan.budget.text}: too small for this LoRA; rank 1 in each of its {len(layers)} layers already "
-            f"needs {floor} parameters, and the budget leaves {max(budget_params, 0)}"
-        )
+        raise ValueError(f"budget_ranks: {budget_params} parameters cannot hold rank 1 everywhere ({floor})")
     extra = allocate_ranks(
         [layer.spectrum[1:] for layer in layers], costs, budget_params - floor, [c - 1 for c in caps]
     )
@@ -259,12 +257,7 @@ def write_output(
     ``source`` is the input file (its modules already consumed by ``factorize``): its metadata and path.
     """
     save_dtype = SAVE_DTYPES[cfg.save_precision]
-    budget_params = None
-    if plan.budget is not None:
-        budget_params = plan.budget.params
-        if budget_params is None:
-            rough, _, _ = describe_output(cfg, plan, layers, [1] * len(layers), source, source_hash)
-            budget_params = params_within(plan.budget.bytes, layers, rough, save_dtype)
+    budget_params = plan_budget(cfg, plan, layers, source, source_hash)
     ranks = choose_ranks(layers, plan, cfg, budget_params=budget_params)
     metadata, summary, stats = describe_output(cfg, plan, layers, ranks, source, source_hash)
     low = kept_as_is(layers, ranks, plan)
@@ -282,6 +275,27 @@ def write_output(
     if plan.budget is not None and plan.budget.bytes is not None and plan.path.stat().st_size > plan.budget.bytes:
         logger.warning("%s: %d bytes, over the %s budget", plan.path, plan.path.stat().st_size, plan.budget.text)
     return ResizeResult(plan.path, tuple(stats), len(low), reports)
+
+
+def plan_budget(
+    cfg: ResizeConfig, plan: OutputPlan, layers: Sequence[LayerSpectrum], source: LoraFile, source_hash: str
+) -> int | None:
+    """Factor parameters ``plan``'s budget allows (None without one); refuse a budget below rank 1 everywhere."""
+    if plan.budget is None:
+        return None
+    floor = sum(layer.cost_per_rank for layer in layers)
+    too_small = f"size {plan.budget.text}: too small for this LoRA; rank 1 in each of its {len(layers)} layers needs"
+    if plan.budget.params is not None:
+        if plan.budget.params < floor:
+            raise InputError(f"{too_small} {floor} parameters; ask for more")
+        return plan.budget.params
+    save_dtype = SAVE_DTYPES[cfg.save_precision]
+    rough, _, _ = describe_output(cfg, plan, layers, [1] * len(layers), source, source_hash)
+    params = params_within(plan.budget.bytes, layers, rough, save_dtype)
+    if params < floor:
+        need = plan.budget.bytes + (floor - params) * torch.tensor([], dtype=save_dtype).element_size()
+        raise InputError(f"{too_small} a file of about {need / BYTES_PER_MB:.3g} MB ({need} bytes); ask for more")
+    return params
 
 
 def describe_output(

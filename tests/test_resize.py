@@ -7,6 +7,7 @@ import logging
 
 import pytest
 import torch
+from diffusers import StableDiffusionXLPipeline
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -17,6 +18,7 @@ from xlbake.config import load_config
 from xlbake.errors import ConfigError, InputError, OutputError
 from xlbake.lora_io import HASH_KEY, read_lora, safetensors_data_hash
 from xlbake.report import report_paths
+from xlbake.sdxl_keys import kohya_targets, sgm_state_dict
 
 LINEAR = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
 CONV3 = "lora_unet_input_blocks_1_0_in_layers_2"
@@ -25,6 +27,15 @@ TE1 = "lora_te1_text_model_encoder_layers_0_mlp_fc1"
 TE2 = "lora_te2_text_model_encoder_layers_0_self_attn_q_proj"
 # name -> (out, in, kernel): kernel 0 is a Linear
 SHAPES = {LINEAR: (24, 16, 0), CONV3: (12, 10, 3), CONV1: (20, 12, 1), TE1: (32, 16, 0), TE2: (16, 16, 0)}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The many small QR/SVDs here run fastest on one thread, most of all on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def factor_shapes(out: int, inp: int, kernel: int, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -328,3 +339,35 @@ def test_output_names_are_checked_before_any_work(tmp_path):
 def test_parse_budget(text, nbytes, params):
     budget = parse_budget(text)
     assert (budget.bytes, budget.params) == (nbytes, params)
+
+
+def test_resized_tiny_lora_loads_in_diffusers_with_every_module_applied(tmp_path, tiny_paths):
+    """A resized kohya LoRA over every kohya module of the tiny SDXL: diffusers matches every key and fusing it
+    changes exactly the targeted weights by the written deltas."""
+    with safe_open(str(tiny_paths.single_file), framework="pt") as handle:
+        shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in list(handle.keys())}
+    targets = kohya_targets(shapes, conv=True)
+    gen = torch.Generator().manual_seed(0)
+    modules = {}
+    for target in targets:
+        out, inp, kernel = target.shape[0], target.shape[1], target.shape[2] if len(target.shape) == 4 else 0
+        up_shape, down_shape = factor_shapes(out, inp, kernel, 4)
+        modules[target.name] = (0.1 * torch.randn(up_shape, generator=gen), torch.randn(down_shape, generator=gen), 2.0)
+    lora = save_kohya(tmp_path / "in.safetensors", modules, dtype=torch.float16)
+    [result] = resize(tmp_path, lora, rank=[2], conv_rank=3, report=False)
+    written = read_lora(result.path).modules
+    assert set(written) == {t.name for t in targets}
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_paths.diffusers_dir))
+    parts = {"unet": pipe.unet, "text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2}
+    before = {k: v.detach().clone() for k, v in sgm_state_dict(**parts).items()}
+    pipe.load_lora_weights(str(result.path))
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()  # keeps the fused weights, drops the LoRA layers
+    after = sgm_state_dict(**parts)
+    changed = {key for key in before if not torch.equal(before[key], after[key])}
+    assert changed == {t.key for t in targets}  # nothing unmatched, nothing extra
+    for target in targets:
+        rows = slice(*target.rows) if target.rows else slice(None)
+        applied = (after[target.key] - before[target.key])[rows]
+        assert rel_err(applied, written[target.name].delta()) < 1e-3, target.name
