@@ -48,6 +48,7 @@ STAGES: dict[str, Stage] = {
     "extract": Stage("extract.cli:main", "Extract a kohya LoRA from base and finetuned checkpoints by SVD."),
     "resize": Stage("resize.cli:main", "Resize a LoRA's ranks in factor space (fixed, dynamic or size budget)."),
     "dataset": Stage("xlbake.dataset_cli:main", "Dataset tools: check, captions-from-filenames, tags, steps plan."),
+    "import-kohya": Stage("finetune.import_kohya:main", "kohya_ss GUI JSON / sd-scripts TOML -> finetune YAML."),
 }
 
 
