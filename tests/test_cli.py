@@ -162,11 +162,20 @@ def test_unloadable_stage_is_one_clear_line(fake_stages, name, message):
 
 def test_version_and_builtin_stage_map():
     assert CliRunner().invoke(cli.main, ["--version"]).output == f"xlbake, version {__version__}\n"
-    assert {name: stage.target for name, stage in cli.STAGES.items()} == {
-        "finetune": "finetune.cli:main",
-        "extract": "extract.cli:main",
-        "resize": "resize.cli:main",
-    }
+    targets = {name: stage.target for name, stage in cli.STAGES.items()}
+    assert targets["finetune"] == "finetune.cli:main"
+    assert targets["extract"] == "extract.cli:main"
+    assert targets["resize"] == "resize.cli:main"
+
+
+@pytest.mark.parametrize("name", sorted(cli.STAGES))
+def test_every_mapped_command_loads(name):
+    """Each map line names a real click command, and its help runs (catches a typo in a target string)."""
+    command = cli.load_command(name, cli.STAGES[name].target)
+    assert isinstance(command, click.Command)
+    result = CliRunner().invoke(cli.main, [name, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage:" in result.output
 
 
 @pytest.mark.slow
