@@ -29,7 +29,7 @@ from torch import Tensor
 from xlbake.checkpoint import CheckpointReader, open_checkpoint
 from xlbake.errors import InputError
 from xlbake.grid import MODEL_PARTS, Architecture, ModelWeights, resolve_architecture
-from xlbake.lora_io import LoraFile, read_lora
+from xlbake.lora_io import LoraFile, LoraModule, read_lora
 from xlbake.report import BYTES_PER_MB
 from xlbake.sdxl_keys import SGM_PREFIX, LoraTarget, kohya_targets
 
@@ -41,10 +41,18 @@ DEFAULT_PROMPTS = ("a photo of a person", "a landscape painting", "a simple embl
 
 @dataclass(frozen=True)
 class Update:
-    """One LoRA delta to add to an SGM weight: to all of it, or to rows ``rows`` of a fused TE2 ``in_proj``."""
+    """One LoRA module's change to an SGM weight: to all of it, or to rows ``rows`` of a fused TE2 ``in_proj``.
+
+    Holds the factors, not the delta: a full-size delta per layer would not fit in memory for several LoRAs.
+    """
 
     rows: tuple[int, int] | None
-    delta: Tensor  # fp32, the (sliced) weight's shape
+    module: LoraModule
+    shape: tuple[int, ...]  # the (sliced) weight's shape
+
+    def delta(self) -> Tensor:
+        """The change in fp32: ``shape``."""
+        return self.module.delta().reshape(self.shape)
 
 
 @dataclass(frozen=True)
@@ -69,8 +77,8 @@ class FidelityResult:
     file_mb: float
     kept_effect: float  # 1 - ‖ε(base+LoRA) - ε(tuned)‖² / ‖ε(base) - ε(tuned)‖² over all inputs
     kept_energy: float  # 1 - ‖ΔW_lora - ΔW‖² / ‖ΔW‖² over kohya's LoRA layers
-    error: float  # sum ‖ε(base+LoRA) - ε(tuned)‖² (per input element, averaged)
-    reference: float  # sum ‖ε(base) - ε(tuned)‖² (per input element, averaged)
+    error: float  # mean squared difference per prediction element, ε(base+LoRA) vs ε(tuned)
+    reference: float  # the same for ε(base) vs ε(tuned): the finetune's whole effect
 
     @property
     def ranks(self) -> str:
@@ -81,7 +89,10 @@ class FidelityResult:
 
 
 def kept_effect(pred: Tensor, tuned: Tensor, base: Tensor) -> float:
-    """1 - ‖pred - tuned‖² / ‖base - tuned‖² (any equal shapes, summed in fp64); 1.0 if base equals tuned."""
+    """1 - ‖pred - tuned‖² / ‖base - tuned‖² (any equal shapes, summed in fp64).
+
+    If base equals tuned there is nothing to keep: 1.0 when pred equals them too, else -inf.
+    """
     reference = (base.double() - tuned.double()).square().sum().item()
     error = (pred.double() - tuned.double()).square().sum().item()
     if reference == 0.0:
@@ -164,8 +175,8 @@ def predict(arch: Architecture, models: dict[str, torch.nn.Module], inputs: Fide
     return torch.cat(out)
 
 
-def lora_updates(lora: LoraFile, targets: dict[str, LoraTarget], *, scale: float = 1.0) -> dict[str, list[Update]]:
-    """SGM key -> the deltas ``lora`` adds to it (times ``scale``); InputError for modules that fit no layer."""
+def lora_updates(lora: LoraFile, targets: dict[str, LoraTarget]) -> dict[str, list[Update]]:
+    """SGM key -> the updates ``lora`` makes to it; InputError for modules that fit no layer of ``targets``."""
     updates: dict[str, list[Update]] = {}
     unknown = []
     for name, module in lora.modules.items():
@@ -173,13 +184,13 @@ def lora_updates(lora: LoraFile, targets: dict[str, LoraTarget], *, scale: float
         if target is None:
             unknown.append(name)
             continue
-        delta = module.delta()
-        if delta.numel() != torch.Size(target.shape).numel():
+        shape = (module.up.shape[0], *module.down.shape[1:])
+        if torch.Size(shape).numel() != torch.Size(target.shape).numel():
             raise InputError(
-                f"{lora.path}: module {name} changes a {tuple(delta.shape)} weight but {target.key} is "
+                f"{lora.path}: module {name} changes a {shape} weight but {target.key} is "
                 f"{target.shape}; the LoRA was made for another model"
             )
-        updates.setdefault(target.key, []).append(Update(target.rows, scale * delta.reshape(target.shape)))
+        updates.setdefault(target.key, []).append(Update(target.rows, module, target.shape))
     if unknown:
         raise InputError(
             f"{lora.path}: {len(unknown)} module(s) match no layer of the base model, e.g. {unknown[:3]}; "
@@ -193,7 +204,7 @@ def merged(weight: Tensor, updates: Sequence[Update]) -> Tensor:
     out = weight.float().clone()
     for update in updates:
         rows = slice(*update.rows) if update.rows else slice(None)
-        out[rows] += update.delta
+        out[rows] += update.delta()
     return out
 
 
@@ -203,12 +214,12 @@ def weight_energies(
     """Kept weight energy of each LoRA: 1 - Σ‖ΔW_lora - ΔW‖² / Σ‖ΔW‖² over ``keys`` (1.0 if nothing changed)."""
     total, errors = 0.0, [0.0] * len(updates)
     for key in keys:
-        reference = base.get(key).float()
-        difference = tuned.get(key).float() - reference
+        difference = tuned.get(key).float() - base.get(key).float()
         total += difference.double().square().sum().item()
         for index, lora in enumerate(updates):
-            errors[index] += (difference - (merged(reference, lora.get(key, [])) - reference)).double().square().sum()
-    return [1.0 - float(error) / total if total > 0 else 1.0 for error in errors]
+            change = merged(torch.zeros_like(difference), lora.get(key, []))
+            errors[index] += (difference - change).double().square().sum().item()
+    return [1.0 - error / total if total > 0 else 1.0 for error in errors]
 
 
 def measure_fidelity(
@@ -228,10 +239,12 @@ def measure_fidelity(
     """Kept effect and kept weight energy of each LoRA file (extracted from ``base`` -> ``tuned``), in order.
 
     ``base``/``tuned``: single-file SDXL safetensors or diffusers folders of one architecture; ``components``
-    supplies configs and tokenizers for single files of unknown size (see :func:`xlbake.models.resolve_architecture`).
+    supplies configs and tokenizers for single files of unknown size (see :func:`xlbake.grid.resolve_architecture`).
     ``prompts`` default to ``DEFAULT_PROMPTS``; ``latent_size`` to the UNet's ``sample_size``; ``dtype`` to fp32 on
     the CPU and fp16 on a GPU. InputError for files that do not fit each other or a finetune with no effect.
     """
+    from diffusers import DDPMScheduler
+
     base, tuned, device = Path(base), Path(tuned), torch.device(device)
     dtype = dtype or (torch.float32 if device.type == "cpu" else torch.float16)
     files = [read_lora(path) for path in loras]
@@ -244,28 +257,15 @@ def measure_fidelity(
         touched = sorted(standard.union(*updates))
         energies = weight_energies(base_reader, tuned_reader, touched, updates)
         weights = ModelWeights.load(base_reader, arch, MODEL_PARTS, device=device, dtype=dtype)
-        models = weights.models
         size = latent_size or int(arch.unet["sample_size"])
+        alphas = DDPMScheduler.from_config(arch.scheduler).alphas_cumprod
         inputs = make_inputs(
-            n_samples,
-            (size, size),
-            list(prompts) or DEFAULT_PROMPTS,
-            arch.alphas_cumprod(),
-            seed=seed,
-            vae_scale=arch.vae_scale,
+            n_samples, (size, size), list(prompts) or DEFAULT_PROMPTS, alphas, seed=seed, vae_scale=arch.vae_scale
         )
         logger.info("fidelity: %d inputs of %dx%d latents, %d LoRA(s)", n_samples, size, size, len(files))
-        base_pred = predict(arch, models, inputs, batch_size)
-        lora_preds = []
-        for lora in updates:
-            for key, parts in lora.items():
-                weights.set(key, merged(base_reader.get(key), parts))
-            lora_preds.append(predict(arch, models, inputs, batch_size))
-            for key in lora:
-                weights.set(key, base_reader.get(key))
-        for key in keys:
-            weights.set(key, tuned_reader.get(key))
-        tuned_pred = predict(arch, models, inputs, batch_size)
+        base_pred, lora_preds, tuned_pred = _predict_variants(
+            arch, weights, inputs, batch_size, base_reader, tuned_reader, keys, updates
+        )
     reference = (base_pred - tuned_pred).double().square().mean().item()
     if reference == 0.0:
         raise InputError(f"{tuned}: predicts exactly as {base} on every input; there is no finetune effect to measure")
@@ -273,6 +273,31 @@ def measure_fidelity(
         _result(lora, pred, tuned_pred, base_pred, energy)
         for lora, pred, energy in zip(files, lora_preds, energies, strict=True)
     ]
+
+
+def _predict_variants(
+    arch: Architecture,
+    weights: ModelWeights,
+    inputs: FidelityInputs,
+    batch_size: int,
+    base: CheckpointReader,
+    tuned: CheckpointReader,
+    keys: Sequence[str],
+    updates: Sequence[dict[str, list[Update]]],
+) -> tuple[Tensor, list[Tensor], Tensor]:
+    """Predictions of the base, base + each LoRA, then the tuned model, swapping weights in place in that order."""
+    base_pred = predict(arch, weights.models, inputs, batch_size)
+    lora_preds = []
+    for index, lora in enumerate(updates, start=1):
+        logger.info("fidelity: LoRA %d/%d (%d weights changed)", index, len(updates), len(lora))
+        for key, parts in lora.items():
+            weights.set(key, merged(base.get(key), parts))
+        lora_preds.append(predict(arch, weights.models, inputs, batch_size))
+        for key in lora:
+            weights.set(key, base.get(key))
+    for key in keys:
+        weights.set(key, tuned.get(key))
+    return base_pred, lora_preds, predict(arch, weights.models, inputs, batch_size)
 
 
 def fidelity_table(results: Sequence[FidelityResult]) -> str:

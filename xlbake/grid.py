@@ -10,6 +10,8 @@ seed ``seed + r``. The sheet itself is drawn by :func:`xlbake.plots.layout_grid`
 
 from __future__ import annotations
 
+import copy
+import functools
 import io
 import json
 import logging
@@ -66,12 +68,6 @@ class Architecture:
         """Pixels per latent along each side: 2^(VAE levels - 1), 8 for SDXL."""
         return 2 ** (len(self.vae["block_out_channels"]) - 1)
 
-    def alphas_cumprod(self) -> Tensor:
-        """ᾱ_t of the training noise schedule: (T,)."""
-        from diffusers import DDPMScheduler
-
-        return DDPMScheduler.from_config(self.scheduler).alphas_cumprod
-
 
 def resolve_architecture(model: str | os.PathLike, components: str | os.PathLike | None = None) -> Architecture:
     """The architecture of ``model``, never downloading anything.
@@ -85,13 +81,11 @@ def resolve_architecture(model: str | os.PathLike, components: str | os.PathLike
     if source is not None:
         return _pretrained_architecture(source)
     from xlbake.sdxl_configs import SDXL_CONFIGS, real_sdxl_sgm_shapes
-    from xlbake.tiny import build_tokenizers, tiny_configs
 
     with open_checkpoint(model) as reader:
         shapes = _model_shapes(reader.shapes())
-    tokenizers = build_tokenizers()
-    tiny = _architecture(tiny_configs(*tokenizers), *tokenizers, "the builtin tiny model")
-    if shapes == _model_shapes(_sgm_shapes(tiny)):
+    tiny, tiny_shapes = _tiny_architecture()
+    if shapes == tiny_shapes:
         return tiny
     if shapes == _model_shapes(real_sdxl_sgm_shapes()):
         return _pretrained_architecture(SDXL_HUB_ID, configs=SDXL_CONFIGS)
@@ -107,11 +101,11 @@ def build_models(arch: Architecture, parts: Sequence[str]) -> dict[str, torch.nn
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    builders = {
-        "unet": lambda: UNet2DConditionModel.from_config(arch.unet),
-        "text_encoder": lambda: CLIPTextModel(arch.text_encoder),
-        "text_encoder_2": lambda: CLIPTextModelWithProjection(arch.text_encoder_2),
-        "vae": lambda: AutoencoderKL.from_config(arch.vae),
+    builders = {  # copies: models may change their config (e.g. the attention implementation)
+        "unet": lambda: UNet2DConditionModel.from_config(copy.deepcopy(arch.unet)),
+        "text_encoder": lambda: CLIPTextModel(copy.deepcopy(arch.text_encoder)),
+        "text_encoder_2": lambda: CLIPTextModelWithProjection(copy.deepcopy(arch.text_encoder_2)),
+        "vae": lambda: AutoencoderKL.from_config(copy.deepcopy(arch.vae)),
     }
     with init_empty_weights():
         return {part: builders[part]() for part in parts}
@@ -375,6 +369,16 @@ def _architecture(configs: Mapping[str, Any], tokenizer: Any, tokenizer_2: Any, 
     te1, te2 = (CLIPTextConfig(**configs[name]) for name in TEXT_PARTS)
     unet, vae, scheduler = (dict(configs[name]) for name in ("unet", "vae", "scheduler"))
     return Architecture(unet, te1, te2, vae, scheduler, tokenizer, tokenizer_2, source)
+
+
+@functools.lru_cache(maxsize=1)
+def _tiny_architecture() -> tuple[Architecture, dict[str, tuple[int, ...]]]:
+    """The builtin tiny model's architecture and UNet/text encoder SGM shapes (built once: the BPE takes a second)."""
+    from xlbake.tiny import build_tokenizers, tiny_configs
+
+    tokenizers = build_tokenizers()
+    tiny = _architecture(tiny_configs(*tokenizers), *tokenizers, "the builtin tiny model")
+    return tiny, _model_shapes(_sgm_shapes(tiny))
 
 
 def _pretrained_architecture(source: str | os.PathLike, configs: Mapping[str, Any] | None = None) -> Architecture:
