@@ -142,13 +142,18 @@ def budget_in_params(variant: Variant, names: Sequence[str], metadata: Mapping[s
 
 
 def module_factors(layer: LayerResult, rank: int, clamp: float) -> tuple[Tensor, Tensor]:
-    """(up, down) in the weight's LoRA layout at ``rank`` (fp32), zeros for an unchanged text-encoder module."""
+    """(up, down) in the weight's LoRA layout at ``rank``, zeros for an unchanged text-encoder module.
+
+    Views of the held factors where possible (no copy of the whole LoRA: write_lora casts module by module).
+    """
     target = layer.target
     if layer.up.shape[1] == 0:
         up = torch.zeros(target.shape[0], rank)
         down = torch.zeros(rank, math.prod(target.shape[1:]))
     else:
-        up, down = clamp_quantile(layer.up[:, :rank].float(), layer.down[:rank].float(), clamp)
+        up, down = layer.up[:, :rank], layer.down[:rank]
+        if clamp < 1:
+            up, down = clamp_quantile(up.float(), down.float(), clamp)
     return reshape_factors(up, down, target.shape)
 
 

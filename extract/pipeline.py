@@ -9,6 +9,7 @@ difference. Several ranks come from one factorization: a truncated SVD's top-r p
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -155,10 +156,18 @@ def iter_layers(
 def read_difference(
     base: CheckpointReader, tuned: CheckpointReader, key: str, settings: FactorSettings
 ) -> tuple[Tensor, Tensor]:
-    """(tuned - base) as a matrix (out, in*kh*kw) and the base weight's squared row norms (out,), fp64."""
-    weight = _read_finite(base, key, settings)
-    diff = _read_finite(tuned, key, settings).sub_(weight)
-    row_energy = torch.linalg.vector_norm(to_matrix(weight), dim=1, dtype=torch.float64).square()
+    """(tuned - base) as a matrix (out, in*kh*kw) and the base weight's squared row norms (out,), fp64.
+
+    NaN/Inf in either file is found from the norms (it propagates into them), without an extra pass per tensor.
+    """
+    weight = base.get(key).to(device=settings.device, dtype=settings.dtype)
+    row_energy = torch.linalg.vector_norm(to_matrix(weight), dim=1).double().square()
+    if not math.isfinite(float(row_energy.sum())):
+        raise InputError(f"{base.path}: {key} holds NaN/Inf values; the checkpoint is broken, re-save it")
+    diff = tuned.get(key).to(device=settings.device, dtype=settings.dtype).sub_(weight)
+    del weight
+    if not math.isfinite(float(torch.linalg.vector_norm(diff))):
+        raise InputError(f"{tuned.path}: {key} holds NaN/Inf values; the checkpoint is broken, re-save it")
     return to_matrix(diff), row_energy
 
 
@@ -166,10 +175,10 @@ def factor_layer(
     target: LoraTarget, diff: Tensor, weight_energy: float, tuned_dtype: torch.dtype, settings: FactorSettings
 ) -> tuple[LayerResult, LayerDiff]:
     """Top-rank SVD factors of one difference matrix (out, n); an exactly zero difference is not factored."""
-    energy = float(torch.linalg.vector_norm(diff, dtype=torch.float64).square())
-    max_abs = float(diff.abs().max()) if diff.numel() else 0.0
+    energy = float(torch.linalg.vector_norm(diff)) ** 2
+    max_abs = float(torch.linalg.vector_norm(diff, ord=math.inf)) if diff.numel() else 0.0
     stats = LayerDiff(target.component, energy, weight_energy, max_abs, tuned_dtype)
-    if energy == 0:
+    if max_abs == 0:
         empty = torch.zeros(0, dtype=settings.hold_dtype)
         zero = LayerResult(target, empty.reshape(diff.shape[0], 0), empty.reshape(0, diff.shape[1]), empty, 0.0, True)
         return zero, stats
@@ -191,13 +200,6 @@ def truncated_svd(m: Tensor, rank: int, settings: FactorSettings) -> Svd:
     if settings.svd == "exact":
         return svd_exact(m, min(m.shape) if settings.full_spectrum else rank)
     return svd_randomized(m, rank, oversample=settings.oversample, power_iters=settings.power_iters, seed=settings.seed)
-
-
-def _read_finite(reader: CheckpointReader, key: str, settings: FactorSettings) -> Tensor:
-    tensor = reader.get(key).to(device=settings.device, dtype=settings.dtype)
-    if not torch.isfinite(tensor).all():
-        raise InputError(f"{reader.path}: {key} holds NaN/Inf values; the checkpoint is broken, re-save it")
-    return tensor
 
 
 def _inputs(cfg: ExtractConfig) -> list[tuple[str, Path]]:

@@ -1,0 +1,395 @@
+"""Benchmark of SVD LoRA extraction on SDXL-shaped weights: kohya's method against ours (exact and fast).
+
+    python -m benchmarks.bench_extract --quick          # one tensor per shape class, extrapolated (make bench)
+    python -m benchmarks.bench_extract --fraction 0.1   # a tenth of the 1052 layers' tensors, by shape class
+    python -m benchmarks.bench_extract                  # all 1052 layers for ours; kohya's on --ref-fraction
+
+Data: deterministic synthetic SDXL weights: the real SDXL key set and shapes (xlbake.sdxl_configs), of which the
+sampled LoRA layers and the few tensors SDXL detection needs are written, tensor by tensor. Base W ~ N(0, 1/fan_in);
+the true difference is finetune-like: a rank-4 part (30 % of its energy) plus a full-rank power-law spectrum
+(sigma_i ~ (i + 1)^-0.5, 70 %), 1e-3 of ||W|| in the UNet and 1e-4 in the text encoders. Files are stored at
+--dtype (fp16 by default: the stored difference then carries rounding noise, where a randomized SVD may differ
+from exact).
+
+Methods, each in its own subprocess (peak RSS from getrusage, torch threads --threads):
+  kohya: both files loaded whole and cast to fp32, every difference kept, then torch.linalg.svd with
+         full_matrices=True per layer (sd-scripts networks/extract_lora_from_models.py; its 0.99 clamp is left
+         out so that results compare).
+  exact / fast: extract.pipeline.run_extract with svd=exact / svd=fast, streaming.
+Accuracy per layer: excess = ||D - L|| / ||D - L_exact|| - 1 against the stored difference D (exact is the
+Eckart-Young optimum), and ||Delta - L|| against the true difference Delta before storage rounding.
+Measured layers are extrapolated to the full module set per shape class (time) and by bytes (RSS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+UNET_REL, TE_REL = 1e-3, 1e-4
+LOW_RANK, LOW_RANK_SHARE, DECAY = 4, 0.3, 0.5
+DETECTION_KEYS = (  # what xlbake.checkpoint needs to recognise SDXL, besides an attn2.to_k layer
+    "model.diffusion_model.label_emb.0.0.weight",
+    "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight",
+    "conditioner.embedders.1.model.ln_final.weight",
+    "conditioner.embedders.1.model.text_projection",
+)
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+METHODS = ("kohya", "exact", "fast")
+GB = 1e9
+# the issue's rule for making the fast SVD the default
+TRUE_ERROR_MARGIN, MEDIAN_EXCESS, WORST_EXCESS = 0.01, 0.005, 0.02
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_extract", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="one tensor per shape class, no 3x3 convs")
+    parser.add_argument("--fraction", type=float, default=1.0, help="share of each shape class's tensors (ours)")
+    parser.add_argument("--ref-fraction", type=float, default=0.05, help="share measured for kohya's method")
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--conv-dim", type=int, default=None, help="3x3 conv rank (default 32; --quick: 0)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp16", help="storage of base and tuned")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per method (shared 2-core box: 1)")
+    parser.add_argument("--power-iters", type=int, default=2)
+    parser.add_argument("--oversample", type=int, default=8)
+    parser.add_argument("--workdir", type=Path, default=None, help="keep the generated files here")
+    for name in ("--worker", "--base", "--tuned", "--out", "--result"):
+        parser.add_argument(name, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+# ---------------------------------------------------------------- synthetic weights
+
+
+def _generator(key: str, stream: int) -> torch.Generator:
+    return torch.Generator().manual_seed(zlib.crc32(key.encode()) * 4 + stream)
+
+
+def weight(key: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """Base weight, N(0, 1/fan_in), fp32."""
+    fan_in = math.prod(shape[1:]) if len(shape) > 1 else 1
+    return torch.randn(shape, generator=_generator(key, 0)) / math.sqrt(fan_in)
+
+
+def true_difference(key: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """The finetune's difference before storage: rank-4 part + full-rank power law, scaled to 1e-3 / 1e-4."""
+    gen = _generator(key, 1)
+    m, n = shape[0], math.prod(shape[1:])
+    k = min(m, n)
+    decay = (torch.arange(1, k + 1, dtype=torch.float32) ** -DECAY) * math.sqrt(1 - LOW_RANK_SHARE)
+    decay /= decay.square().sum().sqrt()
+    spread = (torch.randn(m, k, generator=gen) / math.sqrt(m) * decay) @ (
+        torch.randn(k, n, generator=gen) / math.sqrt(n)
+    )
+    head = torch.randn(m, LOW_RANK, generator=gen) @ torch.randn(LOW_RANK, n, generator=gen)
+    head *= math.sqrt(LOW_RANK_SHARE) / head.norm()
+    delta = head + spread * (math.sqrt(1 - LOW_RANK_SHARE) / spread.norm())
+    rel = UNET_REL if key.startswith("model.") else TE_REL
+    return (delta * (rel * weight(key, shape).norm() / delta.norm())).reshape(shape)
+
+
+def write_pair(folder: Path, keys: list[str], shapes: dict, dtype: torch.dtype) -> tuple[Path, Path]:
+    """base.safetensors and tuned.safetensors holding ``keys`` (+ detection tensors), one tensor at a time."""
+    from xlbake.checkpoint import write_safetensors
+
+    specs = {key: (dtype, shapes[key]) for key in [*keys, *DETECTION_KEYS]}
+
+    def fetch(key: str, tuned: bool) -> torch.Tensor:
+        if key in DETECTION_KEYS:
+            return torch.zeros(shapes[key])
+        stored = weight(key, shapes[key]).to(dtype)
+        return (stored.float() + true_difference(key, shapes[key])).to(dtype) if tuned else stored
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = folder / "base.safetensors", folder / "tuned.safetensors"
+    for path, tuned in zip(paths, (False, True), strict=True):
+        write_safetensors(path, specs, lambda key, t=tuned: fetch(key, t), metadata={}, force=True)
+    return paths
+
+
+def sample_keys(targets: list, fraction: float, quick: bool) -> list[str]:
+    """LoRA tensors chosen evenly within each shape class (at least one per class, and one attn2.to_k)."""
+    classes: dict[tuple, list[str]] = defaultdict(list)
+    for target in targets:
+        key_class = (target.component, target.kind, target.shape if target.rows is None else "fused")
+        if target.key not in classes[key_class]:
+            classes[key_class].append(target.key)
+    chosen = []
+    for keys in classes.values():
+        count = 1 if quick else max(1, math.ceil(fraction * len(keys)))
+        chosen += (
+            [keys[round(i * (len(keys) - 1) / max(count - 1, 1))] for i in range(count)]
+            if count > 1
+            else [keys[len(keys) // 2]]
+        )
+    if not any(key.endswith("attn2.to_k.weight") for key in chosen):
+        chosen.append(next(t.key for t in targets if t.key.endswith("attn2.to_k.weight")))
+    return sorted(set(chosen))
+
+
+# ---------------------------------------------------------------- workers (one subprocess per method)
+
+
+def _rss() -> int:
+    """Peak resident bytes of this process (VmHWM: getrusage's maxrss would carry the parent's over exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run_ours(args: argparse.Namespace, result: dict) -> None:
+    """extract.pipeline.run_extract, with per-layer read/factor times recorded by wrapping its two steps."""
+    import extract.pipeline as pipeline
+    from extract.config import ExtractConfig
+
+    read, factor, write = pipeline.read_difference, pipeline.factor_layer, pipeline.write_variant
+    reads, factors = result["reads"], result["layers"]
+
+    def timed(function, store, name_of):
+        def wrapper(*a, **kw):
+            start = time.perf_counter()
+            out = function(*a, **kw)
+            store[name_of(*a)] = store.get(name_of(*a), 0.0) + time.perf_counter() - start
+            return out
+
+        return wrapper
+
+    pipeline.read_difference = timed(read, reads, lambda base, tuned, key, settings: key)
+    pipeline.factor_layer = timed(factor, factors, lambda target, *rest: target.name)
+    pipeline.write_variant = timed(write, result, lambda *a: "write")
+    cfg = ExtractConfig(
+        base=Path(args.base), tuned=Path(args.tuned), out=Path(args.out), dim=(args.dim,),
+        conv_dim=(args.conv_dim,), svd=args.worker, power_iters=args.power_iters, oversample=args.oversample,
+    )  # fmt: skip
+    pipeline.run_extract(cfg, force=True, echo=lambda line: None)
+
+
+def run_kohya(args: argparse.Namespace, result: dict) -> None:
+    """kohya's method: whole models in fp32, all differences kept, full-matrices SVD per layer."""
+    from safetensors.torch import load_file
+
+    from xlbake.lora_io import lora_metadata, write_lora
+    from xlbake.sdxl_keys import kohya_targets
+
+    start = time.perf_counter()
+    models = [{k: v.float() for k, v in load_file(path).items()} for path in (args.base, args.tuned)]
+    result["load"] = time.perf_counter() - start
+    targets = kohya_targets({k: tuple(v.shape) for k, v in models[0].items()}, conv=args.conv_dim > 0)
+    diffs = {}
+    for target in targets:
+        start = time.perf_counter()
+        rows = slice(*target.rows) if target.rows else slice(None)
+        diffs[target.name] = models[1][target.key][rows] - models[0][target.key][rows]
+        if target.rows is None or target.rows[1] == models[0][target.key].shape[0]:
+            models[0][target.key] = models[1][target.key] = None  # kohya frees each weight once used
+        result["layers"][target.name] = time.perf_counter() - start
+    factors = {}
+    for target in targets:
+        start = time.perf_counter()
+        mat = diffs.pop(target.name).flatten(1)
+        rank = min(args.conv_dim if target.kind == "conv3x3" else args.dim, *mat.shape)
+        u, s, vh = torch.linalg.svd(mat)  # full_matrices=True, as kohya calls it
+        factors[target.name] = (u[:, :rank] @ torch.diag(s[:rank]), vh[:rank].reshape(rank, *target.shape[1:]))
+        result["layers"][target.name] += time.perf_counter() - start
+    start = time.perf_counter()
+    meta = lora_metadata(title="kohya", ranks={n: f[1].shape[0] for n, f in factors.items()}, alpha=args.dim,
+                         conv_rank=args.conv_dim or None)  # fmt: skip
+    write_lora(args.out, factors, metadata=meta, force=True)
+    result["write"] = time.perf_counter() - start
+
+
+def worker(args: argparse.Namespace) -> int:
+    torch.set_num_threads(args.threads)
+    import extract.pipeline  # noqa: F401  (imports count in the baseline RSS of every method)
+
+    result = {"base_rss": _rss(), "layers": {}, "reads": {}, "load": 0.0, "write": 0.0}
+    start = time.perf_counter()
+    (run_kohya if args.worker == "kohya" else run_ours)(args, result)
+    result.update(wall=time.perf_counter() - start, peak_rss=_rss())
+    Path(args.result).write_text(json.dumps(result))
+    return 0
+
+
+# ---------------------------------------------------------------- evaluation and table
+
+
+def layer_seconds(result: dict, targets: list) -> dict[str, float]:
+    """Per-target seconds; a fused tensor's read time is shared by its q, k and v."""
+    per_key = defaultdict(int)
+    for target in targets:
+        per_key[target.key] += 1
+    reads = result["reads"]
+    return {t.name: result["layers"].get(t.name, 0.0) + reads.get(t.key, 0.0) / per_key[t.key] for t in targets}
+
+
+def extrapolate(result: dict, measured: list, full: list, bytes_ratio: float) -> float:
+    """Full-set seconds: layer times per shape class times the full count, load by bytes, writing by modules."""
+    seconds = layer_seconds(result, measured)
+    by_class = defaultdict(list)
+    for target in measured:
+        by_class[(target.component, target.kind, target.shape)].append(seconds[target.name])
+    per_class = {c: statistics.fmean(times) for c, times in by_class.items()}
+    mean = statistics.fmean(seconds.values())
+    layers = sum(per_class.get((t.component, t.kind, t.shape), mean) for t in full)
+    other = result["wall"] - sum(seconds.values()) - result["load"] - result["write"]
+    return other + layers + result["load"] * bytes_ratio + result["write"] * len(full) / len(measured)
+
+
+def lora_delta(path: Path, name: str) -> torch.Tensor | None:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        names = set(handle.keys())
+        if f"{name}.lora_up.weight" not in names:
+            return None
+        up = handle.get_tensor(f"{name}.lora_up.weight").float().flatten(1)
+        down = handle.get_tensor(f"{name}.lora_down.weight").float()
+        alpha = float(handle.get_tensor(f"{name}.alpha"))
+    return (alpha / down.shape[0]) * (up @ down.flatten(1))
+
+
+def evaluate(targets: list, pair: tuple[Path, Path], loras: dict[str, Path], shapes: dict) -> dict[str, dict]:
+    """Per layer: each method's excess over the exact optimum (stored difference) and its error on the truth."""
+    from xlbake.checkpoint import open_checkpoint
+
+    rows: dict[str, dict] = {}
+    with open_checkpoint(pair[0]) as base, open_checkpoint(pair[1]) as tuned:
+        for target in targets:
+            part = slice(*target.rows) if target.rows else slice(None)
+            stored = (tuned.get(target.key).float() - base.get(target.key).float())[part].flatten(1)
+            truth = true_difference(target.key, shapes[target.key])[part].flatten(1)
+            deltas = {m: lora_delta(path, target.name) for m, path in loras.items()}
+            if deltas.get("exact") is None:
+                continue
+            optimum = (stored - deltas["exact"]).norm()
+            row = {"component": target.component, "true_exact": float((truth - deltas["exact"]).norm() / truth.norm())}
+            for method, delta in deltas.items():
+                if delta is not None and method != "exact":
+                    row[f"excess_{method}"] = float((stored - delta).norm() / optimum - 1)
+                    row[f"true_{method}"] = float((truth - delta).norm() / truth.norm())
+            rows[target.name] = row
+    return rows
+
+
+def accuracy_lines(rows: dict[str, dict]) -> tuple[list[str], bool]:
+    lines, fast_ok = [], True
+    for method in ("fast", "kohya"):
+        excess = [r[f"excess_{method}"] for r in rows.values() if f"excess_{method}" in r]
+        if not excess:
+            continue
+        ratio = [r[f"true_{method}"] / r["true_exact"] - 1 for r in rows.values() if f"true_{method}" in r]
+        median, worst, true_median = statistics.median(excess), max(excess), statistics.median(ratio)
+        lines.append(
+            f"{method:>6} vs exact over {len(excess)} layers: excess over the stored optimum median {median:+.3%}, "
+            f"worst {worst:+.3%}; error on the true difference median {true_median:+.3%} of exact's"
+        )
+        for component in ("unet", "te1", "te2"):
+            part = [r[f"true_{method}"] / r["true_exact"] - 1 for r in rows.values()
+                    if r["component"] == component and f"true_{method}" in r]  # fmt: skip
+            if part:
+                lines.append(f"{'':>8}{component}: true-difference error median {statistics.median(part):+.3%}")
+        if method == "fast":
+            fast_ok = true_median <= TRUE_ERROR_MARGIN and median <= MEDIAN_EXCESS and worst <= WORST_EXCESS
+    return lines, fast_ok
+
+
+def lora_bytes(targets: list, dim: int, conv_dim: int) -> int:
+    """fp16 bytes of the LoRA factors of ``targets``."""
+    total = 0
+    for target in targets:
+        n = math.prod(target.shape[1:])
+        total += 2 * min(conv_dim if target.kind == "conv3x3" else dim, target.shape[0], n) * (target.shape[0] + n)
+    return total
+
+
+def run_method(method: str, pair: tuple[Path, Path], work: Path, args: argparse.Namespace, conv_dim: int) -> dict:
+    out, result = work / f"{method}.safetensors", work / f"{method}.json"
+    command = [sys.executable, "-m", "benchmarks.bench_extract", "--worker", method, "--base", str(pair[0])]
+    command += ["--tuned", str(pair[1]), "--out", str(out), "--result", str(result), "--dim", str(args.dim)]
+    command += ["--conv-dim", str(conv_dim), "--threads", str(args.threads), "--power-iters", str(args.power_iters)]
+    command += ["--oversample", str(args.oversample)]
+    done = subprocess.run(command, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"{method} worker failed:\n{done.stderr[-3000:]}")
+    return {**json.loads(result.read_text()), "lora": out}
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        return worker(args)
+    from xlbake.sdxl_configs import real_sdxl_sgm_shapes
+    from xlbake.sdxl_keys import kohya_targets
+
+    torch.set_num_threads(args.threads)
+    conv_dim = args.conv_dim if args.conv_dim is not None else (0 if args.quick else 32)
+    shapes = real_sdxl_sgm_shapes()
+    full = kohya_targets(shapes, conv=conv_dim > 0)
+    ours_keys = sample_keys(full, args.fraction, args.quick)
+    ours_targets = [t for t in full if t.key in set(ours_keys)]
+    relative = 1.0 if args.quick else min(1.0, args.ref_fraction / args.fraction)
+    ref_keys = ours_keys if relative >= 1 else sample_keys(ours_targets, relative, False)
+    ref_targets = [t for t in full if t.key in set(ref_keys)]
+    with tempfile.TemporaryDirectory(prefix="bench-extract-") as scratch:
+        work = args.workdir or Path(scratch)
+        start = time.perf_counter()
+        pairs = {"ours": write_pair(work / "ours", ours_keys, shapes, DTYPES[args.dtype])}
+        pairs["kohya"] = pairs["ours"] if ref_keys == ours_keys else write_pair(work / "ref", ref_keys, shapes,
+                                                                                 DTYPES[args.dtype])  # fmt: skip
+        print(
+            f"generated {args.dtype} base/tuned for {len(ours_targets)} layers in {time.perf_counter() - start:.0f} s"
+        )
+        results = {}
+        for method in METHODS:
+            pair = pairs["kohya" if method == "kohya" else "ours"]
+            results[method] = run_method(method, pair, work, args, conv_dim)
+            print(f"  {method}: {results[method]['wall']:.1f} s", flush=True)
+        rows = evaluate(ours_targets, pairs["ours"], {m: r["lora"] for m, r in results.items()}, shapes)
+    model = sum(math.prod(s) for k, s in shapes.items() if not k.startswith("first_stage_model."))
+    ref_bytes = sum(math.prod(shapes[k]) for k in [*ref_keys, *DETECTION_KEYS])
+    print_table(args, conv_dim, full, {"kohya": ref_targets, "exact": ours_targets, "fast": ours_targets},
+                results, model / ref_bytes, lora_bytes(full, args.dim, conv_dim))  # fmt: skip
+    lines, fast_ok = accuracy_lines(rows)
+    print("\n".join(lines))
+    verdict = "meets" if fast_ok else "does NOT meet"
+    print(f"fast SVD ({args.power_iters} power iterations, oversample {args.oversample}) {verdict} the default rule: "
+          f"true-difference error within {TRUE_ERROR_MARGIN:.0%} of exact's (median), excess <= {MEDIAN_EXCESS:.1%} "
+          f"(median) and <= {WORST_EXCESS:.0%} (worst)")  # fmt: skip
+    return 0
+
+
+def print_table(args, conv_dim, full, measured, results, model_ratio, full_lora_bytes) -> None:
+    scope = "one tensor per shape class" if args.quick else f"fraction {args.fraction:g} (kohya {args.ref_fraction:g})"
+    print(f"\nSDXL LoRA extraction, {len(full)} modules at dim {args.dim}, conv dim {conv_dim}; {args.dtype} inputs; "
+          f"torch threads {args.threads}; measured on {scope}, extrapolated per shape class")  # fmt: skip
+    print(f"{'method':<8}{'layers':>7}{'measured s':>12}{'full set s':>12}{'speed-up':>10}{'peak RSS GB':>13}"
+          f"{'full set GB':>13}")  # fmt: skip
+    estimates = {}
+    for method in METHODS:
+        result, targets = results[method], measured[method]
+        estimates[method] = extrapolate(result, targets, full, model_ratio if method == "kohya" else 1.0)
+        peak = result["peak_rss"]
+        if method == "kohya":
+            full_rss = result["base_rss"] + (peak - result["base_rss"]) * model_ratio
+        else:
+            full_rss = peak + 2 * (full_lora_bytes - lora_bytes(targets, args.dim, conv_dim))
+        speed = estimates["kohya"] / estimates[method]
+        print(f"{method:<8}{len(targets):>7}{result['wall']:>12.1f}{estimates[method]:>12.0f}{speed:>9.1f}x"
+              f"{peak / GB:>13.2f}{full_rss / GB:>13.2f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
