@@ -267,7 +267,7 @@ class LogConfig:
     project: str = "xlbake"
     """Tracker project name."""
     loss_plot: bool = True
-    """Write RUN/loss.png (raw and smoothed loss, LR on a second axis) at every checkpoint and at the end."""
+    """Write RUN/loss.png (raw and smoothed loss, LR on a second axis) at the end and when interrupted."""
     progress: bool = True
     """Show a progress bar (step, epoch, loss, LR, it/s, share of time waiting for data)."""
 

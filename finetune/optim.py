@@ -52,6 +52,10 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
 }
 
 
+SINGLE_LR = ("prodigy",)
+"""Optimizers that refuse different learning rates per param group."""
+
+
 @dataclass(frozen=True)
 class ParamGroup:
     """Trainable parameters of one model part with their learning rate."""
@@ -101,6 +105,11 @@ def build_optimizer(groups: Sequence[ParamGroup], cfg: OptimConfig) -> torch.opt
     param_groups = [{"params": list(g.params), "lr": g.lr, "name": g.name} for g in groups if g.lr > 0 and g.params]
     if not param_groups:
         raise ConfigError("optim: no trainable parameters (every part frozen or its learning rate is 0)")
+    if cfg.name in SINGLE_LR and len({g["lr"] for g in param_groups}) > 1:
+        raise ConfigError(
+            f"optim.name: {cfg.name} adapts one step size for all parts; give the trained parts the same LR "
+            "(optim.unet_lr/te1_lr/te2_lr, 1.0 is usual) or freeze some with 0"
+        )
     first_lr = param_groups[0]["lr"]
     try:
         return cls(param_groups, lr=first_lr, **kwargs)

@@ -24,7 +24,7 @@ import torch
 from finetune.base_of import BASE_TXT
 from finetune.model import PART_ATTRS, SdxlModel
 from xlbake.errors import OutputError, TrainingError
-from xlbake.fileio import TEMP_PREFIX, write_text_atomic
+from xlbake.fileio import TEMP_PREFIX, atomic_path, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -199,13 +199,13 @@ def write_loss_plot(losses: Sequence[float], lrs: Sequence[float], path: Path) -
     finite = [(i + 1, v) for i, v in enumerate(losses) if math.isfinite(v)]
     if not finite:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     steps, values = zip(*finite, strict=True)
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    fig = Figure(figsize=(8, 4.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
     ax.plot(steps, values, color="tab:blue", alpha=0.3, linewidth=0.8, label="loss")
     ax.plot(steps, smooth(values), color="tab:blue", linewidth=1.8, label=f"loss (EMA {SMOOTHING})")
     ax.set(xlabel="optimizer step", ylabel="training loss", title="Finetune loss")
@@ -218,13 +218,8 @@ def write_loss_plot(losses: Sequence[float], lrs: Sequence[float], path: Path) -
         lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
     ax.legend(handles=handles, loc="upper right")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.ExitStack() as stack:
-        stack.callback(plt.close, fig)
-        from xlbake.fileio import atomic_path
-
-        with atomic_path(path, force=True) as tmp:
-            fig.savefig(tmp, format="png")
+    with atomic_path(path, force=True) as tmp:
+        fig.savefig(tmp, format="png")
     return path
 
 

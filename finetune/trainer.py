@@ -222,6 +222,8 @@ class Trainer:
                 if stop:
                     bar.close()
                     self.save_state()
+                    if cfg.log.loss_plot and acc.is_main_process:
+                        write_loss_plot(state.losses, state.lrs, self.run_dir / LOSS_PNG)
                     logger.warning("stopped at step %d; resume with --resume auto", state.global_step)
                     return self._result(interrupted=True)
         bar.close()
@@ -281,7 +283,7 @@ class Trainer:
         return False
 
     def _optimizer_step(self, skip: bool) -> None:
-        """Clip, step and zero the gradients; ``skip`` drops this window's gradients instead (the LR moves on)."""
+        """Clip, step and zero the gradients; ``skip`` drops this window's gradients instead (the LR waits)."""
         if skip:
             self.state.nan_skips += 1
             if self.state.nan_skips > self.cfg.train.max_nan_skips:
@@ -290,7 +292,6 @@ class Trainer:
                     f"row had a non-finite loss; stopped, {NAN_HINT}"
                 )
             self.optimizer.zero_grad(set_to_none=True)
-            self.lr_scheduler.step()
             return
         if self.cfg.optim.max_grad_norm:
             self.accelerator.clip_grad_norm_(self.params, self.cfg.optim.max_grad_norm)
@@ -354,6 +355,8 @@ class Trainer:
                 written = save_final(
                     self.run_dir, weights, cfg.checkpoint.dtype, cfg.checkpoint.fp32_copy, self.inputs.base, meta
                 )
+                if cfg.log.loss_plot:
+                    write_loss_plot(self.state.losses, self.state.lrs, self.run_dir / LOSS_PNG)
                 if cfg.checkpoint.diffusers:
                     emas = self.emas if weights[0].kind == "ema" else {}
                     written.append(
@@ -364,8 +367,6 @@ class Trainer:
                 written = save_intermediate(
                     self.run_dir, tag, weights, cfg.checkpoint.dtype, cfg.checkpoint.keep_last, meta
                 )
-            if cfg.log.loss_plot:
-                write_loss_plot(self.state.losses, self.state.lrs, self.run_dir / LOSS_PNG)
             logger.info("saved %s", ", ".join(str(p) for p in written))
         if tag != "final" and cfg.checkpoint.save_state:
             self.save_state()
