@@ -237,7 +237,7 @@ class SampleConfig:
     negative_prompt: str = ""
     """Negative prompt for every sample."""
     every_epochs: int = 0
-    """Render the prompts every N epochs (and after the last); 0 = only after the last epoch."""
+    """Render the prompts every N epochs; 0 = only at the end of training (they are always rendered then)."""
     steps: int = 20
     """Denoising steps per image."""
     guidance_scale: float = 5.0

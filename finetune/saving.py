@@ -14,7 +14,8 @@ import shutil
 import signal
 import tempfile
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ import torch
 
 from finetune.base_of import BASE_TXT
 from finetune.model import PART_ATTRS, SdxlModel
+from finetune.state import flatten
 from xlbake.errors import OutputError, TrainingError
 from xlbake.fileio import TEMP_PREFIX, atomic_path, write_text_atomic
 
@@ -259,3 +261,34 @@ def stop_on_signals() -> Iterator[StopRequest]:
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+class DataTimer:
+    """Share of wall time spent waiting for the next batch."""
+
+    def __init__(self) -> None:
+        self.waiting = 0.0
+        self.start = time.perf_counter()
+
+    def wrap(self, batches: Iterable[Any]) -> Iterator[Any]:
+        iterator = iter(batches)
+        while True:
+            began = time.perf_counter()
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            self.waiting += time.perf_counter() - began
+            yield batch
+
+    def share(self) -> float:
+        return self.waiting / max(time.perf_counter() - self.start, 1e-9)
+
+
+def tracker_config(config: dict[str, Any]) -> dict[str, Any]:
+    """Flat scalar hyperparameters for the trackers (tensorboard's hparams take no lists or None)."""
+    return {
+        k: v if isinstance(v, (int, float, str, bool)) else str(v)
+        for k, v in flatten(config).items()
+        if not (isinstance(v, float) and math.isnan(v))
+    }

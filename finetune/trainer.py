@@ -8,9 +8,7 @@ trainer.cleanup()
 
 from __future__ import annotations
 
-import math
-import time
-from collections.abc import Iterable, Iterator
+import importlib.util
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -20,13 +18,12 @@ from accelerate import Accelerator
 from accelerate.data_loader import prepare_data_loader
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
-from ema_pytorch import EMA
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from finetune.config import FinetuneConfig
 from finetune.data import BucketBatchSampler, build_dataset, collate, steps_per_epoch
-from finetune.model import PART_ATTRS, SdxlModel, load_model, resolve_inputs, setup_trainable
+from finetune.model import PART_ATTRS, SdxlModel, load_model, make_ema, resolve_inputs, setup_trainable
 from finetune.objective import (
     add_noise,
     compute_time_ids,
@@ -47,6 +44,7 @@ from finetune.saving import (
     LOSS_PNG,
     SAMPLES,
     STATE,
+    DataTimer,
     Weights,
     check_finite,
     collect_weights,
@@ -55,17 +53,16 @@ from finetune.saving import (
     save_final,
     save_intermediate,
     stop_on_signals,
+    tracker_config,
     write_loss_plot,
 )
 from finetune.state import TrainerState, decode_generator, encode_generator, find_resume, read_state, write_state
 from finetune.text import encode_prompt
 from xlbake.config import config_hash, dump_yaml, to_dict
-from xlbake.errors import TrainingError
+from xlbake.errors import ConfigError, TrainingError
 
 logger = get_logger(__name__)
 
-NO_WARMUP_INV_GAMMA = 1e-9
-"""ema-pytorch's decay is 1 - (1 + n / inv_gamma) ** -power (capped at beta): a tiny inv_gamma gives beta at once."""
 NAN_HINT = "fp16 overflow (try precision.mixed: bf16) or a too-high learning rate"
 
 
@@ -102,6 +99,10 @@ class Trainer:
             project_dir=str(self.run_dir / LOGS),
             dynamo_backend="inductor" if cfg.model.compile else "no",
         )
+        if cfg.log.wandb and importlib.util.find_spec("wandb") is None:
+            raise ConfigError(
+                "log.wandb: the wandb package is not installed; pip install wandb, or set log.wandb false"
+            )
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.precision.tf32
         set_seed(cfg.train.seed)
         with acc.main_process_first():
@@ -120,7 +121,10 @@ class Trainer:
         self.total_steps = cfg.train.epochs * self.steps_per_epoch
         if cfg.train.max_steps:
             self.total_steps = min(self.total_steps, cfg.train.max_steps)
-        self.emas = {name: self._make_ema(self.model.part(name)) for name in self.parts} if cfg.ema.enabled else {}
+        ema_device = torch.device("cpu") if cfg.ema.device == "cpu" else acc.device
+        self.emas = (
+            {n: make_ema(self.model.part(n), cfg.ema, ema_device) for n in self.parts} if cfg.ema.enabled else {}
+        )
         optimizer = build_optimizer(groups, cfg.optim)
         scheduler = build_scheduler(optimizer, cfg.optim, self.total_steps, acc.num_processes)
         *trained, self.optimizer, self.lr_scheduler = acc.prepare(
@@ -140,7 +144,7 @@ class Trainer:
         if self.resume:
             self._restore(self.resume)
         if cfg.log.tensorboard or cfg.log.wandb:
-            acc.init_trackers("finetune", config=_tracker_config(to_dict(cfg)))
+            acc.init_trackers("finetune", config=tracker_config(to_dict(cfg)))
         self.inputs = inputs
         logger.info(
             "training %s for %d optimizer steps (%d per epoch, %d epochs), from step %d",
@@ -150,20 +154,6 @@ class Trainer:
             cfg.train.epochs,
             self.state.global_step,
         )
-
-    def _make_ema(self, module: torch.nn.Module) -> EMA:
-        e = self.cfg.ema
-        ema = EMA(
-            module,
-            beta=e.beta,
-            update_after_step=e.update_after_step,
-            update_every=e.update_every,
-            inv_gamma=e.inv_gamma if e.warmup else NO_WARMUP_INV_GAMMA,
-            power=e.power,
-            include_online_model=False,
-            allow_different_devices=e.device == "cpu",
-        )
-        return ema.to("cpu" if e.device == "cpu" else self.accelerator.device)
 
     def _restore(self, resume: str) -> None:
         folder = find_resume(self.run_dir / STATE, resume)
@@ -228,6 +218,8 @@ class Trainer:
                     return self._result(interrupted=True)
         bar.close()
         self.save("final")
+        if cfg.sample.prompts:
+            self.sample("final")
         return self._result(interrupted=False)
 
     def training_step(self, batch: dict[str, Any]) -> torch.Tensor:
@@ -328,7 +320,7 @@ class Trainer:
         last = self._finished()
         if cfg.checkpoint.every_epochs and state.epoch % cfg.checkpoint.every_epochs == 0 and not last:
             self.save(f"epoch-{state.epoch:04d}")
-        if cfg.sample.prompts and (last or (cfg.sample.every_epochs and state.epoch % cfg.sample.every_epochs == 0)):
+        if cfg.sample.prompts and cfg.sample.every_epochs and state.epoch % cfg.sample.every_epochs == 0 and not last:
             self.sample(f"epoch-{state.epoch:04d}")
 
     def _finished(self) -> bool:
@@ -431,36 +423,3 @@ def run(cfg: FinetuneConfig, resume: str | None = None) -> TrainResult:
         return trainer.train()
     finally:
         trainer.cleanup()
-
-
-class DataTimer:
-    """Share of wall time spent waiting for the next batch."""
-
-    def __init__(self) -> None:
-        self.waiting = 0.0
-        self.start = time.perf_counter()
-
-    def wrap(self, batches: Iterable[Any]) -> Iterator[Any]:
-        iterator = iter(batches)
-        while True:
-            began = time.perf_counter()
-            try:
-                batch = next(iterator)
-            except StopIteration:
-                return
-            self.waiting += time.perf_counter() - began
-            yield batch
-
-    def share(self) -> float:
-        return self.waiting / max(time.perf_counter() - self.start, 1e-9)
-
-
-def _tracker_config(config: dict[str, Any]) -> dict[str, Any]:
-    """Flat scalar hyperparameters for the trackers (tensorboard's hparams take no lists or None)."""
-    from finetune.state import flatten
-
-    return {
-        k: v if isinstance(v, (int, float, str, bool)) else str(v)
-        for k, v in flatten(config).items()
-        if not (isinstance(v, float) and math.isnan(v))
-    }

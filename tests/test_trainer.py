@@ -29,6 +29,15 @@ TE2_KEY = "conditioner.embedders.1.model.transformer.resblocks.2.attn.in_proj_we
 UNET_KEY = "model.diffusion_model.input_blocks.4.1.proj_in.weight"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model gains nothing from intra-op threads, and they spin badly on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_config(tiny_paths, demo_dataset, run_dir: Path, *overrides: str) -> FinetuneConfig:
     """A tiny, fast run: 32 px buckets, batch 2 x accumulation 2 (4 steps an epoch), stopped by max_steps in the
     second epoch, EMA on, both weights saved."""
@@ -71,7 +80,17 @@ def fixed_loss(trainer: Trainer, n: int = 6) -> float:
 @pytest.fixture(scope="module")
 def full_run(tiny_paths, demo_dataset, tmp_path_factory):
     """The uninterrupted reference run, with the fixed-batch loss before and after training."""
-    cfg = make_config(tiny_paths, demo_dataset, tmp_path_factory.mktemp("full"))
+    cfg = make_config(
+        tiny_paths,
+        demo_dataset,
+        tmp_path_factory.mktemp("full"),
+        "checkpoint.diffusers=true",
+        "sample.prompts=[xlbk emblem]",
+        "sample.steps=2",
+        "sample.width=32",
+        "sample.height=32",
+        "log.tensorboard=true",
+    )
     trainer = Trainer(cfg)
     trainer.setup()
     before = fixed_loss(trainer)
@@ -93,6 +112,8 @@ def test_end_to_end_outputs(full_run, tiny_paths):
         "tuned-raw.fp32.safetensors",
         "base.txt",
         "loss.png",
+        "samples/final-00.png",
+        "tuned-diffusers/unet/diffusion_pytorch_model.safetensors",
         "checkpoints/epoch-0001.safetensors",
         "checkpoints/epoch-0001-raw.safetensors",
     ):
@@ -234,6 +255,9 @@ def test_resume_refuses_a_changed_config(tmp_path):
         read_state(folder, to_dict(changed), config_hash(changed))
     moved = replace(cfg, run_dir=tmp_path / "moved")
     assert read_state(folder, to_dict(moved), config_hash(moved))[0].global_step == 5
+    for step in (6, 7):
+        write_state(tmp_path / "state", replace(state, global_step=step), lambda d: None, {}, keep=2)
+    assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["step-00000006", "step-00000007"]
 
 
 def test_cli_gates_the_run_folder(tmp_path):
