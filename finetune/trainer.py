@@ -99,6 +99,8 @@ class Trainer:
             project_dir=str(self.run_dir / LOGS),
             dynamo_backend="inductor" if cfg.model.compile else "no",
         )
+        if cfg.data.cache_latents:
+            raise ConfigError("data.cache_latents: latent caching is not available yet; set it to false")
         if cfg.log.wandb and importlib.util.find_spec("wandb") is None:
             raise ConfigError(
                 "log.wandb: the wandb package is not installed; pip install wandb, or set log.wandb false"

@@ -269,3 +269,86 @@ def test_cli_gates_the_run_folder(tmp_path):
     (tmp_path / "old.txt").write_text("previous run")
     refused = CliRunner().invoke(main, ["--config", str(preset), "--set", f"run_dir={tmp_path}"])
     assert refused.exit_code == 1 and "--resume auto" in refused.output and "Traceback" not in refused.output
+
+
+OBJECTIVE_OPTIONS = {
+    "l1": ["loss.loss_type=l1"],
+    "huber-snr": ["loss.loss_type=huber"],
+    "huber-exponential": ["loss.loss_type=huber", "loss.huber_schedule=exponential", "loss.huber_scale=2"],
+    "smooth_l1-constant": ["loss.loss_type=smooth_l1", "loss.huber_schedule=constant"],
+    "v_prediction": ["loss.prediction=v_prediction"],
+    "debiased-no-min-snr": ["loss.min_snr_gamma=null", "loss.debiased_estimation=true"],
+    "random-strengths": ["noise.noise_offset_random_strength=true", "noise.ip_noise_gamma_random_strength=true"],
+    "timestep-range": ["noise.min_timestep=100", "noise.max_timestep=200"],
+}
+
+
+@pytest.fixture(scope="module")
+def step_trainer(tiny_paths, demo_dataset, tmp_path_factory):
+    """One set-up trainer whose config each objective smoke test swaps (the last trainer of this module)."""
+    trainer = Trainer(make_config(tiny_paths, demo_dataset, tmp_path_factory.mktemp("steps"), "checkpoint.weights=raw"))
+    trainer.setup()
+    yield trainer
+    trainer.cleanup()
+
+
+@pytest.mark.parametrize("name", list(OBJECTIVE_OPTIONS))
+def test_objective_options_train(name, step_trainer, tiny_paths, demo_dataset):
+    base_cfg = step_trainer.cfg
+    step_trainer.cfg = make_config(tiny_paths, demo_dataset, base_cfg.run_dir, *OBJECTIVE_OPTIONS[name])
+    try:
+        step_trainer.optimizer.zero_grad()
+        loss = step_trainer.training_step(collate([step_trainer.loader.dataset[(0, 0)]]))
+        loss.backward()
+    finally:
+        step_trainer.cfg = base_cfg
+    assert torch.isfinite(loss) and loss > 0
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in step_trainer.params[:20])
+
+
+MODEL_OPTIONS = {
+    "gradient-checkpointing": ["model.gradient_checkpointing=true"],
+    "eager-attention": ["model.attention=eager"],
+    "full-bf16": ["precision.mixed=bf16", "precision.full_bf16=true"],
+    "fp16-fixed-vae": ["precision.vae=fp16"],
+    "frozen-te1": ["optim.te1_lr=0"],
+}
+
+
+@pytest.mark.parametrize("name", list(MODEL_OPTIONS))
+def test_model_options_train(name, tiny_paths):
+    overrides = [*MODEL_OPTIONS[name], f"model.vae={tiny_paths.diffusers_dir / 'vae'}"]
+    cfg = load_config(FinetuneConfig, None, ["precision.mixed='no'", *overrides])
+    model = load_model(tiny_paths.single_file, str(tiny_paths.diffusers_dir), cfg.model.vae)
+    groups = setup_trainable(model, cfg.model, cfg.optim, cfg.precision)
+    assert [g.name for g in groups] == [p for p, lr in (("unet", 1), ("te1", cfg.optim.te1_lr), ("te2", 1)) if lr]
+    expected = torch.bfloat16 if cfg.precision.full_bf16 else torch.float32
+    assert all(p.dtype == expected for g in groups for p in g.params)
+    assert model.vae.dtype == (torch.float16 if cfg.precision.vae == "fp16" else torch.float32)
+    ids = torch.randint(0, 50, (1, 1, 77))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision.mixed == "bf16"):
+        embeds, pooled = encode_prompt(model.text_encoder, model.text_encoder_2, ids, ids)
+        added = {"text_embeds": pooled, "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]])}
+        out = model.unet(torch.randn(1, 4, 8, 8), torch.tensor([10]), embeds, added_cond_kwargs=added).sample
+    out.float().square().mean().backward()
+    assert all(p.grad is not None for g in groups for p in g.params if g.name != "te1")
+    assert all(p.grad is None for p in model.text_encoder.parameters()) == (cfg.optim.te1_lr == 0)
+
+
+def test_ema_on_cpu_with_warmup(tiny_paths):
+    from finetune.model import make_ema
+
+    cfg = load_config(FinetuneConfig, None, ["ema.enabled=true", "ema.device=cpu", "ema.warmup=true"]).ema
+    module = torch.nn.Linear(3, 3)
+    ema = make_ema(module, cfg, torch.device("cpu"))
+    decays = []
+    for _ in range(4):
+        with torch.no_grad():
+            module.weight.add_(1.0)
+        ema.update()
+        decays.append(ema.get_current_decay())
+    assert decays == sorted(decays) and 0 < decays[-1] < cfg.beta  # warming up towards beta
+    assert not torch.equal(ema.ema_model.weight, module.weight)
+    constant = make_ema(module, replace(cfg, warmup=False), torch.device("cpu"))
+    constant.update(), constant.update(), constant.update()
+    assert constant.get_current_decay() == pytest.approx(cfg.beta)
