@@ -1,8 +1,16 @@
 # xlbake: finetune -> extract -> resize, each stage a file target, so make reruns only what is out of date.
-#   make demo                        the whole chain on the built-in tiny model and dataset (CPU, minutes)
-#   make finetune RUN=runs/x CONFIG=configs/finetune/a100-80gb.yaml
-#   make extract RUN=runs/x DIM=64   reruns only the extraction
-#   make resize RUN=runs/x RANK=16
+#   make demo                                    the whole chain on the built-in tiny model and dataset (CPU, minutes)
+#   make finetune extract resize CONCEPT=kafka   one concept (concepts/kafka.yaml, or a path) into runs/kafka/
+#   make all [CONCEPTS="a b"] [JOBS=2] [GPUS=0,1]  every concept (default: concepts/*.yaml); a failed one does not
+#                                                stop the others; summary in runs/summary.md and runs/summary.json
+#   make finetune RUN=runs/x CONFIG=configs/finetune/a100-80gb.yaml SET="train.epochs=50 optim.unet_lr=2e-6"
+#   make extract RUN=runs/x DIM=64               reruns only the extraction (one file per rank: RUN/lora-dim64...)
+#   make resize RUN=runs/x RANK="8 16" SIZE=50MB  RUN/lora-dim128-rank8, -rank16 and -50MB .safetensors
+# What reruns (make -n shows it, make -q tests it): the finetune when its resolved config (preset + concept + SET,
+# as `python -m finetune --dry-run` prints it) or a dataset file changed; an extraction when the finetune or
+# CONV_DIM/EXTRACT_ARGS changed; a resize when its input LoRA or RESIZE_ARGS changed. The RUN/.finetune.config,
+# RUN/.extract.options and RUN/.resize.options stamps hold those inputs and are rewritten only when they change.
+# An interrupted finetune (Ctrl-C) resumes from its saved state when its config is unchanged, else starts over.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,22 +19,84 @@ PY := $(VENV)/bin/python
 # build is the CUDA one. Another build: make install TORCH_SPEC="torch==2.13.0 --index-url <wheel index>".
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= dev
+STAMP := $(VENV)/.installed
 
-RUN ?= runs/demo
+# One run: CONCEPT=name (concepts/name.yaml, or a path to a concept YAML) sets RUN and the finetune arguments from
+# the concept, and the defaults of DIM, CONV_DIM, RANK, SIZE, EXTRACT_ARGS and RESIZE_ARGS (the command line wins).
+CONCEPT ?=
+RUNS ?= runs
+ifneq ($(strip $(CONCEPT)),)
+CONCEPT_FILE := $(if $(findstring /,$(CONCEPT))$(filter %.yaml %.yml,$(CONCEPT)),$(CONCEPT),concepts/$(CONCEPT).yaml)
+RUN ?= $(RUNS)/$(basename $(notdir $(CONCEPT_FILE)))
+CONCEPT_MK := $(RUN)/.concept.mk
+ifneq ($(wildcard $(PY)),)
+CONCEPT_OUT := $(shell mkdir -p $(RUN) && $(PY) -m xlbake.concepts make-vars $(CONCEPT_FILE) --out $(CONCEPT_MK) >&2)
+ifneq ($(.SHELLSTATUS),0)
+$(error $(CONCEPT_FILE): the concept cannot be used (see the message above))
+endif
+endif
+include $(CONCEPT_MK)
+endif
+
+RUN ?= $(RUNS)/demo
 CONFIG ?= configs/finetune/tiny-cpu.yaml
 DIM ?= 128
 CONV_DIM ?= 0
 RANK ?= 16
+SIZE ?=
 SET ?=
 EXTRACT_ARGS ?=
 RESIZE_ARGS ?=
+# How the training runs; several GPUs for one run: FINETUNE="$(VENV)/bin/accelerate launch --config_file F -m finetune"
+FINETUNE ?= $(PY) -m finetune
+# make all: the concepts (default: every concepts/*.yaml), concepts at once, and a GPU pool (one concept per GPU).
+CONCEPTS ?=
+JOBS ?=
+GPUS ?=
+
+comma := ,
+DIMS := $(subst $(comma), ,$(DIM))
+RANKS := $(subst $(comma), ,$(RANK))
+SIZES := $(subst $(comma), ,$(SIZE))
+FT_ARGS := $(if $(CONCEPT_FILE),$(CONCEPT_FINETUNE_ARGS),--config $(CONFIG)) $(foreach s,$(SET),--set '$(s)') \
+	--set run_dir=$(RUN)
+FT_STAMP := $(RUN)/.finetune.config
+FT_STARTED := $(RUN)/.finetune.started
+EX_STAMP := $(RUN)/.extract.options
+RS_STAMP := $(RUN)/.resize.options
+EX_OPTIONS := $(strip extract conv_dim=$(CONV_DIM) $(EXTRACT_ARGS))
+RS_OPTIONS := $(strip resize $(RESIZE_ARGS))
 
 TUNED := $(RUN)/tuned.fp32.safetensors
-LORA := $(RUN)/lora-dim$(DIM).safetensors
-RESIZED := $(RUN)/lora-dim$(DIM)-rank$(RANK).safetensors
-STAMP := $(VENV)/.installed
+LORAS := $(foreach d,$(DIMS),$(RUN)/lora-dim$(d).safetensors)
+RESIZED := $(foreach d,$(DIMS),$(foreach r,$(RANKS),$(RUN)/lora-dim$(d)-rank$(r).safetensors) \
+	$(foreach s,$(SIZES),$(RUN)/lora-dim$(d)-$(s).safetensors))
 
-.PHONY: install test lint clean finetune extract resize demo bench
+# Stamps are brought up to date while the Makefile is read, so that make -n / make -q see the real state.
+ifneq ($(filter finetune extract resize demo $(RUN)/%,$(MAKECMDGOALS)),)
+ifneq ($(wildcard $(PY)),)
+FT_OUT := $(shell mkdir -p $(RUN) && $(PY) -m xlbake.concepts stamp $(FT_STAMP) -- $(PY) -m finetune $(FT_ARGS) \
+	--dry-run >&2)
+ifneq ($(.SHELLSTATUS),0)
+$(error $(RUN): the finetune config is invalid (see the message above))
+endif
+endif
+ifneq ($(file < $(EX_STAMP)),$(EX_OPTIONS))
+$(shell mkdir -p $(RUN))
+$(file > $(EX_STAMP),$(EX_OPTIONS))
+endif
+ifneq ($(file < $(RS_STAMP)),$(RS_OPTIONS))
+$(file > $(RS_STAMP),$(RS_OPTIONS))
+endif
+endif
+# Continue an interrupted finetune only if it was started with exactly this config; otherwise start it over.
+ifeq ($(file < $(FT_STAMP)),$(file < $(FT_STARTED)))
+FT_MODE := $(if $(wildcard $(RUN)/state),--resume auto,--force)
+else
+FT_MODE := --force
+endif
+
+.PHONY: install test lint clean finetune extract resize demo all bench
 
 install: $(STAMP)
 
@@ -48,18 +118,45 @@ clean:
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
 finetune: $(TUNED)
-extract: $(LORA)
+extract: $(LORAS)
 resize: $(RESIZED)
 
-$(TUNED): $(CONFIG) | $(STAMP)
-	$(PY) -m finetune --config $(CONFIG) --set run_dir=$(RUN) $(SET)
+demo: finetune extract resize
+	@echo "Demo outputs in $(RUN)/:"
+	@for f in $(TUNED) $(LORAS) $(RESIZED); do printf '  %-48s %8s\n' "$$f" "$$(du -h "$$f" | cut -f1)"; done
+	@echo "Kept-energy reports beside each LoRA (*.report.json, *.report.png); the finetune's loss curve: $(RUN)/loss.png"
 
-$(LORA): $(TUNED) | $(STAMP)
-	$(PY) -m extract --base $$($(PY) -m finetune.base_of $(RUN)) --tuned $(TUNED) --dim $(DIM) \
+all: | $(STAMP)
+	$(PY) -m xlbake.batch $(or $(CONCEPTS),--all) --runs-dir $(RUNS) $(if $(JOBS),--jobs $(JOBS)) $(if $(GPUS),--gpus $(GPUS))
+
+ifdef CONCEPT_FILE
+$(CONCEPT_MK): | $(STAMP)
+	mkdir -p $(RUN) && $(PY) -m xlbake.concepts make-vars $(CONCEPT_FILE) --out $@
+endif
+
+# Fallbacks for a fresh clone (no .venv yet while the Makefile was read): the same stamps, built after install.
+$(FT_STAMP): | $(STAMP)
+	mkdir -p $(RUN) && $(PY) -m xlbake.concepts stamp $@ -- $(PY) -m finetune $(FT_ARGS) --dry-run
+$(EX_STAMP):
+	$(file > $@,$(EX_OPTIONS))
+$(RS_STAMP):
+	$(file > $@,$(RS_OPTIONS))
+
+$(TUNED): $(FT_STAMP) | $(STAMP)
+	cp $(FT_STAMP) $(FT_STARTED)
+	$(FINETUNE) $(FT_ARGS) $(FT_MODE)
+
+$(LORAS): $(RUN)/lora-dim%.safetensors: $(TUNED) $(EX_STAMP) | $(STAMP)
+	base="$$($(PY) -m finetune.base_of $(RUN))" && $(PY) -m extract --base "$$base" --tuned $(TUNED) --dim $* \
 		--conv-dim $(CONV_DIM) --out $@ --force $(EXTRACT_ARGS)
 
-$(RESIZED): $(LORA) | $(STAMP)
-	$(PY) -m resize --lora $(LORA) --rank $(RANK) --out $@ --force $(RESIZE_ARGS)
+# One rule per resized file: lora-dim{D}-rank{R} from lora-dim{D}, and lora-dim{D}-{SIZE} for a size budget.
+define resize_rule
+$(RUN)/lora-dim$(1)-$(2).safetensors: $(RUN)/lora-dim$(1).safetensors $(RS_STAMP) | $(STAMP)
+	$$(PY) -m resize --lora $$< $(3) --out $$@ --force $$(RESIZE_ARGS)
+endef
+$(foreach d,$(DIMS),$(foreach r,$(RANKS),$(eval $(call resize_rule,$(d),rank$(r),--rank $(r)))))
+$(foreach d,$(DIMS),$(foreach s,$(SIZES),$(eval $(call resize_rule,$(d),$(s),--size $(s)))))
 
 bench: $(STAMP)
 	$(PY) -m benchmarks

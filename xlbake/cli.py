@@ -52,6 +52,7 @@ STAGES: dict[str, Stage] = {
     "loss-plot": Stage("xlbake.evaluate_cli:loss_plot", "Loss curve of a run (raw, smoothed, LR) as a PNG."),
     "dataset": Stage("xlbake.dataset_cli:main", "Dataset tools: check, captions-from-filenames, tags, steps plan."),
     "import-kohya": Stage("finetune.import_kohya:main", "kohya_ss GUI JSON / sd-scripts TOML -> finetune YAML."),
+    "batch": Stage("xlbake.batch:main", "Run many concepts' finetune -> extract -> resize chains (make), one summary."),
 }
 
 

@@ -1,0 +1,224 @@
+"""The Makefile reruns exactly what changed.
+
+Most tests run the real Makefile against a fake venv: its ``bin/python`` answers ``-m finetune/extract/resize``
+with fast fakes that record each call (everything else, e.g. ``-m xlbake.concepts``, goes to the real
+interpreter), so make's decisions are tested in seconds. The fake ``finetune --dry-run`` prints the preset's text
+and the overrides, so any change of them changes the "resolved config". The real tiny chain through this Makefile
+(then ``make -q``: nothing left to do) is the slow test in ``test_batch.py``.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
+
+FAKE_PYTHON = """\
+#!{real}
+import json, os, pathlib, sys
+args = sys.argv[1:]
+if args[:1] != ["-m"] or args[1] not in ("finetune", "finetune.base_of", "extract", "resize"):
+    os.execv({real!r}, [{real!r}, *args])
+stage, rest = args[1], args[2:]
+opts, sets, flags, i = {{}}, [], [], 0
+while i < len(rest):
+    if rest[i] == "--set":
+        sets.append(rest[i + 1]); i += 2
+    elif rest[i] in ("--config", "--resume", "--base", "--tuned", "--dim", "--conv-dim", "--out", "--lora", "--rank",
+                     "--size"):
+        opts[rest[i]] = rest[i + 1]; i += 2
+    else:
+        flags.append(rest[i]); i += 1
+if stage == "finetune.base_of":
+    print(pathlib.Path(rest[0], "base.txt").read_text()); sys.exit(0)
+run = next((s.split("=", 1)[1] for s in sets if s.startswith("run_dir=")), None)
+if "--dry-run" in flags:
+    roots = next((json.loads(s.split("=", 1)[1]) for s in sets if s.startswith("data.roots=")), [])
+    preset = pathlib.Path(opts["--config"]).read_text()
+    print(json.dumps({{"preset": preset, "sets": sets, "data": {{"roots": roots}}}}))
+    sys.exit(0)
+record = {{"stage": stage, **{{k.lstrip("-"): v for k, v in opts.items()}}, "flags": flags}}
+record["gpu"] = os.environ.get("CUDA_VISIBLE_DEVICES")
+with open(os.environ["FAKE_CALLS"], "a") as log:
+    log.write(json.dumps(record) + "\\n")
+fail_stage, _, fail_where = os.environ.get("FAKE_FAIL", "").partition(":")  # "extract" or "extract:<path part>"
+fail = fail_stage == stage and fail_where in (run or opts["--out"])
+if stage == "finetune":
+    out = pathlib.Path(run)
+    (out / "state").mkdir(parents=True, exist_ok=True)
+    if fail:
+        print("Error: interrupted", file=sys.stderr); sys.exit(1)
+    (out / "base.txt").write_text("/base.safetensors\\n")
+    (out / "tuned.fp32.safetensors").write_text("tuned")
+else:
+    if fail:
+        print(f"Error: {{opts['--out']}}: fake {{stage}} failure", file=sys.stderr); sys.exit(1)
+    pathlib.Path(opts["--out"]).write_text(stage)
+"""
+
+
+def make_fake_venv(folder: Path) -> Path:
+    """A venv folder whose bin/python fakes the stage commands; its install stamp is up to date."""
+    (folder / "bin").mkdir(parents=True)
+    python = folder / "bin" / "python"
+    python.write_text(FAKE_PYTHON.format(real=sys.executable))
+    python.chmod(0o755)
+    (folder / ".installed").touch()
+    return folder
+
+
+class Make:
+    """Runs the repository's Makefile with the fake venv; ``calls()`` returns the stage calls since the last one."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.venv = make_fake_venv(tmp_path / "venv")
+        self.runs = tmp_path / "runs"
+        self.log = tmp_path / "calls.jsonl"
+        self.log.touch()
+        self.seen = 0
+
+    def __call__(self, *args: str, check: bool = True, fail: str = "") -> subprocess.CompletedProcess:
+        env = {**os.environ, "FAKE_CALLS": str(self.log), "FAKE_FAIL": fail}
+        env.pop("MAKEFLAGS", None)
+        command = ["make", "-C", str(REPO), "--no-print-directory", "-o", str(self.venv / ".installed")]
+        command += [f"VENV={self.venv}", f"RUNS={self.runs}", *args]
+        result = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+        if check:
+            assert result.returncode == 0, result.stdout + result.stderr
+        return result
+
+    def calls(self) -> list[str]:
+        """New stage calls as short strings: "finetune --force", "extract 32", "resize 32->8"."""
+        lines = self.log.read_text().splitlines()
+        new, self.seen = lines[self.seen :], len(lines)
+        out = []
+        for call in map(json.loads, new):
+            if call["stage"] == "finetune":
+                out.append(
+                    "finetune " + ("--resume " + call["resume"] if "resume" in call else " ".join(call["flags"]))
+                )
+            elif call["stage"] == "extract":
+                out.append(f"extract {call['dim']}")
+            else:
+                target = call.get("rank") or call.get("size")
+                out.append(f"resize {Path(call['lora']).stem.removeprefix('lora-dim')}->{target}")
+        return out
+
+
+CHAIN = ("finetune", "extract", "resize")
+
+
+@pytest.fixture
+def make(tmp_path):
+    return Make(tmp_path)
+
+
+@pytest.fixture
+def concept(tmp_path):
+    """A concept file with a dataset folder and its own preset file (the fake finetune prints the preset)."""
+    (tmp_path / "data" / "2_kafka woman").mkdir(parents=True)
+    (tmp_path / "data" / "2_kafka woman" / "001.txt").write_text("kafka, a woman")
+    (tmp_path / "preset.yaml").write_text("train: {epochs: 3}\n")
+    path = tmp_path / "concepts" / "kafka.yaml"
+    path.parent.mkdir()
+    write_concept(path)
+    return path
+
+
+def write_concept(path: Path, **changes: str) -> None:
+    keys = {"datasets": "[../data]", "preset": "../preset.yaml", "overrides": "[train.epochs=2]", "dim": "[32]"}
+    keys |= {"rank": "[8]", **changes}
+    path.write_text("".join(f"{key}: {value}\n" for key, value in keys.items()))
+
+
+def test_a_finished_chain_is_not_rerun(make, concept):
+    make(*CHAIN, f"CONCEPT={concept}")
+    assert make.calls() == ["finetune --force", "extract 32", "resize 32->8"]
+    run = make.runs / "kafka"
+    assert {p.name for p in run.glob("*.safetensors")} == {
+        "tuned.fp32.safetensors", "lora-dim32.safetensors", "lora-dim32-rank8.safetensors"
+    }  # fmt: skip
+    assert make("-q", *CHAIN, f"CONCEPT={concept}", check=False).returncode == 0
+    make(*CHAIN, f"CONCEPT={concept}")
+    assert make.calls() == []
+
+
+def test_another_rank_reruns_only_its_stage(make, concept):
+    make(*CHAIN, f"CONCEPT={concept}")
+    make.calls()
+    dry = make("-n", "extract", f"CONCEPT={concept}", "DIM=64").stdout
+    assert "--dim 64" in dry and "-m finetune " not in dry and "--dim 32" not in dry
+    make("extract", f"CONCEPT={concept}", "DIM=64")
+    assert make.calls() == ["extract 64"]
+    make("resize", f"CONCEPT={concept}", "RANK=4,8", "SIZE=1MB")
+    assert make.calls() == ["resize 32->4", "resize 32->1MB"]
+    make("resize", f"CONCEPT={concept}", "DIM=32 64")
+    assert make.calls() == ["resize 64->8"]
+    assert (make.runs / "kafka" / "lora-dim32.safetensors").read_text() == "extract"
+
+
+def test_only_real_changes_of_the_resolved_config_rerun(make, concept, tmp_path):
+    make(*CHAIN, f"CONCEPT={concept}")
+    make.calls()
+    os.utime(concept, None)  # touched, same content
+    make(*CHAIN, f"CONCEPT={concept}")
+    assert make.calls() == []
+    write_concept(concept, rank="[8, 16]")  # only the resize targets change
+    make(*CHAIN, f"CONCEPT={concept}")
+    assert make.calls() == ["resize 32->16"]
+    write_concept(concept, rank="[8, 16]", conv_dim="4")  # extraction options: extract and resize again
+    make(*CHAIN, f"CONCEPT={concept}")
+    assert make.calls() == ["extract 32", "resize 32->8", "resize 32->16"]
+    (tmp_path / "preset.yaml").write_text("train: {epochs: 4}\n")  # the preset the concept names changed
+    make(*CHAIN, f"CONCEPT={concept}")
+    assert make.calls() == ["finetune --force", "extract 32", "resize 32->8", "resize 32->16"]
+    make("finetune", f"CONCEPT={concept}", "SET=optim.unet_lr=1e-5")  # a command-line override is config too
+    assert make.calls() == ["finetune --force"]
+
+
+def test_a_changed_dataset_reruns_the_finetune(make, concept, tmp_path):
+    make(*CHAIN, f"CONCEPT={concept}")
+    make.calls()
+    (tmp_path / "data" / "2_kafka woman" / "002.txt").write_text("kafka, smiling")
+    assert make("-q", "finetune", f"CONCEPT={concept}", check=False).returncode == 1
+    make(*CHAIN, f"CONCEPT={concept}")
+    assert make.calls() == ["finetune --force", "extract 32", "resize 32->8"]
+
+
+def test_an_interrupted_finetune_resumes_unless_its_config_changed(make, concept):
+    failed = make("finetune", f"CONCEPT={concept}", check=False, fail="finetune")
+    assert failed.returncode != 0 and "Error: interrupted" in failed.stderr
+    make("finetune", f"CONCEPT={concept}", check=False, fail="finetune")
+    make("finetune", f"CONCEPT={concept}")
+    assert make.calls() == ["finetune --force", "finetune --resume auto", "finetune --resume auto"]
+    write_concept(concept, overrides="[train.epochs=3]")
+    make("finetune", f"CONCEPT={concept}")
+    assert make.calls() == ["finetune --force"]
+
+
+def test_a_failed_extraction_leaves_the_finetune_done(make, concept):
+    assert make(*CHAIN, f"CONCEPT={concept}", check=False, fail="extract").returncode != 0
+    assert make.calls() == ["finetune --force", "extract 32"]
+    make(*CHAIN, f"CONCEPT={concept}")
+    assert make.calls() == ["extract 32", "resize 32->8"]
+
+
+def test_a_bad_concept_stops_make_with_its_message(make, concept):
+    write_concept(concept, preset="nope")
+    result = make("finetune", f"CONCEPT={concept}", check=False)
+    assert result.returncode == 2 and make.calls() == []
+    assert "preset:" in result.stderr and "the concept cannot be used" in result.stderr
+
+
+def test_plain_run_and_demo_target(make, tmp_path):
+    config = tmp_path / "ft.yaml"
+    config.write_text("train: {epochs: 1}\n")
+    out = make("demo", f"CONFIG={config}", "DIM=16", "RANK=4").stdout
+    assert make.calls() == ["finetune --force", "extract 16", "resize 16->4"]
+    assert f"Demo outputs in {make.runs}/demo/" in out and "lora-dim16-rank4.safetensors" in out
