@@ -198,7 +198,14 @@ def write_variant(
     metadata = _metadata(variant, cfg, names, [rank for _, _, rank in kept], stats, info, zero)
     alpha = float(max(rank for _, _, rank in kept))
     write_lora(variant.path, factors, metadata=metadata, dtype=save_dtype, alpha=alpha, force=force)
-    summary = {**info, "output": variant.label, "save_precision": cfg.save_precision, "budget": budget}
+    size = variant.budget.text if variant.budget else None
+    summary = {
+        **info,
+        "output": variant.label,
+        "save_precision": cfg.save_precision,
+        "size": size,
+        "budget_params": budget,
+    }
     write_report(variant.path, stats, summary, title=variant.path.stem, force=force)
     size_mb = variant.path.stat().st_size / 1e6
     echo(f"wrote {variant.path} ({len(factors)} modules, {size_mb:.2f} MB)\n{print_summary(stats, summary)}")

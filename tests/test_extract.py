@@ -14,7 +14,7 @@ from extract.config import ExtractConfig, parse_size
 from extract.pipeline import run_extract
 from extract.ranks import LayerChoice, budget_ranks, criterion_ranks, total_kept
 from xlbake.checkpoint import open_checkpoint, save_sgm_checkpoint
-from xlbake.errors import ConfigError
+from xlbake.errors import ConfigError, InputError
 from xlbake.lora_io import read_lora
 from xlbake.sdxl_keys import kohya_targets
 
@@ -28,15 +28,6 @@ PLANTED = {  # name fragment -> component; the first kohya target whose name con
     "te2_text_model_encoder_layers_1_self_attn_k_proj": "te2",  # rows 64:128 of the fused in_proj
     "te2_text_model_encoder_layers_0_mlp_fc1": "te2",
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tests run two per core (make test: -n 2 on 2 cores); more BLAS threads only add contention here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _weights(path):
@@ -213,6 +204,55 @@ def test_diffusers_loads_the_lora_and_reproduces_the_tuned_unet(tiny_paths, plan
     fused = sgm_state_dict(unet=pipe.unet, text_encoder_2=pipe.text_encoder_2)
     for key, value in fused.items():
         torch.testing.assert_close(value, planted[2][key], atol=2e-6, rtol=0, msg=key)
+
+
+EXTRA = (  # the layers kohya leaves out: time and label embeddings, conv_in and conv_out
+    "model.diffusion_model.time_embed.0.weight",
+    "model.diffusion_model.label_emb.0.2.weight",
+    "model.diffusion_model.input_blocks.0.0.weight",
+    "model.diffusion_model.out.2.weight",
+)
+
+
+def test_extra_layers_are_extracted_on_request_and_load_into_diffusers(tiny_paths, tmp_path, caplog):
+    from diffusers import StableDiffusionXLPipeline
+
+    from xlbake.sdxl_keys import sgm_state_dict
+
+    weights = _weights(tiny_paths.single_file)
+    gen = torch.Generator().manual_seed(2)
+    for key in EXTRA:
+        weights[key] = weights[key] + 1e-2 * _low_rank(weights[key].shape, 1, gen)
+    tuned = save_sgm_checkpoint(weights, tmp_path / "tuned.safetensors")
+    options = {"dim": (RANK,), "conv_dim": (RANK,), "svd": "exact"}
+    with pytest.raises(InputError, match="identical"):  # kohya's module set does not see these changes
+        _extract(tiny_paths.single_file, tuned, tmp_path / "kohya-set.safetensors", **options)
+    [path] = _extract(
+        tiny_paths.single_file, tuned, tmp_path / "extra.safetensors", extra_layers=True, **options
+    ).outputs
+    names = {"lora_unet_time_embed_0", "lora_unet_label_emb_0_2", "lora_unet_input_blocks_0_0", "lora_unet_out_2"}
+    assert set(read_lora(path).modules) == names
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_paths.diffusers_dir)
+    with caplog.at_level(logging.WARNING):
+        pipe.load_lora_weights(str(path))
+    assert not [
+        r for r in caplog.records if "led to unexpected" in r.getMessage() or "led to missing" in r.getMessage()
+    ]
+    pipe.fuse_lora(lora_scale=1.0)
+    pipe.unload_lora_weights()
+    fused = sgm_state_dict(unet=pipe.unet)
+    for key in EXTRA:
+        torch.testing.assert_close(fused[key], weights[key], atol=1e-6, rtol=0, msg=key)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_gives_the_cpu_result(tiny_paths, planted, planted_run, tmp_path):
+    options = {"dim": (RANK, 4), "conv_dim": (RANK,), "svd": "exact", "device": "cuda"}
+    outputs = _extract(tiny_paths.single_file, planted[0], tmp_path / "lora.safetensors", **options).outputs
+    for gpu, cpu in zip(outputs, planted_run[0].outputs, strict=True):
+        for name, module in read_lora(cpu).modules.items():
+            torch.testing.assert_close(read_lora(gpu).modules[name].delta(), module.delta(), atol=1e-6, rtol=0)
 
 
 def test_budget_ranks_respect_floors_and_beat_uniform():

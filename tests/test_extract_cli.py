@@ -1,5 +1,6 @@
 """python -m extract: flags, config file, dry run, and every bad input ending in one clear line, exit 1, no file."""
 
+import re
 import shutil
 import subprocess
 import sys
@@ -20,15 +21,6 @@ from xlbake.lora_io import read_lora
 LAYER = "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight"
 SHIPPED = Path(__file__).resolve().parents[1] / "configs" / "extract.yaml"
 MODULE = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tests run two per core (make test: -n 2 on 2 cores); more BLAS threads only add contention here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +53,20 @@ def test_makefile_command_writes_the_lora_and_prints_decisions(tiny_paths, tuned
     lora = read_lora(out)
     assert set(lora.modules) == {MODULE} and lora.modules[MODULE].rank == 4
     assert out.with_name("lora-dim4.report.json").is_file() and out.with_name("lora-dim4.report.png").is_file()
+
+
+def test_diffusers_folder_base_with_fp16_tuned_prints_the_rounding_floor(tiny_paths, weights, tuned, tmp_path):
+    with open_checkpoint(tuned) as reader:
+        half = save_sgm_checkpoint(
+            {k: reader.get(k) for k in reader}, tmp_path / "t16.safetensors", dtype=torch.float16
+        )
+    out = tmp_path / "lora.safetensors"
+    result = run("--base", tiny_paths.diffusers_dir, "--tuned", half, "--dim", 2, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "rounding floor of the tuned fp16 weights 2.1e-04" in result.output
+    # TE1 did not change: from an fp16 copy of an fp32 base its whole difference is rounding, and we say so
+    assert re.search(r"warning: te1: .* about (9\d|100)% of its energy is rounding noise", result.output)
+    assert out.is_file()
 
 
 def test_config_file_keys_and_flags_resolve_together(tmp_path):
