@@ -107,6 +107,8 @@ def write_state(
 ) -> Path:
     """Write a state folder atomically and prune old ones; ``save_accelerate(folder)`` writes accelerate's files."""
     root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(f"{TEMP_PREFIX}*"):  # left by a save that was killed
+        shutil.rmtree(stale, ignore_errors=True)
     final = root / f"{STATE_PREFIX}{state.global_step:08d}"
     staging = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=root))
     try:

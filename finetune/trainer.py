@@ -21,6 +21,7 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from finetune import saving
 from finetune.config import FinetuneConfig
 from finetune.data import BucketBatchSampler, build_dataset, collate, steps_per_epoch
 from finetune.model import PART_ATTRS, SdxlModel, load_model, make_ema, resolve_inputs, setup_trainable
@@ -37,25 +38,6 @@ from finetune.objective import (
     target_for,
 )
 from finetune.optim import build_optimizer, build_scheduler, current_lrs
-from finetune.saving import (
-    BUILTIN,
-    DIFFUSERS_DIR,
-    LOGS,
-    LOSS_PNG,
-    SAMPLES,
-    STATE,
-    DataTimer,
-    Weights,
-    check_finite,
-    collect_weights,
-    pipeline_parts,
-    save_diffusers_folder,
-    save_final,
-    save_intermediate,
-    stop_on_signals,
-    tracker_config,
-    write_loss_plot,
-)
 from finetune.state import TrainerState, decode_generator, encode_generator, find_resume, read_state, write_state
 from finetune.text import encode_prompt
 from xlbake.config import config_hash, dump_yaml, to_dict
@@ -96,7 +78,7 @@ class Trainer:
             gradient_accumulation_steps=cfg.train.grad_accum,
             mixed_precision=cfg.precision.mixed,
             log_with=[t for t, on in (("tensorboard", cfg.log.tensorboard), ("wandb", cfg.log.wandb)) if on] or None,
-            project_dir=str(self.run_dir / LOGS),
+            project_dir=str(self.run_dir / saving.LOGS),
             dynamo_backend="inductor" if cfg.model.compile else "no",
         )
         if cfg.data.cache_latents:
@@ -108,7 +90,7 @@ class Trainer:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.precision.tf32
         set_seed(cfg.train.seed)
         with acc.main_process_first():
-            inputs = resolve_inputs(cfg.model.base, cfg.model.components, cfg.data.roots, self.run_dir / BUILTIN)
+            inputs = resolve_inputs(cfg.model.base, cfg.model.components, cfg.data.roots, self.run_dir / saving.BUILTIN)
         self.model: SdxlModel = load_model(inputs.base, inputs.components, cfg.model.vae)
         groups = setup_trainable(self.model, cfg.model, cfg.optim, cfg.precision)
         self.parts = [g.name for g in groups]
@@ -146,7 +128,7 @@ class Trainer:
         if self.resume:
             self._restore(self.resume)
         if cfg.log.tensorboard or cfg.log.wandb:
-            acc.init_trackers("finetune", config=tracker_config(to_dict(cfg)))
+            acc.init_trackers("finetune", config=saving.tracker_config(to_dict(cfg)))
         self.inputs = inputs
         logger.info(
             "training %s for %d optimizer steps (%d per epoch, %d epochs), from step %d",
@@ -158,9 +140,9 @@ class Trainer:
         )
 
     def _restore(self, resume: str) -> None:
-        folder = find_resume(self.run_dir / STATE, resume)
+        folder = find_resume(self.run_dir / saving.STATE, resume)
         if folder is None:
-            logger.info("no training state in %s: starting from the beginning", self.run_dir / STATE)
+            logger.info("no training state in %s: starting from the beginning", self.run_dir / saving.STATE)
             return
         saved, ema_tensors = read_state(folder, self.state.config, self.state.config_hash)
         self.accelerator.load_state(str(folder))
@@ -183,13 +165,13 @@ class Trainer:
             unit="step",
             disable=not (cfg.log.progress and acc.is_local_main_process),
         )
-        with stop_on_signals() as stop:
+        with saving.stop_on_signals() as stop:
             while not self._finished():
                 self.loader.set_epoch(state.epoch)
                 self.sampler.load_state_dict(self._sampler_state())  # continue mid-epoch after a resume
                 step_losses: list[torch.Tensor] = []
                 skip = False  # a non-finite loss in this accumulation window (with on_nan: skip)
-                timer = DataTimer()
+                timer = saving.DataTimer()
                 for batch in timer.wrap(self.loader):
                     with acc.accumulate(*(self.modules[p] for p in self.parts)):
                         loss = self.training_step(batch)
@@ -213,16 +195,20 @@ class Trainer:
                     self._end_epoch()
                 if stop:
                     bar.close()
-                    self.save_state()
-                    if cfg.log.loss_plot and acc.is_main_process:
-                        write_loss_plot(state.losses, state.lrs, self.run_dir / LOSS_PNG)
-                    logger.warning("stopped at step %d; resume with --resume auto", state.global_step)
-                    return self._result(interrupted=True)
+                    return self._interrupted()
         bar.close()
         self.save("final")
         if cfg.sample.prompts:
             self.sample("final")
         return self._result(interrupted=False)
+
+    def _interrupted(self) -> TrainResult:
+        """After SIGINT/SIGTERM: save the state (and loss curve) so that --resume continues exactly."""
+        self.save_state()
+        if self.cfg.log.loss_plot and self.accelerator.is_main_process:
+            saving.write_loss_plot(self.state.losses, self.state.lrs, self.run_dir / saving.LOSS_PNG)
+        logger.warning("stopped at step %d; resume with --resume auto", self.state.global_step)
+        return self._result(interrupted=True)
 
     def training_step(self, batch: dict[str, Any]) -> torch.Tensor:
         """Mean weighted diffusion loss of one batch: a scalar fp32 tensor (with a graph to the trained parts)."""
@@ -271,7 +257,7 @@ class Trainer:
         if self.cfg.train.on_nan == "stop":
             raise TrainingError(
                 f"{where}: loss is {loss.item()}; stopped without saving, {NAN_HINT}; "
-                f"the last saved state is in {self.run_dir / STATE}"
+                f"the last saved state is in {self.run_dir / saving.STATE}"
             )
         logger.warning("%s: loss is %s, skipping this optimizer step (%s)", where, loss.item(), NAN_HINT)
         return False
@@ -294,7 +280,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.state.nan_skips = 0
 
-    def _after_step(self, loss: torch.Tensor, bar: tqdm, timer: DataTimer) -> None:
+    def _after_step(self, loss: torch.Tensor, bar: tqdm, timer: saving.DataTimer) -> None:
         """EMA update, records, logs and step-based saves after each optimizer step."""
         cfg, state = self.cfg, self.state
         for ema in self.emas.values():
@@ -333,10 +319,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ outputs
 
-    def weights(self) -> list[Weights]:
+    def weights(self) -> list[saving.Weights]:
         """The model's state dicts to save: raw, EMA, or both (EMA first), per checkpoint.weights."""
         kinds = {"raw": ("raw",), "ema": ("ema",), "both": ("ema", "raw")}[self.cfg.checkpoint.weights]
-        return collect_weights(self.model, self.emas, kinds)
+        return saving.collect_weights(self.model, self.emas, kinds)
 
     def save(self, tag: str) -> list[Path]:
         """Save model checkpoint(s) for ``tag`` ("final" writes the run's tuned*.safetensors), then the state."""
@@ -346,19 +332,21 @@ class Trainer:
         if acc.is_main_process:
             weights, meta = self.weights(), self._metadata()
             if tag == "final":
-                written = save_final(
+                written = saving.save_final(
                     self.run_dir, weights, cfg.checkpoint.dtype, cfg.checkpoint.fp32_copy, self.inputs.base, meta
                 )
                 if cfg.log.loss_plot:
-                    write_loss_plot(self.state.losses, self.state.lrs, self.run_dir / LOSS_PNG)
+                    saving.write_loss_plot(self.state.losses, self.state.lrs, self.run_dir / saving.LOSS_PNG)
                 if cfg.checkpoint.diffusers:
                     emas = self.emas if weights[0].kind == "ema" else {}
                     written.append(
-                        save_diffusers_folder(pipeline_parts(self.model, emas), self.run_dir / DIFFUSERS_DIR)
+                        saving.save_diffusers_folder(
+                            saving.pipeline_parts(self.model, emas), self.run_dir / saving.DIFFUSERS_DIR
+                        )
                     )
                 self.outputs = written
             else:
-                written = save_intermediate(
+                written = saving.save_intermediate(
                     self.run_dir, tag, weights, cfg.checkpoint.dtype, cfg.checkpoint.keep_last, meta
                 )
             logger.info("saved %s", ", ".join(str(p) for p in written))
@@ -369,12 +357,16 @@ class Trainer:
     def save_state(self) -> Path:
         """Save the training state (weights, optimizer, scheduler, RNG, EMA, data position) for --resume."""
         state, acc = self.state, self.accelerator
-        check_finite(self.weights()[0])
+        saving.check_finite(self.weights()[0])
         state.sampler = self._sampler_state()
         state.generator = encode_generator(self.generator)
         ema_tensors = {f"{n}.{k}": v for n, ema in self.emas.items() for k, v in ema.state_dict().items()}
         self.state_dir = write_state(
-            self.run_dir / STATE, state, lambda d: acc.save_state(str(d)), ema_tensors, self.cfg.checkpoint.keep_states
+            self.run_dir / saving.STATE,
+            state,
+            lambda d: acc.save_state(str(d)),
+            ema_tensors,
+            self.cfg.checkpoint.keep_states,
         )
         return self.state_dir
 
@@ -384,9 +376,9 @@ class Trainer:
 
         if not self.accelerator.is_main_process:
             return []
-        parts = pipeline_parts(self.model, self.emas if self.cfg.checkpoint.weights != "raw" else {})
+        parts = saving.pipeline_parts(self.model, self.emas if self.cfg.checkpoint.weights != "raw" else {})
         with self.accelerator.autocast():
-            return render_samples(parts, self.cfg.sample, self.run_dir / SAMPLES, tag)
+            return render_samples(parts, self.cfg.sample, self.run_dir / saving.SAMPLES, tag)
 
     def _metadata(self) -> dict[str, str]:
         return {
