@@ -352,3 +352,15 @@ class PartlyDocumented:
 
 def test_describe_reports_undocumented_fields():
     assert [d.key for d in describe(PartlyDocumented) if not d.doc] == ["bare"]
+
+
+def test_unquoted_yaml_no_is_taken_as_the_literal_choice_it_spells():
+    @dataclass(frozen=True)
+    class Precision:
+        mixed: Literal["no", "fp16", "bf16"] = "fp16"
+        """Mixed precision."""
+
+    assert load_config(Precision, overrides=["mixed=no"]).mixed == "no"
+    assert load_config(Precision, data={"mixed": False}).mixed == "no"
+    with pytest.raises(ConfigError, match="not one of"):
+        load_config(Precision, data={"mixed": True})

@@ -42,6 +42,7 @@ from xlbake.errors import ConfigError
 T = TypeVar("T")
 VERSION_KEY = "config_version"
 OVERRIDE_SOURCE = "--set"
+_YAML_BOOL_WORDS = {True: {"yes", "on", "true", "y"}, False: {"no", "off", "false", "n"}}
 _INVALID = object()  # marks a value that failed validation (its problem is already recorded)
 _KeyPath = tuple[str | int, ...]
 
@@ -389,6 +390,10 @@ def _convert_choice(value: Any, tp: Any, path: _KeyPath, ctx: _Context) -> Any:
     for text, choice in choices.items():
         if json.dumps(value, default=str) == text:
             return choice
+    if isinstance(value, bool):  # YAML 1.1 reads an unquoted no/off/yes/on as a bool
+        spelled = [c for c in choices.values() if isinstance(c, str) and c.lower() in _YAML_BOOL_WORDS[value]]
+        if len(spelled) == 1:
+            return spelled[0]
     allowed = ", ".join(choices)
     hint = difflib.get_close_matches(json.dumps(value), list(choices), n=1) if isinstance(value, str) else []
     tail = f"; did you mean {hint[0]}?" if hint else ""
