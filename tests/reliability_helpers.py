@@ -5,8 +5,9 @@ prove a failed command wrote nothing, the lines a terminal would show of a captu
 and kill -9 machinery. ``python tests/reliability_helpers.py`` is a small fork server: it imports torch and the
 writers once, then for each ``WRITER POINT PATH SEED`` line on stdin forks a child that starts that save, stops at
 POINT, prints ``paused PID POINT`` and waits to be killed (milliseconds per kill point instead of a fresh
-interpreter's seconds of imports). ``python tests/reliability_helpers.py pause-finetune TARGET ARGS...`` runs
-``python -m finetune ARGS`` and pauses the same way right before something is renamed onto TARGET.
+interpreter's seconds of imports). ``python tests/reliability_helpers.py pause-finetune kill|signal TARGET
+ARGS...`` runs ``python -m finetune ARGS`` and pauses the same way right before something is renamed onto TARGET,
+until it is killed or until a SIGINT/SIGTERM arrives (then the save and the run go on).
 """
 
 from __future__ import annotations
@@ -211,13 +212,33 @@ def _pause(point: str) -> None:
     os._exit(3)  # never killed: the parent notices the exit code
 
 
-def _pause_on_replace(target: Path) -> None:
+def _wait_for_signal(point: str) -> None:
+    """Print ``paused`` and wait for SIGINT/SIGTERM, then go on; the handlers installed before still run."""
+    received: list[int] = []
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def record(signum: int, frame: object) -> None:
+        received.append(signum)
+        handler = previous[signum]
+        if callable(handler):
+            handler(signum, frame)
+
+    for sig in previous:
+        signal.signal(sig, record)
+    print(f"paused {os.getpid()} {point}", flush=True)
+    while not received:
+        time.sleep(0.01)
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
+def _pause_on_replace(target: Path, wait: Callable[[str], None] = _pause) -> None:
     """Pause right before ``os.replace`` moves something onto ``target`` (everything written, nothing renamed)."""
     real = os.replace
 
     def replace(src: str | os.PathLike, dst: str | os.PathLike) -> None:
         if Path(dst) == target:
-            _pause("before_rename")
+            wait("before_rename")
         real(src, dst)
 
     os.replace = replace  # type: ignore[assignment]
@@ -368,9 +389,10 @@ def tensors_equal(a: Path, b: Path) -> bool:
     return first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
-def pause_finetune(target: str, args: list[str]) -> None:
-    """Run ``python -m finetune ARGS``, pausing right before anything is renamed onto ``target``."""
-    _pause_on_replace(Path(target))
+def pause_finetune(until: str, target: str, args: list[str]) -> None:
+    """Run ``python -m finetune ARGS``, pausing right before anything is renamed onto ``target`` until killed
+    (``until`` = kill) or until SIGINT/SIGTERM arrives, after which the save and the run go on (``until`` = signal)."""
+    _pause_on_replace(Path(target), _pause if until == "kill" else _wait_for_signal)
     from finetune.cli import main
 
     main(args, prog_name="python -m finetune")
@@ -378,6 +400,6 @@ def pause_finetune(target: str, args: list[str]) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["pause-finetune"]:
-        pause_finetune(sys.argv[2], sys.argv[3:])
+        pause_finetune(sys.argv[2], sys.argv[3], sys.argv[4:])
     else:
         serve()
