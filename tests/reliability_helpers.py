@@ -22,7 +22,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, ItemsView, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -35,7 +35,6 @@ WAIT_SECONDS = 300  # upper bound for a child to reach its pause point on a load
 CHILD_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}  # one thread: no oversubscription
 LORA_NAMES = ("lora_unet_input_blocks_4_1_proj_in", "lora_te1_text_model_encoder_layers_0_self_attn_q_proj")
 LORA_SHAPE = (64, 64)  # (out, in) of each synthetic LoRA layer
-WRITERS = ("lora", "sgm", "state")
 POINTS = ("mid_write", "before_rename", "after_rename")
 
 
@@ -265,11 +264,10 @@ class _PausingTensors(Mapping[str, torch.Tensor]):
     def __getitem__(self, key: str) -> torch.Tensor:
         self.fetched += 1
         if self.fetched == len(self.tensors) // 2:
-            sys.stdout.flush()
             _pause("mid_write")
         return self.tensors[key]
 
-    def items(self):  # the writer reads shapes and dtypes from here, not through __getitem__
+    def items(self) -> ItemsView[str, torch.Tensor]:  # the writer reads shapes and dtypes here, uncounted
         return self.tensors.items()
 
     def __iter__(self) -> Iterator[str]:
@@ -385,6 +383,7 @@ def kill_9(pid: int) -> None:
 
 
 def tensors_equal(a: Path, b: Path) -> bool:
+    """Whether two safetensors files hold the same tensors, bit for bit (metadata aside)."""
     first, second = load_file(str(a)), load_file(str(b))
     return first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
