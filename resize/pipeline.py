@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
@@ -127,25 +128,37 @@ def factorize(
 ) -> list[LayerSpectrum]:
     """The factor-space SVD of every module's delta, in the modules' order.
 
-    Consumes ``modules``: each input layer is released once factorized, so memory stays near the input's size.
+    Consumes ``modules`` (each input layer is dropped once factorized). What is kept (spectra and the top
+    triplets) goes into one preallocated block: thousands of small long-lived tensors between each layer's large
+    temporaries would fragment the heap and hold on to about the input's size again.
     """
-    layers = []
+    sizes = {name: _kept_size(module, keep(module.kind)) for name, module in modules.items()}
+    arena = torch.empty(sum(sizes.values()), dtype=COMPUTE_DTYPE)
+    offset, layers = 0, []
     # disable=None: a bar only on a terminal, so logs and pipes stay clean
     for name in tqdm(list(modules), desc="factor SVD", unit="layer", disable=None if progress else True, leave=False):
         module = modules.pop(name)
         svd = layer_svd(module, device)
-        spectrum = svd.s.to("cpu", copy=True)
-        rank = min(int(spectrum.numel()), svd.u.shape[0], svd.vh.shape[1])
-        limit = keep(module.kind)
-        top = rank if limit is None else min(limit, rank)
-        kept = Svd(
-            u=svd.u[:, :top].to("cpu", copy=True),
-            s=svd.s[:top].to("cpu", copy=True),
-            vh=svd.vh[:top].to("cpu", copy=True),
-        )
-        component = module_component(name)
-        layers.append(LayerSpectrum(name, component, module.kind, tuple(module.down.shape), spectrum[:rank], kept))
+        (out, rank), width = svd.u.shape, svd.vh.shape[1]
+        top = (sizes[name] - rank) // (out + width)
+        block = arena[offset : offset + sizes[name]]
+        offset += sizes[name]
+        spectrum, u, vh = torch.split(block, [rank, out * top, top * width])
+        spectrum.copy_(svd.s)
+        u, vh = u.view(out, top).copy_(svd.u[:, :top]), vh.view(top, width).copy_(svd.vh[:top])
+        kept = Svd(u=u, s=spectrum[:top], vh=vh)
+        shape = tuple(module.down.shape)
+        layers.append(LayerSpectrum(name, module_component(name), module.kind, shape, spectrum, kept))
     return layers
+
+
+def _kept_size(module: LoraModule, keep: int | None) -> int:
+    """fp32 values ``factorize`` keeps of a layer: its spectrum (k = min(out, in * kh * kw, r) values) and the
+    top min(keep, k) triplets."""
+    out, width = module.up.shape[0], math.prod(module.down.shape[1:])
+    rank = min(out, width, module.rank)
+    top = rank if keep is None else min(keep, rank)
+    return rank + top * (out + width)
 
 
 def layer_svd(module: LoraModule, device: torch.device) -> Svd:
