@@ -12,7 +12,7 @@ import hashlib
 import logging
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -119,7 +119,8 @@ class TrainDataset(Dataset):
 
     An index is an ``int`` (drawn at ``self.epoch``, see ``set_epoch``) or an ``(epoch, index)`` pair, which is
     what ``BucketBatchSampler`` yields so that DataLoader workers never need to be told the epoch. An item is a
-    dict: pixel_values (3, H, W) fp32 in [-1, 1]; original_size, crop_top_left, target_size (2,) long as (h, w),
+    dict: pixel_values (3, H, W) fp32 in [-1, 1], or with a ``latent_source`` (the latent cache) latent_dist
+    (8, h, w), the VAE posterior's (mean, logvar); original_size, crop_top_left, target_size (2,) long as (h, w),
     (top, left), (h, w); caption str (processed); input_ids_1, input_ids_2 (C, 77) long; path str.
     """
 
@@ -129,6 +130,7 @@ class TrainDataset(Dataset):
         self.random_crop, self.flip, self.seed = random_crop, flip, seed
         self.sample_of = tuple(i for i, s in enumerate(self.samples) for _ in range(s.repeats))
         self.epoch = 0
+        self.latent_source: Callable[[int, bool], Tensor] | None = None  # (sample index, flip) -> latent_dist
 
     def __len__(self) -> int:
         return len(self.sample_of)
@@ -158,8 +160,13 @@ class TrainDataset(Dataset):
         geometry, rng = self.geometry(epoch, index)
         caption = process_caption(sample.caption, sample.caption_cfg, epoch, rng)
         length = sample.caption_cfg.max_token_length
+        image = (
+            {"latent_dist": self.latent_source(self.sample_of[index], geometry.flip)}
+            if self.latent_source is not None
+            else {"pixel_values": load_pixels(sample.image, geometry, sample.size)}
+        )
         return {
-            "pixel_values": load_pixels(sample.image, geometry, sample.size),
+            **image,
             "original_size": torch.tensor(geometry.original_size_hw, dtype=torch.long),
             "crop_top_left": torch.tensor(geometry.crop_top_left, dtype=torch.long),
             "target_size": torch.tensor(geometry.target_size_hw, dtype=torch.long),
