@@ -10,11 +10,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from xlbake.errors import OutputError
@@ -60,7 +62,7 @@ def atomic_path(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
             raise OutputError(f"{path}: output appeared while writing; pass --force to overwrite it")
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except OSError as exc:
+    except (OSError, SafetensorError) as exc:  # safetensors reports its own write failures (e.g. file too large)
         tmp.unlink(missing_ok=True)
         raise OutputError(f"{path}: cannot write ({_describe(exc)}); free space or choose another path") from exc
     except BaseException:
@@ -99,7 +101,10 @@ def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
     """Delete temp files a killed writer left in ``folder``; return what was removed."""
     removed = []
     for stale in Path(folder).glob(f"{TEMP_PREFIX}*"):
-        stale.unlink(missing_ok=True)
+        if stale.is_dir() and not stale.is_symlink():  # staging folders of state and diffusers saves
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
         removed.append(stale)
     return removed
 
@@ -118,7 +123,9 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
-def _describe(exc: OSError) -> str:
+def _describe(exc: OSError | SafetensorError) -> str:
+    if not isinstance(exc, OSError):
+        return " ".join(str(exc).split())
     if exc.errno == errno.ENOSPC:
         return "disk full"
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
