@@ -155,8 +155,8 @@ def build_latent_cache(
     """Encode whatever the cache in ``folder`` lacks for ``dataset``; return the lookup to set as the dataset's
     ``latent_source``.
 
-    ``vae``: the frozen AutoencoderKL at its training dtype; it is moved to ``accelerator.device`` when something
-    must be encoded. ``accelerator``: an accelerate Accelerator (``process_index``, ``num_processes``,
+    ``vae``: the frozen AutoencoderKL at its training dtype; it encodes on ``accelerator.device`` and is moved back
+    to where it was. ``accelerator``: an accelerate Accelerator (``process_index``, ``num_processes``,
     ``wait_for_everyone``, ``device``); every process must call this.
     """
     if dataset.random_crop:
@@ -165,13 +165,14 @@ def build_latent_cache(
     entries = plan_entries(dataset, folder, vae_fingerprint(vae))
     missing = [e for e in entries if not is_cached(e)]
     accelerator.wait_for_everyone()  # every process splits the same list before anyone writes
+    home, rank, world = next(vae.parameters()).device, accelerator.process_index, accelerator.num_processes
     if missing:
         vae.to(accelerator.device)
-    rank, world = accelerator.process_index, accelerator.num_processes
     encode_entries(missing[rank::world], dataset.samples, vae, progress=progress)
     accelerator.wait_for_everyone()
     if world > 1:
         encode_entries([e for e in missing if not is_cached(e)], dataset.samples, vae, progress=progress)
+    vae.to(home)
     if rank == 0:
         logger.info("latent cache %s: %d latents encoded, %d reused", folder, len(missing), len(entries) - len(missing))
     files = {(e.sample, e.flip): e.path for e in entries}
