@@ -3,7 +3,7 @@
 The model parts are built on the meta device (no weights) from the configured architecture: parameters are counted
 exactly, per part and trained or not. Weights, gradients, optimizer states and EMA follow from them and from the
 code that allocates them (``finetune.model.setup_trainable``, ``finetune.optim``, ema-pytorch, DeepSpeed ZeRO).
-Activations are measured by a shape-only forward (``finetune.plan_activations``): an estimate, as labelled.
+Activations are measured by a shape-only forward (``finetune.plan_model``): an estimate, as labelled.
 
 Figures are bytes. The peak per GPU is what stays allocated (weights, gradients, states, ...) plus the larger of
 the forward/backward phase (activations, autocast weight copies) and the optimizer-step phase (its temporaries).
@@ -120,11 +120,11 @@ class Plan:
     notes: tuple[str, ...]
 
     def line(self, label_start: str) -> Line:
-        """The line whose label starts with ``label_start``; KeyError if none."""
+        """The line whose label starts with ``label_start``; a zero line if none (e.g. EMA when it is off)."""
         for line in self.lines:
             if line.label.startswith(label_start):
                 return line
-        raise KeyError(label_start)
+        return Line(label_start, 0)
 
 
 def plan(
@@ -203,7 +203,7 @@ def memory_lines(cfg: FinetuneConfig, parts: Sequence[Part], gpus: int, deepspee
     shapes = [s for part in trained for s in part.trained_shapes]
     weights = sum(part.params for part in trained) * train_bytes + sum(part.buffer_bytes for part in trained)
     vae_bytes = by_name["vae"].params * (2 if p.vae == "fp16" else 4)
-    ema = weights + EMA_SCALAR_BYTES * len(trained) if cfg.ema.enabled else 0
+    ema = weights + EMA_SCALAR_BYTES * len(trained)
     ema_on_gpu = cfg.ema.device == "same"
     state_bytes = optimizer_state_bytes(cfg.optim.name, shapes, train_bytes, cfg.optim.args)
     vae_scale = 2 ** (len(by_name["vae"].config["block_out_channels"]) - 1)
@@ -224,8 +224,11 @@ def memory_lines(cfg: FinetuneConfig, parts: Sequence[Part], gpus: int, deepspee
         Line("frozen parts + VAE", sum(f.params * low_bytes + f.buffer_bytes for f in frozen) + vae_bytes),
         Line(act_label, activations.kept(ckpt), phase="forward", note=act_note),
         Line("CUDA context (assumed)", CUDA_CONTEXT_BYTES),
-        Line("EMA" + (" (GPU)" if ema_on_gpu else " (host RAM)"), ema if ema_on_gpu else 0, 0 if ema_on_gpu else ema),
     ]
+    if cfg.ema.enabled:
+        lines.append(
+            Line(f"EMA ({'GPU' if ema_on_gpu else 'host RAM'})", ema if ema_on_gpu else 0, 0 if ema_on_gpu else ema)
+        )
     if deepspeed is None:
         lines += _plain_lines(cfg, trained, shapes, weights, state_bytes, activations.weight_copies, gpus)
     else:

@@ -39,6 +39,7 @@ UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 """GPU sizes are binary whatever the spelling: an "80GB" A100 has 80 GiB (nvidia-smi: 81920 MiB)."""
 SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
 LABEL_WIDTH, NUMBER_WIDTH = 52, 11
+DEFAULT_GPU = "80GB"
 
 
 def parse_size(text: str) -> int:
@@ -97,8 +98,9 @@ def deepspeed_from_env(environ: Mapping[str, str]) -> DeepSpeedSetup | None:
 
 
 def dataset_stats(cfg: FinetuneConfig) -> DatasetStats:
-    """Samples per bucket of the configured dataset, scanned and bucketed as the trainer does (image headers
-    only). The builtin demo dataset is read from RUN/builtin/demo once a run has drawn it; InputError before."""
+    """Samples per bucket of the configured dataset, scanned, checked (each image decoded once) and bucketed as
+    the trainer does. The builtin demo dataset is read from RUN/builtin/demo once a run has drawn it; InputError
+    before, or for a missing or empty dataset."""
     from finetune.data import build_dataset
 
     roots = []
@@ -116,33 +118,48 @@ def dataset_stats(cfg: FinetuneConfig) -> DatasetStats:
 
 
 def plan_text(
-    cfg: FinetuneConfig, *, gpu_memory: str = "80GB", gpus: int | None = None, accelerate_config: Path | None = None
+    cfg: FinetuneConfig,
+    *,
+    gpu_memory: str | None = None,
+    gpus: int | None = None,
+    accelerate_config: Path | None = None,
 ) -> str:
-    """The printed plan of ``python -m finetune --plan``: memory on the named GPU, steps if the dataset reads."""
+    """The printed plan of ``python -m finetune --plan``: memory on the named GPU (default: this machine's CUDA
+    device, else an 80 GB one), launched per ``accelerate_config``; steps when the dataset can be read."""
     processes, deepspeed = deepspeed_from_accelerate_config(accelerate_config) if accelerate_config else (1, None)
+    notes = []
+    capacity = parse_size(gpu_memory) if gpu_memory else _cuda_memory()
+    if capacity is None:
+        capacity = parse_size(DEFAULT_GPU)
+        notes.append(f"no --gpu-memory and no CUDA device here: planned for {DEFAULT_GPU}")
     try:
-        stats, note = dataset_stats(cfg), None
+        stats = dataset_stats(cfg)
     except XlbakeError as exc:
-        stats, note = None, f"steps not counted: {exc}"
-    result = plan(
-        cfg, gpu_memory_bytes=parse_size(gpu_memory), gpus=gpus or processes, dataset_stats=stats, deepspeed=deepspeed
-    )
-    return format_plan(replace(result, notes=(*result.notes, *([note] if note else []))))
+        stats = None
+        notes.append(f"steps not counted: {exc}")
+    result = plan(cfg, gpu_memory_bytes=capacity, gpus=gpus or processes, dataset_stats=stats, deepspeed=deepspeed)
+    return format_plan(replace(result, notes=(*result.notes, *notes)))
+
+
+def _cuda_memory() -> int | None:
+    import torch
+
+    return torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
 
 
 def check_before_training(
     cfg: FinetuneConfig, *, gpu_memory: str | None = None, force: bool = False, echo: Callable[[str], None] = print
 ) -> Plan | None:
-    """At the start of training on a GPU: plan the running launch, ``echo`` the table and raise TrainingError if
-    the plan does not fit (unless ``force``). Without CUDA and without ``gpu_memory`` nothing is planned (None)."""
-    import torch
-
-    if gpu_memory is None and not torch.cuda.is_available():
+    """At the start of training: plan the running launch (the CUDA device's size unless ``gpu_memory``, WORLD_SIZE
+    processes, accelerate's DeepSpeed variables), ``echo`` the table from the first process and raise TrainingError
+    if the plan does not fit (unless ``force``). Without CUDA and ``gpu_memory`` nothing is planned: None."""
+    capacity = parse_size(gpu_memory) if gpu_memory else _cuda_memory()
+    if capacity is None:
         return None
-    capacity = parse_size(gpu_memory) if gpu_memory else torch.cuda.get_device_properties(0).total_memory
     gpus = int(os.environ.get("WORLD_SIZE", "1"))
     result = plan(cfg, gpu_memory_bytes=capacity, gpus=gpus, deepspeed=deepspeed_from_env(os.environ))
-    echo(format_plan(result))
+    if os.environ.get("LOCAL_RANK", "0") == "0":  # every process plans (and refuses); one prints
+        echo(format_plan(result))
     if result.verdict == "does not fit" and not force:
         raise TrainingError(
             f"the plan needs {_gib(result.gpu_total)} per GPU, more than the {_gib(capacity)} GPU; apply the changes "

@@ -26,6 +26,7 @@ from finetune.plan_report import (
     deepspeed_from_env,
     format_plan,
     parse_size,
+    plan_text,
 )
 from finetune.text import encode_prompt
 from xlbake.config import load_config
@@ -236,6 +237,9 @@ def test_steps_match_the_trainers_sampler(tiny_paths, demo_dataset):
         assert (steps.steps_per_epoch, steps.total_steps) == (expected, 3 * expected)
     capped = plan(replace(cfg, train=replace(cfg.train, max_steps=2)), gpu_memory_bytes=BIG, dataset_stats=stats)
     assert capped.steps.total_steps == 2
+    text = plan_text(cfg, gpu_memory="1TB", gpus=2)  # what `python -m finetune --plan` prints
+    expected = steps_per_epoch(BucketBatchSampler(dataset, 2, 0, 2, 0).total_batches, 2, 2)
+    assert f"{expected} optimizer steps/epoch, {3 * expected} in total" in text and "FITS" in text
 
 
 def test_sizes_and_launch_settings():
