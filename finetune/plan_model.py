@@ -283,7 +283,8 @@ def measure_forward(
     """Run ``run()`` (a forward through ``modules``) while counting what autograd saves.
 
     ``low``: the autocast dtype to emulate, or None (weights already in their compute dtype). With
-    ``checkpointing``, every submodule that supports gradient checkpointing is checkpointed (on trained modules).
+    ``checkpointing``, every submodule of a trained module that supports gradient checkpointing is switched to a
+    counting stand-in, so pass instances built for measuring.
     """
     params = {p.untyped_storage()._cdata for m in modules.values() for p in m.parameters()}
     recorder = _Recorder(low, params)
