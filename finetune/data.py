@@ -28,10 +28,20 @@ from finetune.buckets import BucketGrid, CropGeometry, Size, crop_geometry
 from finetune.captions import CaptionConfig, process_caption
 from finetune.text import tokenize_chunks
 from xlbake.errors import InputError, TrainingError
-from xlbake.kohya_dataset import IMAGE_EXTENSIONS, CaptionSource, Scan, open_image, scan_dataset, verify_image
+from xlbake.kohya_dataset import (
+    IMAGE_EXTENSIONS,
+    CaptionSource,
+    Problem,
+    Scan,
+    open_image,
+    scan_dataset,
+    verify_image,
+)
 
 BAD_CAPTION_KINDS = ("missing_caption", "empty_caption", "unreadable_caption")
 """Scan problems that make an image bad data (handled by data.on_bad_image) rather than a note."""
+EMPTY_REASONS = ("no_repeats", "outside_subset", "unsupported_subset", "empty_subset", "unsupported_file")
+"""Scan findings that explain a dataset without usable image, most telling first."""
 LISTED_FILES = 20
 """How many files a warning lists before "... and N more"."""
 NAMED_IN_ERROR = 3
@@ -301,22 +311,24 @@ def steps_per_epoch(n_batches: int, grad_accum: int, num_processes: int) -> int:
     return math.ceil(n_batches / (grad_accum * num_processes))
 
 
-def build_dataset(
-    cfg: DataConfig,
-    caption_cfg: CaptionConfig,
-    tokenizers: tuple,
-    *,
-    seed: int = 0,
-    logger: logging.Logger | logging.LoggerAdapter | None = None,
-) -> TrainDataset:
-    """Scan, validate and bucket the dataset before training.
+@dataclass(frozen=True)
+class CheckedData:
+    """A scanned and checked dataset: the samples that train, and what the user should be told about."""
 
-    Bad data (unreadable or corrupt image, missing/empty caption, image smaller than ``min_image_side``) is, per
-    ``cfg.on_bad_image``, skipped with ONE warning listing the files, or refused with an InputError naming the
-    first files. Other findings (misnamed folders, ignored files or TOML keys) are logged in one warning.
-    Raises InputError when no image is left.
+    samples: tuple[Sample, ...]
+    notes: tuple[tuple[Path, str], ...]
+    """(path, message) of findings that leave data out (misnamed folders, ignored files or TOML keys)."""
+    skipped: tuple[tuple[Path, str], ...]
+    """(path, reason) of the bad files left out (data.on_bad_image=skip)."""
+
+
+def check_dataset(cfg: DataConfig, caption_cfg: CaptionConfig) -> CheckedData:
+    """Scan the dataset and decode every image once, without logging (call it before anything heavy).
+
+    Bad data (unreadable or corrupt image, missing/empty caption, image smaller than ``min_image_side``) is
+    refused with an InputError naming the first files unless ``cfg.on_bad_image`` is ``skip``. When no image is
+    left, the InputError names what left the images out (e.g. a folder without its ``N_`` repeats prefix).
     """
-    log = logger or logging.getLogger(__name__)
     scan = scan_dataset(
         cfg.roots,
         cfg.dataset_toml,
@@ -326,9 +338,7 @@ def build_dataset(
     )
     samples, bad = _check_images(scan, cfg, caption_cfg)
     bad = [(p.path, p.message) for p in scan.problems if p.kind in BAD_CAPTION_KINDS] + bad
-    notes = [(p.path, p.message) for p in scan.problems if p.kind not in BAD_CAPTION_KINDS]
-    if notes:
-        log.warning("dataset notes (%d):\n%s", len(notes), _listing(notes))
+    notes = [p for p in scan.problems if p.kind not in BAD_CAPTION_KINDS]
     if bad and cfg.on_bad_image == "error":
         named = "; ".join(f"{path}: {why}" for path, why in bad[:NAMED_IN_ERROR])
         more = f" (and {len(bad) - NAMED_IN_ERROR} more)" if len(bad) > NAMED_IN_ERROR else ""
@@ -336,18 +346,52 @@ def build_dataset(
             f"{len(bad)} bad dataset files: {named}{more}; fix or remove them, or set "
             f"data.on_bad_image=skip to train without them"
         )
-    if bad:
-        log.warning("skipping %d bad dataset files (data.on_bad_image=skip):\n%s", len(bad), _listing(bad))
     if not samples:
-        where = ", ".join(map(str, (*cfg.roots, *([cfg.dataset_toml] if cfg.dataset_toml else []))))
-        raise InputError(
-            f"no usable image in {where or 'data.roots (empty)'}; expected N_name folders of images "
-            f"with {cfg.caption_extension} captions"
+        raise _no_images(cfg, bad, notes)
+    return CheckedData(tuple(samples), tuple((p.path, p.message) for p in notes), tuple(bad))
+
+
+def build_dataset(
+    cfg: DataConfig,
+    caption_cfg: CaptionConfig,
+    tokenizers: tuple,
+    *,
+    seed: int = 0,
+    logger: logging.Logger | logging.LoggerAdapter | None = None,
+    checked: CheckedData | None = None,
+) -> TrainDataset:
+    """The training dataset of ``cfg``, checked by ``check_dataset`` (pass ``checked`` if that was done already).
+
+    Logs one warning for the notes, one for the skipped bad files, and the bucket summary.
+    """
+    log = logger or logging.getLogger(__name__)
+    checked = checked or check_dataset(cfg, caption_cfg)
+    if checked.notes:
+        log.warning("dataset notes (%d):\n%s", len(checked.notes), _listing(checked.notes))
+    if checked.skipped:
+        log.warning(
+            "skipping %d bad dataset files (data.on_bad_image=skip):\n%s",
+            len(checked.skipped),
+            _listing(checked.skipped),
         )
-    dataset = TrainDataset(samples, tokenizers, random_crop=cfg.random_crop, flip=cfg.flip, seed=seed)
+    dataset = TrainDataset(checked.samples, tokenizers, random_crop=cfg.random_crop, flip=cfg.flip, seed=seed)
     summary = ", ".join(f"{w}x{h}: {len(ix)}" for (w, h), ix in dataset.bucket_groups().items())
-    log.info("dataset: %d images, %d samples per epoch with repeats; buckets %s", len(samples), len(dataset), summary)
+    log.info(
+        "dataset: %d images, %d samples per epoch with repeats; buckets %s", len(checked.samples), len(dataset), summary
+    )
     return dataset
+
+
+def _no_images(cfg: DataConfig, bad: Sequence[tuple[Path, str]], notes: Sequence[Problem]) -> InputError:
+    """The error for a dataset without usable image, naming what left images out (skipped files first)."""
+    where = ", ".join(map(str, (*cfg.roots, *([cfg.dataset_toml] if cfg.dataset_toml else []))))
+    telling = sorted((p for p in notes if p.kind in EMPTY_REASONS), key=lambda p: EMPTY_REASONS.index(p.kind))
+    reasons = [*bad, *((p.path, p.message) for p in telling)]
+    found = "; ".join(f"{path}: {why}" for path, why in reasons[:NAMED_IN_ERROR])
+    return InputError(
+        f"no usable image in {where or 'data.roots (empty)'}{f' ({found})' if found else ''}; expected N_name "
+        f"folders of images with {cfg.caption_extension} captions"
+    )
 
 
 def _check_images(scan: Scan, cfg: DataConfig, caption_cfg: CaptionConfig) -> tuple[list[Sample], list]:
