@@ -11,7 +11,8 @@ the true difference is finetune-like: a rank-4 part (30 % of its energy) plus a 
 --dtype (fp16 by default: the stored difference then carries rounding noise, where a randomized SVD may differ
 from exact).
 
-Methods, each in its own subprocess (peak RSS from getrusage, torch threads --threads):
+Methods, each in its own subprocess (peak RSS from /proc VmHWM). Times are the CPU seconds of each worker process
+with one torch thread (--threads), which other processes on a shared machine disturb far less than wall time:
   kohya: both files loaded whole and cast to fp32, every difference kept, then torch.linalg.svd with
          full_matrices=True per layer (sd-scripts networks/extract_lora_from_models.py; its 0.99 clamp is left
          out so that results compare).
@@ -155,25 +156,27 @@ def _rss() -> int:
 
 
 def run_ours(args: argparse.Namespace, result: dict) -> None:
-    """extract.pipeline.run_extract, with per-layer read/factor times recorded by wrapping its two steps."""
+    """extract.pipeline.run_extract, timing each layer (reading, norms, SVD) and the LoRA writing."""
     import extract.outputs as outputs
     import extract.pipeline as pipeline
 
-    read, factor, write = pipeline.read_difference, pipeline.factor_layer, outputs.write_lora
-    reads, factors = result["reads"], result["layers"]
+    layers, write_lora, iter_layers = result["layers"], outputs.write_lora, pipeline.iter_layers
 
-    def timed(function, store, name_of):
-        def wrapper(*a, **kw):
-            start = time.perf_counter()
-            out = function(*a, **kw)
-            store[name_of(*a)] = store.get(name_of(*a), 0.0) + time.perf_counter() - start
-            return out
+    def timed_layers(base, tuned, targets, settings):
+        stream = iter_layers(base, tuned, targets, settings)
+        for target in targets:
+            start = time.process_time()
+            item = next(stream)
+            layers[target.name] = time.process_time() - start
+            yield item
 
-        return wrapper
+    def timed_write(*a, **kw):
+        start = time.process_time()
+        out = write_lora(*a, **kw)
+        result["write"] += time.process_time() - start
+        return out
 
-    pipeline.read_difference = timed(read, reads, lambda base, tuned, key, settings: key)
-    pipeline.factor_layer = timed(factor, factors, lambda target, *rest: target.name)
-    outputs.write_lora = timed(write, result, lambda *a, **kw: "write")
+    pipeline.iter_layers, outputs.write_lora = timed_layers, timed_write
     cfg = ExtractConfig(
         base=Path(args.base),
         tuned=Path(args.tuned),
@@ -194,27 +197,27 @@ def run_kohya(args: argparse.Namespace, result: dict) -> None:
     from xlbake.lora_io import lora_metadata, write_lora
     from xlbake.sdxl_keys import kohya_targets
 
-    start = time.perf_counter()
+    start = time.process_time()
     models = [{k: v.float() for k, v in load_file(path).items()} for path in (args.base, args.tuned)]
-    result["load"], result["load_rss"] = time.perf_counter() - start, _rss()
+    result["load"], result["load_rss"] = time.process_time() - start, _rss()
     targets = kohya_targets({k: tuple(v.shape) for k, v in models[0].items()}, conv=args.conv_dim > 0)
     diffs = {}
     for target in targets:
-        start = time.perf_counter()
+        start = time.process_time()
         rows = slice(*target.rows) if target.rows else slice(None)
         diffs[target.name] = models[1][target.key][rows] - models[0][target.key][rows]
         if target.rows is None or target.rows[1] == models[0][target.key].shape[0]:
             models[0][target.key] = models[1][target.key] = None  # kohya frees each weight once used
-        result["layers"][target.name] = time.perf_counter() - start
+        result["layers"][target.name] = time.process_time() - start
     factors = {}
     for target in targets:
-        start = time.perf_counter()
+        start = time.process_time()
         mat = diffs.pop(target.name).flatten(1)
         rank = min(args.conv_dim if target.kind == "conv3x3" else args.dim, *mat.shape)
         u, s, vh = torch.linalg.svd(mat)  # full_matrices=True, as kohya calls it
         factors[target.name] = (u[:, :rank] @ torch.diag(s[:rank]), vh[:rank].reshape(rank, *target.shape[1:]))
-        result["layers"][target.name] += time.perf_counter() - start
-    start = time.perf_counter()
+        result["layers"][target.name] += time.process_time() - start
+    start = time.process_time()
     meta = lora_metadata(
         title="kohya",
         ranks={n: f[1].shape[0] for n, f in factors.items()},
@@ -222,17 +225,17 @@ def run_kohya(args: argparse.Namespace, result: dict) -> None:
         conv_rank=args.conv_dim or None,
     )
     write_lora(args.out, factors, metadata=meta, force=True)
-    result["write"] = time.perf_counter() - start
+    result["write"] = time.process_time() - start
 
 
 def worker(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     import extract.pipeline  # noqa: F401  (imports count in the baseline RSS of every method)
 
-    result = {"base_rss": _rss(), "layers": {}, "reads": {}, "load": 0.0, "write": 0.0}
-    start = time.perf_counter()
+    result = {"base_rss": _rss(), "layers": {}, "load": 0.0, "write": 0.0}
+    start, cpu = time.perf_counter(), time.process_time()
     (run_kohya if args.worker == "kohya" else run_ours)(args, result)
-    result.update(wall=time.perf_counter() - start, peak_rss=_rss())
+    result.update(wall=time.perf_counter() - start, cpu=time.process_time() - cpu, peak_rss=_rss())
     Path(args.result).write_text(json.dumps(result))
     return 0
 
@@ -240,26 +243,17 @@ def worker(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- evaluation and table
 
 
-def layer_seconds(result: dict, targets: list) -> dict[str, float]:
-    """Per-target seconds; a fused tensor's read time is shared by its q, k and v."""
-    per_key = defaultdict(int)
-    for target in targets:
-        per_key[target.key] += 1
-    reads = result["reads"]
-    return {t.name: result["layers"].get(t.name, 0.0) + reads.get(t.key, 0.0) / per_key[t.key] for t in targets}
-
-
 def extrapolate(result: dict, measured: list, full: list, bytes_ratio: float, lora_ratio: float) -> float:
     """Full-set seconds: layer times per shape class times the full count, loading by model bytes, LoRA writing
     by LoRA bytes; the rest (start-up, report) as measured."""
-    seconds = layer_seconds(result, measured)
+    seconds = result["layers"]
     by_class = defaultdict(list)
     for target in measured:
         by_class[(target.component, target.kind, target.shape)].append(seconds[target.name])
     per_class = {c: statistics.fmean(times) for c, times in by_class.items()}
     mean = statistics.fmean(seconds.values())
     layers = sum(per_class.get((t.component, t.kind, t.shape), mean) for t in full)
-    other = result["wall"] - sum(seconds.values()) - result["load"] - result["write"]
+    other = result["cpu"] - sum(seconds.values()) - result["load"] - result["write"]
     return other + layers + result["load"] * bytes_ratio + result["write"] * lora_ratio
 
 
@@ -374,7 +368,7 @@ def main(argv: list[str]) -> int:
         results = {}
         for method in methods:
             results[method] = run_method(method, pairs[method], work, args, conv_dim)
-            print(f"  {method}: {results[method]['wall']:.1f} s", flush=True)
+            print(f"  {method}: {results[method]['wall']:.1f} s wall, {results[method]['cpu']:.1f} s CPU", flush=True)
         rows = evaluate(ours, pairs["exact"], {m: r["lora"] for m, r in results.items()}, shapes)
     model = sum(math.prod(s) for k, s in shapes.items() if not k.startswith("first_stage_model."))
     model_ratio = model / sum(math.prod(shapes[k]) for k in [*ref_keys, *DETECTION_KEYS])
@@ -399,7 +393,7 @@ def print_table(args, conv_dim: int, full: list, measured: dict, results: dict, 
         f"torch threads {args.threads}; measured on {scope}, extrapolated per shape class"
     )
     print(
-        f"{'method':<8}{'layers':>7}{'measured s':>12}{'full set s':>12}{'speed-up':>10}{'peak RSS GB':>13}"
+        f"{'method':<8}{'layers':>7}{'CPU s':>12}{'full set s':>12}{'speed-up':>10}{'peak RSS GB':>13}"
         f"{'full set GB':>13}"
     )
     full_lora = lora_bytes(full, args.dim, conv_dim)
@@ -415,7 +409,7 @@ def print_table(args, conv_dim: int, full: list, measured: dict, results: dict, 
             full_rss = peak + 2 * (full_lora - lora_bytes(targets, args.dim, conv_dim))
         speed = f"{estimates['kohya'] / estimates[method]:>9.1f}x" if "kohya" in estimates else f"{'n/a':>10}"
         print(
-            f"{method:<8}{len(targets):>7}{result['wall']:>12.1f}{estimates[method]:>12.0f}{speed}"
+            f"{method:<8}{len(targets):>7}{result['cpu']:>12.1f}{estimates[method]:>12.0f}{speed}"
             f"{peak / GB:>13.2f}{full_rss / GB:>13.2f}"
         )
 

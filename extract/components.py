@@ -36,7 +36,7 @@ class LayerDiff:
     component: str
     diff_energy: float  # ||tuned - base||_F^2
     weight_energy: float  # ||base||_F^2
-    max_abs: float  # max |tuned - base|
+    max_abs: float  # max |tuned - base| (text encoders only, for kohya's rule; 0 for the UNet)
     tuned_dtype: torch.dtype
 
 
@@ -120,12 +120,11 @@ def decide(stat: ComponentDiff, min_diff: float) -> Decision:
             f"--min-diff {lower:g} would extract it",
         )
     reason = (
-        f"{name}: extracted: difference {rel:.1e} of its weights ({floor}), max |diff| {stat.max_abs:.1e}; "
-        f"--min-diff above {rel:.1e} would skip it"
+        f"{name}: extracted: difference {rel:.1e} of its weights ({floor}); --min-diff above {rel:.1e} would skip it"
     )
     if name in TEXT_ENCODERS:
         verdict = "kept" if stat.max_abs > KOHYA_MIN_DIFF else "silently dropped"
-        reason += f"; kohya's rule (max |diff| > {KOHYA_MIN_DIFF:g}) would have {verdict} it"
+        reason += f"; max |diff| {stat.max_abs:.1e}: kohya's rule (> {KOHYA_MIN_DIFF:g}) would have {verdict} it"
     return Decision(name, True, reason, _noise_warning(stat))
 
 

@@ -62,11 +62,13 @@ class LayerResult:
 
 
 def plan_variants(cfg: ExtractConfig) -> list[Variant]:
-    """The files this run writes: one per ``dim`` (``<stem>-dim16.safetensors`` when there are several)."""
+    """The files this run writes: one per ``dim`` (``<stem>-dim16.safetensors`` when there are several; with
+    several conv dims too, ``<stem>-dim16-conv8.safetensors``)."""
     budget = parse_size(cfg.size) if cfg.size is not None else None
+    varied_conv = len(set(cfg.conv_dims())) > 1
     variants = []
     for dim, conv_dim in zip(cfg.dim, cfg.conv_dims(), strict=True):
-        label = budget.text if budget is not None else f"dim{dim}" + (f"-conv{conv_dim}" if conv_dim else "")
+        label = budget.text if budget is not None else f"dim{dim}" + (f"-conv{conv_dim}" if varied_conv else "")
         path = cfg.out if len(cfg.dim) == 1 else cfg.out.with_name(f"{cfg.out.stem}-{label}{cfg.out.suffix}")
         variants.append(Variant(label, path, dim, conv_dim, budget))
     paths = [v.path for v in variants]
@@ -198,13 +200,13 @@ def write_variant(
     metadata = _metadata(variant, cfg, names, [rank for _, _, rank in kept], stats, info, zero)
     alpha = float(max(rank for _, _, rank in kept))
     write_lora(variant.path, factors, metadata=metadata, dtype=save_dtype, alpha=alpha, force=force)
-    size = variant.budget.text if variant.budget else None
     summary = {
         **info,
         "output": variant.label,
         "save_precision": cfg.save_precision,
-        "size": size,
+        "size": variant.budget.text if variant.budget else None,
         "budget_params": budget,
+        "options": to_dict(cfg),  # the resolved config, config_version included
     }
     write_report(variant.path, stats, summary, title=variant.path.stem, force=force)
     size_mb = variant.path.stat().st_size / 1e6

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from extract.components import Decision, LayerDiff, component_totals, decide
+from extract.components import TEXT_ENCODERS, Decision, LayerDiff, component_totals, decide
 from extract.config import ExtractConfig
 from extract.outputs import SAVE_DTYPES, LayerResult, check_outputs, fingerprint, plan_variants, write_variant
 from xlbake.checkpoint import CheckpointReader, open_checkpoint
@@ -150,7 +150,13 @@ def iter_layers(
         diff, row_energy = cached
         if target.rows is not None:
             diff, row_energy = diff[target.rows[0] : target.rows[1]], row_energy[target.rows[0] : target.rows[1]]
-        yield factor_layer(target, diff, float(row_energy.sum()), tuned.dtype(target.key), settings)
+        energy = float(torch.linalg.vector_norm(diff)) ** 2
+        if not math.isfinite(energy):  # the base is finite (checked on reading): NaN/Inf came from the tuned file
+            raise InputError(f"{tuned.path}: {target.key} holds NaN/Inf values; the checkpoint is broken, re-save it")
+        # max |diff| only matters for kohya's text-encoder rule, which the decisions quote
+        max_abs = float(torch.linalg.vector_norm(diff, ord=math.inf)) if target.component in TEXT_ENCODERS else 0.0
+        stats = LayerDiff(target.component, energy, float(row_energy.sum()), max_abs, tuned.dtype(target.key))
+        yield factor_layer(target, diff, energy, settings), stats
 
 
 def read_difference(
@@ -158,30 +164,22 @@ def read_difference(
 ) -> tuple[Tensor, Tensor]:
     """(tuned - base) as a matrix (out, in*kh*kw) and the base weight's squared row norms (out,), fp64.
 
-    NaN/Inf in either file is found from the norms (it propagates into them), without an extra pass per tensor.
+    NaN/Inf in the base shows in its norms (it propagates into them), without an extra pass over the tensor.
     """
     weight = base.get(key).to(device=settings.device, dtype=settings.dtype)
     row_energy = torch.linalg.vector_norm(to_matrix(weight), dim=1).double().square()
     if not math.isfinite(float(row_energy.sum())):
         raise InputError(f"{base.path}: {key} holds NaN/Inf values; the checkpoint is broken, re-save it")
     diff = tuned.get(key).to(device=settings.device, dtype=settings.dtype).sub_(weight)
-    del weight
-    if not math.isfinite(float(torch.linalg.vector_norm(diff))):
-        raise InputError(f"{tuned.path}: {key} holds NaN/Inf values; the checkpoint is broken, re-save it")
     return to_matrix(diff), row_energy
 
 
-def factor_layer(
-    target: LoraTarget, diff: Tensor, weight_energy: float, tuned_dtype: torch.dtype, settings: FactorSettings
-) -> tuple[LayerResult, LayerDiff]:
-    """Top-rank SVD factors of one difference matrix (out, n); an exactly zero difference is not factored."""
-    energy = float(torch.linalg.vector_norm(diff)) ** 2
-    max_abs = float(torch.linalg.vector_norm(diff, ord=math.inf)) if diff.numel() else 0.0
-    stats = LayerDiff(target.component, energy, weight_energy, max_abs, tuned_dtype)
-    if max_abs == 0:
+def factor_layer(target: LoraTarget, diff: Tensor, energy: float, settings: FactorSettings) -> LayerResult:
+    """Top-rank SVD factors of one difference matrix (out, n) of squared norm ``energy``; an exactly zero
+    difference is not factored (its factors have rank 0)."""
+    if energy == 0 and not diff.any():
         empty = torch.zeros(0, dtype=settings.hold_dtype)
-        zero = LayerResult(target, empty.reshape(diff.shape[0], 0), empty.reshape(0, diff.shape[1]), empty, 0.0, True)
-        return zero, stats
+        return LayerResult(target, empty.reshape(diff.shape[0], 0), empty.reshape(0, diff.shape[1]), empty, 0.0, True)
     rank = min(settings.conv_rank if target.kind == "conv3x3" else settings.rank, *diff.shape)
     svd = truncated_svd(diff, rank, settings)
     spectrum, full = svd.s, svd.s.numel() == min(diff.shape)
@@ -189,10 +187,9 @@ def factor_layer(
         spectrum, full = torch.linalg.svdvals(diff), True
     up, down = split_factors(svd, rank)
     hold = settings.hold_dtype
-    result = LayerResult(
+    return LayerResult(
         target, up.to("cpu", hold), down.to("cpu", hold), spectrum.to("cpu", torch.float32), energy, full
     )
-    return result, stats
 
 
 def truncated_svd(m: Tensor, rank: int, settings: FactorSettings) -> Svd:
