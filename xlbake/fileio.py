@@ -14,12 +14,14 @@ import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from safetensors import SafetensorError
-from safetensors.torch import save_file
 
 from xlbake.errors import OutputError
+
+if TYPE_CHECKING:  # torch is imported only when tensors are saved, so text writers (make stamps) start fast
+    import torch
 
 TEMP_PREFIX = ".xlbake-tmp-"
 
@@ -91,6 +93,8 @@ def save_safetensors_atomic(
     force: bool = False,
 ) -> Path:
     """Save tensors as a safetensors file atomically. Metadata values must be strings."""
+    from safetensors.torch import save_file
+
     contiguous = {name: t.detach().contiguous() for name, t in tensors.items()}
     with atomic_path(path, force) as tmp:
         save_file(contiguous, str(tmp), metadata=dict(metadata) if metadata else None)
