@@ -271,6 +271,8 @@ UNSUPPORTED = {
         },
         "dora_scale",
     ),
+    "LoKr": ({"lora_unet_a.lokr_w1": torch.ones(2, 2), "lora_unet_a.lokr_w2": torch.ones(2, 2)}, "lokr_w1"),
+    "PEFT": ({"unet.down_blocks.0.to_q.lora_A.weight": torch.ones(2, 4)}, "lora_A"),
     "not a LoRA": ({"model.diffusion_model.out.2.weight": torch.ones(2, 2)}, "not a LoRA"),
 }
 
