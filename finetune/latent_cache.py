@@ -76,7 +76,7 @@ def vae_fingerprint(vae: torch.nn.Module) -> str:
     for name, tensor in sorted(vae.state_dict().items()):
         flat = tensor.detach().to("cpu").contiguous().reshape(-1)
         digest.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(flat.view(torch.uint8).numpy().tobytes())
+        digest.update(flat.view(torch.uint8).numpy())  # hashed in place, no copy
     return digest.hexdigest()[:32]
 
 
