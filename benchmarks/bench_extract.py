@@ -93,11 +93,8 @@ def true_difference(key: str, shape: tuple[int, ...]) -> torch.Tensor:
     gen = _generator(key, 1)
     m, n = shape[0], math.prod(shape[1:])
     k = min(m, n)
-    decay = (torch.arange(1, k + 1, dtype=torch.float32) ** -DECAY) * math.sqrt(1 - LOW_RANK_SHARE)
-    decay /= decay.square().sum().sqrt()
-    spread = (torch.randn(m, k, generator=gen) / math.sqrt(m) * decay) @ (
-        torch.randn(k, n, generator=gen) / math.sqrt(n)
-    )
+    decay = torch.arange(1, k + 1, dtype=torch.float32) ** -DECAY
+    spread = (torch.randn(m, k, generator=gen) * decay) @ torch.randn(k, n, generator=gen)
     head = torch.randn(m, LOW_RANK, generator=gen) @ torch.randn(LOW_RANK, n, generator=gen)
     head *= math.sqrt(LOW_RANK_SHARE) / head.norm()
     delta = head + spread * (math.sqrt(1 - LOW_RANK_SHARE) / spread.norm())
@@ -134,11 +131,8 @@ def sample_keys(targets: list, fraction: float, quick: bool) -> list[str]:
     chosen = []
     for keys in classes.values():
         count = 1 if quick else max(1, math.ceil(fraction * len(keys)))
-        chosen += (
-            [keys[round(i * (len(keys) - 1) / max(count - 1, 1))] for i in range(count)]
-            if count > 1
-            else [keys[len(keys) // 2]]
-        )
+        step = (len(keys) - 1) / (count - 1) if count > 1 else 0
+        chosen += [keys[round(i * step) if count > 1 else len(keys) // 2] for i in range(count)]
     if not any(key.endswith("attn2.to_k.weight") for key in chosen):
         chosen.append(next(t.key for t in targets if t.key.endswith("attn2.to_k.weight")))
     return sorted(set(chosen))
@@ -305,14 +299,10 @@ def accuracy_lines(rows: dict[str, dict]) -> tuple[list[str], bool]:
             f"{method:>6} vs exact over {len(excess)} layers: excess over the stored optimum median {median:+.3%}, "
             f"worst {worst:+.3%}; error on the true difference median {true_median:+.3%} of exact's"
         )
-        for component in ("unet", "te1", "te2"):
-            part = [
-                r[f"true_{method}"] / r["true_exact"] - 1
-                for r in rows.values()
-                if r["component"] == component and f"true_{method}" in r
-            ]
-            if part:
-                lines.append(f"{'':>8}{component}: true-difference error median {statistics.median(part):+.3%}")
+        parts = {c: [r[f"true_{method}"] / r["true_exact"] - 1 for r in rows.values()
+                     if r["component"] == c and f"true_{method}" in r] for c in ("unet", "te1", "te2")}  # fmt: skip
+        shown = ", ".join(f"{c} {statistics.median(v):+.3%}" for c, v in parts.items() if v)
+        lines.append(f"{'':>8}error on the true difference vs exact's, median by component: {shown}")
         if method == "fast":
             fast_ok = true_median <= TRUE_ERROR_MARGIN and median <= MEDIAN_EXCESS and worst <= WORST_EXCESS
     return lines, fast_ok

@@ -31,14 +31,20 @@ FLAGS = {  # flag -> (config key, click option keyword arguments)
     ),
     "--tuned": ("tuned", {"type": click.Path(path_type=Path), "help": "Finetuned model, same architecture."}),
     "--out": ("out", {"type": click.Path(path_type=Path), "help": "Output LoRA .safetensors."}),
-    "--dim": ("dim", {"callback": _ranks, "help": "Linear/1x1 rank(s), e.g. 32 or 16,32,64 (one file each)."}),
-    "--conv-dim": ("conv_dim", {"callback": _ranks, "help": "3x3 conv rank(s) (LoCon); 0 = no conv layers."}),
+    "--dim": (
+        "dim",
+        {"callback": _ranks, "metavar": "N[,N...]", "help": "Linear/1x1 rank(s), e.g. 32 or 16,32,64 (one file each)."},
+    ),
+    "--conv-dim": (
+        "conv_dim",
+        {"callback": _ranks, "metavar": "N[,N...]", "help": "3x3 conv rank(s) (LoCon); 0 = no conv layers."},
+    ),
     "--rank-method": (
         "rank_method",
         {"type": click.Choice(["fixed", "sv_ratio", "sv_fro", "sv_cumulative"]), "help": "Per-layer rank choice."},
     ),
     "--rank-value": ("rank_value", {"type": float, "help": "Parameter of --rank-method."}),
-    "--size": ("size", {"help": "Global budget: file size (100MB) or parameter count (50M)."}),
+    "--size": ("size", {"metavar": "SIZE", "help": "Global budget: file size (100MB) or parameter count (50M)."}),
     "--svd": ("svd", {"type": click.Choice(["fast", "exact"]), "help": "Randomized (fast) or LAPACK (exact) SVD."}),
     "--precision": ("precision", {"type": click.Choice(["fp32", "fp64"]), "help": "Precision of the SVD."}),
     "--power-iters": ("power_iters", {"type": int, "help": "Power iterations of the fast SVD."}),
@@ -51,7 +57,7 @@ FLAGS = {  # flag -> (config key, click option keyword arguments)
         {"default": None, "help": "Also extract time/label embeddings (and conv_in/out with a conv dim)."},
     ),
     "--min-diff": ("min_diff", {"type": float, "help": "Skip a component whose relative difference is below this."}),
-    "--device": ("device", {"help": "cpu, cuda or cuda:N."}),
+    "--device": ("device", {"metavar": "DEVICE", "help": "cpu, cuda or cuda:N."}),
 }
 
 
