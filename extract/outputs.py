@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from extract.components import TEXT_ENCODERS
 from extract.config import ExtractConfig, SizeBudget, parse_size
 from extract.ranks import LayerChoice, budget_ranks, criterion_ranks, fixed_ranks, kept_fraction
 from xlbake import __version__
@@ -28,7 +29,6 @@ from xlbake.report import LayerStat, by_component, group_stat, print_summary, re
 from xlbake.sdxl_keys import LoraTarget
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-TEXT_ENCODERS = ("te1", "te2")
 FINGERPRINT_SCHEME = "xlbake-fp1"
 FINGERPRINT_SAMPLE = 1 << 20
 HEADER_BYTES_PER_TENSOR = 120
@@ -173,7 +173,7 @@ def write_variant(
     chosen = layer_choices(layers, variant, extracted)
     choices = [choice for _, choice in chosen]
     save_dtype = SAVE_DTYPES[cfg.save_precision]
-    draft = _metadata(variant, cfg, [layer.target.name for layer, _ in chosen], fixed_ranks(choices), [], info)
+    draft = _metadata(variant, cfg, [layer.target.name for layer, _ in chosen], fixed_ranks(choices), [], info, 1.0)
     budget = None
     if variant.budget is not None:
         names = [layer.target.name for layer, _ in chosen]
@@ -197,8 +197,8 @@ def write_variant(
     factors = {layer.target.name: module_factors(layer, rank, cfg.clamp_quantile) for layer, _, rank in kept}
     names = [layer.target.name for layer, _, _ in kept]
     zero = frozenset(layer.target.name for layer, _, _ in kept if layer.up.shape[1] == 0)
-    metadata = _metadata(variant, cfg, names, [rank for _, _, rank in kept], stats, info, zero)
-    alpha = float(max(rank for _, _, rank in kept))
+    alpha = float(max(rank for _, _, rank in kept))  # one alpha for every module; lora_io folds the scales
+    metadata = _metadata(variant, cfg, names, [rank for _, _, rank in kept], stats, info, alpha, zero)
     write_lora(variant.path, factors, metadata=metadata, dtype=save_dtype, alpha=alpha, force=force)
     summary = {
         **info,
@@ -221,13 +221,13 @@ def _metadata(
     ranks: Sequence[int],
     stats: Sequence[LayerStat],
     info: Mapping[str, object],
+    alpha: float,
     zero_names: frozenset[str] = frozenset(),
 ) -> dict[str, str]:
     """kohya ss_*/modelspec metadata plus ours: options, sources, per-component decisions and kept energy."""
     # modules of an unchanged layer (zero rank-1 padding of an extracted encoder) do not make the ranks "Dynamic"
     rank_map = {name: rank for name, rank in zip(names, ranks, strict=True) if name not in zero_names}
     rank_map = rank_map or {"none": variant.dim}
-    alpha = float(max(rank_map.values()))
     options = to_dict(cfg)
     for key in ("base", "tuned", "out"):  # file names only: a shared LoRA should not carry the user's folders
         options[key] = Path(options[key]).name
