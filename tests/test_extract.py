@@ -259,6 +259,23 @@ def test_cuda_gives_the_cpu_result(tiny_paths, planted, planted_run, tmp_path):
             torch.testing.assert_close(read_lora(gpu).modules[name].delta(), module.delta(), atol=1e-6, rtol=0)
 
 
+def test_clamp_quantile_clamps_the_factors_and_1_leaves_them_alone():
+    from extract.outputs import LayerResult, module_factors
+    from xlbake.sdxl_keys import LoraTarget
+
+    gen = torch.Generator().manual_seed(0)
+    target = LoraTarget("lora_unet_x", "unet", "model.diffusion_model.x.weight", None, "conv3x3", (8, 4, 3, 3))
+    up, down = torch.randn(8, 4, generator=gen), torch.randn(4, 36, generator=gen)
+    layer = LayerResult(target, up, down, torch.ones(4), 1.0, False)
+    same_up, same_down = module_factors(layer, 3, 1.0)
+    assert torch.equal(same_up.flatten(1), up[:, :3]) and torch.equal(same_down.flatten(1), down[:3])
+    assert same_up.shape == (8, 3, 1, 1) and same_down.shape == (3, 4, 3, 3)
+    clamped_up, clamped_down = module_factors(layer, 3, 0.9)
+    high = torch.quantile(torch.cat([up[:, :3].flatten(), down[:3].flatten()]), 0.9)
+    assert clamped_up.abs().max() <= high + 1e-6 and clamped_down.abs().max() <= high + 1e-6
+    assert not torch.equal(clamped_down.flatten(1), down[:3])
+
+
 def test_budget_ranks_respect_floors_and_beat_uniform():
     gen = torch.Generator().manual_seed(0)
     layers = [
