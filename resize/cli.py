@@ -41,7 +41,7 @@ _LIST_OPTIONS = {"rank": "rank", "size": "size"}
 @click.option("--conv-rank", metavar="R", help="Rank of 3x3 conv (LoCon) modules; default: --rank.")
 @click.option("--method", metavar="NAME", help="fixed (default), sv_ratio, sv_fro or sv_cumulative (then --rank caps).")
 @click.option("--value", metavar="X", help="Criterion of a dynamic method (sv_ratio 4, sv_fro 0.9, sv_cumulative 0.6).")
-@click.option("--size", metavar="SIZE[,SIZE...]", help="Global budget(s): 50MB, 1.5GB or '20M params'; one file each.")
+@click.option("--size", metavar="SIZE[,SIZE...]", help="Global budgets: 50MB, 1.5GB or 20M parameters; one file each.")
 @click.option("--alpha", metavar="A", help="The one alpha written for every module; default: the largest rank.")
 @click.option("--save-precision", metavar="P", help="fp16 (default), bf16 or fp32.")
 @click.option("--device", metavar="D", help="cpu (default), cuda, cuda:N or mps.")

@@ -15,7 +15,7 @@ CONFIG_VERSION = 1
 
 _BYTE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 _COUNT_PREFIXES = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}
-_BUDGET = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmg]?i?b|[kmg]?\s*params?)\s*$", re.IGNORECASE)
+_BUDGET = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmg]?i?b|[kmg]?\s*(?:params?)?)\s*$", re.IGNORECASE)
 _DEVICE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
 _EXAMPLE_VALUES = {"sv_ratio": "--value 4", "sv_fro": "--value 0.9", "sv_cumulative": "--value 0.6"}
 
@@ -35,12 +35,13 @@ class Budget:
 
 
 def parse_budget(text: str) -> Budget:
-    """Parse "50MB", "1.5GB", "800KiB" (file size; KB/MB/GB are powers of 1000) or "20M params" (parameter count)."""
+    """Parse "50MB", "1.5GB", "800KiB" (file size; KB/MB/GB are powers of 1000) or "20M", "20M params",
+    "12500000" (parameter count, as extract's --size reads it)."""
     match = _BUDGET.match(text)
     if not match:
-        raise ValueError(f"size {text!r}: expected a file size like 50MB, 1.5GB, 800KiB or a count like '20M params'")
+        raise ValueError(f"size {text!r}: expected a file size like 50MB, 1.5GB, 800KiB or a parameter count like 20M")
     number, unit = float(match.group(1)), re.sub(r"\s+", "", match.group(2).lower())
-    if unit.endswith(("param", "params")):
+    if not unit.endswith("b"):
         amount, field = number * _COUNT_PREFIXES[unit.removesuffix("s").removesuffix("param")], "params"
     else:
         amount, field = number * _BYTE_UNITS[unit], "bytes"
@@ -73,7 +74,7 @@ class ResizeConfig:
     values (0 < value <= 1)."""
     size: tuple[str, ...] = ()
     """Global budgets, one output file each: a file size ("50MB", "1.5GB", "800KiB"; KB/MB/GB are powers of 1000)
-    or a parameter count ("20M params"). Ranks are allocated across layers for the most kept energy."""
+    or a parameter count ("20M", "20M params"). Ranks are allocated across layers for the most kept energy."""
     alpha: float | None = None
     """The one alpha written for every module (each layer's scale is folded into its factors); default: the
     largest written rank."""

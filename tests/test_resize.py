@@ -336,6 +336,8 @@ def test_output_names_are_checked_before_any_work(tmp_path):
         ("800KiB", 819_200, None),
         ("20M params", None, 20_000_000),
         ("1000param", None, 1000),
+        ("50M", None, 50_000_000),
+        ("12500000", None, 12_500_000),
     ],
 )
 def test_parse_budget(text, nbytes, params):
