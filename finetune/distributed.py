@@ -1,0 +1,346 @@
+"""Several processes and DeepSpeed ZeRO: launch checks, one module for the engine, collective weight gathering.
+
+Under ``accelerate launch --num_processes N`` every process runs the whole trainer; files in RUN/ are written by the
+main process only. DeepSpeed wraps exactly one module per Accelerator, so the trained parts go into one
+``Denoiser``. Under ZeRO-3 each process holds only a slice of every weight: reading whole weights (to save or
+sample) is a collective operation, so every process calls the gathering functions here, in the same order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from finetune.config import FinetuneConfig
+from finetune.text import encode_prompt
+from xlbake.errors import ConfigError
+from xlbake.fileio import save_safetensors_atomic
+
+ZERO3 = 3
+OFFLOAD_OPTIMIZERS = ("adamw",)
+"""Optimizers accelerate turns into DeepSpeed's CPU optimizer with the same update rule (DeepSpeedCPUAdam in AdamW
+mode); it would silently turn any other into CPU Adam."""
+TRACE_ENV = "XLBAKE_TRACE_DIR"
+"""Debug hook for multi-process tests: each process records its batches, final weights and writes in this folder."""
+WRITE_EVENTS = ("os.rename", "os.mkdir", "os.remove", "os.rmdir", "shutil.rmtree")
+"""Audit events (besides opening for writing) that change the file system; the path is the last str argument."""
+_AUDITED: list[int] = []  # ranks whose writes this process already records (audit hooks cannot be removed)
+
+
+@dataclass(frozen=True)
+class ZeroSettings:
+    """The DeepSpeed settings of a launch that the finetune config must agree with."""
+
+    stage: int  # ZeRO stage 0-3
+    offload_optimizer: str  # "none" | "cpu" | "nvme"
+    gradient_clipping: float | None  # None: "auto" (filled from optim.max_grad_norm)
+    grad_accum: int | None  # None: "auto" (filled from train.grad_accum)
+    micro_batch: int | None  # None: "auto" (filled from train.batch_size)
+
+
+def zero_settings(plugin: Any) -> ZeroSettings:
+    """The settings of an accelerate ``DeepSpeedPlugin`` (from launch flags, a YAML or a DeepSpeed JSON)."""
+    ds = plugin.deepspeed_config
+
+    def number(value: Any) -> float | None:
+        return None if value in (None, "auto") else float(value)
+
+    zero = ds.get("zero_optimization", {})
+    clipping, accum, micro = (
+        number(ds.get(k))
+        for k in ("gradient_clipping", "gradient_accumulation_steps", "train_micro_batch_size_per_gpu")
+    )
+    return ZeroSettings(
+        stage=int(zero.get("stage", plugin.zero_stage)),
+        offload_optimizer=str(zero.get("offload_optimizer", {}).get("device", "none")),
+        gradient_clipping=clipping,
+        grad_accum=None if accum is None else int(accum),
+        micro_batch=None if micro is None else int(micro),
+    )
+
+
+def launch_zero_settings() -> ZeroSettings | None:
+    """The DeepSpeed settings ``accelerate launch`` passed to this process, or None without DeepSpeed."""
+    if not _flag("ACCELERATE_USE_DEEPSPEED"):
+        return None
+    from accelerate.utils import DeepSpeedPlugin
+
+    return zero_settings(DeepSpeedPlugin())
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "false").lower() in ("1", "true", "yes")
+
+
+def check_zero(cfg: FinetuneConfig, zero: ZeroSettings) -> None:
+    """ConfigError listing every setting of ``cfg`` that cannot run under the DeepSpeed settings ``zero``."""
+    errors = []
+    if zero.stage == ZERO3 and cfg.ema.enabled:
+        errors.append(
+            "ema.enabled: EMA cannot follow DeepSpeed ZeRO-3, which splits every weight over the processes "
+            "(ema-pytorch would average empty slices); train EMA runs with plain DDP "
+            "(configs/accelerate/multi-gpu.yaml) "
+            "or set ema.enabled: false"
+        )
+    elif cfg.ema.enabled and cfg.precision.mixed != "no":
+        errors.append(
+            f"ema.enabled: under DeepSpeed with precision.mixed: {cfg.precision.mixed} the model holds only 16-bit "
+            "copies of the weights (the fp32 masters are split over the processes) and EMA would average their "
+            "rounding; train EMA runs with plain DDP (configs/accelerate/multi-gpu.yaml) or precision.mixed: no"
+        )
+    if zero.offload_optimizer != "none" and cfg.optim.name not in OFFLOAD_OPTIMIZERS:
+        errors.append(
+            f"optim.name: {cfg.optim.name} cannot run with DeepSpeed optimizer offload (accelerate would replace "
+            "it with DeepSpeed's CPU Adam); use adamw, or offload_optimizer_device: none"
+        )
+    if zero.gradient_clipping is not None and zero.gradient_clipping != cfg.optim.max_grad_norm:
+        errors.append(
+            f"optim.max_grad_norm: {cfg.optim.max_grad_norm} but DeepSpeed clips at {zero.gradient_clipping} "
+            "(it clips inside its own step); make gradient_clipping in the accelerate config equal, or auto"
+        )
+    if zero.grad_accum is not None and zero.grad_accum != cfg.train.grad_accum:
+        errors.append(
+            f"train.grad_accum: {cfg.train.grad_accum} but DeepSpeed accumulates {zero.grad_accum} batches; "
+            "make gradient_accumulation_steps in the accelerate config equal, or auto"
+        )
+    if zero.micro_batch is not None and zero.micro_batch != cfg.train.batch_size:
+        errors.append(
+            f"train.batch_size: {cfg.train.batch_size} but DeepSpeed's train_micro_batch_size_per_gpu is "
+            f"{zero.micro_batch}; make them equal, or auto"
+        )
+    if errors:
+        raise ConfigError("; ".join(errors))
+
+
+def check_launch(cfg: FinetuneConfig) -> None:
+    """Refuse, before anything is loaded or written, a config the DeepSpeed launch of this process cannot run."""
+    zero = launch_zero_settings()
+    if zero is not None:
+        check_zero(cfg, zero)
+
+
+def setup_zero(accelerator: Any, cfg: FinetuneConfig) -> ZeroSettings | None:
+    """Under DeepSpeed: check ``cfg`` against its settings, fill its ``auto`` values from ``cfg``; else None."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return None
+    plugin = accelerator.state.deepspeed_plugin
+    zero = zero_settings(plugin)
+    check_zero(cfg, zero)
+    configure_zero(plugin, cfg)
+    if plugin.zero3_init_flag:
+        # zero.Init would build every transformers model already split, which our loading (a meta-device build,
+        # then the checkpoint's tensors) cannot fill: each process loads the whole model, prepare splits it.
+        from transformers.integrations import unset_hf_deepspeed_config
+
+        plugin.zero3_init_flag = False
+        unset_hf_deepspeed_config()
+    return zero
+
+
+def configure_zero(plugin: Any, cfg: FinetuneConfig) -> None:
+    """Fill DeepSpeed's ``auto`` batch size and clipping from ``cfg`` (our data loader is not passed to prepare)."""
+    ds = plugin.deepspeed_config
+    for key, value in (
+        ("train_micro_batch_size_per_gpu", cfg.train.batch_size),
+        ("gradient_clipping", cfg.optim.max_grad_norm),
+    ):
+        if ds.get(key, "auto") == "auto":
+            ds[key] = value
+
+
+class Denoiser(nn.Module):
+    """SDXL's text encoders and UNet as one module: token ids and noisy latents -> the UNet's prediction.
+
+    Only the ``trained`` parts are submodules (what DeepSpeed wraps, partitions and casts); the others are called
+    but stay as they are (fp32, whole, not in the engine's state).
+    """
+
+    def __init__(self, parts: Mapping[str, nn.Module], trained: Collection[str]) -> None:
+        super().__init__()
+        self.trained = nn.ModuleDict({name: parts[name] for name in trained})
+        self.parts = dict(parts)  # a plain dict: not registered, so not part of this module's parameters
+
+    def forward(
+        self, noisy_latents: Tensor, timesteps: Tensor, input_ids_1: Tensor, input_ids_2: Tensor, time_ids: Tensor
+    ) -> Tensor:
+        """noisy_latents (B, 4, h, w), timesteps (B,), input_ids_1/2 (B, C, 77), time_ids (B, 6) -> (B, 4, h, w)."""
+        unet = self.parts["unet"]
+        dtype = next(unet.parameters()).dtype  # DeepSpeed casts what it wraps to 16 bits, and not the inputs
+        prompt_embeds, pooled_prompt_embeds = encode_prompt(
+            self.parts["te1"], self.parts["te2"], input_ids_1, input_ids_2
+        )
+        added = {"text_embeds": pooled_prompt_embeds.to(dtype), "time_ids": time_ids.to(dtype)}
+        return unet(noisy_latents.to(dtype), timesteps, prompt_embeds.to(dtype), added_cond_kwargs=added).sample
+
+
+def fixed_tensors(module: nn.Module) -> dict[str, Tensor]:
+    """CPU copies of a module's state-dict entries that training does not change (frozen weights, buffers).
+
+    Taken before DeepSpeed partitions or casts them, so that saved checkpoints hold them exactly.
+    """
+    trained = {name for name, p in module.named_parameters(remove_duplicate=False) if p.requires_grad}
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items() if k not in trained}
+
+
+def gather_state_dict(module: nn.Module, fixed: Mapping[str, Tensor], keep: bool) -> dict[str, Tensor]:
+    """The whole state dict of a module trained by DeepSpeed ZeRO (any stage), on the CPU, trained weights in fp32.
+
+    Trained weights come from the optimizer's fp32 master copies, the rest from ``fixed`` (``fixed_tensors``).
+    Collective: every process calls it with the same module; only those with ``keep`` get the tensors (the others
+    an empty dict, so that one whole copy is held only where it is written).
+    """
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    params = dict(module.named_parameters(remove_duplicate=False))
+    out: dict[str, Tensor] = {}
+    for name in module.state_dict(keep_vars=True):
+        param = params.get(name)
+        if param is not None and param.requires_grad:
+            full = safe_get_full_fp32_param(param)  # an all-gather / all-reduce over the processes
+            if keep:
+                out[name] = full.detach().cpu().clone()
+        elif keep:
+            out[name] = fixed[name]
+    return out
+
+
+def trained_state_dicts(
+    model: Any, parts: Sequence[str], fixed: Mapping[str, Mapping[str, Tensor]] | None, keep: bool
+) -> dict[str, dict[str, Tensor]]:
+    """Whole state dicts of the trained ``parts`` of an ``SdxlModel``: gathered from DeepSpeed when ``fixed``
+    (part -> ``fixed_tensors``) is given, a collective where only ``keep`` processes get tensors; else the modules'."""
+    if not fixed:
+        return {name: model.part(name).state_dict() for name in parts}
+    return {name: gather_state_dict(model.part(name), fixed[name], keep) for name in parts}
+
+
+@contextlib.contextmanager
+def whole_parameters(module: nn.Module, zero3: bool) -> Iterator[None]:
+    """Inside: every parameter of ``module`` is whole on every process (ZeRO-3 gathers them; a collective)."""
+    if not zero3:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+        yield
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The training generator's seed for a process: ``seed`` on the main one, an independent stream elsewhere.
+
+    Every process drawing the same noise and timesteps would shrink the effective batch for those draws.
+    """
+    if rank == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def start_processes() -> Any:
+    """accelerate's process state, joined to the other processes of a launch (before any ``Accelerator``).
+
+    accelerate joins processes only through a GPU backend, or gloo with ACCELERATE_USE_CPU (which DeepSpeed
+    refuses): DeepSpeed without a GPU is given gloo here. ConfigError when launched processes stay apart.
+    """
+    from accelerate import PartialState
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    deepspeed, cpu = _flag("ACCELERATE_USE_DEEPSPEED"), _flag("ACCELERATE_USE_CPU")
+    if world > 1 and deepspeed and cpu:
+        raise ConfigError(
+            "ACCELERATE_USE_CPU=true makes accelerate skip DeepSpeed; unset it (without GPUs DeepSpeed runs on the CPU)"
+        )
+    gloo = world > 1 and deepspeed and not torch.cuda.is_available()
+    processes = PartialState(cpu=cpu, **({"backend": "gloo"} if gloo else {}))
+    if os.environ.get(TRACE_ENV):
+        audit_writes(Path(os.environ[TRACE_ENV]), processes.process_index)
+    if processes.num_processes != world:
+        raise ConfigError(
+            f"accelerate launch started {world} processes but accelerate joined {processes.num_processes}: without "
+            "GPUs set ACCELERATE_USE_CPU=true for DDP (configs/accelerate/cpu-2proc-ddp.yaml), unset it for DeepSpeed"
+        )
+    return processes
+
+
+def prepare_run_dir_once(cfg: FinetuneConfig, resume: bool, force: bool) -> Path:
+    """``saving.prepare_run_dir`` on the main process only, the others waiting (no process sees another's files).
+
+    If the main process refuses the folder it exits, and the launcher stops the others.
+    """
+    from finetune.saving import prepare_run_dir
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return prepare_run_dir(cfg, resume=resume, force=force)
+    processes = start_processes()
+    if processes.is_main_process:
+        prepare_run_dir(cfg, resume=resume, force=force)
+    processes.wait_for_everyone()
+    return Path(cfg.run_dir)
+
+
+class RankTrace:
+    """What one process trained on and ended with, for tests of multi-process runs (XLBAKE_TRACE_DIR=<folder>).
+
+    ``<folder>/rank{N}.txt``: one line per image of every batch, ``epoch step path``; ``<folder>/rank{N}.safetensors``:
+    the process's whole trained weights at the end (gathered under ZeRO-3). The folder is outside RUN/.
+    """
+
+    def __init__(self, folder: Path, rank: int) -> None:
+        self.folder, self.rank = Path(folder), rank
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.batches = self.folder / f"rank{rank}.txt"
+
+    @classmethod
+    def from_env(cls, rank: int) -> RankTrace | None:
+        """The trace of process ``rank`` if XLBAKE_TRACE_DIR is set, else None."""
+        folder = os.environ.get(TRACE_ENV)
+        return cls(Path(folder), rank) if folder else None
+
+    def batch(self, epoch: int, step: int, paths: Sequence[str]) -> None:
+        """Record the images of one batch (``step``: optimizer steps done before it)."""
+        with open(self.batches, "a", encoding="utf-8") as handle:
+            handle.writelines(f"{epoch} {step} {path}\n" for path in paths)
+
+    def weights(self, state_dicts: Mapping[str, Mapping[str, Tensor]]) -> Path:
+        """Write this process's final weights (part -> state dict) as ``{part}.{key}`` tensors."""
+        tensors = {f"{part}.{key}": t for part, sd in state_dicts.items() for key, t in sd.items()}
+        return save_safetensors_atomic(tensors, self.folder / f"rank{self.rank}.safetensors", force=True)
+
+
+def audit_writes(folder: Path, rank: int) -> Path:
+    """Record every path this process opens for writing, creates, renames to or removes, one ``event path`` line
+    each, in ``<folder>/rank{N}.writes.txt`` (a Python audit hook: writes made by C code to files it opened itself
+    are not seen; ours all start in Python, with an atomic temp file). For tests; once per process."""
+    path = Path(folder) / f"rank{rank}.writes.txt"
+    if _AUDITED:
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    log = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 (open for the life of the process)
+    writing = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+
+    def hook(event: str, args: tuple) -> None:
+        if event == "open":  # (path, mode or None for os.open, flags)
+            mode, flags = args[1], args[2]
+            changes = any(c in mode for c in "wax+") if isinstance(mode, str) else bool(flags & writing)
+            paths = args[:1]
+        else:
+            changes = event in WRITE_EVENTS
+            paths = args
+        paths = [a for a in paths if isinstance(a, (str, bytes, os.PathLike))]
+        if changes and paths:
+            log.write(f"{event} {os.fsdecode(paths[-1])}\n")
+
+    sys.addaudithook(hook)
+    _AUDITED.append(rank)
+    return path
