@@ -13,8 +13,7 @@ import json
 import logging
 import os
 import shutil
-import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +42,7 @@ class TrainerState:
     batches_in_epoch: int = 0  # batches of `epoch` already consumed
     sampler: dict[str, Any] = field(default_factory=dict)
     generator: str = ""  # base64 of the training generator's state (noise, timesteps, VAE sampling)
+    generators: list[str] = field(default_factory=list)  # every process's generator state, by rank (several)
     nan_skips: int = 0  # optimizer steps skipped in a row for a non-finite loss
     losses: list[float] = field(default_factory=list)  # mean loss of each optimizer step
     lrs: list[float] = field(default_factory=list)  # first param group's LR at each optimizer step
@@ -104,28 +104,45 @@ def write_state(
     save_accelerate: Any,
     ema_tensors: Mapping[str, torch.Tensor],
     keep: int,
+    *,
+    main: bool = True,
+    barrier: Callable[[], None] = lambda: None,
 ) -> Path:
-    """Write a state folder atomically and prune old ones; ``save_accelerate(folder)`` writes accelerate's files."""
-    root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(f"{TEMP_PREFIX}*"):  # left by a save that was killed
-        shutil.rmtree(stale, ignore_errors=True)
+    """Write a state folder atomically and prune old ones; ``save_accelerate(folder)`` writes accelerate's files.
+
+    With several processes every one calls this (``barrier`` waits for all of them): each writes its own files
+    (accelerate's RNG states, DeepSpeed's optimizer shards) into one staging folder; only the ``main`` process
+    writes ours, renames the folder into place and prunes.
+    """
     final = root / f"{STATE_PREFIX}{state.global_step:08d}"
-    staging = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=root))
+    staging = root / f"{TEMP_PREFIX}{final.name}"
+    if main:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(f"{TEMP_PREFIX}*"):  # left by a save that was killed
+            shutil.rmtree(stale, ignore_errors=True)
+        staging.mkdir()
+    barrier()
     try:
         save_accelerate(staging)
-        if ema_tensors:
-            save_file({k: v.detach().contiguous().cpu() for k, v in ema_tensors.items()}, str(staging / EMA_FILE))
-        (staging / STATE_FILE).write_text(json.dumps(asdict(state), indent=1), encoding="utf-8")
-        _fsync_tree(staging)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
+        barrier()
+        if main:
+            if ema_tensors:
+                tensors = {k: v.detach().contiguous().cpu() for k, v in ema_tensors.items()}
+                save_file(tensors, str(staging / EMA_FILE))
+            (staging / STATE_FILE).write_text(json.dumps(asdict(state), indent=1), encoding="utf-8")
+            _fsync_tree(staging)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(staging, final)
     except OSError as exc:
         raise TrainingError(f"{final}: cannot save training state ({exc.strerror}); free disk space") from exc
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    for old in state_dirs(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        if main:
+            shutil.rmtree(staging, ignore_errors=True)
+    if main:
+        for old in state_dirs(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
     return final
 
 
