@@ -77,12 +77,23 @@ def prepare_run_dir(cfg: Any, resume: bool, force: bool) -> Path:
     return run_dir
 
 
-def collect_weights(model: SdxlModel, emas: Mapping[str, Any], kinds: Sequence[str]) -> list[Weights]:
-    """State dicts to save, one ``Weights`` per kind ("raw" or "ema"; parts without EMA give their raw weights)."""
+def collect_weights(
+    model: SdxlModel,
+    emas: Mapping[str, Any],
+    kinds: Sequence[str],
+    raw: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+) -> list[Weights]:
+    """State dicts to save, one ``Weights`` per kind ("raw" or "ema"; parts without EMA give their raw weights).
+
+    ``raw``: part name -> the raw state dict to use instead of the module's (weights gathered from DeepSpeed).
+    """
     out = []
     for kind in kinds:
         parts = pipeline_parts(model, emas if kind == "ema" else {})
         dicts = {attr: parts[attr].state_dict() for attr in (*PART_ATTRS.values(), "vae")}
+        for part, state_dict in (raw or {}).items():
+            if kind == "raw" or part not in emas:
+                dicts[PART_ATTRS[part]] = state_dict
         out.append(Weights(dicts["unet"], dicts["text_encoder"], dicts["text_encoder_2"], dicts["vae"], kind))
     return out
 
