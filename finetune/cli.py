@@ -28,10 +28,11 @@ def main(
 
     cfg = resolve_config(FinetuneConfig, config, overrides, dry_run)
     setup_logging(verbose)
-    from finetune.saving import prepare_run_dir
+    from finetune.distributed import check_launch, prepare_run_dir_once
     from finetune.trainer import run
 
-    prepare_run_dir(cfg, resume=resume is not None, force=force)
+    check_launch(cfg)  # e.g. EMA under DeepSpeed ZeRO-3, refused before anything is loaded or written
+    prepare_run_dir_once(cfg, resume=resume is not None, force=force)
     result = run(cfg, resume)
     if result.interrupted:
         click.echo(f"Interrupted at step {result.global_step}; state saved in {result.state_dir}.", err=True)
