@@ -17,13 +17,24 @@ import torch
 from accelerate import Accelerator
 from accelerate.data_loader import prepare_data_loader
 from accelerate.logging import get_logger
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from finetune import saving
 from finetune.config import FinetuneConfig
 from finetune.data import BucketBatchSampler, build_dataset, collate, steps_per_epoch
+from finetune.distributed import (
+    ZERO3,
+    Denoiser,
+    RankTrace,
+    fixed_tensors,
+    rank_seed,
+    setup_zero,
+    start_processes,
+    trained_state_dicts,
+    whole_parameters,
+)
 from finetune.model import PART_ATTRS, SdxlModel, load_model, make_ema, resolve_inputs, setup_trainable
 from finetune.objective import (
     add_noise,
@@ -39,7 +50,6 @@ from finetune.objective import (
 )
 from finetune.optim import build_optimizer, build_scheduler, current_lrs
 from finetune.state import TrainerState, decode_generator, encode_generator, find_resume, read_state, write_state
-from finetune.text import encode_prompt
 from xlbake.config import config_hash, dump_yaml, to_dict
 from xlbake.errors import ConfigError, TrainingError
 
@@ -74,6 +84,7 @@ class Trainer:
     def setup(self) -> None:
         """Load the model and data, build optimizer/scheduler/EMA, prepare with accelerate, restore a state."""
         cfg = self.cfg
+        start_processes()  # join a launch's processes as accelerate alone would not (DeepSpeed on CPU)
         self.accelerator = acc = Accelerator(
             gradient_accumulation_steps=cfg.train.grad_accum,
             mixed_precision=cfg.precision.mixed,
@@ -81,6 +92,7 @@ class Trainer:
             project_dir=str(self.run_dir / saving.LOGS),
             dynamo_backend="inductor" if cfg.model.compile else "no",
         )
+        self.zero = setup_zero(acc, cfg)  # DeepSpeed's settings (checked against cfg), None without DeepSpeed
         if cfg.data.cache_latents:
             raise ConfigError("data.cache_latents: latent caching is not available yet; set it to false")
         if cfg.log.wandb and importlib.util.find_spec("wandb") is None:
@@ -111,20 +123,12 @@ class Trainer:
         )
         optimizer = build_optimizer(groups, cfg.optim)
         scheduler = build_scheduler(optimizer, cfg.optim, self.total_steps, acc.num_processes)
-        *trained, self.optimizer, self.lr_scheduler = acc.prepare(
-            *[self.model.part(n) for n in self.parts], optimizer, scheduler
-        )
-        self.modules = {name: self.model.part(name) for name in PART_ATTRS} | dict(
-            zip(self.parts, trained, strict=True)
-        )
-        self.model.vae.to(acc.device)
-        for name, module in self.modules.items():
-            if name not in self.parts:
-                module.to(acc.device)
+        self._prepare(optimizer, scheduler)
         loader = DataLoader(dataset, batch_sampler=self.sampler, collate_fn=collate, num_workers=cfg.train.num_workers)
         # The sampler already splits batches between processes: accelerate must not shard them again.
         self.loader = prepare_data_loader(loader, acc.device, num_processes=1, process_index=0, put_on_device=True)
-        self.generator = torch.Generator().manual_seed(cfg.train.seed)
+        self.generator = torch.Generator().manual_seed(rank_seed(cfg.train.seed, acc.process_index))
+        self.trace = RankTrace.from_env(acc.process_index)  # XLBAKE_TRACE_DIR: tests of multi-process runs
         if self.resume:
             self._restore(self.resume)
         if cfg.log.tensorboard or cfg.log.wandb:
@@ -139,15 +143,30 @@ class Trainer:
             self.state.global_step,
         )
 
+    def _prepare(self, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
+        """accelerate.prepare the trained parts: each on its own (DDP), or as one Denoiser under DeepSpeed."""
+        acc, parts = self.accelerator, {name: self.model.part(name) for name in PART_ATTRS}
+        self.fixed = {name: fixed_tensors(parts[name]) for name in self.parts} if self.zero else None
+        if self.zero:
+            engine, self.optimizer, self.lr_scheduler = acc.prepare(Denoiser(parts, self.parts), optimizer, scheduler)
+            self.prepared, self.denoiser = [engine], engine
+        else:
+            *self.prepared, self.optimizer, self.lr_scheduler = acc.prepare(
+                *[parts[n] for n in self.parts], optimizer, scheduler
+            )
+            self.denoiser = Denoiser(parts | dict(zip(self.parts, self.prepared, strict=True)), trained=())
+        for module in [self.model.vae, *(parts[name] for name in PART_ATTRS if name not in self.parts)]:
+            module.to(acc.device)
+
     def _restore(self, resume: str) -> None:
-        folder = find_resume(self.run_dir / saving.STATE, resume)
+        folder, acc = find_resume(self.run_dir / saving.STATE, resume), self.accelerator
         if folder is None:
             logger.info("no training state in %s: starting from the beginning", self.run_dir / saving.STATE)
             return
         saved, ema_tensors = read_state(folder, self.state.config, self.state.config_hash)
-        self.accelerator.load_state(str(folder))
+        acc.load_state(str(folder))
         self.sampler.load_state_dict(saved.sampler)  # refuses a changed dataset, seed, batch size or process count
-        decode_generator(self.generator, saved.generator)
+        decode_generator(self.generator, saved.generators[acc.process_index] if saved.generators else saved.generator)
         for name, ema in self.emas.items():
             ema.load_state_dict({k.split(".", 1)[1]: v for k, v in ema_tensors.items() if k.startswith(name + ".")})
         self.state = replace(saved, config_hash=self.state.config_hash, config=self.state.config)
@@ -173,7 +192,9 @@ class Trainer:
                 skip = False  # a non-finite loss in this accumulation window (with on_nan: skip)
                 timer = saving.DataTimer()
                 for batch in timer.wrap(self.loader):
-                    with acc.accumulate(*(self.modules[p] for p in self.parts)):
+                    if self.trace:
+                        self.trace.batch(state.epoch, state.global_step, batch["path"])
+                    with acc.accumulate(*self.prepared):
                         loss = self.training_step(batch)
                         if self._loss_is_finite(loss):
                             acc.backward(loss)
@@ -198,6 +219,8 @@ class Trainer:
                     return self._interrupted()
         bar.close()
         self.save("final")
+        if self.trace:
+            self.trace.weights(trained_state_dicts(self.model, self.parts, self.fixed, keep=True))
         if cfg.sample.prompts:
             self.sample("final")
         return self._result(interrupted=False)
@@ -229,11 +252,9 @@ class Trainer:
         noisy_latents = add_noise(latents, input_noise, timesteps, alphas_cumprod)
         time_ids = compute_time_ids(batch["original_size"], batch["crop_top_left"], batch["target_size"])
         with acc.autocast():
-            prompt_embeds, pooled_prompt_embeds = encode_prompt(
-                self.modules["te1"], self.modules["te2"], batch["input_ids_1"], batch["input_ids_2"]
+            pred = self.denoiser(
+                noisy_latents, timesteps, batch["input_ids_1"], batch["input_ids_2"], time_ids.to(acc.device)
             )
-            added = {"text_embeds": pooled_prompt_embeds, "time_ids": time_ids.to(acc.device)}
-            pred = self.modules["unet"](noisy_latents, timesteps, prompt_embeds, added_cond_kwargs=added).sample
         target = target_for(cfg.loss.prediction, latents, noise, timesteps, alphas_cumprod)
         huber_c = None
         if cfg.loss.loss_type in ("huber", "smooth_l1"):
@@ -322,35 +343,40 @@ class Trainer:
     def weights(self) -> list[saving.Weights]:
         """The model's state dicts to save: raw, EMA, or both (EMA first), per checkpoint.weights."""
         kinds = {"raw": ("raw",), "ema": ("ema",), "both": ("ema", "raw")}[self.cfg.checkpoint.weights]
-        return saving.collect_weights(self.model, self.emas, kinds)
+        # Under DeepSpeed the fp32 weights are gathered (split under ZeRO-3): every process takes part
+        raw = trained_state_dicts(self.model, self.parts, self.fixed, keep=self.accelerator.is_main_process)
+        return saving.collect_weights(self.model, self.emas, kinds, raw=raw)
 
     def save(self, tag: str) -> list[Path]:
-        """Save model checkpoint(s) for ``tag`` ("final" writes the run's tuned*.safetensors), then the state."""
+        """Save model checkpoint(s) for ``tag`` ("final" writes the run's tuned*.safetensors), then the state.
+
+        Every process calls it (gathering DeepSpeed's weights is collective); only the main process writes.
+        """
         acc, cfg = self.accelerator, self.cfg
         acc.wait_for_everyone()
         written: list[Path] = []
-        if acc.is_main_process:
-            weights, meta = self.weights(), self._metadata()
-            if tag == "final":
-                written = saving.save_final(
-                    self.run_dir, weights, cfg.checkpoint.dtype, cfg.checkpoint.fp32_copy, self.inputs.base, meta
-                )
-                if cfg.log.loss_plot:
-                    saving.write_loss_plot(self.state.losses, self.state.lrs, self.run_dir / saving.LOSS_PNG)
-                if cfg.checkpoint.diffusers:
-                    emas = self.emas if weights[0].kind == "ema" else {}
-                    written.append(
-                        saving.save_diffusers_folder(
-                            saving.pipeline_parts(self.model, emas), self.run_dir / saving.DIFFUSERS_DIR
-                        )
-                    )
-                self.outputs = written
-            else:
-                written = saving.save_intermediate(
-                    self.run_dir, tag, weights, cfg.checkpoint.dtype, cfg.checkpoint.keep_last, meta
-                )
+        weights, meta = self.weights(), self._metadata()
+        if acc.is_main_process and tag == "final":
+            written = saving.save_final(
+                self.run_dir, weights, cfg.checkpoint.dtype, cfg.checkpoint.fp32_copy, self.inputs.base, meta
+            )
+            if cfg.log.loss_plot:
+                saving.write_loss_plot(self.state.losses, self.state.lrs, self.run_dir / saving.LOSS_PNG)
+        elif acc.is_main_process:
+            written = saving.save_intermediate(
+                self.run_dir, tag, weights, cfg.checkpoint.dtype, cfg.checkpoint.keep_last, meta
+            )
+        if tag == "final" and cfg.checkpoint.diffusers:
+            emas = self.emas if weights[0].kind == "ema" else {}
+            with whole_parameters(self.denoiser, self._zero3()):
+                if acc.is_main_process:
+                    parts = saving.pipeline_parts(self.model, emas)
+                    written.append(saving.save_diffusers_folder(parts, self.run_dir / saving.DIFFUSERS_DIR))
+        if written:
             logger.info("saved %s", ", ".join(str(p) for p in written))
-        if tag != "final" and cfg.checkpoint.save_state:
+        if tag == "final":
+            self.outputs = written
+        elif cfg.checkpoint.save_state:
             self.save_state()
         return written
 
@@ -360,6 +386,7 @@ class Trainer:
         saving.check_finite(self.weights()[0])
         state.sampler = self._sampler_state()
         state.generator = encode_generator(self.generator)
+        state.generators = gather_object([state.generator]) if acc.num_processes > 1 else []
         ema_tensors = {f"{n}.{k}": v for n, ema in self.emas.items() for k, v in ema.state_dict().items()}
         self.state_dir = write_state(
             self.run_dir / saving.STATE,
@@ -367,6 +394,8 @@ class Trainer:
             lambda d: acc.save_state(str(d)),
             ema_tensors,
             self.cfg.checkpoint.keep_states,
+            main=acc.is_main_process,
+            barrier=acc.wait_for_everyone,
         )
         return self.state_dir
 
@@ -374,11 +403,14 @@ class Trainer:
         """Render the configured prompts with the weights that are saved (EMA if so) into RUN/samples."""
         from finetune.sampling import render_samples
 
-        if not self.accelerator.is_main_process:
-            return []
         parts = saving.pipeline_parts(self.model, self.emas if self.cfg.checkpoint.weights != "raw" else {})
-        with self.accelerator.autocast():
+        with whole_parameters(self.denoiser, self._zero3()), self.accelerator.autocast():
+            if not self.accelerator.is_main_process:
+                return []
             return render_samples(parts, self.cfg.sample, self.run_dir / saving.SAMPLES, tag)
+
+    def _zero3(self) -> bool:
+        return self.zero is not None and self.zero.stage == ZERO3
 
     def _metadata(self) -> dict[str, str]:
         return {
