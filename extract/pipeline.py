@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -86,7 +87,13 @@ def run_extract(cfg: ExtractConfig, *, force: bool = False, echo: Callable[[str]
         sources = {name: {"file": path.name, "fingerprint": fingerprint(path)} for name, path in _inputs(cfg)}
         echo(f"factoring {len(targets)} layers ({settings.svd} SVD, rank {settings.rank}, on {settings.device})")
         layers, diffs = [], []
-        for layer, diff in tqdm(iter_layers(base, tuned, targets, settings), total=len(targets), unit="layer"):
+        for layer, diff in tqdm(
+            iter_layers(base, tuned, targets, settings),
+            total=len(targets),
+            unit="layer",
+            disable=not sys.stderr.isatty(),  # a bar only on a terminal; logs and errors stay one line each
+            leave=False,
+        ):
             layers.append(layer)
             diffs.append(diff)
     decisions = tuple(decide(stat, cfg.min_diff) for stat in component_totals(diffs).values())
@@ -118,6 +125,12 @@ def extraction_targets(base: CheckpointReader, tuned: CheckpointReader, *, conv:
     if not targets:
         raise InputError(f"{base.path}: no LoRA layers found (kohya's SDXL module set); is it an SDXL checkpoint?")
     for target in targets:
+        for reader, shapes in ((base, base_shapes), (tuned, tuned_shapes)):
+            if target.key in shapes and not reader.dtype(target.key).is_floating_point:
+                raise InputError(
+                    f"{reader.path}: {target.key} is stored as {reader.dtype(target.key)}, not a float type; "
+                    "export the checkpoint as fp32/fp16/bf16 safetensors"
+                )
         shape, other = base_shapes[target.key], tuned_shapes.get(target.key)
         if other is None:
             raise InputError(
