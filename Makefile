@@ -18,7 +18,7 @@ PY := $(VENV)/bin/python
 # A pinned torch: on this CPU machine it resolves to the local CPU build, on a CUDA Linux box PyPI's default
 # build is the CUDA one. Another build: make install TORCH_SPEC="torch==2.13.0 --index-url <wheel index>".
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= dev
+EXTRAS ?= dev,test
 STAMP := $(VENV)/.installed
 
 # One run: CONCEPT=name (concepts/name.yaml, or a path to a concept YAML) sets RUN and the finetune arguments from
