@@ -3,7 +3,9 @@
 A state folder ``RUN/state/step-00000123/`` holds accelerate's files (trained weights, optimizer, scheduler,
 gradient scaler, RNG states), ``trainer_state.json`` (step, epoch, position in the epoch, sampler state, our
 generator's state, loss history, the resolved config) and ``ema.safetensors``. It is written beside its final
-name and renamed into place, so a crash leaves the previous states intact; only the newest ``keep`` are kept.
+name and renamed into place, so a crash leaves the previous states intact; only the newest ``keep`` are kept. A
+step saved again (a scheduled save, then SIGTERM's) renames the older folder aside to ``step-N.replaced`` before
+the new one goes in and deletes it after, so a kill at any point leaves a complete state of that step.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from xlbake.errors import InputError, TrainingError
@@ -29,6 +32,8 @@ logger = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.json"
 EMA_FILE = "ema.safetensors"
 STATE_PREFIX = "step-"
+REPLACED_SUFFIX = ".replaced"
+"""An older state of the same step, renamed aside while its successor is renamed into place."""
 RESUME_FREE_KEYS = ("run_dir", "log.", "sample.", "checkpoint.keep_last", "checkpoint.keep_states", "train.num_workers")
 """Config keys that may change between a run and its resume (everything else must match)."""
 
@@ -80,11 +85,16 @@ def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> 
 
 
 def state_dirs(root: Path) -> list[Path]:
-    """Complete state folders under ``root``, oldest first."""
+    """Complete state folders under ``root``, oldest first: one per step, ``step-N`` or else its ``.replaced``
+    copy (a re-save of that step killed between its two renames)."""
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(STATE_PREFIX) and (p / STATE_FILE).exists()]
-    return sorted(found, key=lambda p: int(p.name[len(STATE_PREFIX) :]))
+    found: dict[int, Path] = {}
+    for path in sorted(root.iterdir(), key=lambda p: not p.name.endswith(REPLACED_SUFFIX)):  # asides first
+        step = path.name.removesuffix(REPLACED_SUFFIX).removeprefix(STATE_PREFIX)
+        if path.name.startswith(STATE_PREFIX) and step.isdigit() and (path / STATE_FILE).is_file():
+            found[int(step)] = path  # the step's own folder, listed last, wins over its aside copy
+    return [found[step] for step in sorted(found)]
 
 
 def find_resume(root: Path, resume: str) -> Path | None:
@@ -96,6 +106,15 @@ def find_resume(root: Path, resume: str) -> Path | None:
     if not (path / STATE_FILE).exists():
         raise InputError(f"{path}: not a training state folder (no {STATE_FILE}); use --resume auto or a RUN/state/*")
     return path
+
+
+def check_resume(root: Path, resume: str, config: Mapping[str, Any], config_hash: str) -> Path | None:
+    """The state folder to resume (``find_resume``), refused naming the differing keys if it was trained with
+    another config. Reads only its JSON, so that a mismatch is reported before anything is loaded or written."""
+    folder = find_resume(root, resume)
+    if folder is not None:
+        _check_config(folder, _read_trainer_state(folder), config, config_hash)
+    return folder
 
 
 def write_state(
@@ -118,8 +137,7 @@ def write_state(
     staging = root / f"{TEMP_PREFIX}{final.name}"
     if main:
         root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(f"{TEMP_PREFIX}*"):  # left by a save that was killed
-            shutil.rmtree(stale, ignore_errors=True)
+        _clean_up(root)
         staging.mkdir()
     barrier()
     try:
@@ -131,11 +149,9 @@ def write_state(
                 save_file(tensors, str(staging / EMA_FILE))
             (staging / STATE_FILE).write_text(json.dumps(asdict(state), indent=1), encoding="utf-8")
             _fsync_tree(staging)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(staging, final)
-    except OSError as exc:
-        raise TrainingError(f"{final}: cannot save training state ({exc.strerror}); free disk space") from exc
+            _move_into_place(staging, final)
+    except (OSError, SafetensorError) as exc:  # safetensors reports its own write failures (e.g. file too large)
+        raise TrainingError(f"{final}: cannot save training state ({_describe(exc)}); free disk space") from exc
     finally:
         if main:
             shutil.rmtree(staging, ignore_errors=True)
@@ -150,24 +166,65 @@ def read_state(
     folder: Path, config: Mapping[str, Any], config_hash: str
 ) -> tuple[TrainerState, dict[str, torch.Tensor]]:
     """Read our state and EMA tensors; TrainingError naming the differing keys if the config does not match."""
+    state = _read_trainer_state(folder)
+    _check_config(folder, state, config, config_hash)
+    ema_file = folder / EMA_FILE
+    ema = load_file(str(ema_file)) if ema_file.exists() else {}
+    return state, ema
+
+
+def _read_trainer_state(folder: Path) -> TrainerState:
     try:
-        raw = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
-        state = TrainerState(**raw)
+        return TrainerState(**json.loads((folder / STATE_FILE).read_text(encoding="utf-8")))
     except (OSError, ValueError, TypeError) as exc:
         raise InputError(
             f"{folder / STATE_FILE}: unreadable training state ({exc}); resume from another state"
         ) from exc
-    if state.config_hash != config_hash:
-        differing = config_differences(state.config, config)
-        if differing:
-            shown = ", ".join(differing[:8]) + (" ..." if len(differing) > 8 else "")
-            raise TrainingError(
-                f"{folder}: the config differs from the one this state was trained with ({shown}); "
-                "use the run's config.resolved.yaml or start a new run"
-            )
-    ema_file = folder / EMA_FILE
-    ema = load_file(str(ema_file)) if ema_file.exists() else {}
-    return state, ema
+
+
+def _check_config(folder: Path, state: TrainerState, config: Mapping[str, Any], config_hash: str) -> None:
+    if state.config_hash == config_hash:
+        return
+    differing = config_differences(state.config, config)
+    if differing:
+        shown = ", ".join(differing[:8]) + (" ..." if len(differing) > 8 else "")
+        raise TrainingError(
+            f"{folder}: the config differs from the one this state was trained with ({shown}); "
+            "use the run's config.resolved.yaml or start a new run"
+        )
+
+
+def _clean_up(root: Path) -> None:
+    """Remove what killed saves left: staging folders, and older states whose successor is in place (one whose
+    successor never arrived goes back under its own name)."""
+    for stale in root.glob(f"{TEMP_PREFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    for aside in root.glob(f"{STATE_PREFIX}*{REPLACED_SUFFIX}"):
+        final = aside.with_name(aside.name.removesuffix(REPLACED_SUFFIX))
+        if final.exists():
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(aside, final)
+
+
+def _move_into_place(staging: Path, final: Path) -> None:
+    """Rename ``staging`` to ``final``; an existing ``final`` is renamed aside first and deleted last."""
+    aside = final.with_name(final.name + REPLACED_SUFFIX)
+    if final.exists():
+        os.replace(final, aside)
+    try:
+        os.replace(staging, final)
+    except OSError:
+        if aside.exists():
+            os.replace(aside, final)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _describe(exc: OSError | SafetensorError) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return " ".join(str(exc).split())
 
 
 def _fsync_tree(folder: Path) -> None:
