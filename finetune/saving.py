@@ -57,19 +57,33 @@ class Weights:
     kind: str  # "raw" | "ema"
 
 
-def prepare_run_dir(cfg: Any, resume: bool, force: bool) -> Path:
-    """Gate the run folder and write ``config.resolved.yaml``: a non-empty folder needs ``resume`` or ``force``.
-
-    ``force`` without ``resume`` starts over: this run's state, checkpoints, samples and logs are removed.
-    """
-    from xlbake.config import dump_yaml
-
-    run_dir = Path(cfg.run_dir)
+def check_run_dir(run_dir: Path, resume: bool, force: bool) -> Path:
+    """Refuse, writing nothing, a run folder that cannot be used: a non-empty one needs ``resume`` or ``force``;
+    it (or, if missing, the nearest existing folder above it) must be a writable folder."""
+    run_dir = Path(run_dir)
     if run_dir.is_dir() and any(run_dir.iterdir()) and not (resume or force):
         raise OutputError(
             f"{run_dir}: run folder is not empty; pass --resume auto to continue it, --force to start over, "
             "or choose another run_dir"
         )
+    existing = run_dir.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"{run_dir}: cannot create the run folder ({existing} is a file); choose a writable run_dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"{run_dir}: {existing} is not writable; choose a writable run_dir")
+    return run_dir
+
+
+def prepare_run_dir(cfg: Any, resume: bool, force: bool) -> Path:
+    """Start the run folder (after ``check_run_dir``) and write ``config.resolved.yaml``.
+
+    ``force`` without ``resume`` starts over: this run's state, checkpoints, samples and logs are removed.
+    """
+    from xlbake.config import dump_yaml
+
+    run_dir = check_run_dir(Path(cfg.run_dir), resume, force)
     if force and not resume:
         for name in (STATE, CHECKPOINTS, SAMPLES, LOGS, DIFFUSERS_DIR):
             shutil.rmtree(run_dir / name, ignore_errors=True)
