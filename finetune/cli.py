@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from xlbake.cli import EXIT_INTERRUPTED, config_options, force_option, resolve_config, run_guarded, setup_logging
+
+if TYPE_CHECKING:
+    from finetune.config import FinetuneConfig
+    from finetune.data import CheckedData
 
 
 @click.command(name="finetune", context_settings={"help_option_names": ["-h", "--help"]})
@@ -32,8 +38,9 @@ def main(
     from finetune.trainer import run
 
     check_launch(cfg)  # e.g. EMA under DeepSpeed ZeRO-3, refused before anything is loaded or written
+    checked = check_start(cfg, resume, force)
     prepare_run_dir_once(cfg, resume=resume is not None, force=force)
-    result = run(cfg, resume)
+    result = run(cfg, resume, checked)
     if result.interrupted:
         click.echo(f"Interrupted at step {result.global_step}; state saved in {result.state_dir}.", err=True)
         click.echo(
@@ -43,3 +50,37 @@ def main(
     click.echo(f"Finished {result.global_step} steps; outputs:")
     for path in result.outputs:
         click.echo(f"  {path}")
+
+
+def check_start(cfg: FinetuneConfig, resume: str | None, force: bool) -> CheckedData | None:
+    """Check what can be known from the config and the files before the model loads or anything is written, so
+    that a refused start costs seconds and leaves the run folder as it was: the run folder, the state to resume
+    (trained with this config?), the base model's file, the dataset (every image decoded once).
+
+    Returns the checked dataset for the trainer, or None with the builtin demo dataset (drawn in setup).
+    """
+    from finetune.config import builtin_name
+    from finetune.data import check_dataset
+    from finetune.saving import STATE, check_run_dir
+    from finetune.state import check_resume
+    from xlbake.checkpoint import open_checkpoint
+    from xlbake.config import config_hash, to_dict
+    from xlbake.errors import InputError
+
+    # Under `accelerate launch` the main process may already have started the folder when another checks it: there
+    # the main process alone checks it, in prepare_run_dir_once
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        check_run_dir(cfg.run_dir, resume is not None, force)
+    if resume is not None:
+        check_resume(Path(cfg.run_dir) / STATE, resume, to_dict(cfg), config_hash(cfg))
+    base = cfg.model.base
+    if builtin_name(base) is None:
+        if not Path(base).exists():
+            raise InputError(
+                f"{base}: base model not found; set model.base to an SDXL .safetensors or diffusers folder"
+            )
+        with open_checkpoint(base):  # reads the header: refuses pickles, truncated files, non-SDXL models
+            pass
+    if any(builtin_name(root) is not None for root in cfg.data.roots):
+        return None
+    return check_dataset(cfg.data, cfg.caption)

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from finetune import saving
 from finetune.config import FinetuneConfig
-from finetune.data import BucketBatchSampler, build_dataset, collate, steps_per_epoch
+from finetune.data import BucketBatchSampler, CheckedData, build_dataset, collate, steps_per_epoch
 from finetune.distributed import (
     ZERO3,
     Denoiser,
@@ -73,8 +73,9 @@ class TrainResult:
 class Trainer:
     """Full SDXL finetune of the UNet and text encoders, with optional EMA, resumable exactly."""
 
-    def __init__(self, cfg: FinetuneConfig, resume: str | None = None) -> None:
-        self.cfg, self.resume, self.run_dir = cfg, resume, Path(cfg.run_dir)
+    def __init__(self, cfg: FinetuneConfig, resume: str | None = None, checked: CheckedData | None = None) -> None:
+        """``checked``: the dataset as ``check_dataset`` found it before the run started (else checked in setup)."""
+        self.cfg, self.resume, self.run_dir, self.checked = cfg, resume, Path(cfg.run_dir), checked
         self.state = TrainerState(config_hash=config_hash(cfg), config=to_dict(cfg))
         self.state_dir: Path | None = None
         self.outputs: list[Path] = []
@@ -109,7 +110,9 @@ class Trainer:
         self.params = [p for g in groups for p in g.params]
         tokenizers = (self.model.tokenizer, self.model.tokenizer_2)
         data_cfg = replace(cfg.data, roots=inputs.roots)
-        dataset = build_dataset(data_cfg, cfg.caption, tokenizers, seed=cfg.train.seed, logger=logger)
+        dataset = build_dataset(
+            data_cfg, cfg.caption, tokenizers, seed=cfg.train.seed, logger=logger, checked=self.checked
+        )
         self.sampler = BucketBatchSampler(
             dataset, cfg.train.batch_size, cfg.train.seed, acc.num_processes, acc.process_index
         )
@@ -441,9 +444,9 @@ class Trainer:
         GradientState._reset_state()
 
 
-def run(cfg: FinetuneConfig, resume: str | None = None) -> TrainResult:
-    """Set up, train and clean up one run (what the CLI does)."""
-    trainer = Trainer(cfg, resume)
+def run(cfg: FinetuneConfig, resume: str | None = None, checked: CheckedData | None = None) -> TrainResult:
+    """Set up, train and clean up one run (what the CLI does, after ``finetune.cli.check_start``)."""
+    trainer = Trainer(cfg, resume, checked)
     try:
         trainer.setup()
         return trainer.train()
