@@ -138,9 +138,10 @@ def setup_zero(accelerator: Any, cfg: FinetuneConfig) -> ZeroSettings | None:
     zero = zero_settings(plugin)
     check_zero(cfg, zero)
     configure_zero(plugin, cfg)
-    if plugin.zero3_init_flag:
-        # zero.Init would build every transformers model already split, which our loading (a meta-device build,
-        # then the checkpoint's tensors) cannot fill: each process loads the whole model, prepare splits it.
+    if zero.stage == ZERO3:
+        # transformers builds its models inside zero.Init whenever the active DeepSpeed config is ZeRO-3 (whatever
+        # zero3_init_flag says); our loading (a meta-device build, then the checkpoint's tensors) cannot fill split
+        # weights: each process loads the whole model, prepare splits it.
         from transformers.integrations import unset_hf_deepspeed_config
 
         plugin.zero3_init_flag = False
