@@ -18,6 +18,7 @@ from accelerate import Accelerator
 from accelerate.data_loader import prepare_data_loader
 from accelerate.logging import get_logger
 from accelerate.utils import gather_object, set_seed
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -35,6 +36,7 @@ from finetune.distributed import (
     trained_state_dicts,
     whole_parameters,
 )
+from finetune.latent_cache import CACHE_DIR, build_latent_cache
 from finetune.model import PART_ATTRS, SdxlModel, load_model, make_ema, resolve_inputs, setup_trainable
 from finetune.objective import (
     add_noise,
@@ -94,8 +96,6 @@ class Trainer:
             dynamo_backend="inductor" if cfg.model.compile else "no",
         )
         self.zero = setup_zero(acc, cfg)  # DeepSpeed's settings (checked against cfg), None without DeepSpeed
-        if cfg.data.cache_latents:
-            raise ConfigError("data.cache_latents: latent caching is not available yet; set it to false")
         if cfg.log.wandb and importlib.util.find_spec("wandb") is None:
             raise ConfigError(
                 "log.wandb: the wandb package is not installed; pip install wandb, or set log.wandb false"
@@ -113,6 +113,10 @@ class Trainer:
         dataset = build_dataset(
             data_cfg, cfg.caption, tokenizers, seed=cfg.train.seed, logger=logger, checked=self.checked
         )
+        if cfg.data.cache_latents:
+            progress = cfg.log.progress and acc.is_local_main_process
+            cache = build_latent_cache(dataset, self.model.vae, self.run_dir / CACHE_DIR, acc, progress=progress)
+            dataset.latent_source = cache
         self.sampler = BucketBatchSampler(
             dataset, cfg.train.batch_size, cfg.train.seed, acc.num_processes, acc.process_index
         )
@@ -158,7 +162,9 @@ class Trainer:
                 *[parts[n] for n in self.parts], optimizer, scheduler
             )
             self.denoiser = Denoiser(parts | dict(zip(self.parts, self.prepared, strict=True)), trained=())
-        for module in [self.model.vae, *(parts[name] for name in PART_ATTRS if name not in self.parts)]:
+        if not self.cfg.data.cache_latents or self.cfg.sample.prompts:  # cached latents: the VAE only decodes samples
+            self.model.vae.to(acc.device)
+        for module in [parts[name] for name in PART_ATTRS if name not in self.parts]:
             module.to(acc.device)
 
     def _restore(self, resume: str) -> None:
@@ -239,10 +245,13 @@ class Trainer:
     def training_step(self, batch: dict[str, Any]) -> torch.Tensor:
         """Mean weighted diffusion loss of one batch: a scalar fp32 tensor (with a graph to the trained parts)."""
         cfg, model, gen, acc = self.cfg, self.model, self.generator, self.accelerator
-        pixels = batch["pixel_values"].to(acc.device, model.vae.dtype)  # (B, 3, H, W) in [-1, 1]
-        with torch.no_grad():
-            latents = model.vae.encode(pixels).latent_dist.sample(generator=gen) * model.vae.config.scaling_factor
-        latents = latents.float()  # (B, 4, H/8, W/8)
+        if "latent_dist" in batch:  # data.cache_latents: the VAE posterior (B, 8, h, w), sampled as below
+            posterior = DiagonalGaussianDistribution(batch["latent_dist"].to(acc.device))
+        else:
+            pixels = batch["pixel_values"].to(acc.device, model.vae.dtype)  # (B, 3, H, W) in [-1, 1]
+            with torch.no_grad():
+                posterior = model.vae.encode(pixels).latent_dist
+        latents = (posterior.sample(generator=gen) * model.vae.config.scaling_factor).float()  # (B, 4, H/8, W/8)
         alphas_cumprod = model.noise_scheduler.alphas_cumprod
         noise = make_noise(
             latents, cfg.noise.noise_offset, random_strength=cfg.noise.noise_offset_random_strength, generator=gen
