@@ -15,8 +15,11 @@ from PIL import Image, ImageOps
 from safetensors.torch import load_file
 
 from finetune.captions import CaptionConfig
+from finetune.config import FinetuneConfig
 from finetune.data import DataConfig, build_dataset
-from finetune.latent_cache import TENSOR, build_latent_cache, vae_fingerprint
+from finetune.latent_cache import CACHE_DIR, TENSOR, build_latent_cache, vae_fingerprint
+from finetune.trainer import Trainer
+from xlbake.config import load_config
 
 TINY_DATA = {"resolution": 32, "min_bucket_reso": 16, "max_bucket_reso": 64, "bucket_step": 8}
 
@@ -186,3 +189,50 @@ def test_processes_share_the_encoding(data_root, tiny, encodes, tmp_path):
     # its share (every second missing latent) before the last barrier; what the other process did not write after
     assert second.at_barriers == [0, n_images // 2]
     assert len(encodes) == cache.encoded == n_images
+
+
+def run_config(tiny_paths, data_root: Path, run_dir: Path, *overrides: str) -> FinetuneConfig:
+    """A two-step center-crop run with flips, everything trained, no extra outputs."""
+    data = {
+        "run_dir": str(run_dir),
+        "model": {"base": str(tiny_paths.single_file), "components": str(tiny_paths.diffusers_dir)},
+        "data": {"roots": [str(data_root)], **TINY_DATA, "flip": True},
+        "train": {"seed": 3, "epochs": 1, "max_steps": 2, "batch_size": 2},
+        "optim": {"unet_lr": 1e-3, "te1_lr": 2e-4, "te2_lr": 2e-4},
+        "precision": {"mixed": "no"},
+        "checkpoint": {"fp32_copy": False, "save_state": False},
+        "log": {"progress": False, "tensorboard": False, "loss_plot": False},
+    }
+    return load_config(FinetuneConfig, data=data, overrides=overrides)
+
+
+def train(cfg: FinetuneConfig) -> tuple[float, ...]:
+    """The loss of every optimizer step of a run."""
+    trainer = Trainer(cfg)
+    try:
+        trainer.setup()
+        return trainer.train().losses
+    finally:
+        trainer.cleanup()
+
+
+def test_training_with_the_cache_matches_training_without(tiny_paths, data_root, encodes, tmp_path):
+    plain = train(run_config(tiny_paths, data_root, tmp_path / "plain"))
+    n_images, pixel_encodes = len(list(data_root.rglob("*.png"))), len(encodes)
+    assert pixel_encodes == 2 and not (tmp_path / "plain" / CACHE_DIR).exists()  # one encode per batch
+
+    encodes.clear()
+    cfg = run_config(tiny_paths, data_root, tmp_path / "cached", "data.cache_latents=true")
+    cached = train(cfg)
+    assert len(encodes) == len(cache_files(cfg.run_dir / CACHE_DIR)) == 2 * n_images  # no encode while training
+    assert len(cached) == len(plain) == 2
+    torch.testing.assert_close(torch.tensor(cached), torch.tensor(plain), rtol=1e-4, atol=1e-6)
+
+    encodes.clear()
+    again = Trainer(cfg)
+    try:
+        again.setup()  # a rerun in the same RUN/ finds every latent cached
+        batch = next(iter(again.loader))
+    finally:
+        again.cleanup()
+    assert encodes == [] and TENSOR in batch and "pixel_values" not in batch
