@@ -23,17 +23,41 @@ if TYPE_CHECKING:
     default=None,
     help="Continue a run: `auto` = the newest state in RUN/state (or start if there is none), or a state folder.",
 )
+@click.option("--plan", "plan_only", is_flag=True, help="Print the memory/steps plan (no weights loaded) and exit.")
+@click.option("--gpu-memory", metavar="SIZE", default=None, help="GPU size for the plan, e.g. 80GB, 48GB, 24GB.")
+@click.option("--gpus", type=click.IntRange(min=1), default=None, help="Number of GPUs for the plan.")
+@click.option(
+    "--accelerate-config",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="accelerate config the run will be launched with (DDP/DeepSpeed), for the plan.",
+)
 @force_option
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging, library messages included.")
 @run_guarded
 def main(
-    config: Path | None, overrides: tuple[str, ...], dry_run: bool, resume: str | None, force: bool, verbose: bool
+    config: Path | None,
+    overrides: tuple[str, ...],
+    dry_run: bool,
+    resume: str | None,
+    plan_only: bool,
+    gpu_memory: str | None,
+    gpus: int | None,
+    accelerate_config: Path | None,
+    force: bool,
+    verbose: bool,
 ) -> None:
     """Full SDXL finetune (UNet and both text encoders, optional EMA) into RUN (run_dir)."""
     from finetune.config import FinetuneConfig
 
     cfg = resolve_config(FinetuneConfig, config, overrides, dry_run)
     setup_logging(verbose)
+    from finetune.plan_report import check_before_training, plan_text
+
+    if plan_only:
+        click.echo(plan_text(cfg, gpu_memory=gpu_memory, gpus=gpus, accelerate_config=accelerate_config))
+        return
+    check_before_training(cfg, gpu_memory=gpu_memory, force=force, echo=click.echo)
     from finetune.distributed import check_launch, prepare_run_dir_once
     from finetune.trainer import run
 
