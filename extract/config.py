@@ -74,10 +74,11 @@ class ExtractConfig:
     The default follows the benchmark (benchmarks/bench_extract.py, numbers in the README)."""
     precision: Literal["fp32", "fp64"] = "fp32"
     """Precision of the difference and its SVD."""
-    power_iters: int = 4
-    """Power iterations of the fast SVD (more: closer to exact on a flat spectrum, slower). With the default 4 and
-    ``oversample`` 16 the fast SVD met the accuracy rule for being the default in benchmarks/bench_extract.py
-    (median excess error over exact ~0.25 %, worst ~0.4 %); 2 and 8 did not (~1.2 %)."""
+    power_iters: int = 3
+    """Power iterations of the fast SVD (more: closer to exact on a flat spectrum, slower). With ``oversample`` 16,
+    3 meets the rule for the fast SVD being the default (benchmarks/bench_extract.py: excess error over the exact
+    optimum 0.3-0.4 % median, 0.7 % worst; error on the true difference within 0.4 % of exact's) at ~20x kohya's
+    speed; 2 with oversample 8 is ~1.2 % off, 4 with 16 ~0.15 % and ~25 % slower."""
     oversample: int = 16
     """Extra sketch columns of the fast SVD beyond the rank."""
     seed: int = 0
