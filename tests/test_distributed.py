@@ -24,6 +24,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
+from tiny_run import tiny_run_sections
 from torch import nn
 
 from finetune.cli import main as finetune_main
@@ -100,15 +101,7 @@ def tiny_config(tiny_paths, demo_dataset, run_dir: Path, *overrides: str) -> Fin
     """4 optimizer steps of batch 2 on 2 processes (one epoch of the 8-image demo set with 2 repeats), EMA and
     both weights saved, training state at step 2."""
     data = {
-        "run_dir": str(run_dir),
-        "model": {"base": str(tiny_paths.single_file), "components": str(tiny_paths.diffusers_dir)},
-        "data": {
-            "roots": [str(demo_dataset)],
-            "resolution": 32,
-            "min_bucket_reso": 16,
-            "max_bucket_reso": 64,
-            "bucket_step": 8,
-        },
+        **tiny_run_sections(tiny_paths, demo_dataset, run_dir),
         "train": {"seed": 3, "epochs": 2, "max_steps": 4, "batch_size": 2},
         "optim": {"unet_lr": 1e-3, "te1_lr": 2e-4, "te2_lr": 2e-4},
         "precision": {"mixed": "no"},

@@ -43,6 +43,7 @@ from reliability_helpers import (
     write_test_lora,
 )
 from safetensors.torch import load_file
+from tiny_run import tiny_run_sections
 
 from xlbake.fileio import save_safetensors_atomic, write_text_atomic
 
@@ -208,15 +209,7 @@ def test_unwritable_output_folder_is_refused_before_writing(how, tmp_path, monke
 def training_config(tiny_paths, demo_dataset, run_dir: Path, **sections: dict) -> Path:
     """A four-step tiny finetune saving a checkpoint and state every step; ``sections`` update the config."""
     data = {
-        "run_dir": str(run_dir),
-        "model": {"base": str(tiny_paths.single_file), "components": str(tiny_paths.diffusers_dir)},
-        "data": {
-            "roots": [str(demo_dataset)],
-            "resolution": 32,
-            "min_bucket_reso": 16,
-            "max_bucket_reso": 64,
-            "bucket_step": 8,
-        },
+        **tiny_run_sections(tiny_paths, demo_dataset, run_dir),
         "train": {"seed": 5, "epochs": 1, "max_steps": 4, "batch_size": 2},
         "optim": {"unet_lr": 1e-3, "te1_lr": 1e-4, "te2_lr": 1e-4},
         "precision": {"mixed": "no"},

@@ -11,6 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
+from tiny_run import tiny_run_sections
 
 from finetune.base_of import base_of
 from finetune.config import FinetuneConfig
@@ -41,18 +42,10 @@ def one_thread():
 def make_config(tiny_paths, demo_dataset, run_dir: Path, *overrides: str) -> FinetuneConfig:
     """A tiny, fast run: 32 px buckets, batch 2 x accumulation 2 (4 steps an epoch), stopped by max_steps in the
     second epoch, EMA on, both weights saved."""
+    base = tiny_run_sections(tiny_paths, demo_dataset, run_dir)
     data = {
-        "run_dir": str(run_dir),
-        "model": {"base": str(tiny_paths.single_file), "components": str(tiny_paths.diffusers_dir)},
-        "data": {
-            "roots": [str(demo_dataset)],
-            "resolution": 32,
-            "min_bucket_reso": 16,
-            "max_bucket_reso": 64,
-            "bucket_step": 8,
-            "random_crop": True,
-            "flip": True,
-        },
+        **base,
+        "data": {**base["data"], "random_crop": True, "flip": True},
         "caption": {"shuffle": True, "dropout_rate": 0.2},
         "train": {"seed": 3, "epochs": 2, "max_steps": 5, "batch_size": 2, "grad_accum": 2},
         "optim": {"unet_lr": 1e-3, "te1_lr": 2e-4, "te2_lr": 2e-4},
