@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from xlbake.checkpoint import convert_diffusers_folder, open_checkpoint, save_sgm_checkpoint, write_safetensors
 from xlbake.errors import InputError, OutputError
+from xlbake.prediction import declared_prediction
 from xlbake.sdxl_keys import SGM_PREFIX
 
 TE1 = SGM_PREFIX["text_encoder"]
@@ -99,7 +100,7 @@ def test_save_sgm_checkpoint_metadata_dtype_and_force(tiny_sgm, tmp_path):
     assert all(torch.equal(loaded[k], v.to(torch.float16)) for k, v in tiny_sgm.items() if v.is_floating_point())
     meta = safe_open(str(path), "pt").metadata()
     assert meta["modelspec.sai_model_spec"] == "1.0.0" and meta["modelspec.title"] == "out"
-    assert meta["modelspec.resolution"] == "1024x1024" and meta["modelspec.prediction_type"] == "epsilon"
+    assert meta["modelspec.resolution"] == "1024x1024"
     assert meta["modelspec.implementation"].startswith("https://") and meta["modelspec.date"]
     assert meta["xlbake.step"] == "3" and json.loads(meta["xlbake.cfg"]) == {"lr": 1e-6}
     before = path.read_bytes()
@@ -108,6 +109,62 @@ def test_save_sgm_checkpoint_metadata_dtype_and_force(tiny_sgm, tmp_path):
     assert path.read_bytes() == before
     save_sgm_checkpoint({"a": torch.zeros(2)}, path, force=True)
     assert list(load_file(path)) == ["a"] and not list(tmp_path.glob(".xlbake-tmp-*"))
+
+
+@pytest.mark.parametrize(("prediction", "label"), [("epsilon", "epsilon"), ("v_prediction", "v")])
+def test_prediction_label_follows_the_argument_and_readers_see_no_marker(tiny_sgm, tmp_path, prediction, label):
+    """modelspec says epsilon or v, and a v-prediction file carries ComfyUI's/A1111's empty v_pred key, whatever
+    stale label the caller's metadata or tensors held."""
+    stale = {"v_pred": torch.tensor([])} if prediction == "epsilon" else {}
+    path = save_sgm_checkpoint(
+        {**tiny_sgm, **stale},
+        tmp_path / "m.safetensors",
+        dtype=torch.float16,
+        metadata={"modelspec.prediction_type": "stale"},
+        prediction=prediction,
+    )
+    with safe_open(str(path), "pt") as handle:
+        keys, meta = set(handle.keys()), handle.metadata()
+        assert meta["modelspec.prediction_type"] == label
+        assert keys - set(tiny_sgm) == ({"v_pred"} if prediction == "v_prediction" else set())
+    with open_checkpoint(path) as reader:
+        assert set(reader.keys()) == set(tiny_sgm) and reader.family == "sdxl"
+        assert declared_prediction(reader).prediction == prediction
+
+
+def test_declared_prediction_of_keys_metadata_pickles_and_folders(tiny_paths, tiny_sgm, tmp_path):
+    comfy = tmp_path / "comfy.safetensors"
+    save_file({**tiny_sgm, "v_pred": torch.tensor([]), "ztsnr": torch.tensor([])}, comfy)
+    spec_only = tmp_path / "spec.safetensors"
+    save_file(tiny_sgm, spec_only, metadata={"modelspec.prediction_type": "v"})
+    plain = tmp_path / "plain.safetensors"
+    save_file(tiny_sgm, plain)
+    pickled = tmp_path / "m.ckpt"
+    torch.save({"state_dict": {**tiny_sgm, "v_pred": torch.tensor([])}}, pickled)
+    for path, expected, where in (
+        (comfy, "v_prediction", "v_pred key"),
+        (spec_only, "v_prediction", "modelspec.prediction_type: v"),
+        (pickled, "v_prediction", "v_pred key"),
+        (tiny_paths.single_file, "epsilon", "modelspec.prediction_type: epsilon"),
+        (tiny_paths.diffusers_dir, "epsilon", "scheduler_config.json"),
+    ):
+        with open_checkpoint(path, allow_pickle=True) as reader:
+            assert set(reader.keys()) == set(tiny_sgm), path
+            declared = declared_prediction(reader)
+            assert (declared.prediction, where in declared.where) == (expected, True), path
+    with open_checkpoint(plain) as reader:
+        assert declared_prediction(reader) is None
+
+
+def test_v_prediction_folder_converts_to_a_labelled_single_file(tiny_paths, tiny_sgm, tmp_path):
+    folder = copy_folder(tiny_paths.diffusers_dir, tmp_path / "vpred")
+    config_file = folder / "scheduler" / "scheduler_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "prediction_type": "v_prediction"}))
+    with open_checkpoint(folder) as reader:
+        assert declared_prediction(reader).prediction == "v_prediction"
+    out = convert_diffusers_folder(folder, tmp_path / "vpred.safetensors")
+    with safe_open(str(out), "pt") as handle:
+        assert "v_pred" in set(handle.keys()) and handle.metadata()["modelspec.prediction_type"] == "v"
 
 
 def test_convert_diffusers_folder_casts_and_refuses_incomplete(tiny_paths, tiny_sgm, tmp_path):

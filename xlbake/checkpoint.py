@@ -7,7 +7,9 @@ of a mapped file stay counted in the process's resident memory once touched, whi
 checkpoint look like a 7 GB peak. Only SDXL-architecture models are accepted, told apart by structure, not size.
 
 :func:`save_sgm_checkpoint` and :func:`convert_diffusers_folder` write single-file SGM safetensors atomically
-(temp + rename via :mod:`xlbake.fileio`), with modelspec metadata, streaming tensor by tensor.
+(temp + rename via :mod:`xlbake.fileio`), with modelspec metadata, streaming tensor by tensor. The prediction type
+labels (:mod:`xlbake.prediction`: a ``v_pred`` key, ``modelspec.prediction_type``) are written from the caller's
+prediction type; readers hide the label keys from the tensor view and list them in ``CheckpointReader.markers``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from torch import Tensor
 
 from xlbake.errors import InputError, OutputError
 from xlbake.fileio import atomic_path, check_output
+from xlbake.prediction import EPSILON, MARKER_KEYS, MODELSPEC_KEY, declared_prediction, marker_tensors, modelspec_value
 from xlbake.sdxl_keys import (
     SGM_PREFIX,
     KeyEntry,
@@ -70,7 +73,6 @@ MODELSPEC = {
     "modelspec.architecture": "stable-diffusion-xl-v1-base",
     "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
     "modelspec.resolution": "1024x1024",
-    "modelspec.prediction_type": "epsilon",
 }
 
 Spec = tuple[torch.dtype, tuple[int, ...]]
@@ -175,9 +177,11 @@ class CheckpointReader:
         sources: dict[str, tuple[KeyEntry | None, list[tuple[Any, str]]]],
         specs: dict[str, Spec],
         files: list[Any],
+        markers: frozenset[str] = frozenset(),
     ) -> None:
         self.path = path
         self.source = source  # "single_file" | "diffusers" | "pickle"
+        self.markers = markers  # label keys of a single file (e.g. "v_pred"), kept out of the tensor view
         self._sources = sources  # SGM key -> (entry or None for a stored SGM tensor, [(file, stored name), ...])
         self._specs: dict[str, Spec] = specs
         self._files = files
@@ -252,11 +256,15 @@ def open_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False) -> C
         file = _TensorFile(path)
     sources, specs = {}, {}
     te1 = SGM_PREFIX["text_encoder"]
+    markers = frozenset(name for name in file.specs if name in MARKER_KEYS)
     for name, spec in file.specs.items():
+        if name in markers:
+            continue
         # a TE1 saved from a transformers 5 CLIPTextModel lacks "text_model."; present the canonical SGM name
         key = te1 + with_text_model(name[len(te1) :]) if name.startswith(te1) else name
         sources[key], specs[key] = (None, [(file, name)]), spec
-    return CheckpointReader(path, "pickle" if isinstance(file, _PickleFile) else "single_file", sources, specs, [file])
+    source = "pickle" if isinstance(file, _PickleFile) else "single_file"
+    return CheckpointReader(path, source, sources, specs, [file], markers)
 
 
 def _open_folder(path: Path, allow_pickle: bool) -> CheckpointReader:
@@ -368,11 +376,13 @@ def _not_sdxl(shapes: Mapping[str, tuple[int, ...]]) -> str | None:
     return None
 
 
-def _metadata(path: Path, metadata: Mapping[str, Any] | None) -> dict[str, str]:
-    """Modelspec keys for SDXL merged with the caller's (caller wins); every value a string (JSON for containers)."""
+def _metadata(path: Path, metadata: Mapping[str, Any] | None, prediction: str) -> dict[str, str]:
+    """Modelspec keys for SDXL merged with the caller's (caller wins, except on the prediction type, which must match
+    the file's ``v_pred`` key); every value a string (JSON for containers)."""
     meta: dict[str, Any] = {**MODELSPEC, "modelspec.title": path.stem}
     meta["modelspec.date"] = datetime.now().isoformat(timespec="seconds")
     meta.update(metadata or {})
+    meta[MODELSPEC_KEY] = modelspec_value(prediction)
     out = {}
     for key, value in meta.items():
         out[str(key)] = (
@@ -427,15 +437,22 @@ def save_sgm_checkpoint(
     metadata: Mapping[str, Any] | None = None,
     dtype: torch.dtype | None = None,
     force: bool = False,
+    prediction: str = EPSILON,
 ) -> Path:
     """Write SGM-keyed tensors as one SDXL safetensors file: atomic, never overwriting without ``force``.
 
     ``dtype`` casts floating tensors (integer buffers keep theirs). Metadata: SDXL modelspec keys (title = file
     stem, date = now) merged with ``metadata``; non-string values are stored as strings (JSON for dicts/lists).
+    ``prediction`` ("epsilon" | "v_prediction") sets ``modelspec.prediction_type`` and, for v-prediction, the
+    ``v_pred`` key UIs read; label keys among ``tensors`` are replaced.
     """
     path = check_output(path, force)
-    specs = {k: (_cast(t.dtype, dtype), tuple(t.shape)) for k, t in tensors.items()}
-    return write_safetensors(path, specs, tensors.__getitem__, metadata=_metadata(path, metadata), force=force)
+    markers = marker_tensors(prediction)
+    weights = {k: t for k, t in tensors.items() if k not in MARKER_KEYS}
+    specs = {k: (_cast(t.dtype, dtype), tuple(t.shape)) for k, t in weights.items()}
+    specs |= {k: (t.dtype, tuple(t.shape)) for k, t in markers.items()}
+    fetch = {**weights, **markers}.__getitem__
+    return write_safetensors(path, specs, fetch, metadata=_metadata(path, metadata, prediction), force=force)
 
 
 def convert_diffusers_folder(
@@ -446,7 +463,8 @@ def convert_diffusers_folder(
     force: bool = False,
     metadata: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Diffusers SDXL folder -> single-file SGM safetensors, streaming one tensor at a time (atomic)."""
+    """Diffusers SDXL folder -> single-file SGM safetensors, streaming one tensor at a time (atomic), labelled with
+    the prediction type of the folder's scheduler config."""
     out_file = check_output(out_file, force)
     src_dir = Path(src_dir)
     if not src_dir.is_dir():
@@ -455,6 +473,14 @@ def convert_diffusers_folder(
         for component in DIFFUSERS_COMPONENTS:
             if not any(k.startswith(SGM_PREFIX[component]) for k in reader):
                 raise InputError(f"{src_dir}: no {component}/ weights; a single-file SDXL checkpoint needs all four")
+        declared = declared_prediction(reader)
+        prediction = declared.prediction if declared else EPSILON
+        markers = marker_tensors(prediction)
         specs = {k: (_cast(reader.dtype(k), dtype), reader.shape(k)) for k in reader}
-        meta = {"modelspec.title": src_dir.name, **(metadata or {})}
-        return write_safetensors(out_file, specs, reader.get, metadata=_metadata(out_file, meta), force=force)
+        specs |= {k: (t.dtype, tuple(t.shape)) for k, t in markers.items()}
+        meta = _metadata(out_file, {"modelspec.title": src_dir.name, **(metadata or {})}, prediction)
+
+        def fetch(key: str) -> Tensor:
+            return markers[key] if key in markers else reader.get(key)
+
+        return write_safetensors(out_file, specs, fetch, metadata=meta, force=force)
