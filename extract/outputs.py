@@ -25,6 +25,7 @@ from xlbake.errors import ConfigError
 from xlbake.fileio import check_output
 from xlbake.lora_io import lora_metadata, write_lora
 from xlbake.lowrank import clamp_quantile, reshape_factors
+from xlbake.prediction import EPSILON
 from xlbake.report import LayerStat, by_component, group_stat, print_summary, report_paths, write_report
 from xlbake.sdxl_keys import LoraTarget
 
@@ -242,4 +243,7 @@ def _metadata(
         "xlbake_kept_energy": json.dumps({k: round(v, 6) for k, v in kept.items()}),
     }
     conv_rank = variant.conv_dim if variant.conv_dim > 0 else None
-    return lora_metadata(title=variant.path.stem, ranks=rank_map, alpha=alpha, conv_rank=conv_rank, extra=extra)
+    prediction = str(info.get("prediction", EPSILON))
+    return lora_metadata(
+        title=variant.path.stem, ranks=rank_map, alpha=alpha, conv_rank=conv_rank, extra=extra, prediction=prediction
+    )

@@ -26,6 +26,7 @@ from extract.outputs import SAVE_DTYPES, LayerResult, check_outputs, fingerprint
 from xlbake.checkpoint import CheckpointReader, open_checkpoint
 from xlbake.errors import ConfigError, InputError
 from xlbake.lowrank import Svd, split_factors, svd_exact, svd_randomized, to_matrix
+from xlbake.prediction import EPSILON, declared_prediction
 from xlbake.sdxl_keys import LoraTarget, kohya_targets
 
 LOG = logging.getLogger(__name__)
@@ -85,6 +86,7 @@ def run_extract(cfg: ExtractConfig, *, force: bool = False, echo: Callable[[str]
     with open_checkpoint(cfg.base) as base, open_checkpoint(cfg.tuned) as tuned:
         targets = extraction_targets(base, tuned, conv=settings.conv_rank > 0, extra=cfg.extra_layers)
         sources = {name: {"file": path.name, "fingerprint": fingerprint(path)} for name, path in _inputs(cfg)}
+        prediction = lora_prediction(base, tuned, echo)
         echo(f"factoring {len(targets)} layers ({settings.svd} SVD, rank {settings.rank}, on {settings.device})")
         layers, diffs = [], []
         for layer, diff in tqdm(
@@ -108,6 +110,7 @@ def run_extract(cfg: ExtractConfig, *, force: bool = False, echo: Callable[[str]
         "sources": sources,
         "components": {d.component: d.reason.split(": ", 1)[1] for d in decisions},
         "svd": settings.svd,
+        "prediction": prediction,
         "factor_seconds": round(time.perf_counter() - start, 2),
     }
     outputs = tuple(
@@ -116,6 +119,19 @@ def run_extract(cfg: ExtractConfig, *, force: bool = False, echo: Callable[[str]
     )
     echo(f"done in {time.perf_counter() - start:.1f} s")
     return ExtractResult(outputs, decisions)
+
+
+def lora_prediction(base: CheckpointReader, tuned: CheckpointReader, echo: Callable[[str], None]) -> str:
+    """What base + LoRA predicts, for the LoRA's label: what ``tuned`` declares, else what ``base`` does, else
+    epsilon. Says so when they differ (a finetune that changed the prediction type)."""
+    tuned_says, base_says = declared_prediction(tuned), declared_prediction(base)
+    if tuned_says and base_says and tuned_says.prediction != base_says.prediction:
+        echo(
+            f"note: {tuned.path} is {tuned_says.prediction} ({tuned_says.where}), {base.path} is "
+            f"{base_says.prediction}: the LoRA is labelled {tuned_says.prediction}; sample with a matching scheduler"
+        )
+    declared = tuned_says or base_says
+    return declared.prediction if declared else EPSILON
 
 
 def extraction_targets(base: CheckpointReader, tuned: CheckpointReader, *, conv: bool, extra: bool) -> list[LoraTarget]:

@@ -69,6 +69,24 @@ def test_diffusers_folder_base_with_fp16_tuned_prints_the_rounding_floor(tiny_pa
     assert out.is_file()
 
 
+@pytest.mark.parametrize(("prediction", "label"), [("epsilon", "epsilon"), ("v_prediction", "v")])
+def test_lora_and_its_resize_say_the_tuned_models_prediction_type(tiny_paths, tuned, tmp_path, prediction, label):
+    """A v-prediction tuned file (with its v_pred key) extracts, and the LoRA says v, as does its resized copy."""
+    from resize.cli import main as resize_main
+
+    with open_checkpoint(tuned) as reader:
+        tensors = {k: reader.get(k) for k in reader}
+    labelled = save_sgm_checkpoint(tensors, tmp_path / "tuned.safetensors", prediction=prediction)
+    out = tmp_path / "lora.safetensors"
+    result = run("--base", tiny_paths.single_file, "--tuned", labelled, "--dim", 2, "--conv-dim", 0, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert read_lora(out).metadata["modelspec.prediction_type"] == label
+    resized = tmp_path / "lora-rank1.safetensors"
+    result = CliRunner().invoke(resize_main, ["--lora", str(out), "--rank", "1", "--out", str(resized)])
+    assert result.exit_code == 0, result.output
+    assert read_lora(resized).metadata["modelspec.prediction_type"] == label
+
+
 def test_config_file_keys_and_flags_resolve_together(tmp_path):
     config = tmp_path / "extract.yaml"
     config.write_text("base: models/base.safetensors\ndim: [8, 16]\nsave_precision: bf16\n")

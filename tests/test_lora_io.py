@@ -118,6 +118,14 @@ def test_metadata_fixed_rank_without_convs():
         lora_metadata(title="t", ranks={"lora_unet_a": 4}, alpha=4, conv_rank=None, extra={"x": 1})
 
 
+def test_metadata_prediction_type_follows_the_argument():
+    """kohya's modelspec convention for LoRAs: epsilon or v (sd-scripts' sai_model_spec)."""
+    ranks = {"lora_unet_a": 4}
+    assert lora_metadata(title="t", ranks=ranks, alpha=4, conv_rank=None)["modelspec.prediction_type"] == "epsilon"
+    v = lora_metadata(title="t", ranks=ranks, alpha=4, conv_rank=None, prediction="v_prediction")
+    assert v["modelspec.prediction_type"] == "v"
+
+
 def test_written_metadata_and_hash(tmp_path):
     factors = make_factors(2)
     md = meta() | {"lora_adapter_metadata": "{}", HASH_KEY: "stale", "sshs_legacy_hash": "stale"}

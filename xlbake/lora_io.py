@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 
 from xlbake.errors import InputError, OutputError
 from xlbake.fileio import atomic_path, check_output
+from xlbake.prediction import EPSILON, MODELSPEC_KEY, modelspec_value
 
 DOWN = ".lora_down.weight"
 UP = ".lora_up.weight"
@@ -221,13 +222,15 @@ def lora_metadata(
     conv_rank: int | None,
     extra: Mapping[str, str] = _NO_EXTRA,
     comment: str | None = None,
+    prediction: str = EPSILON,
 ) -> dict[str, str]:
     """kohya ``ss_*`` and modelspec metadata for an SDXL LoRA; every value a string.
 
     ``ranks`` holds every module's rank; ``conv_rank`` is the 3x3 conv (LoCon) rank, None when no convs were made.
     When ranks other than ``conv_rank`` differ, ``ss_network_dim`` and ``ss_network_alpha`` are ``Dynamic`` as
     kohya's resize writes them. ``extra`` is added last (and may override); ``comment`` sets
-    ``ss_training_comment``.
+    ``ss_training_comment``. ``prediction`` ("epsilon" | "v_prediction"): what the model the LoRA makes predicts,
+    as ``modelspec.prediction_type`` epsilon or v (kohya's convention for LoRAs).
     """
     if not ranks:
         raise ValueError("lora_metadata: no module ranks given")
@@ -247,7 +250,7 @@ def lora_metadata(
         "modelspec.title": title,
         "modelspec.date": datetime.now().isoformat(timespec="seconds"),
         "modelspec.resolution": "1024x1024",
-        "modelspec.prediction_type": "epsilon",
+        MODELSPEC_KEY: modelspec_value(prediction),
     }
     if comment is not None:
         meta["ss_training_comment"] = comment
