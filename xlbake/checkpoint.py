@@ -447,12 +447,17 @@ def save_sgm_checkpoint(
     ``v_pred`` key UIs read; label keys among ``tensors`` are replaced.
     """
     path = check_output(path, force)
-    markers = marker_tensors(prediction)
-    weights = {k: t for k, t in tensors.items() if k not in MARKER_KEYS}
-    specs = {k: (_cast(t.dtype, dtype), tuple(t.shape)) for k, t in weights.items()}
-    specs |= {k: (t.dtype, tuple(t.shape)) for k, t in markers.items()}
-    fetch = {**weights, **markers}.__getitem__
+    specs = {k: (_cast(t.dtype, dtype), tuple(t.shape)) for k, t in tensors.items()}
+    specs, fetch = _labelled(specs, tensors.__getitem__, prediction)
     return write_safetensors(path, specs, fetch, metadata=_metadata(path, metadata, prediction), force=force)
+
+
+def _labelled(specs: Mapping[str, Spec], fetch: Callable[[str], Tensor], prediction: str) -> tuple[dict, Callable]:
+    """``specs`` and ``fetch`` with the label keys of ``prediction`` in place of any label keys they had."""
+    markers = marker_tensors(prediction)
+    specs = {k: s for k, s in specs.items() if k not in MARKER_KEYS}
+    specs |= {k: (t.dtype, tuple(t.shape)) for k, t in markers.items()}
+    return specs, lambda key: markers[key] if key in markers else fetch(key)
 
 
 def convert_diffusers_folder(
@@ -475,12 +480,7 @@ def convert_diffusers_folder(
                 raise InputError(f"{src_dir}: no {component}/ weights; a single-file SDXL checkpoint needs all four")
         declared = declared_prediction(reader)
         prediction = declared.prediction if declared else EPSILON
-        markers = marker_tensors(prediction)
         specs = {k: (_cast(reader.dtype(k), dtype), reader.shape(k)) for k in reader}
-        specs |= {k: (t.dtype, tuple(t.shape)) for k, t in markers.items()}
+        specs, fetch = _labelled(specs, reader.get, prediction)
         meta = _metadata(out_file, {"modelspec.title": src_dir.name, **(metadata or {})}, prediction)
-
-        def fetch(key: str) -> Tensor:
-            return markers[key] if key in markers else reader.get(key)
-
         return write_safetensors(out_file, specs, fetch, metadata=meta, force=force)

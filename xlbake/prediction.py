@@ -18,14 +18,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
 from xlbake.errors import InputError
-
-if TYPE_CHECKING:
-    from xlbake.checkpoint import CheckpointReader
 
 V_PRED_KEY = "v_pred"
 ZTSNR_KEY = "ztsnr"
@@ -47,6 +44,17 @@ class Declared:
     where: str  # e.g. "its v_pred key", "its metadata modelspec.prediction_type: v"
 
 
+class Labelled(Protocol):
+    """What :func:`declared_prediction` reads of a checkpoint (a :class:`xlbake.checkpoint.CheckpointReader`)."""
+
+    path: Path
+    source: str  # "single_file" | "diffusers" | "pickle"
+    markers: frozenset[str]  # label keys of a single file
+
+    @property
+    def metadata(self) -> dict[str, str]: ...
+
+
 def modelspec_value(prediction: str) -> str:
     """``epsilon`` -> ``epsilon``, ``v_prediction`` -> ``v`` (ValueError for anything else)."""
     if prediction not in MODELSPEC_VALUES:
@@ -60,7 +68,7 @@ def marker_tensors(prediction: str) -> dict[str, torch.Tensor]:
     return {V_PRED_KEY: torch.tensor([])} if prediction == V_PREDICTION else {}
 
 
-def declared_prediction(reader: CheckpointReader) -> Declared | None:
+def declared_prediction(reader: Labelled) -> Declared | None:
     """The prediction type ``reader``'s checkpoint declares, None when it declares none (or one xlbake does not know).
 
     A single file: its ``v_pred`` key (what the UIs read) wins over its modelspec metadata. A diffusers folder: its
