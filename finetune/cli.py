@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -13,6 +14,10 @@ from xlbake.cli import EXIT_INTERRUPTED, config_options, force_option, resolve_c
 if TYPE_CHECKING:
     from finetune.config import FinetuneConfig
     from finetune.data import CheckedData
+    from finetune.objective import LossConfig
+    from xlbake.checkpoint import CheckpointReader
+
+logger = logging.getLogger(__name__)
 
 
 @click.command(name="finetune", context_settings={"help_option_names": ["-h", "--help"]})
@@ -79,7 +84,8 @@ def main(
 def check_start(cfg: FinetuneConfig, resume: str | None, force: bool) -> CheckedData | None:
     """Check what can be known from the config and the files before the model loads or anything is written, so
     that a refused start costs seconds and leaves the run folder as it was: the run folder, the state to resume
-    (trained with this config?), the base model's file, the dataset (every image decoded once).
+    (trained with this config?), the base model's file and the prediction type it declares, the dataset (every
+    image decoded once).
 
     Returns the checked dataset for the trainer, or None with the builtin demo dataset (drawn in setup).
     """
@@ -103,8 +109,29 @@ def check_start(cfg: FinetuneConfig, resume: str | None, force: bool) -> Checked
             raise InputError(
                 f"{base}: base model not found; set model.base to an SDXL .safetensors or diffusers folder"
             )
-        with open_checkpoint(base):  # reads the header: refuses pickles, truncated files, non-SDXL models
-            pass
+        with open_checkpoint(base) as reader:  # reads the header: refuses pickles, truncated files, non-SDXL models
+            check_base_prediction(cfg.loss, reader)
     if any(builtin_name(root) is not None for root in cfg.data.roots):
         return None
     return check_dataset(cfg.data, cfg.caption)
+
+
+def check_base_prediction(loss: LossConfig, reader: CheckpointReader) -> None:
+    """ConfigError when the base declares the other prediction type than ``loss.prediction``, unless
+    ``loss.prediction_override``: training a v-prediction model as epsilon (or back) is far more often a
+    forgotten setting than an intended conversion, and its outputs would be mislabelled or broken."""
+    from xlbake.errors import ConfigError
+    from xlbake.prediction import declared_prediction
+
+    declared = declared_prediction(reader)
+    if declared is None or declared.prediction == loss.prediction:
+        return
+    if loss.prediction_override:
+        what = (declared.prediction, reader.path, loss.prediction)
+        logger.warning("training the %s base %s as %s (loss.prediction_override)", *what)
+        return
+    raise ConfigError(
+        f"loss.prediction: {loss.prediction}, but the base {reader.path} is {declared.prediction} ({declared.where}); "
+        f"set loss.prediction: {declared.prediction}, or loss.prediction_override: true to retrain it as "
+        f"{loss.prediction}"
+    )

@@ -51,8 +51,11 @@ class SdxlModel:
         return getattr(self, PART_ATTRS[name])
 
 
-def load_model(base: Path, components: str | Path, vae: Path | None = None) -> SdxlModel:
+def load_model(base: Path, components: str | Path, vae: Path | None = None, prediction: str | None = None) -> SdxlModel:
     """Load an SDXL base in fp32: a single-file SGM safetensors (configs from ``components``) or a diffusers folder.
+
+    ``prediction`` ("epsilon" | "v_prediction") replaces the noise scheduler's prediction type: the trained model's,
+    which the saved diffusers folder and the samples must use.
 
     InputError when the base is missing, not SDXL, or does not fit the component configs.
     """
@@ -63,6 +66,8 @@ def load_model(base: Path, components: str | Path, vae: Path | None = None) -> S
     tokenizer = _from_pretrained(CLIPTokenizer, source, "tokenizer")
     tokenizer_2 = _from_pretrained(CLIPTokenizer, source, "tokenizer_2")
     noise_scheduler = _from_pretrained(DDPMScheduler, source, "scheduler")
+    if prediction is not None:
+        noise_scheduler = DDPMScheduler.from_config(noise_scheduler.config, prediction_type=prediction)
     if base.is_dir():
         unet = _from_pretrained(UNet2DConditionModel, base, "unet", torch_dtype=torch.float32)
         te1 = _from_pretrained(CLIPTextModel, base, "text_encoder", dtype=torch.float32)

@@ -55,7 +55,12 @@ class LossConfig:
     """Prediction target, loss function and per-timestep weighting."""
 
     prediction: Prediction = "epsilon"
-    """What the UNet predicts: `epsilon` (SDXL base) or `v_prediction` (v-pred finetunes)."""
+    """What the UNet predicts: `epsilon` (SDXL base) or `v_prediction` (v-pred finetunes). Every output is labelled
+    with it (a `v_pred` key and modelspec.prediction_type in single files, the diffusers scheduler config), and the
+    samples use it. A base that declares the other type is refused unless prediction_override is set."""
+    prediction_override: bool = False
+    """Train with `prediction` even though the base model declares the other type (its `v_pred` key or
+    modelspec.prediction_type, or its diffusers scheduler config), e.g. to convert an epsilon model to v-prediction."""
     loss_type: LossType = "l2"
     """Loss: `l2` (MSE), `l1`, `huber` (pseudo-Huber 2c(sqrt(r^2+c^2)-c)) or `smooth_l1` (2(sqrt(r^2+c^2)-c)),
     both with kohya's formulas."""

@@ -55,6 +55,7 @@ class Weights:
     text_encoder_2: Mapping[str, torch.Tensor]
     vae: Mapping[str, torch.Tensor]
     kind: str  # "raw" | "ema"
+    prediction: str = "epsilon"  # what the UNet predicts: the label of the saved files
 
 
 def check_run_dir(run_dir: Path, resume: bool, force: bool) -> Path:
@@ -108,7 +109,7 @@ def collect_weights(
         for part, state_dict in (raw or {}).items():
             if kind == "raw" or part not in emas:
                 dicts[PART_ATTRS[part]] = state_dict
-        out.append(Weights(dicts["unet"], dicts["text_encoder"], dicts["text_encoder_2"], dicts["vae"], kind))
+        out.append(Weights(**dicts, kind=kind, prediction=model.noise_scheduler.config.prediction_type))
     return out
 
 
@@ -136,7 +137,8 @@ def check_finite(weights: Weights) -> None:
 
 
 def save_sgm(weights: Weights, path: Path, dtype: str, metadata: Mapping[str, str]) -> Path:
-    """Write ``weights`` as one SGM-keyed safetensors file at ``dtype`` (atomic; replaces an older file)."""
+    """Write ``weights`` as one SGM-keyed safetensors file at ``dtype`` (atomic; replaces an older file), labelled
+    with its prediction type."""
     from xlbake.checkpoint import save_sgm_checkpoint, sgm_state_dict
 
     check_finite(weights)
@@ -144,7 +146,9 @@ def save_sgm(weights: Weights, path: Path, dtype: str, metadata: Mapping[str, st
         unet=weights.unet, text_encoder=weights.text_encoder, text_encoder_2=weights.text_encoder_2, vae=weights.vae
     )
     meta = {**metadata, "xlbake.weights": weights.kind}
-    return save_sgm_checkpoint(tensors, path, metadata=meta, dtype=SAVE_DTYPES[dtype], force=True)
+    return save_sgm_checkpoint(
+        tensors, path, metadata=meta, dtype=SAVE_DTYPES[dtype], force=True, prediction=weights.prediction
+    )
 
 
 def output_name(name: str, kind: str, both: bool) -> str:

@@ -104,7 +104,7 @@ class Trainer:
         set_seed(cfg.train.seed)
         with acc.main_process_first():
             inputs = resolve_inputs(cfg.model.base, cfg.model.components, cfg.data.roots, self.run_dir / saving.BUILTIN)
-        self.model: SdxlModel = load_model(inputs.base, inputs.components, cfg.model.vae)
+        self.model: SdxlModel = load_model(inputs.base, inputs.components, cfg.model.vae, cfg.loss.prediction)
         groups = setup_trainable(self.model, cfg.model, cfg.optim, cfg.precision)
         self.parts = [g.name for g in groups]
         self.params = [p for g in groups for p in g.params]
