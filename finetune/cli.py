@@ -26,7 +26,8 @@ logger = logging.getLogger(__name__)
     "--resume",
     metavar="auto|PATH",
     default=None,
-    help="Continue a run: `auto` = the newest state in RUN/state (or start if there is none), or a state folder.",
+    help="Continue a run: `auto` = the newest state in RUN/state (or start if there is none), or a state folder. "
+    "A finished run continues if train.max_steps or train.epochs was raised.",
 )
 @click.option("--plan", "plan_only", is_flag=True, help="Print the memory/steps plan (no weights loaded) and exit.")
 @click.option("--gpu-memory", metavar="SIZE", default=None, help="GPU size for the plan, e.g. 80GB, 48GB, 24GB.")
@@ -67,7 +68,11 @@ def main(
     from finetune.trainer import run
 
     check_launch(cfg)  # e.g. EMA under DeepSpeed ZeRO-3, refused before anything is loaded or written
-    checked = check_start(cfg, resume, force)
+    try:
+        checked = check_start(cfg, resume, force)
+    except AlreadyFinished as done:
+        click.echo(str(done), err=True)
+        return
     prepare_run_dir_once(cfg, resume=resume is not None, force=force)
     result = run(cfg, resume, checked)
     if result.interrupted:
@@ -81,20 +86,22 @@ def main(
         click.echo(f"  {path}")
 
 
+class AlreadyFinished(Exception):
+    """The run to resume has trained its configured steps and saved its outputs: nothing to do (exit 0)."""
+
+
 def check_start(cfg: FinetuneConfig, resume: str | None, force: bool) -> CheckedData | None:
     """Check what can be known from the config and the files before the model loads or anything is written, so
     that a refused start costs seconds and leaves the run folder as it was: the run folder, the state to resume
-    (trained with this config?), the base model's file and the prediction type it declares, the dataset (every
-    image decoded once).
+    (trained with this config? already finished?), the base model's file and the prediction type it declares, the
+    dataset (every image decoded once).
 
     Returns the checked dataset for the trainer, or None with the builtin demo dataset (drawn in setup).
     """
     from finetune.config import builtin_name
     from finetune.data import check_dataset
-    from finetune.saving import STATE, check_run_dir
-    from finetune.state import check_resume
+    from finetune.saving import check_run_dir
     from xlbake.checkpoint import open_checkpoint
-    from xlbake.config import config_hash, to_dict
     from xlbake.errors import InputError
 
     # Under `accelerate launch` the main process may already have started the folder when another checks it: there
@@ -102,7 +109,7 @@ def check_start(cfg: FinetuneConfig, resume: str | None, force: bool) -> Checked
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         check_run_dir(cfg.run_dir, resume is not None, force)
     if resume is not None:
-        check_resume(Path(cfg.run_dir) / STATE, resume, to_dict(cfg), config_hash(cfg))
+        check_resumable(cfg, resume, force)
     base = cfg.model.base
     if builtin_name(base) is None:
         if not Path(base).exists():
@@ -135,3 +142,27 @@ def check_base_prediction(loss: LossConfig, reader: CheckpointReader) -> None:
         f"set loss.prediction: {declared.prediction}, or loss.prediction_override: true to retrain it as "
         f"{loss.prediction}"
     )
+
+
+def check_resumable(cfg: FinetuneConfig, resume: str, force: bool) -> None:
+    """Refuse a resume trained with another config, or one that finds no state and would train from step 0 over
+    the run's outputs (without ``force``); AlreadyFinished if the state has trained what ``cfg`` asks for and the
+    run's outputs are saved (a finished run whose outputs are missing saves them again)."""
+    from finetune.saving import STATE, check_restart, final_output
+    from finetune.state import check_resume, is_finished, read_trainer_state
+    from xlbake.config import config_hash, to_dict
+
+    folder = check_resume(Path(cfg.run_dir) / STATE, resume, to_dict(cfg), config_hash(cfg))
+    if folder is None:
+        if not force:
+            check_restart(cfg.run_dir)
+        return
+    saved, train = read_trainer_state(folder), cfg.train
+    saved_outputs = final_output(cfg.run_dir, cfg.checkpoint.fp32_copy).exists()
+    if is_finished(saved, train.max_steps, train.epochs) and saved_outputs:
+        by_steps = train.max_steps and saved.global_step >= train.max_steps
+        limit = f"train.max_steps {train.max_steps}" if by_steps else f"train.epochs {train.epochs}"
+        raise AlreadyFinished(
+            f"{cfg.run_dir}: already finished at step {saved.global_step} ({limit}); raise train.max_steps or "
+            "train.epochs to train more, or pass --force without --resume to start over; nothing written"
+        )

@@ -213,7 +213,8 @@ class CheckpointConfig:
     diffusers: bool = False
     """Also write the final model as a diffusers folder RUN/tuned-diffusers/."""
     save_state: bool = True
-    """Save the training state beside every checkpoint (and always on interrupt), for --resume."""
+    """Save the training state beside every checkpoint and the final outputs (and always on interrupt), for
+    --resume (raising train.max_steps or train.epochs continues a finished run)."""
     state_every_steps: int = 0
     """Additionally save the training state every N optimizer steps; 0 = off."""
     keep_states: int = 2

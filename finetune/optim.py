@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from torch.optim.lr_scheduler import LRScheduler
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
 from finetune.config import OptimConfig
 from xlbake.errors import ConfigError
@@ -147,3 +147,12 @@ def build_scheduler(
 def current_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     """The learning rate of each named param group, e.g. {"unet": 1e-6, "te1": 1e-6}."""
     return {str(g.get("name", i)): float(g["lr"]) for i, g in enumerate(optimizer.param_groups)}
+
+
+def follow_schedule(scheduler: LambdaLR) -> None:
+    """Set each param group's LR to ``scheduler``'s value at its current step: after loading a state saved with a
+    schedule of another length (train.max_steps raised), the next step uses the new schedule's LR, not the old."""
+    for group, base_lr, factor in zip(
+        scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True
+    ):
+        group["lr"] = base_lr * factor(scheduler.last_epoch)

@@ -77,6 +77,23 @@ def check_run_dir(run_dir: Path, resume: bool, force: bool) -> Path:
     return run_dir
 
 
+def check_restart(run_dir: Path) -> None:
+    """Refuse, writing nothing, to train from step 0 over the model outputs of a run folder (``--resume auto``
+    that found no training state, e.g. after a run with checkpoint.save_state false)."""
+    run_dir = Path(run_dir)
+    outputs = sorted(run_dir.glob("tuned*")) + sorted((run_dir / CHECKPOINTS).glob("*.safetensors"))
+    if outputs:
+        raise OutputError(
+            f"{run_dir}: no training state to resume in {run_dir / STATE}, and resuming would train from step 0 "
+            f"over {outputs[0]}; pass --force to start over, or choose another run_dir"
+        )
+
+
+def final_output(run_dir: Path, fp32_copy: bool) -> Path:
+    """The run's main output: tuned.fp32.safetensors (written last, the Makefile's target), else tuned.safetensors."""
+    return Path(run_dir) / (TUNED_FP32 if fp32_copy else TUNED)
+
+
 def prepare_run_dir(cfg: Any, resume: bool, force: bool) -> Path:
     """Start the run folder (after ``check_run_dir``) and write ``config.resolved.yaml``.
 

@@ -34,8 +34,18 @@ EMA_FILE = "ema.safetensors"
 STATE_PREFIX = "step-"
 REPLACED_SUFFIX = ".replaced"
 """An older state of the same step, renamed aside while its successor is renamed into place."""
-RESUME_FREE_KEYS = ("run_dir", "log.", "sample.", "checkpoint.keep_last", "checkpoint.keep_states", "train.num_workers")
-"""Config keys that may change between a run and its resume (everything else must match)."""
+RESUME_FREE_KEYS = (
+    "run_dir",
+    "log.",
+    "sample.",
+    "checkpoint.keep_last",
+    "checkpoint.keep_states",
+    "train.num_workers",
+    "train.max_steps",
+    "train.epochs",
+)
+"""Config keys that may change between a run and its resume (everything else must match); raising the last two
+trains a finished run further."""
 
 
 @dataclass
@@ -108,12 +118,17 @@ def find_resume(root: Path, resume: str) -> Path | None:
     return path
 
 
+def is_finished(state: TrainerState, max_steps: int, epochs: int) -> bool:
+    """True when a run at ``state`` has done ``max_steps`` optimizer steps (0: no limit) or ``epochs`` epochs."""
+    return (max_steps > 0 and state.global_step >= max_steps) or state.epoch >= epochs
+
+
 def check_resume(root: Path, resume: str, config: Mapping[str, Any], config_hash: str) -> Path | None:
     """The state folder to resume (``find_resume``), refused naming the differing keys if it was trained with
     another config. Reads only its JSON, so that a mismatch is reported before anything is loaded or written."""
     folder = find_resume(root, resume)
     if folder is not None:
-        _check_config(folder, _read_trainer_state(folder), config, config_hash)
+        _check_config(folder, read_trainer_state(folder), config, config_hash)
     return folder
 
 
@@ -166,14 +181,15 @@ def read_state(
     folder: Path, config: Mapping[str, Any], config_hash: str
 ) -> tuple[TrainerState, dict[str, torch.Tensor]]:
     """Read our state and EMA tensors; TrainingError naming the differing keys if the config does not match."""
-    state = _read_trainer_state(folder)
+    state = read_trainer_state(folder)
     _check_config(folder, state, config, config_hash)
     ema_file = folder / EMA_FILE
     ema = load_file(str(ema_file)) if ema_file.exists() else {}
     return state, ema
 
 
-def _read_trainer_state(folder: Path) -> TrainerState:
+def read_trainer_state(folder: Path) -> TrainerState:
+    """Our JSON of a state folder (InputError if unreadable)."""
     try:
         return TrainerState(**json.loads((folder / STATE_FILE).read_text(encoding="utf-8")))
     except (OSError, ValueError, TypeError) as exc:

@@ -50,7 +50,7 @@ from finetune.objective import (
     snr_weights,
     target_for,
 )
-from finetune.optim import build_optimizer, build_scheduler, current_lrs
+from finetune.optim import build_optimizer, build_scheduler, current_lrs, follow_schedule
 from finetune.state import TrainerState, decode_generator, encode_generator, find_resume, read_state, write_state
 from xlbake.config import config_hash, dump_yaml, to_dict
 from xlbake.errors import ConfigError, TrainingError
@@ -178,6 +178,10 @@ class Trainer:
         decode_generator(self.generator, saved.generators[acc.process_index] if saved.generators else saved.generator)
         for name, ema in self.emas.items():
             ema.load_state_dict({k.split(".", 1)[1]: v for k, v in ema_tensors.items() if k.startswith(name + ".")})
+        limits = ("max_steps", "epochs")
+        if any(saved.config.get("train", {}).get(k) != self.state.config["train"][k] for k in limits):
+            follow_schedule(self.lr_scheduler.scheduler)  # raised to train further: the new schedule's LR
+            logger.info("the LR schedule now spans %d optimizer steps", self.total_steps)
         self.state = replace(saved, config_hash=self.state.config_hash, config=self.state.config)
         self.state_dir = folder
         logger.info("resumed from %s: step %d, epoch %d", folder, saved.global_step, saved.epoch + 1)
@@ -388,7 +392,7 @@ class Trainer:
             logger.info("saved %s", ", ".join(str(p) for p in written))
         if tag == "final":
             self.outputs = written
-        elif cfg.checkpoint.save_state:
+        if cfg.checkpoint.save_state:  # after the final outputs too: raising train.max_steps/epochs continues it
             self.save_state()
         return written
 

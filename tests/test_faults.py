@@ -325,7 +325,7 @@ def test_sigterm_during_a_save_saves_state_exits_cleanly_and_resume_is_exact(run
     assert not (run / "tuned.safetensors").exists() and not temp_files(run)
     code, stderr, crash = finetune_cli("--config", str(run / "config.resolved.yaml"), "--resume", "auto")
     assert code == 0 and not crash, stderr[-3000:]
-    assert "step 3" in stderr  # continued from the saved state, not from scratch
+    assert f"resumed from {state}: step 3, epoch 1" in stderr  # continued from the saved state, not from scratch
     assert_same_final_model(run, runs.reference)
 
 
@@ -340,7 +340,7 @@ def test_kill_9_during_a_checkpoint_save_then_resume_is_exact(runs):
     assert not second.exists() and temp_files(run / "checkpoints"), "the kill did not land inside the save"
     code, stderr, crash = finetune_cli("--config", str(run / "config.resolved.yaml"), "--resume", "auto")
     assert code == 0 and not crash, stderr[-3000:]
-    assert "step 1" in stderr
+    assert f"resumed from {run / 'state' / 'step-00000001'}: step 1, epoch 1" in stderr
     assert_same_final_model(run, runs.reference)
 
 
@@ -416,3 +416,65 @@ def test_training_fault_stops_with_one_line_and_keeps_step_2(fault, tiny_paths, 
     for path in saved:
         assert all(torch.isfinite(t).all() for t in load_file(str(path)).values()), path
     assert not list(run.glob("tuned*")) and not temp_files(run)
+
+
+# ---------------------------------------------------------------- resuming a finished run
+
+
+def run_files(run: Path) -> dict[Path, int]:
+    """Every file under ``run`` with its modification time (ns): what a run that writes nothing leaves as it was."""
+    return {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_paths, demo_dataset, tmp_path_factory) -> Path:
+    """A finished four-step run that saved no checkpoint: its config, outputs and final training state."""
+    run = tmp_path_factory.mktemp("finished") / "run"
+    config = training_config(tiny_paths, demo_dataset, run, checkpoint={"every_steps": 0})
+    code, stderr, crash = finetune_cli("--config", str(config))
+    assert code == 0 and not crash, stderr[-3000:]
+    return run
+
+
+@pytest.mark.slow
+def test_resuming_a_finished_run_says_so_and_writes_nothing(finished):
+    before = run_files(finished)
+    code, stderr, crash = finetune_cli("--config", str(finished / "config.resolved.yaml"), "--resume", "auto")
+    assert code == 0 and not crash, stderr[-3000:]
+    line = f"{finished}: already finished at step 4 (train.max_steps 4); raise train.max_steps or train.epochs"
+    assert line in visible_lines(stderr)[-1], stderr[-3000:]
+    assert run_files(finished) == before
+
+
+@pytest.mark.slow
+def test_raising_max_steps_continues_the_finished_run(finished, tiny_paths, demo_dataset, tmp_path):
+    """Train 2 more steps: resumed from the final state, the model equals a 6-step run's."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    config = training_config(tiny_paths, demo_dataset, run, train={"max_steps": 6}, checkpoint={"every_steps": 0})
+    code, stderr, crash = finetune_cli("--config", str(config), "--resume", "auto")
+    assert code == 0 and not crash, stderr[-3000:]
+    assert f"resumed from {run / 'state' / 'step-00000004'}: step 4, epoch 1" in stderr
+    reference = tmp_path / "reference"
+    config = training_config(
+        tiny_paths, demo_dataset, reference, train={"max_steps": 6}, checkpoint={"every_steps": 0, "save_state": False}
+    )
+    code, stderr, crash = finetune_cli("--config", str(config))
+    assert code == 0 and not crash, stderr[-3000:]
+    assert_same_final_model(run, reference)
+
+
+@pytest.mark.slow
+def test_resume_auto_without_a_state_never_restarts_over_outputs(tiny_paths, demo_dataset, tmp_path):
+    run = tmp_path / "run"
+    config = training_config(tiny_paths, demo_dataset, run, checkpoint={"every_steps": 0, "save_state": False})
+    code, stderr, crash = finetune_cli("--config", str(config))
+    assert code == 0 and not crash, stderr[-3000:]
+    before = run_files(run)
+    code, stderr, crash = finetune_cli("--config", str(config), "--resume", "auto")
+    error = visible_lines(stderr)[-1]
+    assert code == 1 and not crash and error.startswith(f"Error: {run}: no training state to resume"), stderr[-3000:]
+    assert "--force" in error
+    assert run_files(run) == before

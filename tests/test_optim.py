@@ -17,6 +17,7 @@ from finetune.optim import (
     build_optimizer,
     build_scheduler,
     current_lrs,
+    follow_schedule,
     warmup_steps,
 )
 from xlbake.errors import ConfigError
@@ -124,3 +125,24 @@ def test_schedules():
     assert restarts[4] == pytest.approx(1.0) and restarts[3] < 0.5
     poly = lr_curve(OptimConfig(unet_lr=1.0, scheduler="polynomial", power=2.0), 4)
     assert poly[1] == pytest.approx((1 - 1 / 4) ** 2 * (1.0 - 1e-7) + 1e-7)
+
+
+def test_a_resumed_longer_schedule_sets_the_next_steps_lr():
+    """A linear decay saved at step 2 of 4 (LR 0.5), loaded into a schedule of 8 steps: the next step uses 0.75."""
+    cfg = OptimConfig(unet_lr=1.0, te1_lr=0, scheduler="linear")
+    optimizer = build_optimizer(groups(unet_lr=1.0, te_lr=0), cfg)
+    scheduler = build_scheduler(optimizer, cfg, 4)
+    for _ in range(2):
+        optimizer.step()
+        scheduler.step()
+    saved = (optimizer.state_dict(), scheduler.state_dict())
+    optimizer = build_optimizer(groups(unet_lr=1.0, te_lr=0), cfg)
+    longer = build_scheduler(optimizer, cfg, 8)
+    optimizer.load_state_dict(saved[0])
+    longer.load_state_dict(saved[1])
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.5)
+    follow_schedule(longer)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.75)
+    optimizer.step()
+    longer.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(5 / 8)
