@@ -311,6 +311,13 @@ def steps_per_epoch(n_batches: int, grad_accum: int, num_processes: int) -> int:
     return math.ceil(n_batches / (grad_accum * num_processes))
 
 
+def window_size(position: int, n_batches: int, grad_accum: int) -> int:
+    """Batches in the accumulation window of the epoch's batch ``position`` (0-based) out of ``n_batches``:
+    ``grad_accum``, or fewer in the epoch's last window (accelerate steps at the end of the dataloader)."""
+    start = position - position % grad_accum
+    return min(grad_accum, n_batches - start)
+
+
 @dataclass(frozen=True)
 class CheckedData:
     """A scanned and checked dataset: the samples that train, and what the user should be told about."""

@@ -9,6 +9,7 @@ trainer.cleanup()
 from __future__ import annotations
 
 import importlib.util
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from tqdm.auto import tqdm
 
 from finetune import saving
 from finetune.config import FinetuneConfig
-from finetune.data import BucketBatchSampler, CheckedData, build_dataset, collate, steps_per_epoch
+from finetune.data import BucketBatchSampler, CheckedData, build_dataset, collate, steps_per_epoch, window_size
 from finetune.distributed import (
     ZERO3,
     Denoiser,
@@ -201,28 +202,27 @@ class Trainer:
             while not self._finished():
                 self.loader.set_epoch(state.epoch)
                 self.sampler.load_state_dict(self._sampler_state())  # continue mid-epoch after a resume
-                step_losses: list[torch.Tensor] = []
-                skip = False  # a non-finite loss in this accumulation window (with on_nan: skip)
+                window: list[torch.Tensor] = []  # losses of this accumulation window's batches
                 timer = saving.DataTimer()
                 for batch in timer.wrap(self.loader):
                     if self.trace:
                         self.trace.batch(state.epoch, state.global_step, batch["path"])
                     with acc.accumulate(*self.prepared):
                         loss = self.training_step(batch)
-                        if self._loss_is_finite(loss):
-                            acc.backward(loss)
-                        else:
-                            skip = True
+                        # A non-finite loss is back-propagated too: every process runs the same collectives, and the
+                        # step is skipped on all of them (by the shared step loss below, or by DeepSpeed's own check)
+                        acc.backward(loss * cfg.train.grad_accum / self._window_size())
+                        window.append(loss.detach())
                         if acc.sync_gradients:
-                            self._optimizer_step(skip)
-                            skip = False
+                            lrs = current_lrs(self.optimizer)  # the LR this step uses (the scheduler steps next)
+                            step_loss = acc.reduce(torch.stack(window).mean(), "mean").item()  # the step's one sync
+                            self._optimizer_step(self._step_is_finite(step_loss))
                     state.batches_in_epoch += 1
-                    step_losses.append(loss.detach())
                     if not acc.sync_gradients:
                         continue
                     state.global_step += 1
-                    self._after_step(torch.stack(step_losses).mean(), bar, timer)
-                    step_losses = []
+                    window = []
+                    self._after_step(step_loss, lrs, bar, timer)
                     if stop or (self._finished() and state.batches_in_epoch < len(self.sampler)):
                         break  # signal, or train.max_steps reached mid-epoch
                 else:
@@ -286,44 +286,46 @@ class Trainer:
         )
         return (per_sample * weights.to(per_sample.device)).mean()
 
-    def _loss_is_finite(self, loss: torch.Tensor) -> bool:
-        """True for a finite loss; a non-finite one stops training (on_nan: stop) or is reported (on_nan: skip)."""
-        if torch.isfinite(loss).item():
+    def _window_size(self) -> int:
+        """Batches in the current accumulation window: accelerate divides each loss by grad_accum, a shorter last
+        window of the epoch is scaled back to the mean of its own batches."""
+        return window_size(self.state.batches_in_epoch, len(self.sampler), self.cfg.train.grad_accum)
+
+    def _step_is_finite(self, loss: float) -> bool:
+        """True for a finite step loss; a non-finite one stops training (on_nan: stop) or skips the step (on_nan:
+        skip, up to max_nan_skips in a row). ``loss`` is the mean over the window and all processes, so that every
+        process decides the same."""
+        if math.isfinite(loss):
+            self.state.nan_skips = 0
             return True
         where = f"step {self.state.global_step + 1} (epoch {self.state.epoch + 1})"
         if self.cfg.train.on_nan == "stop":
             raise TrainingError(
-                f"{where}: loss is {loss.item()}; stopped without saving, {NAN_HINT}; "
+                f"{where}: loss is {loss}; stopped without saving, {NAN_HINT}; "
                 f"the last saved state is in {self.run_dir / saving.STATE}"
             )
-        logger.warning("%s: loss is %s, skipping this optimizer step (%s)", where, loss.item(), NAN_HINT)
+        self.state.nan_skips += 1
+        if self.state.nan_skips > self.cfg.train.max_nan_skips:
+            raise TrainingError(
+                f"{where}: {self.state.nan_skips} optimizer steps in a row had a non-finite loss; stopped, {NAN_HINT}"
+            )
+        logger.warning("%s: loss is %s, skipping this optimizer step (%s)", where, loss, NAN_HINT)
         return False
 
-    def _optimizer_step(self, skip: bool) -> None:
-        """Clip, step and zero the gradients; ``skip`` drops this window's gradients instead (the LR waits)."""
-        if skip:
-            self.state.nan_skips += 1
-            if self.state.nan_skips > self.cfg.train.max_nan_skips:
-                raise TrainingError(
-                    f"step {self.state.global_step + 1}: {self.state.nan_skips} optimizer steps in a "
-                    f"row had a non-finite loss; stopped, {NAN_HINT}"
-                )
-            self.optimizer.zero_grad(set_to_none=True)
-            return
-        if self.cfg.optim.max_grad_norm:
-            self.accelerator.clip_grad_norm_(self.params, self.cfg.optim.max_grad_norm)
-        self.optimizer.step()
-        self.lr_scheduler.step()
+    def _optimizer_step(self, finite: bool) -> None:
+        """Clip, step and zero the gradients; a non-finite step drops the window's gradients instead (the LR waits)."""
+        if finite:
+            if self.cfg.optim.max_grad_norm:
+                self.accelerator.clip_grad_norm_(self.params, self.cfg.optim.max_grad_norm)
+            self.optimizer.step()
+            self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.state.nan_skips = 0
 
-    def _after_step(self, loss: torch.Tensor, bar: tqdm, timer: saving.DataTimer) -> None:
-        """EMA update, records, logs and step-based saves after each optimizer step."""
+    def _after_step(self, loss_value: float, lrs: dict[str, float], bar: tqdm, timer: saving.DataTimer) -> None:
+        """EMA update, records, logs and step-based saves after each optimizer step (its loss and LRs)."""
         cfg, state = self.cfg, self.state
         for ema in self.emas.values():
             ema.update()
-        loss_value = self.accelerator.reduce(loss, "mean").item()
-        lrs = current_lrs(self.optimizer)
         state.losses.append(loss_value)
         state.lrs.append(next(iter(lrs.values())))
         if state.global_step % cfg.log.every_steps == 0:

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from distributed_helpers import NAN_ENV
 from safetensors.torch import load_file
 from tiny_run import tiny_run_sections
 from torch import nn
@@ -37,7 +38,7 @@ from finetune.distributed import (
     launch_zero_settings,
     rank_seed,
 )
-from finetune.state import STATE_FILE, TrainerState, write_state
+from finetune.state import STATE_FILE, TrainerState, read_trainer_state, state_dirs, write_state
 from xlbake.checkpoint import sgm_state_dict
 from xlbake.config import dump_yaml, load_config
 from xlbake.errors import ConfigError
@@ -222,12 +223,17 @@ def finetune_args(mode: str, config: Path, run_dir: Path, *extra: str) -> list[s
     return ["--config", str(config), *[a for o in overrides for a in ("--set", o)], *extra]
 
 
-def launch(mode: str, *runs: tuple[Path, list[str]]) -> None:
+def launch(mode: str, *runs: tuple[Path, list[str]], nan: str = "") -> None:
     """``accelerate launch`` 2 processes in ``mode`` for one finetune run, or two in the same processes
-    (``tests/distributed_helpers.py``), each given as (trace folder, CLI arguments); fails with the output's tail."""
+    (``tests/distributed_helpers.py``), each given as (trace folder, CLI arguments); fails with the output's tail.
+    ``nan``: ``RANK:STEP``, a NaN loss in one process (the helper's XLBAKE_TEST_NAN)."""
     launch_args, env_extra, _ = MODES[mode]
-    if len(runs) == 1:
+    if nan:
+        env_extra = {**env_extra, NAN_ENV: nan}
+    if len(runs) == 1 and not nan:
         target = ["-m", "finetune", *runs[0][1]]
+    elif len(runs) == 1:
+        target = [str(HELPERS), str(runs[0][0]), *runs[0][1]]
     else:
         (trace_a, args_a), (trace_b, args_b) = runs
         target = [str(HELPERS), str(trace_a), *args_a, "--then", str(trace_b), *args_b]
@@ -348,6 +354,30 @@ def test_resumed_run_ends_exactly_where_the_uninterrupted_one_did(launched):
     # The resumed processes continued with the batches of steps 3 and 4 of the same epoch.
     for rank in (0, 1):
         assert batches(root / "trace-resumed", rank) == batches(root / "trace", rank)[4:]
+
+
+@launched_test
+def test_a_nan_on_one_process_skips_the_same_step_on_both(tiny_paths, demo_dataset, tmp_path):
+    """on_nan: skip, a NaN loss on process 1 only, in the first batch of step 2's accumulation window: both
+    processes skip step 2 (no hang in DDP's collectives) and end with identical weights."""
+    config = tmp_path / "config.yaml"
+    cfg = tiny_config(
+        tiny_paths,
+        demo_dataset,
+        tmp_path / "run",
+        "train.on_nan=skip",
+        "train.grad_accum=2",
+        "ema.enabled=false",
+        "checkpoint.weights=raw",
+        "checkpoint.every_steps=0",
+    )
+    config.write_text(dump_yaml(cfg), encoding="utf-8")
+    launch("ddp", (tmp_path / "trace", finetune_args("ddp", config, tmp_path / "run")), nan="1:2")
+    rank0, rank1 = (load_file(tmp_path / "trace" / f"rank{r}.safetensors") for r in (0, 1))
+    assert all(torch.equal(rank0[k], rank1[k]) and torch.isfinite(rank0[k]).all() for k in rank0)
+    state = read_trainer_state(state_dirs(tmp_path / "run" / "state")[-1])
+    assert state.global_step == 4 and len(state.losses) == 4
+    assert [torch.isfinite(torch.tensor(v)).item() for v in state.losses] == [True, False, True, True]
 
 
 @launched_test

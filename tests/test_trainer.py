@@ -168,12 +168,70 @@ def test_interrupt_then_resume_is_exact(full_run, tiny_paths, demo_dataset, tmp_
         assert all(torch.equal(ours[k], theirs[k]) for k in theirs), name
 
 
-def test_non_finite_loss_stops_with_the_step_and_a_hint(tmp_path):
+def test_non_finite_step_loss_stops_with_the_step_and_a_hint(tmp_path):
     trainer = Trainer(load_config(FinetuneConfig, None, [f"run_dir={tmp_path}"]))
     trainer.state.global_step = 41
-    assert trainer._loss_is_finite(torch.tensor(0.5))
+    assert trainer._step_is_finite(0.5)
     with pytest.raises(TrainingError, match=r"step 42 \(epoch 1\): loss is nan; stopped without saving.*fp16 overflow"):
-        trainer._loss_is_finite(torch.tensor(float("nan")))
+        trainer._step_is_finite(float("nan"))
+
+
+def test_non_finite_step_losses_are_skipped_up_to_max_nan_skips(tmp_path, monkeypatch):
+    import logging
+
+    monkeypatch.setattr("finetune.trainer.logger", logging.getLogger("finetune.trainer"))  # accelerate's needs setup
+    overrides = [f"run_dir={tmp_path}", "train.on_nan=skip", "train.max_nan_skips=2"]
+    trainer = Trainer(load_config(FinetuneConfig, None, overrides))
+    assert [trainer._step_is_finite(v) for v in (float("nan"), float("inf"), 1.0, float("nan"))] == [
+        False,
+        False,
+        True,
+        False,
+    ]
+    assert trainer.state.nan_skips == 1  # a finite step resets the count
+    trainer._step_is_finite(float("nan"))
+    with pytest.raises(TrainingError, match=r"3 optimizer steps in a row had a non-finite loss"):
+        trainer._step_is_finite(float("nan"))
+
+
+def test_short_last_window_is_averaged_and_the_used_lr_is_logged(tiny_paths, demo_dataset, tmp_path, monkeypatch):
+    """8 batches with grad_accum 3: windows of 3, 3 and 2 batches; batch j's loss is (j + 1) * sum(w), so the
+    gradient of w at each step is the mean of (j + 1) over its window. Warmup over 4 steps: step 1 uses LR 0."""
+    cfg = make_config(
+        tiny_paths,
+        demo_dataset,
+        tmp_path,
+        "train.grad_accum=3",
+        "train.epochs=1",
+        "train.max_steps=0",
+        "optim.scheduler=constant_with_warmup",
+        "optim.warmup_steps=4",
+        "optim.max_grad_norm=0",
+        "ema.enabled=false",
+        "checkpoint.weights=raw",
+        "checkpoint.every_epochs=0",
+    )
+    grads, batches = [], []
+    original_step = Trainer._optimizer_step
+
+    def weighted_sum(self, batch):
+        batches.append(1)
+        return len(batches) * self.params[0].sum()
+
+    def record_gradient(self, *args):
+        grads.append(self.params[0].grad.flatten()[0].item())
+        return original_step(self, *args)
+
+    monkeypatch.setattr(Trainer, "training_step", weighted_sum)
+    monkeypatch.setattr(Trainer, "_optimizer_step", record_gradient)
+    trainer = Trainer(cfg)
+    trainer.setup()
+    try:
+        trainer.train()
+    finally:
+        trainer.cleanup()
+    assert grads == pytest.approx([2.0, 5.0, 7.5])
+    assert trainer.state.lrs == pytest.approx([0.0, 0.25 * cfg.optim.unet_lr, 0.5 * cfg.optim.unet_lr])
 
 
 def test_non_finite_weights_are_never_saved(tmp_path):
