@@ -7,7 +7,8 @@ second starts from fresh accelerate state (the first run's cleanup resets it; on
 reads everything it resumes from the files. Starting the processes once instead of twice halves the cost of the
 multi-process resume tests.
 
-With XLBAKE_TEST_NAN=RANK:STEP, process RANK's loss is NaN on the first batch of optimizer step STEP (1-based).
+With XLBAKE_TEST_NAN=RANK:STEP:BATCH, process RANK's loss is NaN on batch BATCH (0-based) of the accumulation
+window of optimizer step STEP (1-based).
 """
 
 from __future__ import annotations
@@ -25,16 +26,16 @@ NAN_ENV = "XLBAKE_TEST_NAN"
 
 
 def inject_nan(spec: str) -> None:
-    """Make one process's loss NaN on the first batch of one optimizer step (``spec``: ``RANK:STEP``)."""
+    """Make one process's loss NaN on one batch of one optimizer step (``spec``: ``RANK:STEP:BATCH``)."""
     from finetune.trainer import Trainer
 
-    rank, step = (int(v) for v in spec.split(":"))
+    rank, step, index = (int(v) for v in spec.split(":"))
     original = Trainer.training_step
 
     def training_step(self: Trainer, batch: dict) -> torch.Tensor:
         loss = original(self, batch)
-        first = self.state.batches_in_epoch % self.cfg.train.grad_accum == 0
-        hit = self.accelerator.process_index == rank and self.state.global_step + 1 == step and first
+        in_window = self.state.batches_in_epoch % self.cfg.train.grad_accum == index
+        hit = self.accelerator.process_index == rank and self.state.global_step + 1 == step and in_window
         return loss * float("nan") if hit else loss
 
     Trainer.training_step = training_step  # type: ignore[method-assign]

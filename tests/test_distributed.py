@@ -357,9 +357,11 @@ def test_resumed_run_ends_exactly_where_the_uninterrupted_one_did(launched):
 
 
 @launched_test
-def test_a_nan_on_one_process_skips_the_same_step_on_both(tiny_paths, demo_dataset, tmp_path):
-    """on_nan: skip, a NaN loss on process 1 only, in the first batch of step 2's accumulation window: both
-    processes skip step 2 (no hang in DDP's collectives) and end with identical weights."""
+@pytest.mark.parametrize("batch", [0, 1], ids=["first-batch", "synced-batch"])
+def test_a_nan_on_one_process_skips_the_same_step_on_both(batch, tiny_paths, demo_dataset, tmp_path):
+    """on_nan: skip, a NaN loss on process 1 only, in one batch of step 2's accumulation window of 2 (the second
+    one's backward all-reduces the gradients): both processes run the same collectives, skip step 2 and end
+    with identical weights."""
     config = tmp_path / "config.yaml"
     cfg = tiny_config(
         tiny_paths,
@@ -372,7 +374,7 @@ def test_a_nan_on_one_process_skips_the_same_step_on_both(tiny_paths, demo_datas
         "checkpoint.every_steps=0",
     )
     config.write_text(dump_yaml(cfg), encoding="utf-8")
-    launch("ddp", (tmp_path / "trace", finetune_args("ddp", config, tmp_path / "run")), nan="1:2")
+    launch("ddp", (tmp_path / "trace", finetune_args("ddp", config, tmp_path / "run")), nan=f"1:2:{batch}")
     rank0, rank1 = (load_file(tmp_path / "trace" / f"rank{r}.safetensors") for r in (0, 1))
     assert all(torch.equal(rank0[k], rank1[k]) and torch.isfinite(rank0[k]).all() for k in rank0)
     state = read_trainer_state(state_dirs(tmp_path / "run" / "state")[-1])
