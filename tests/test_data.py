@@ -11,7 +11,15 @@ from torch.utils.data import DataLoader
 
 from finetune.buckets import crop_geometry
 from finetune.captions import CaptionConfig
-from finetune.data import BucketBatchSampler, DataConfig, build_dataset, collate, load_pixels, steps_per_epoch
+from finetune.data import (
+    BucketBatchSampler,
+    DataConfig,
+    build_dataset,
+    collate,
+    load_pixels,
+    steps_per_epoch,
+    window_size,
+)
 from xlbake.errors import InputError, TrainingError
 
 TINY = {"resolution": 64, "min_bucket_reso": 32, "max_bucket_reso": 128, "bucket_step": 8}
@@ -224,3 +232,9 @@ def test_steps_per_epoch():
     assert steps_per_epoch(10, 3, 1) == 4
     assert steps_per_epoch(10, 1, 4) == 3
     assert steps_per_epoch(12, 3, 2) == 2
+
+
+def test_window_size_is_short_only_in_the_last_window_of_an_epoch():
+    assert [window_size(p, 8, 3) for p in range(8)] == [3, 3, 3, 3, 3, 3, 2, 2]
+    assert [window_size(p, 4, 2) for p in range(4)] == [2, 2, 2, 2]
+    assert [window_size(p, 3, 1) for p in range(3)] == [1, 1, 1]
