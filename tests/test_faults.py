@@ -421,6 +421,14 @@ def test_training_fault_stops_with_one_line_and_keeps_step_2(fault, tiny_paths, 
 # ---------------------------------------------------------------- resuming a finished run
 
 
+def training_config_of(run: Path, moved: Path) -> Path:
+    """``run``'s resolved config, with its run_dir set to ``moved`` (a copy of the run)."""
+    data = yaml.safe_load((run / "config.resolved.yaml").read_text())
+    path = moved.parent / f"{moved.name}.yaml"
+    path.write_text(yaml.safe_dump({**data, "run_dir": str(moved)}))
+    return path
+
+
 def run_files(run: Path) -> dict[Path, int]:
     """Every file under ``run`` with its modification time (ns): what a run that writes nothing leaves as it was."""
     return {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
@@ -444,6 +452,21 @@ def test_resuming_a_finished_run_says_so_and_writes_nothing(finished):
     line = f"{finished}: already finished at step 4 (train.max_steps 4); raise train.max_steps or train.epochs"
     assert line in visible_lines(stderr)[-1], stderr[-3000:]
     assert run_files(finished) == before
+
+
+@pytest.mark.slow
+def test_resuming_a_finished_run_whose_outputs_are_gone_saves_them_again(finished, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    for output in run.glob("tuned*.safetensors"):
+        output.unlink()
+    config = training_config_of(finished, run)
+    code, stderr, crash = finetune_cli("--config", str(config), "--resume", "auto")
+    assert code == 0 and not crash, stderr[-3000:]
+    assert f"resumed from {run / 'state' / 'step-00000004'}: step 4, epoch 1" in stderr
+    assert_same_final_model(run, finished)
 
 
 @pytest.mark.slow
