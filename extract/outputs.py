@@ -25,7 +25,15 @@ from xlbake.errors import ConfigError
 from xlbake.fileio import check_output
 from xlbake.lora_io import lora_metadata, write_lora
 from xlbake.lowrank import clamp_quantile, reshape_factors
-from xlbake.report import LayerStat, by_component, group_stat, print_summary, report_paths, write_report
+from xlbake.report import (
+    Coverage,
+    LayerStat,
+    by_component,
+    group_stat,
+    print_summary,
+    report_paths,
+    write_report,
+)
 from xlbake.sdxl_keys import LoraTarget
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -143,6 +151,11 @@ def budget_in_params(variant: Variant, names: Sequence[str], metadata: Mapping[s
     return (variant.budget.amount - overhead) // save_bytes
 
 
+def draft_metadata(variant: Variant, cfg: ExtractConfig, names: Sequence[str]) -> dict[str, str]:
+    """The file's metadata before ranks, sources and kept energy are known (for size estimates)."""
+    return _metadata(variant, cfg, names, [variant.dim] * len(names), [], {}, 1.0)
+
+
 def module_factors(layer: LayerResult, rank: int, clamp: float) -> tuple[Tensor, Tensor]:
     """(up, down) in the weight's LoRA layout at ``rank``, zeros for an unchanged text-encoder module.
 
@@ -168,8 +181,12 @@ def write_variant(
     info: Mapping[str, object],
     force: bool,
     echo: Callable[[str], None],
+    coverage: Callable[[set[str]], Coverage],
 ) -> Path:
-    """Choose ranks, write the LoRA file and its report; print the kept-energy summary."""
+    """Choose ranks, write the LoRA file and its report; print the kept-energy summary.
+
+    ``coverage(names)``: the share of the finetune in the layers of those names (see ``extract.coverage``).
+    """
     chosen = layer_choices(layers, variant, extracted)
     choices = [choice for _, choice in chosen]
     save_dtype = SAVE_DTYPES[cfg.save_precision]
@@ -198,7 +215,9 @@ def write_variant(
     names = [layer.target.name for layer, _, _ in kept]
     zero = frozenset(layer.target.name for layer, _, _ in kept if layer.up.shape[1] == 0)
     alpha = float(max(rank for _, _, rank in kept))  # one alpha for every module; lora_io folds the scales
+    covers = coverage(set(names))
     metadata = _metadata(variant, cfg, names, [rank for _, _, rank in kept], stats, info, alpha, zero)
+    metadata["xlbake_coverage"] = json.dumps(_rounded(covers.as_dict(stats)))  # resize carries it forward
     write_lora(variant.path, factors, metadata=metadata, dtype=save_dtype, alpha=alpha, force=force)
     summary = {
         **info,
@@ -208,10 +227,18 @@ def write_variant(
         "budget_params": budget,
         "options": to_dict(cfg),  # the resolved config, config_version included
     }
-    write_report(variant.path, stats, summary, title=variant.path.stem, force=force)
+    write_report(variant.path, stats, summary, title=variant.path.stem, force=force, coverage=covers)
     size_mb = variant.path.stat().st_size / 1e6
-    echo(f"wrote {variant.path} ({len(factors)} modules, {size_mb:.2f} MB)\n{print_summary(stats, summary)}")
+    table = print_summary(stats, summary, covers)
+    echo(f"wrote {variant.path} ({len(factors)} modules, {size_mb:.2f} MB)\n{table}")
     return variant.path
+
+
+def _rounded(value: object) -> object:
+    """Floats of a JSON-able value to 6 digits (metadata is text in every LoRA header)."""
+    if isinstance(value, dict):
+        return {key: _rounded(item) for key, item in value.items()}
+    return round(value, 6) if isinstance(value, float) else value
 
 
 def _metadata(
