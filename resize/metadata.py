@@ -35,6 +35,7 @@ def resized_metadata(
     conv_names: Iterable[str],
     alpha: float,
     record: Mapping[str, object],
+    zero_names: Iterable[str] = (),
 ) -> dict[str, str]:
     """The input's metadata with rank, alpha, title and date updated and ``record`` stored as JSON under
     ``xlbake_resize``.
@@ -43,12 +44,15 @@ def resized_metadata(
     and ``ss_network_alpha`` become "Dynamic" when the non-conv ranks vary (kohya's convention);
     ``ss_network_args``' conv_dim/conv_alpha follow the 3x3 convs and its other entries are kept. For SDXL files the
     SDXL keys that A1111 needs (``ss_base_model_version``, modelspec) are added when missing. Values that look like
-    JSON but do not parse are dropped (A1111 would fail on them).
+    JSON but do not parse are dropped (A1111 would fail on them). ``zero_names``: modules of an unchanged layer
+    (extract's zero rank-1 padding of a text encoder), whose rank does not make the others "Dynamic".
     """
+    zero = set(zero_names)
+    shown = {name: rank for name, rank in ranks.items() if name not in zero} or dict(ranks)
     conv_set = set(conv_names)
-    conv_ranks = {ranks[name] for name in conv_set}
+    conv_ranks = {shown[name] for name in conv_set if name in shown}
     conv_rank = next(iter(conv_ranks)) if len(conv_ranks) == 1 else None
-    linear = {name: rank for name, rank in ranks.items() if name not in conv_set} or dict(ranks)
+    linear = {name: rank for name, rank in shown.items() if name not in conv_set} or shown
     fresh = lora_metadata(title=title, ranks=linear, alpha=alpha, conv_rank=None)
     meta = _valid_json_values(source)
     if is_sdxl(ranks, source):

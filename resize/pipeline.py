@@ -39,7 +39,7 @@ from xlbake.lora_io import (
     write_lora,
 )
 from xlbake.lowrank import Svd, allocate_ranks, factor_svd, kept_energy, select_rank, split_factors
-from xlbake.report import LayerStat, group_stat, report_paths, write_report
+from xlbake.report import Coverage, LayerStat, group_stat, report_paths, write_report
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 COMPUTE_DTYPE = torch.float32
@@ -49,6 +49,8 @@ BYTES_PER_MB = 1_000_000
 _HEADER_ENTRY_BYTES = 52
 _HEADER_ALIGN = 8  # the header is padded to a multiple of 8 bytes
 _RECORD_SLACK = 256  # the record's numbers (kept energy, parameters, ranks) once the real ranks are known
+COVERAGE_KEY = "xlbake_coverage"
+"""Metadata key of what a LoRA covers of its finetune (written by extract, carried forward by each resize)."""
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +89,7 @@ class ResizeResult:
     layers: tuple[LayerStat, ...]
     kept_as_is: int  # layers whose rank was below the one asked for, written unchanged
     reports: tuple[Path, ...]  # report JSON and PNG, empty without a report
+    coverage: Coverage | None = None  # what the input covered of its finetune, when its metadata says
 
     @property
     def file_bytes(self) -> int:
@@ -107,6 +110,19 @@ def run_resize(cfg: ResizeConfig, *, force: bool = False, progress: bool = False
     layers = factorize(lora.modules, keep_for(plans), device, progress=progress)  # empties lora.modules
     logger.info("factor-space SVD of %d layers: %.2f s", len(layers), time.perf_counter() - start)
     return [write_output(cfg, plan, layers, lora, source_hash, force=force) for plan in plans]
+
+
+def input_coverage(lora: LoraFile) -> Coverage | None:
+    """What ``lora`` covers of its finetune and keeps of that, from its ``xlbake_coverage`` metadata (None when
+    absent or unreadable: then only the share of the input's own energy is reported)."""
+    text = lora.metadata.get(COVERAGE_KEY)
+    if not text:
+        return None
+    try:
+        return Coverage.from_dict(json.loads(text))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        logger.warning("%s: metadata %s is unreadable; the finetune's coverage is not carried", lora.path, COVERAGE_KEY)
+        return None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -281,13 +297,17 @@ def write_output(
             *(plan.path.name, len(low), len(layers), shown),
         )
     alpha = float(summary["alpha"])
+    coverage = input_coverage(source)
+    if coverage is not None:  # a resize of this file multiplies on from what this one keeps
+        metadata[COVERAGE_KEY] = json.dumps(coverage.as_dict(stats))
     write_lora(plan.path, resized_factors(layers, ranks), metadata=metadata, dtype=save_dtype, alpha=alpha, force=force)
     reports: tuple[Path, ...] = ()
     if cfg.report:
-        reports = write_report(plan.path, stats, summary, title=f"{plan.path.name}: {summary['target']}", force=force)
+        title = f"{plan.path.name}: {summary['target']}"
+        reports = write_report(plan.path, stats, summary, title=title, force=force, coverage=coverage)
     if plan.budget is not None and plan.budget.bytes is not None and plan.path.stat().st_size > plan.budget.bytes:
         logger.warning("%s: %d bytes, over the %s budget", plan.path, plan.path.stat().st_size, plan.budget.text)
-    return ResizeResult(plan.path, tuple(stats), len(low), reports)
+    return ResizeResult(plan.path, tuple(stats), len(low), reports, coverage)
 
 
 def plan_budget(
@@ -331,6 +351,7 @@ def describe_output(
         conv_names=[layer.name for layer in layers if layer.kind == "conv3x3"],
         alpha=alpha,
         record=summary,
+        zero_names=[layer.name for layer in layers if layer.energy == 0],
     )
     return metadata, summary, stats
 
