@@ -6,9 +6,12 @@ import json
 import logging
 from collections.abc import Iterable, Mapping
 
-from xlbake.lora_io import lora_metadata
+from xlbake.lora_io import LoraFile, lora_metadata
+from xlbake.report import Coverage
 
 RECORD_KEY = "xlbake_resize"
+COVERAGE_KEY = "xlbake_coverage"
+"""What a LoRA covers of its finetune and keeps of that (written by extract, carried forward by each resize)."""
 SDXL_VERSION_PREFIX = "sdxl"
 # kohya names UNet modules of SDXL by the original (SGM) paths; SD1/SD2 LoRAs use diffusers' down_blocks names.
 _SDXL_NAME_PREFIXES = ("lora_te2_", "lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")
@@ -94,3 +97,16 @@ def _valid_json_values(source: Mapping[str, str]) -> dict[str, str]:
                 continue
         meta[key] = value
     return meta
+
+
+def input_coverage(lora: LoraFile) -> Coverage | None:
+    """What ``lora`` covers of its finetune and keeps of that, from its ``xlbake_coverage`` metadata (None when
+    absent or unreadable: then only the share of the input's own energy is reported)."""
+    text = lora.metadata.get(COVERAGE_KEY)
+    if not text:
+        return None
+    try:
+        return Coverage.from_dict(json.loads(text))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        logger.warning("%s: metadata %s is unreadable; the finetune's coverage is not carried", lora.path, COVERAGE_KEY)
+        return None

@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from resize.config import ResizeConfig
-from resize.metadata import resized_metadata
+from resize.metadata import COVERAGE_KEY, input_coverage, resized_metadata
 from resize.plan import OutputPlan, keep_for, plan_outputs
 from xlbake import __version__
 from xlbake.errors import ConfigError, InputError
@@ -49,8 +49,6 @@ BYTES_PER_MB = 1_000_000
 _HEADER_ENTRY_BYTES = 52
 _HEADER_ALIGN = 8  # the header is padded to a multiple of 8 bytes
 _RECORD_SLACK = 256  # the record's numbers (kept energy, parameters, ranks) once the real ranks are known
-COVERAGE_KEY = "xlbake_coverage"
-"""Metadata key of what a LoRA covers of its finetune (written by extract, carried forward by each resize)."""
 
 logger = logging.getLogger(__name__)
 
@@ -111,18 +109,6 @@ def run_resize(cfg: ResizeConfig, *, force: bool = False, progress: bool = False
     logger.info("factor-space SVD of %d layers: %.2f s", len(layers), time.perf_counter() - start)
     return [write_output(cfg, plan, layers, lora, source_hash, force=force) for plan in plans]
 
-
-def input_coverage(lora: LoraFile) -> Coverage | None:
-    """What ``lora`` covers of its finetune and keeps of that, from its ``xlbake_coverage`` metadata (None when
-    absent or unreadable: then only the share of the input's own energy is reported)."""
-    text = lora.metadata.get(COVERAGE_KEY)
-    if not text:
-        return None
-    try:
-        return Coverage.from_dict(json.loads(text))
-    except (ValueError, KeyError, TypeError, AttributeError):
-        logger.warning("%s: metadata %s is unreadable; the finetune's coverage is not carried", lora.path, COVERAGE_KEY)
-        return None
 
 
 def resolve_device(name: str) -> torch.device:
