@@ -90,10 +90,10 @@ def cap_notes(variants: Sequence[Variant], targets: Sequence[LoraTarget]) -> lis
         for target in capped:
             groups.setdefault(target.component, []).append(full_rank(target))
         parts = ", ".join(f"{c} {len(r)} at {_span(r)}" for c, r in groups.items())
-        conv = f" (3x3 convs {variant.conv_dim})" if variant.conv_dim else ""
+        conv = f", 3x3 convs {variant.conv_dim}" if variant.conv_dim else ""
         line = (
-            f"{variant.path.stem}: {len(capped)} of {len(held)} layers have a full rank below {variant.dim}{conv} "
-            f"and are capped at it ({parts})"
+            f"{variant.path.stem}: {len(capped)} of {len(held)} layers have a full rank below the rank asked "
+            f"({variant.dim}{conv}) and are capped at it ({parts})"
         )
         notes.append(line + (f"; the same ranks as {same}" if same != variant.path.stem else ""))
     return notes

@@ -214,9 +214,10 @@ def write_variant(
     factors = {layer.target.name: module_factors(layer, rank, cfg.clamp_quantile) for layer, _, rank in kept}
     names = [layer.target.name for layer, _, _ in kept]
     zero = frozenset(layer.target.name for layer, _, _ in kept if layer.up.shape[1] == 0)
+    convs = frozenset(layer.target.name for layer, _, _ in kept if layer.target.kind == "conv3x3")
     alpha = float(max(rank for _, _, rank in kept))  # one alpha for every module; lora_io folds the scales
     covers = coverage(set(names))
-    metadata = _metadata(variant, cfg, names, [rank for _, _, rank in kept], stats, info, alpha, zero)
+    metadata = _metadata(variant, cfg, names, [rank for _, _, rank in kept], stats, info, alpha, zero, convs)
     metadata["xlbake_coverage"] = json.dumps(_rounded(covers.as_dict(stats)))  # resize carries it forward
     write_lora(variant.path, factors, metadata=metadata, dtype=save_dtype, alpha=alpha, force=force)
     summary = {
@@ -250,6 +251,7 @@ def _metadata(
     info: Mapping[str, object],
     alpha: float,
     zero_names: frozenset[str] = frozenset(),
+    conv_names: frozenset[str] = frozenset(),
 ) -> dict[str, str]:
     """kohya ss_*/modelspec metadata plus ours: options, sources, per-component decisions and kept energy."""
     # modules of an unchanged layer (zero rank-1 padding of an extracted encoder) do not make the ranks "Dynamic"
@@ -269,4 +271,6 @@ def _metadata(
         "xlbake_kept_energy": json.dumps({k: round(v, 6) for k, v in kept.items()}),
     }
     conv_rank = variant.conv_dim if variant.conv_dim > 0 else None
-    return lora_metadata(title=variant.path.stem, ranks=rank_map, alpha=alpha, conv_rank=conv_rank, extra=extra)
+    return lora_metadata(
+        title=variant.path.stem, ranks=rank_map, alpha=alpha, conv_rank=conv_rank, extra=extra, conv_names=conv_names
+    )

@@ -90,3 +90,14 @@ def test_swapped_base_and_tuned_are_refused_unless_allowed(tiny_paths, everywher
         _run(everywhere[0], tiny_paths.single_file, tmp_path / "swap.safetensors", lines, dim=(4,))
     assert not lines
     _run(everywhere[0], tiny_paths.single_file, tmp_path / "swap.safetensors", lines, dim=(4,), allow_swapped=True)
+
+
+def test_a_fixed_rank_with_a_capped_conv_is_tagged_with_its_rank(tiny_paths, everywhere, tmp_path):
+    """conv_out (4 output channels) caps at rank 4 among rank-8 modules: still ss_network_dim 8, not 4 or Dynamic."""
+    lines = []
+    options = {"dim": (8,), "conv_dim": (8,), "extra_layers": True}
+    (out,) = _run(tiny_paths.single_file, everywhere[0], tmp_path / "e8.safetensors", lines, **options).outputs
+    lora = read_lora(out)
+    assert sorted({module.rank for module in lora.modules.values()}) == [4, 8]
+    assert lora.metadata["ss_network_dim"] == "8" and lora.metadata["ss_network_alpha"] == "8.0"
+    assert any(line.startswith("e8: 1 of 219 layers") and "unet 1 at 4" in line for line in lines), lines
