@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ BYTES_PER_MB = 1_000_000
 DEFAULT_BYTES_PER_PARAM = 2.0  # fp16, the default save precision
 _DTYPE_BYTES = {"fp16": 2.0, "float16": 2.0, "bf16": 2.0, "bfloat16": 2.0, "fp32": 4.0, "float32": 4.0, "float": 4.0}
 _PLOT_DPI = 120
+_TITLE_WIDTH = 110  # characters per title line that fit the two-panel figure
 _EMBEDDING = "embedding"
 _BIAS = "bias"
 
@@ -234,7 +236,8 @@ def write_report(
     document = _report_document(out_file, layers, summary, title=title, file_mb=file_mb)
     if coverage is not None:
         document["finetune"] = coverage.as_dict(layers)
-        title = f"{title}\n{coverage.lines(layers)}"
+        wrapped = (textwrap.fill(line, _TITLE_WIDTH) for line in coverage.lines(layers).splitlines())
+        title = "\n".join([title, *wrapped])
     write_text_atomic(json_path, json.dumps(_jsonable(document), indent=1) + "\n", force=force)
     figure = _plot(layers, title=title, per_param=per_param, file_mb=file_mb)
     with atomic_path(png_path, force) as tmp:
