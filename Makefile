@@ -58,6 +58,10 @@ comma := ,
 DIMS := $(subst $(comma), ,$(DIM))
 RANKS := $(subst $(comma), ,$(RANK))
 SIZES := $(subst $(comma), ,$(SIZE))
+# Ranks are checked while the Makefile is read: a bad RANK would otherwise fail only after the finetune and extract.
+strip_digits = $(subst 0,,$(subst 1,,$(subst 2,,$(subst 3,,$(subst 4,,$(subst 5,,$(subst 6,,$(subst 7,,$(subst 8,,$(subst 9,,$(1)))))))))))
+$(foreach v,DIM CONV_DIM RANK,$(foreach r,$(subst $(comma), ,$($(v))),$(if $(call strip_digits,$(r)),\
+	$(error $(v)=$($(v)): ranks are whole numbers, like $(v)=16 or $(v)="8 16"))))
 FT_ARGS := $(if $(CONCEPT_FILE),$(CONCEPT_FINETUNE_ARGS),--config $(CONFIG)) $(foreach s,$(SET),--set '$(s)') \
 	--set run_dir=$(RUN)
 FT_STAMP := $(RUN)/.finetune.config

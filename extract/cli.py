@@ -57,6 +57,10 @@ FLAGS = {  # flag -> (config key, click option keyword arguments)
         {"default": None, "help": "Also extract time/label embeddings (and conv_in/out with a conv dim)."},
     ),
     "--min-diff": ("min_diff", {"type": float, "help": "Skip a component whose relative difference is below this."}),
+    "--allow-swapped/--no-allow-swapped": (
+        "allow_swapped",
+        {"default": None, "help": "Extract even if --base's metadata says it is a finetune of --tuned."},
+    ),
     "--device": ("device", {"metavar": "DEVICE", "help": "cpu, cuda or cuda:N."}),
 }
 

@@ -96,6 +96,9 @@ class ExtractConfig:
     """A component (unet, te1, te2) is extracted when its difference is at least this fraction of its weights
     (||tuned - base|| / ||base|| over its LoRA layers). Not kohya's absolute 0.01, which drops the text encoders
     of any low-learning-rate finetune."""
+    allow_swapped: bool = False
+    """Extract even when ``base``'s metadata says it is a finetune of ``tuned`` (the files look swapped: the LoRA
+    would undo the finetune)."""
     device: str = "cpu"
     """Where the SVDs run: cpu, cuda or cuda:N. Tensors are read one at a time either way."""
     config_version: int = 1

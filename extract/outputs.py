@@ -26,7 +26,15 @@ from xlbake.fileio import check_output
 from xlbake.lora_io import lora_metadata, write_lora
 from xlbake.lowrank import clamp_quantile, reshape_factors
 from xlbake.prediction import EPSILON
-from xlbake.report import LayerStat, by_component, group_stat, print_summary, report_paths, write_report
+from xlbake.report import (
+    Coverage,
+    LayerStat,
+    by_component,
+    group_stat,
+    print_summary,
+    report_paths,
+    write_report,
+)
 from xlbake.sdxl_keys import LoraTarget
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -144,6 +152,11 @@ def budget_in_params(variant: Variant, names: Sequence[str], metadata: Mapping[s
     return (variant.budget.amount - overhead) // save_bytes
 
 
+def draft_metadata(variant: Variant, cfg: ExtractConfig, names: Sequence[str]) -> dict[str, str]:
+    """The file's metadata before ranks, sources and kept energy are known (for size estimates)."""
+    return _metadata(variant, cfg, names, [variant.dim] * len(names), [], {}, 1.0)
+
+
 def module_factors(layer: LayerResult, rank: int, clamp: float) -> tuple[Tensor, Tensor]:
     """(up, down) in the weight's LoRA layout at ``rank``, zeros for an unchanged text-encoder module.
 
@@ -169,8 +182,12 @@ def write_variant(
     info: Mapping[str, object],
     force: bool,
     echo: Callable[[str], None],
+    coverage: Callable[[set[str]], Coverage],
 ) -> Path:
-    """Choose ranks, write the LoRA file and its report; print the kept-energy summary."""
+    """Choose ranks, write the LoRA file and its report; print the kept-energy summary.
+
+    ``coverage(names)``: the share of the finetune in the layers of those names (see ``extract.coverage``).
+    """
     chosen = layer_choices(layers, variant, extracted)
     choices = [choice for _, choice in chosen]
     save_dtype = SAVE_DTYPES[cfg.save_precision]
@@ -198,8 +215,11 @@ def write_variant(
     factors = {layer.target.name: module_factors(layer, rank, cfg.clamp_quantile) for layer, _, rank in kept}
     names = [layer.target.name for layer, _, _ in kept]
     zero = frozenset(layer.target.name for layer, _, _ in kept if layer.up.shape[1] == 0)
+    convs = frozenset(layer.target.name for layer, _, _ in kept if layer.target.kind == "conv3x3")
     alpha = float(max(rank for _, _, rank in kept))  # one alpha for every module; lora_io folds the scales
-    metadata = _metadata(variant, cfg, names, [rank for _, _, rank in kept], stats, info, alpha, zero)
+    covers = coverage(set(names))
+    metadata = _metadata(variant, cfg, names, [rank for _, _, rank in kept], stats, info, alpha, zero, convs)
+    metadata["xlbake_coverage"] = json.dumps(_rounded(covers.as_dict(stats)))  # resize carries it forward
     write_lora(variant.path, factors, metadata=metadata, dtype=save_dtype, alpha=alpha, force=force)
     summary = {
         **info,
@@ -209,10 +229,18 @@ def write_variant(
         "budget_params": budget,
         "options": to_dict(cfg),  # the resolved config, config_version included
     }
-    write_report(variant.path, stats, summary, title=variant.path.stem, force=force)
+    write_report(variant.path, stats, summary, title=variant.path.stem, force=force, coverage=covers)
     size_mb = variant.path.stat().st_size / 1e6
-    echo(f"wrote {variant.path} ({len(factors)} modules, {size_mb:.2f} MB)\n{print_summary(stats, summary)}")
+    table = print_summary(stats, summary, covers)
+    echo(f"wrote {variant.path} ({len(factors)} modules, {size_mb:.2f} MB)\n{table}")
     return variant.path
+
+
+def _rounded(value: object) -> object:
+    """Floats of a JSON-able value to 6 digits (metadata is text in every LoRA header)."""
+    if isinstance(value, dict):
+        return {key: _rounded(item) for key, item in value.items()}
+    return round(value, 6) if isinstance(value, float) else value
 
 
 def _metadata(
@@ -224,6 +252,7 @@ def _metadata(
     info: Mapping[str, object],
     alpha: float,
     zero_names: frozenset[str] = frozenset(),
+    conv_names: frozenset[str] = frozenset(),
 ) -> dict[str, str]:
     """kohya ss_*/modelspec metadata plus ours: options, sources, per-component decisions and kept energy."""
     # modules of an unchanged layer (zero rank-1 padding of an extracted encoder) do not make the ranks "Dynamic"
@@ -245,5 +274,11 @@ def _metadata(
     conv_rank = variant.conv_dim if variant.conv_dim > 0 else None
     prediction = str(info.get("prediction", EPSILON))
     return lora_metadata(
-        title=variant.path.stem, ranks=rank_map, alpha=alpha, conv_rank=conv_rank, extra=extra, prediction=prediction
+        title=variant.path.stem,
+        ranks=rank_map,
+        alpha=alpha,
+        conv_rank=conv_rank,
+        extra=extra,
+        conv_names=conv_names,
+        prediction=prediction,
     )

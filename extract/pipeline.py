@@ -22,7 +22,18 @@ from tqdm import tqdm
 
 from extract.components import TEXT_ENCODERS, Decision, LayerDiff, component_totals, decide
 from extract.config import ExtractConfig
-from extract.outputs import SAVE_DTYPES, LayerResult, check_outputs, fingerprint, plan_variants, write_variant
+from extract.coverage import budget_notes, cap_notes, check_order, left_out_energies, variant_coverage
+from extract.outputs import (
+    SAVE_DTYPES,
+    LayerResult,
+    Variant,
+    budget_in_params,
+    check_outputs,
+    draft_metadata,
+    fingerprint,
+    plan_variants,
+    write_variant,
+)
 from xlbake.checkpoint import CheckpointReader, open_checkpoint
 from xlbake.errors import ConfigError, InputError
 from xlbake.lowrank import Svd, split_factors, svd_exact, svd_randomized, to_matrix
@@ -84,7 +95,11 @@ def run_extract(cfg: ExtractConfig, *, force: bool = False, echo: Callable[[str]
         raise InputError(f"{cfg.tuned}: is the same file as --base; pass the finetuned model as --tuned")
     settings = FactorSettings.from_config(cfg)
     with open_checkpoint(cfg.base) as base, open_checkpoint(cfg.tuned) as tuned:
+        if not cfg.allow_swapped:
+            check_order(base, tuned)
         targets = extraction_targets(base, tuned, conv=settings.conv_rank > 0, extra=cfg.extra_layers)
+        for line in [*cap_notes(variants, targets), *check_budgets(cfg, variants, targets)]:
+            echo(line)
         sources = {name: {"file": path.name, "fingerprint": fingerprint(path)} for name, path in _inputs(cfg)}
         prediction = lora_prediction(base, tuned, echo)
         echo(f"factoring {len(targets)} layers ({settings.svd} SVD, rank {settings.rank}, on {settings.device})")
@@ -98,6 +113,7 @@ def run_extract(cfg: ExtractConfig, *, force: bool = False, echo: Callable[[str]
         ):
             layers.append(layer)
             diffs.append(diff)
+        left_out = left_out_energies(base, tuned, {target.key for target in targets})
     decisions = tuple(decide(stat, cfg.min_diff) for stat in component_totals(diffs).values())
     for decision in decisions:
         echo(decision.reason)
@@ -114,7 +130,16 @@ def run_extract(cfg: ExtractConfig, *, force: bool = False, echo: Callable[[str]
         "factor_seconds": round(time.perf_counter() - start, 2),
     }
     outputs = tuple(
-        write_variant(variant, layers, cfg=cfg, extracted=extracted, info=info, force=force, echo=echo)
+        write_variant(
+            variant,
+            layers,
+            cfg=cfg,
+            extracted=extracted,
+            info=info,
+            force=force,
+            echo=echo,
+            coverage=lambda held: variant_coverage(layers, held, left_out),
+        )
         for variant in variants
     )
     echo(f"done in {time.perf_counter() - start:.1f} s")
@@ -132,6 +157,29 @@ def lora_prediction(base: CheckpointReader, tuned: CheckpointReader, echo: Calla
         )
     declared = tuned_says or base_says
     return declared.prediction if declared else EPSILON
+
+
+def check_budgets(cfg: ExtractConfig, variants: Sequence[Variant], targets: Sequence[LoraTarget]) -> list[str]:
+    """ConfigError for a size budget that cannot hold even the file's header; a line for each budget the rank caps
+    reach first. From the headers alone, before any SVD."""
+    itemsize = SAVE_DTYPES[cfg.save_precision].itemsize
+
+    def params(variant: Variant, names: list[str]) -> int:
+        return budget_in_params(variant, names, draft_metadata(variant, cfg, names), itemsize)
+
+    budgeted = [variant for variant in variants if variant.budget is not None]
+    smallest = min(target.shape[0] + math.prod(target.shape[1:]) for target in targets)
+    for variant in budgeted:
+        if params(variant, []) < smallest:  # a lower bound: the metadata alone, no module's header entries
+            raise ConfigError(f"size: {variant.budget.text} cannot hold one rank of the smallest layer; ask for more")
+
+    def params_or_zero(variant: Variant, names: list[str]) -> int:
+        try:
+            return params(variant, names)
+        except ConfigError:  # the header of every module does not fit: the budget, not the caps, limits the file
+            return 0
+
+    return budget_notes(budgeted, targets, params_or_zero)
 
 
 def extraction_targets(base: CheckpointReader, tuned: CheckpointReader, *, conv: bool, extra: bool) -> list[LoraTarget]:

@@ -15,6 +15,7 @@ import click
 
 from resize.config import ResizeConfig
 from xlbake.cli import config_options, force_option, resolve_config, run_guarded, setup_logging
+from xlbake.errors import ConfigError
 
 # CLI option -> config key; values go through the config's validation (so bad values are one line, exit 1).
 _SCALAR_OPTIONS = {
@@ -62,7 +63,7 @@ def main(config: Path | None, overrides: tuple[str, ...], dry_run: bool, force: 
             f"wrote {result.path} ({result.file_bytes / BYTES_PER_MB:.2f} MB, {total.modules} modules, "
             f"rank {total.ranks}, kept {total.kept * 100:.2f} % of the input's energy)"
         )
-        click.echo(print_summary(result.layers, {"save_precision": cfg.save_precision}))
+        click.echo(print_summary(result.layers, {"save_precision": cfg.save_precision}, result.coverage))
 
 
 def option_overrides(options: Mapping[str, object]) -> list[str]:
@@ -71,7 +72,18 @@ def option_overrides(options: Mapping[str, object]) -> list[str]:
     for name, key in _LIST_OPTIONS.items():
         if options[name]:
             items = [item.strip() for item in str(options[name]).split(",")]
+            if name == "rank":
+                items = [_rank(item) for item in items]
             overrides.append(f"{key}={json.dumps(items)}")
     if options["no_report"]:
         overrides.append("report=false")
     return overrides
+
+
+def _rank(text: str) -> int:
+    """One --rank value as an integer; a ConfigError naming --rank (not the --set it becomes) otherwise."""
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"--rank: {text!r} is not a rank; give whole numbers like 8 or 8,16,32") from None
+

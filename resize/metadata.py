@@ -6,9 +6,12 @@ import json
 import logging
 from collections.abc import Iterable, Mapping
 
-from xlbake.lora_io import lora_metadata
+from xlbake.lora_io import LoraFile, lora_metadata
+from xlbake.report import Coverage
 
 RECORD_KEY = "xlbake_resize"
+COVERAGE_KEY = "xlbake_coverage"
+"""What a LoRA covers of its finetune and keeps of that (written by extract, carried forward by each resize)."""
 SDXL_VERSION_PREFIX = "sdxl"
 # kohya names UNet modules of SDXL by the original (SGM) paths; SD1/SD2 LoRAs use diffusers' down_blocks names.
 _SDXL_NAME_PREFIXES = ("lora_te2_", "lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")
@@ -35,6 +38,7 @@ def resized_metadata(
     conv_names: Iterable[str],
     alpha: float,
     record: Mapping[str, object],
+    zero_names: Iterable[str] = (),
 ) -> dict[str, str]:
     """The input's metadata with rank, alpha, title and date updated and ``record`` stored as JSON under
     ``xlbake_resize``.
@@ -43,12 +47,15 @@ def resized_metadata(
     and ``ss_network_alpha`` become "Dynamic" when the non-conv ranks vary (kohya's convention);
     ``ss_network_args``' conv_dim/conv_alpha follow the 3x3 convs and its other entries are kept. For SDXL files the
     SDXL keys that A1111 needs (``ss_base_model_version``, modelspec) are added when missing. Values that look like
-    JSON but do not parse are dropped (A1111 would fail on them).
+    JSON but do not parse are dropped (A1111 would fail on them). ``zero_names``: modules of an unchanged layer
+    (extract's zero rank-1 padding of a text encoder), whose rank does not make the others "Dynamic".
     """
+    zero = set(zero_names)
+    shown = {name: rank for name, rank in ranks.items() if name not in zero} or dict(ranks)
     conv_set = set(conv_names)
-    conv_ranks = {ranks[name] for name in conv_set}
+    conv_ranks = {shown[name] for name in conv_set if name in shown}
     conv_rank = next(iter(conv_ranks)) if len(conv_ranks) == 1 else None
-    linear = {name: rank for name, rank in ranks.items() if name not in conv_set} or dict(ranks)
+    linear = {name: rank for name, rank in shown.items() if name not in conv_set} or shown
     fresh = lora_metadata(title=title, ranks=linear, alpha=alpha, conv_rank=None)
     meta = _valid_json_values(source)
     if is_sdxl(ranks, source):
@@ -90,3 +97,16 @@ def _valid_json_values(source: Mapping[str, str]) -> dict[str, str]:
                 continue
         meta[key] = value
     return meta
+
+
+def input_coverage(lora: LoraFile) -> Coverage | None:
+    """What ``lora`` covers of its finetune and keeps of that, from its ``xlbake_coverage`` metadata (None when
+    absent or unreadable: then only the share of the input's own energy is reported)."""
+    text = lora.metadata.get(COVERAGE_KEY)
+    if not text:
+        return None
+    try:
+        return Coverage.from_dict(json.loads(text))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        logger.warning("%s: metadata %s is unreadable; the finetune's coverage is not carried", lora.path, COVERAGE_KEY)
+        return None

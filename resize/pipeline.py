@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from resize.config import ResizeConfig
-from resize.metadata import resized_metadata
+from resize.metadata import COVERAGE_KEY, input_coverage, resized_metadata
 from resize.plan import OutputPlan, keep_for, plan_outputs
 from xlbake import __version__
 from xlbake.errors import ConfigError, InputError
@@ -39,7 +39,7 @@ from xlbake.lora_io import (
     write_lora,
 )
 from xlbake.lowrank import Svd, allocate_ranks, factor_svd, kept_energy, select_rank, split_factors
-from xlbake.report import LayerStat, group_stat, report_paths, write_report
+from xlbake.report import Coverage, LayerStat, group_stat, report_paths, write_report
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 COMPUTE_DTYPE = torch.float32
@@ -87,6 +87,7 @@ class ResizeResult:
     layers: tuple[LayerStat, ...]
     kept_as_is: int  # layers whose rank was below the one asked for, written unchanged
     reports: tuple[Path, ...]  # report JSON and PNG, empty without a report
+    coverage: Coverage | None = None  # what the input covered of its finetune, when its metadata says
 
     @property
     def file_bytes(self) -> int:
@@ -107,6 +108,7 @@ def run_resize(cfg: ResizeConfig, *, force: bool = False, progress: bool = False
     layers = factorize(lora.modules, keep_for(plans), device, progress=progress)  # empties lora.modules
     logger.info("factor-space SVD of %d layers: %.2f s", len(layers), time.perf_counter() - start)
     return [write_output(cfg, plan, layers, lora, source_hash, force=force) for plan in plans]
+
 
 
 def resolve_device(name: str) -> torch.device:
@@ -281,13 +283,17 @@ def write_output(
             *(plan.path.name, len(low), len(layers), shown),
         )
     alpha = float(summary["alpha"])
+    coverage = input_coverage(source)
+    if coverage is not None:  # a resize of this file multiplies on from what this one keeps
+        metadata[COVERAGE_KEY] = json.dumps(coverage.as_dict(stats))
     write_lora(plan.path, resized_factors(layers, ranks), metadata=metadata, dtype=save_dtype, alpha=alpha, force=force)
     reports: tuple[Path, ...] = ()
     if cfg.report:
-        reports = write_report(plan.path, stats, summary, title=f"{plan.path.name}: {summary['target']}", force=force)
+        title = f"{plan.path.name}: {summary['target']}"
+        reports = write_report(plan.path, stats, summary, title=title, force=force, coverage=coverage)
     if plan.budget is not None and plan.budget.bytes is not None and plan.path.stat().st_size > plan.budget.bytes:
         logger.warning("%s: %d bytes, over the %s budget", plan.path, plan.path.stat().st_size, plan.budget.text)
-    return ResizeResult(plan.path, tuple(stats), len(low), reports)
+    return ResizeResult(plan.path, tuple(stats), len(low), reports, coverage)
 
 
 def plan_budget(
@@ -331,6 +337,7 @@ def describe_output(
         conv_names=[layer.name for layer in layers if layer.kind == "conv3x3"],
         alpha=alpha,
         record=summary,
+        zero_names=[layer.name for layer in layers if layer.energy == 0],
     )
     return metadata, summary, stats
 

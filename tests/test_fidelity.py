@@ -18,6 +18,7 @@ from xlbake.fidelity import (
     make_inputs,
     measure_fidelity,
     merged,
+    weight_energies,
 )
 from xlbake.lora_io import LoraFile, LoraModule, lora_metadata, read_lora, write_lora
 from xlbake.sdxl_keys import kohya_targets
@@ -132,6 +133,8 @@ def test_fidelity_is_one_at_full_rank_and_falls_with_rank(tiny_paths, lowrank_ru
     assert all(r.reference > 0 and r.file_mb > 0 for r in results)
     table = fidelity_table(results).splitlines()
     assert len(table) == 5 and "lora-r1.safetensors" in table[1] and "100.00%" in table[3]
+    assert table[0].split()[3:] == ["covered", "kept", "of", "covered", "kept", "of", "finetune", "kept", "effect"]
+    assert by_name["unet"].covered < 1 and "te1 layers" in by_name["unet"].left_out
 
 
 def test_fidelity_command_prints_the_table_and_writes_plot_and_json(tiny_paths, lowrank_run, tmp_path):
@@ -178,3 +181,30 @@ def test_results_serialise_with_their_rank_label(tmp_path):
     result = FidelityResult(tmp_path / "l.safetensors", 2, 8, 100, 1.5, 0.9, 0.95, 0.1, 1.0)
     assert result.ranks == "2-8"
     assert result.as_dict()["lora"] == str(tmp_path / "l.safetensors") and result.as_dict()["ranks"] == "2-8"
+
+
+def test_weight_energy_says_what_the_lora_covers_of_the_whole_finetune(tiny_paths, lowrank_run, tmp_path):
+    """The UNet-only LoRA covers the UNet's share; a changed norm (no LoRA holds one) is left out of every LoRA."""
+    tuned, loras = lowrank_run
+    norm = "model.diffusion_model.out.0.weight"
+    with open_checkpoint(tuned) as reader:
+        tensors = {key: reader.get(key).clone() for key in reader.keys()}  # noqa: SIM118 (a reader, not a dict)
+    tensors[norm] += 0.5
+    changed = save_sgm_checkpoint(tensors, tmp_path / "tuned-norm.safetensors")
+    with open_checkpoint(tiny_paths.single_file) as base, open_checkpoint(changed) as tuned_reader:
+        targets = {t.name: t for t in kohya_targets(base.shapes(), conv=True, extra=True)}
+        updates = [lora_updates(read_lora(loras[name]), targets) for name in ("r4", "unet")]
+        energy = {
+            key: float((tuned_reader.get(key).double() - base.get(key).double()).square().sum())
+            for key in base.keys()  # noqa: SIM118 (a reader, not a dict)
+            if base.dtype(key).is_floating_point and not key.startswith("first_stage_model.")
+        }
+        full, unet = weight_energies(base, tuned_reader, list(energy), updates, list(targets.values()))
+    total = sum(energy.values())
+    assert full.left_out == {"norms": pytest.approx(energy[norm] / total)}
+    assert full.covered == pytest.approx(1 - energy[norm] / total)
+    assert full.kept_of_finetune == pytest.approx(full.covered, abs=1e-6)  # rank 4 holds every covered difference
+    unet_share = sum(e for key, e in energy.items() if key.startswith("model.diffusion_model.") and key != norm)
+    assert unet.covered == pytest.approx(unet_share / total)
+    assert set(unet.left_out) == {"norms", "te1 layers", "te2 layers"}
+    assert unet.covered + sum(unet.left_out.values()) == pytest.approx(1.0)

@@ -330,3 +330,13 @@ def test_written_lora_loads_into_diffusers_with_exact_deltas(tiny_paths, tmp_pat
         assert rel_err(change, product(*factors[target.name])) < 1e-4, target.name
     touched = {target.key for target in targets}
     assert all(torch.equal(after[key], base[key]) for key in base if key not in touched)
+
+
+def test_network_dim_counts_linear_modules_only():
+    """A conv module's rank neither hides a differing linear rank nor stands in for the linear one."""
+    ranks = {"lora_unet_a": 8, "lora_unet_b": 4, "lora_unet_conv": 4}
+    meta = lora_metadata(title="t", ranks=ranks, alpha=8.0, conv_rank=4, conv_names=["lora_unet_conv"])
+    assert meta["ss_network_dim"] == "Dynamic"
+    ranks = {"lora_unet_a": 8, "lora_unet_conv": 4}
+    meta = lora_metadata(title="t", ranks=ranks, alpha=8.0, conv_rank=8, conv_names=["lora_unet_conv"])
+    assert meta["ss_network_dim"] == "8"

@@ -222,3 +222,11 @@ def test_plain_run_and_demo_target(make, tmp_path):
     out = make("demo", f"CONFIG={config}", "DIM=16", "RANK=4").stdout
     assert make.calls() == ["finetune --force", "extract 16", "resize 16->4"]
     assert f"Demo outputs in {make.runs}/demo/" in out and "lora-dim16-rank4.safetensors" in out
+
+
+@pytest.mark.parametrize("setting", ["RANK=abc", "RANK=8,x", "DIM=64k", "CONV_DIM=-1"])
+def test_a_bad_rank_fails_while_the_makefile_is_read_before_any_stage(make, setting):
+    result = make("demo", setting, check=False)
+    assert result.returncode != 0
+    assert f"{setting.split('=')[0]}=" in result.stderr and "whole numbers" in result.stderr, result.stderr
+    assert make.calls() == []

@@ -10,11 +10,13 @@ from PIL import Image
 
 from xlbake.errors import OutputError
 from xlbake.report import (
+    Coverage,
     LayerStat,
     bytes_per_param,
     group_stat,
     kept_vs_rank,
     kept_vs_size,
+    left_out_kind,
     print_summary,
     report_paths,
     write_report,
@@ -126,3 +128,35 @@ def test_bytes_per_param_from_summary():
     assert bytes_per_param({"dtype": "torch.bfloat16"}) == 2.0
     assert bytes_per_param({"bytes_per_param": 1}) == 1.0
     assert bytes_per_param({}) == 2.0
+
+
+COVERAGE = Coverage(covered=0.5, left_out={"3x3 convs": 0.3, "norms": 0.2})
+
+
+def test_coverage_says_what_share_of_the_finetune_is_covered_and_kept(tmp_path):
+    """Kept of covered (19/23) times covered (50 %) is what the LoRA keeps of the whole finetune."""
+    assert COVERAGE.kept_of_finetune(LAYERS) == pytest.approx(0.5 * 19 / 23)
+    resized = Coverage(covered=0.5, left_out=COVERAGE.left_out, input_kept=0.8)  # a resize of a LoRA keeping 80 %
+    assert resized.kept_of_covered(LAYERS) == pytest.approx(0.8 * 19 / 23)
+    text = print_summary(LAYERS, {"save_precision": "fp32"}, coverage=COVERAGE)
+    assert "covered: 50.0 % of the finetune (tuned - base); left out: 3x3 convs 30.0 %, norms 20.0 %" in text
+    assert f"kept of finetune: {0.5 * 19 / 23 * 100:.1f} %" in text
+    out = tmp_path / "lora.safetensors"
+    json_path, _ = write_report(out, LAYERS, {}, title="covered", force=False, coverage=COVERAGE)
+    finetune = json.loads(json_path.read_text())["finetune"]
+    assert finetune["covered"] == 0.5 and finetune["left_out"] == {"3x3 convs": 0.3, "norms": 0.2}
+    assert finetune["kept_of_covered"] == pytest.approx(19 / 23)
+    assert finetune["kept_of_finetune"] == pytest.approx(0.5 * 19 / 23)
+    assert Coverage.from_dict(json.loads(json.dumps(COVERAGE.as_dict(LAYERS)))) == Coverage(
+        0.5, COVERAGE.left_out, input_kept=pytest.approx(19 / 23)
+    )
+
+
+def test_left_out_kinds_name_the_tensors_a_lora_does_not_hold():
+    assert left_out_kind("model.diffusion_model.input_blocks.1.0.in_layers.2.weight", (32, 32, 3, 3)) == "3x3 convs"
+    assert left_out_kind("model.diffusion_model.out.0.weight", (32,)) == "norms"
+    assert left_out_kind("model.diffusion_model.out.2.bias", (4,)) == "biases"
+    assert left_out_kind("conditioner.embedders.1.model.token_embedding.weight", (952, 64)) == "embeddings"
+    assert left_out_kind("conditioner.embedders.1.model.positional_embedding", (77, 64)) == "embeddings"
+    assert left_out_kind("model.diffusion_model.time_embed.0.weight", (128, 32)) == "other linear layers"
+    assert left_out_kind("conditioner.embedders.1.model.text_projection", (64, 32)) == "other linear layers"

@@ -375,3 +375,39 @@ def test_resized_tiny_lora_loads_in_diffusers_with_every_module_applied(tmp_path
         rows = slice(*target.rows) if target.rows else slice(None)
         applied = (after[target.key] - before[target.key])[rows]
         assert rel_err(applied, written[target.name].delta()) < 1e-3, target.name
+
+
+def test_a_fixed_rank_with_zero_padding_modules_is_not_dynamic(tmp_path):
+    """Extract writes an unchanged layer of an extracted text encoder as a zero rank-1 module; resizing the rest to
+    rank 4 is a rank-4 LoRA, not a Dynamic one."""
+    modules = {name: (up, down, 8.0) for name, up, down in _modules(rank=8, skip=TE1)}
+    modules[TE1] = (torch.zeros(32, 1), torch.zeros(1, 16), 1.0)
+    lora = save_kohya(tmp_path / "in.safetensors", modules)
+    [result] = resize(tmp_path, lora, rank=[4], conv_rank=4, report=False)
+    written = read_lora(result.path)
+    assert written.modules[TE1].rank == 1
+    assert written.metadata["ss_network_dim"] == "4" and written.metadata["ss_network_alpha"] == "4.0"
+
+
+def _modules(*, rank, skip):
+    gen = torch.Generator().manual_seed(5)
+    for name, (out, inp, kernel) in SHAPES.items():
+        if name != skip:
+            up_shape, down_shape = factor_shapes(out, inp, kernel, rank)
+            yield name, torch.randn(up_shape, generator=gen), torch.randn(down_shape, generator=gen)
+
+
+def test_the_extract_coverage_is_carried_forward(tmp_path):
+    """What the input covered of the finetune stays; what it kept of that is multiplied by what the resize keeps."""
+    coverage = {"covered": 0.5, "left_out": {"3x3 convs": 0.3, "norms": 0.2}, "kept_of_covered": 0.9}
+    lora = random_lora(tmp_path / "in.safetensors", rank=8, metadata={"xlbake_coverage": json.dumps(coverage)})
+    [result] = resize(tmp_path, lora, rank=[3])
+    kept = result.layers and sum(s.energy * s.kept for s in result.layers) / sum(s.energy for s in result.layers)
+    report = json.loads(report_paths(result.path)[0].read_text())
+    assert report["finetune"]["covered"] == 0.5 and report["finetune"]["left_out"] == coverage["left_out"]
+    assert report["finetune"]["kept_of_covered"] == pytest.approx(0.9 * kept)
+    assert report["finetune"]["kept_of_finetune"] == pytest.approx(0.45 * kept)
+    carried = json.loads(read_lora(result.path).metadata["xlbake_coverage"])
+    assert carried["kept_of_covered"] == pytest.approx(0.9 * kept, abs=1e-6)  # a resize of the resize goes on
+    [plain] = resize(tmp_path, random_lora(tmp_path / "plain.safetensors"), rank=[3], out=tmp_path / "p.safetensors")
+    assert "finetune" not in json.loads(report_paths(plain.path)[0].read_text())

@@ -77,6 +77,7 @@ def test_writes_one_file_per_rank_and_prints_a_summary(tmp_path, lora):
         assert (modules[LINEAR].rank, modules[CONV3].rank) == (rank, 3)
         assert (tmp_path / f"o-r{rank}.report.json").is_file()
     assert "kept energy" in result.stdout and "unet" in result.stdout
+    assert "covered:" not in result.stdout  # the input does not say what it covers of a finetune
 
 
 def test_umbrella_command_config_file_and_overrides(tmp_path, lora):
@@ -131,7 +132,8 @@ BAD = {
     "rank 0": (None, ["--rank", "0"], "positive"),
     "negative rank": (None, ["--rank", "-4"], "positive"),
     "negative conv rank": (None, ["--rank", "4", "--conv-rank=-1"], "positive"),
-    "rank not a number": (None, ["--rank", "four"], "expected an integer"),
+    "rank not a number": (None, ["--rank", "four"], "--rank: 'four' is not a rank"),
+    "ranks not numbers": (None, ["--rank", "8,x"], "--rank: 'x' is not a rank"),
     "no rank": (None, [], "rank: missing"),
     "unknown method": (None, ["--method", "sv_frob", "--value", "0.9"], "did you mean"),
     "missing file": (lambda tmp: tmp / "nope.safetensors", ["--rank", "4"], "no such file"),

@@ -7,8 +7,10 @@ UNet predicts with the base, the tuned model and base + each LoRA; the kept effe
 
 (1: the LoRA does exactly what the finetune did; 0: no better than the base; below 0: worse than the base). A LoRA
 is applied by adding its deltas to the base weights in SGM key space (TE2's fused ``in_proj`` by row block), text
-encoders included, since a LoRA on the text encoders changes the conditioning. Beside it, the kept weight energy
-``1 - sum ‖ΔW_lora - ΔW‖² / sum ‖ΔW‖²`` over kohya's LoRA layers is measured from the same files.
+encoders included, since a LoRA on the text encoders changes the conditioning. Beside it, the weights say the same in
+the words of extract's and resize's reports: "covered", the share of the finetune's ‖ΔW‖² (every UNet and text
+encoder tensor) in the tensors the LoRA changes; what it leaves out, by kind; "kept of finetune",
+``1 - sum ‖ΔW_lora - ΔW‖² / sum ‖ΔW‖²`` over all those tensors; "kept of covered", the same over its own.
 
 One set of modules is built and its weights are swapped in place, tensor by tensor from the checkpoint readers:
 one UNet on the device at any time, predictions kept on the CPU.
@@ -19,8 +21,8 @@ from __future__ import annotations
 import logging
 import os
 import random
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,7 +32,7 @@ from xlbake.checkpoint import CheckpointReader, open_checkpoint
 from xlbake.errors import InputError
 from xlbake.grid import MODEL_PARTS, Architecture, ModelWeights, resolve_architecture
 from xlbake.lora_io import LoraFile, LoraModule, read_lora
-from xlbake.report import BYTES_PER_MB
+from xlbake.report import BYTES_PER_MB, left_out_kind
 from xlbake.sdxl_keys import SGM_PREFIX, LoraTarget, kohya_targets
 
 logger = logging.getLogger(__name__)
@@ -76,16 +78,38 @@ class FidelityResult:
     params: int
     file_mb: float
     kept_effect: float  # 1 - ‖ε(base+LoRA) - ε(tuned)‖² / ‖ε(base) - ε(tuned)‖² over all inputs
-    kept_energy: float  # 1 - ‖ΔW_lora - ΔW‖² / ‖ΔW‖² over kohya's LoRA layers
+    kept_energy: float  # kept of finetune: 1 - ‖ΔW_lora - ΔW‖² / ‖ΔW‖² over every UNet and text-encoder tensor
     error: float  # mean squared difference per prediction element, ε(base+LoRA) vs ε(tuned)
     reference: float  # the same for ε(base) vs ε(tuned): the finetune's whole effect
+    covered: float = 1.0  # share of ‖ΔW‖² in the tensors the LoRA changes
+    left_out: Mapping[str, float] = field(default_factory=dict)  # kind of tensor -> its share of ‖ΔW‖²
 
     @property
     def ranks(self) -> str:
         return str(self.max_rank) if self.min_rank == self.max_rank else f"{self.min_rank}-{self.max_rank}"
 
+    @property
+    def kept_of_covered(self) -> float:
+        """1 - ‖ΔW_lora - ΔW‖² / ‖ΔW‖² over the tensors the LoRA changes (kept of finetune = this x covered)."""
+        return self.kept_energy / self.covered if self.covered > 0 else 1.0
+
     def as_dict(self) -> dict[str, object]:
-        return {**asdict(self), "lora": str(self.lora), "ranks": self.ranks}
+        return {
+            **asdict(self),
+            "lora": str(self.lora),
+            "ranks": self.ranks,
+            "left_out": dict(self.left_out),
+            "kept_of_covered": self.kept_of_covered,
+        }
+
+
+@dataclass(frozen=True)
+class WeightKept:
+    """What one LoRA keeps of the finetune's weight difference ‖ΔW‖² (UNet and text encoders)."""
+
+    kept_of_finetune: float  # 1 - Σ‖ΔW_lora - ΔW‖² / Σ‖ΔW‖²
+    covered: float  # share of Σ‖ΔW‖² in the tensors the LoRA changes
+    left_out: dict[str, float]  # kind -> share of Σ‖ΔW‖² in tensors it does not change
 
 
 def kept_effect(pred: Tensor, tuned: Tensor, base: Tensor) -> float:
@@ -209,17 +233,42 @@ def merged(weight: Tensor, updates: Sequence[Update]) -> Tensor:
 
 
 def weight_energies(
-    base: CheckpointReader, tuned: CheckpointReader, keys: Sequence[str], updates: Sequence[dict[str, list[Update]]]
-) -> list[float]:
-    """Kept weight energy of each LoRA: 1 - Σ‖ΔW_lora - ΔW‖² / Σ‖ΔW‖² over ``keys`` (1.0 if nothing changed)."""
+    base: CheckpointReader,
+    tuned: CheckpointReader,
+    keys: Sequence[str],
+    updates: Sequence[dict[str, list[Update]]],
+    targets: Sequence[LoraTarget],
+) -> list[WeightKept]:
+    """What each LoRA keeps of ‖tuned - base‖² over the float tensors of ``keys`` (1.0 each if nothing changed).
+
+    A tensor no LoRA module changes is left out under its kind: LoRA layers as "3x3 convs" or "<component> layers",
+    others by :func:`xlbake.report.left_out_kind`.
+    """
+    components = {t.key: ("3x3 convs" if t.kind == "conv3x3" else f"{t.component} layers") for t in targets}
     total, errors = 0.0, [0.0] * len(updates)
+    covered = [0.0] * len(updates)
+    left_out: list[dict[str, float]] = [{} for _ in updates]
     for key in keys:
+        if not base.dtype(key).is_floating_point:
+            continue
         difference = tuned.get(key).float() - base.get(key).float()
-        total += difference.double().square().sum().item()
+        energy = difference.double().square().sum().item()
+        total += energy
         for index, lora in enumerate(updates):
-            change = merged(torch.zeros_like(difference), lora.get(key, []))
-            errors[index] += (difference - change).double().square().sum().item()
-    return [1.0 - error / total if total > 0 else 1.0 for error in errors]
+            if key in lora:
+                covered[index] += energy
+                change = merged(torch.zeros_like(difference), lora[key])
+                errors[index] += (difference - change).double().square().sum().item()
+            else:
+                errors[index] += energy
+                kind = components.get(key) or left_out_kind(key, tuple(difference.shape))
+                left_out[index][kind] = left_out[index].get(kind, 0.0) + energy
+    if total <= 0:
+        return [WeightKept(1.0, 1.0, {}) for _ in updates]
+    return [
+        WeightKept(1.0 - error / total, part / total, {k: v / total for k, v in out.items() if v > 0})
+        for error, part, out in zip(errors, covered, left_out, strict=True)
+    ]
 
 
 def measure_fidelity(
@@ -251,11 +300,9 @@ def measure_fidelity(
     arch = resolve_architecture(base, components)
     with open_checkpoint(base) as base_reader, open_checkpoint(tuned) as tuned_reader:
         keys = _model_keys(base_reader, tuned_reader)
-        standard = {t.key for t in kohya_targets(base_reader.shapes(), conv=True)}
         targets = {t.name: t for t in kohya_targets(base_reader.shapes(), conv=True, extra=True)}
         updates = [lora_updates(lora, targets) for lora in files]
-        touched = sorted(standard.union(*updates))
-        energies = weight_energies(base_reader, tuned_reader, touched, updates)
+        energies = weight_energies(base_reader, tuned_reader, keys, updates, list(targets.values()))
         weights = ModelWeights.load(base_reader, arch, MODEL_PARTS, device=device, dtype=dtype)
         size = latent_size or int(arch.unet["sample_size"])
         alphas = DDPMScheduler.from_config(arch.scheduler).alphas_cumprod
@@ -301,13 +348,14 @@ def _predict_variants(
 
 
 def fidelity_table(results: Sequence[FidelityResult]) -> str:
-    """A compact table: file, rank(s), MB, kept weight energy, kept effect."""
+    """A compact table: file, rank(s), MB, covered, kept of covered, kept of finetune (weights), kept effect."""
     width = max([len(r.lora.name) for r in results] + [4])
-    lines = [f"{'file':<{width}}  {'rank(s)':<9}{'MB':>9}{'kept energy':>13}{'kept effect':>13}"]
+    header = f"{'covered':>9}{'kept of covered':>17}{'kept of finetune':>18}{'kept effect':>13}"
+    lines = [f"{'file':<{width}}  {'rank(s)':<9}{'MB':>9}{header}"]
     for r in results:
         lines.append(
-            f"{r.lora.name:<{width}}  {r.ranks:<9}{r.file_mb:>9.2f}{r.kept_energy * 100:>12.2f}%"
-            f"{r.kept_effect * 100:>12.2f}%"
+            f"{r.lora.name:<{width}}  {r.ranks:<9}{r.file_mb:>9.2f}{r.covered * 100:>8.1f}%"
+            f"{r.kept_of_covered * 100:>16.2f}%{r.kept_energy * 100:>17.2f}%{r.kept_effect * 100:>12.2f}%"
         )
     return "\n".join(lines)
 
@@ -333,7 +381,7 @@ def _model_keys(base: CheckpointReader, tuned: CheckpointReader) -> list[str]:
     return keys
 
 
-def _result(lora: LoraFile, pred: Tensor, tuned: Tensor, base: Tensor, energy: float) -> FidelityResult:
+def _result(lora: LoraFile, pred: Tensor, tuned: Tensor, base: Tensor, energy: WeightKept) -> FidelityResult:
     ranks = [module.rank for module in lora.modules.values()]
     return FidelityResult(
         lora=lora.path,
@@ -342,7 +390,9 @@ def _result(lora: LoraFile, pred: Tensor, tuned: Tensor, base: Tensor, energy: f
         params=sum(module.params for module in lora.modules.values()),
         file_mb=lora.path.stat().st_size / BYTES_PER_MB,
         kept_effect=kept_effect(pred, tuned, base),
-        kept_energy=energy,
+        kept_energy=energy.kept_of_finetune,
         error=(pred - tuned).double().square().mean().item(),
         reference=(base - tuned).double().square().mean().item(),
+        covered=energy.covered,
+        left_out=energy.left_out,
     )

@@ -223,18 +223,25 @@ def lora_metadata(
     extra: Mapping[str, str] = _NO_EXTRA,
     comment: str | None = None,
     prediction: str = EPSILON,
+    conv_names: Iterable[str] | None = None,
 ) -> dict[str, str]:
     """kohya ``ss_*`` and modelspec metadata for an SDXL LoRA; every value a string.
 
     ``ranks`` holds every module's rank; ``conv_rank`` is the 3x3 conv (LoCon) rank, None when no convs were made.
     When ranks other than ``conv_rank`` differ, ``ss_network_dim`` and ``ss_network_alpha`` are ``Dynamic`` as
-    kohya's resize writes them. ``extra`` is added last (and may override); ``comment`` sets
-    ``ss_training_comment``. ``prediction`` ("epsilon" | "v_prediction"): what the model the LoRA makes predicts,
-    as ``modelspec.prediction_type`` epsilon or v (kohya's convention for LoRAs).
+    kohya's resize writes them. ``conv_names`` names the 3x3 conv modules among ``ranks``: only the others count
+    for ``ss_network_dim`` (without it, ranks equal to ``conv_rank`` are taken for convs). ``extra`` is added last
+    (and may override); ``comment`` sets ``ss_training_comment``. ``prediction`` ("epsilon" | "v_prediction"): what
+    the model the LoRA makes predicts, as ``modelspec.prediction_type`` epsilon or v (kohya's convention for LoRAs).
     """
     if not ranks:
         raise ValueError("lora_metadata: no module ranks given")
-    dim = _network_dim(ranks.values(), conv_rank)
+    if conv_names is None:
+        dim = _network_dim(ranks.values(), conv_rank)
+    else:
+        convs = set(conv_names)
+        linear = {rank for name, rank in ranks.items() if name not in convs}
+        dim = conv_rank if not linear else next(iter(linear)) if len(linear) == 1 else None
     network_args = {} if conv_rank is None else {"conv_dim": str(conv_rank), "conv_alpha": str(float(alpha))}
     meta = {
         "ss_network_module": "networks.lora",

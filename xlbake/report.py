@@ -2,8 +2,11 @@
 
 Per layer the kept energy is sum(sigma[:rank]^2) / sum(sigma^2) and the relative Frobenius error of the
 truncation is sqrt(1 - kept) (Eckart-Young). Totals weight layers by their energy, so they are the kept fraction
-of the whole difference. ``write_report`` writes ``<out stem>.report.json`` and ``<out stem>.report.png`` beside
-the LoRA; ``print_summary`` returns a compact table for the terminal.
+of the difference in the layers the LoRA holds ("kept of covered"). A ``Coverage`` says what share of the whole
+finetune (tuned - base over the UNet and text encoders) those layers hold ("covered"), what the LoRA leaves out by
+kind of tensor, and so what it keeps of the whole ("kept of finetune" = kept of covered x covered); extract,
+resize and ``xlbake fidelity`` use these words. ``write_report`` writes ``<out stem>.report.json`` and
+``<out stem>.report.png`` beside the LoRA; ``print_summary`` returns a compact table for the terminal.
 """
 
 from __future__ import annotations
@@ -11,8 +14,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import textwrap
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +30,9 @@ BYTES_PER_MB = 1_000_000
 DEFAULT_BYTES_PER_PARAM = 2.0  # fp16, the default save precision
 _DTYPE_BYTES = {"fp16": 2.0, "float16": 2.0, "bf16": 2.0, "bfloat16": 2.0, "fp32": 4.0, "float32": 4.0, "float": 4.0}
 _PLOT_DPI = 120
+_TITLE_WIDTH = 110  # characters per title line that fit the two-panel figure
+_EMBEDDING = "embedding"
+_BIAS = "bias"
 
 
 @dataclass(frozen=True)
@@ -63,6 +70,63 @@ class GroupStat:
     @property
     def ranks(self) -> str:
         return str(self.min_rank) if self.min_rank == self.max_rank else f"{self.min_rank}-{self.max_rank}"
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """Where a LoRA's layers sit in the whole finetune, as shares of ||tuned - base||^2 (UNet and text encoders)."""
+
+    covered: float  # share of the finetune's difference in the layers the LoRA holds
+    left_out: Mapping[str, float] = field(default_factory=dict)  # kind of tensor (see left_out_kind) -> its share
+    input_kept: float = 1.0  # share of the covered difference the input held (a resize's input LoRA; 1 for extract)
+
+    def kept_of_covered(self, layers: Sequence[LayerStat]) -> float:
+        """Share of the covered difference these layers keep (through the input, for a resize)."""
+        return self.input_kept * group_stat(layers).kept
+
+    def kept_of_finetune(self, layers: Sequence[LayerStat]) -> float:
+        return self.covered * self.kept_of_covered(layers)
+
+    def as_dict(self, layers: Sequence[LayerStat]) -> dict[str, object]:
+        """The report's ``finetune`` entry; ``kept_of_finetune`` is the share of the whole finetune kept."""
+        return {
+            "covered": self.covered,
+            "left_out": dict(self.left_out),
+            "kept_of_covered": self.kept_of_covered(layers),
+            "kept_of_finetune": self.kept_of_finetune(layers),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, object]) -> Coverage:
+        """The coverage of a LoRA described by ``as_dict``, as the input of a resize (its kept share carried)."""
+        left_out = data.get("left_out") or {}
+        if not isinstance(left_out, Mapping):
+            raise ValueError("left_out: expected a mapping")
+        shares = {str(kind): float(share) for kind, share in left_out.items()}
+        return cls(float(data["covered"]), shares, float(data["kept_of_covered"]))
+
+    def lines(self, layers: Sequence[LayerStat]) -> str:
+        """Two lines for the terminal: what is covered and left out, and what is kept of the finetune."""
+        left = ", ".join(f"{kind} {share * 100:.1f} %" for kind, share in self.left_out.items() if share > 0)
+        return (
+            f"covered: {self.covered * 100:.1f} % of the finetune (tuned - base); left out: {left or 'nothing'}\n"
+            f"kept of finetune: {self.kept_of_finetune(layers) * 100:.1f} % "
+            f"(kept of covered {self.kept_of_covered(layers) * 100:.2f} % x covered {self.covered * 100:.1f} %)"
+        )
+
+
+def left_out_kind(key: str, shape: Sequence[int]) -> str:
+    """The kind of a model tensor a LoRA does not hold, for the coverage: "3x3 convs", "1x1 convs", "embeddings",
+    "biases", "norms", "other linear layers" or "other"."""
+    if len(shape) == 4:
+        return "1x1 convs" if tuple(shape[2:]) == (1, 1) else "3x3 convs"
+    if key.removesuffix(".weight").endswith(_EMBEDDING):  # token/position embeddings, not time_embed or label_emb
+        return "embeddings"
+    if key.endswith(_BIAS):
+        return "biases"
+    if len(shape) == 1:
+        return "norms"
+    return "other linear layers" if len(shape) == 2 else "other"
 
 
 def group_stat(layers: Sequence[LayerStat]) -> GroupStat:
@@ -153,11 +217,14 @@ def write_report(
     *,
     title: str,
     force: bool,
+    coverage: Coverage | None = None,
 ) -> tuple[Path, Path]:
     """Write the JSON report and the kept-energy plot beside ``out_file``; return (json path, png path).
 
     The size axis uses the written LoRA's real bytes per parameter when ``out_file`` exists, else ``summary``'s
     precision (see ``bytes_per_param``). ``summary`` is copied into the JSON as given (paths become strings).
+    With a ``coverage`` the JSON's ``finetune`` entry (see ``Coverage.as_dict``) and the plot's title say what the
+    LoRA covers and keeps of the whole finetune.
     """
     if not layers:
         raise ValueError("write_report: no layers to report")
@@ -167,6 +234,10 @@ def write_report(
     file_mb = out_file.stat().st_size / BYTES_PER_MB if out_file.is_file() else None
     per_param = file_mb * BYTES_PER_MB / total.params if file_mb and total.params else bytes_per_param(summary)
     document = _report_document(out_file, layers, summary, title=title, file_mb=file_mb)
+    if coverage is not None:
+        document["finetune"] = coverage.as_dict(layers)
+        wrapped = (textwrap.fill(line, _TITLE_WIDTH) for line in coverage.lines(layers).splitlines())
+        title = "\n".join([title, *wrapped])
     write_text_atomic(json_path, json.dumps(_jsonable(document), indent=1) + "\n", force=force)
     figure = _plot(layers, title=title, per_param=per_param, file_mb=file_mb)
     with atomic_path(png_path, force) as tmp:
@@ -174,8 +245,11 @@ def write_report(
     return json_path, png_path
 
 
-def print_summary(layers: Sequence[LayerStat], summary: Mapping[str, object]) -> str:
-    """A compact table: component, modules, rank(s), kept energy, relative error, MB (at the save precision)."""
+def print_summary(
+    layers: Sequence[LayerStat], summary: Mapping[str, object], coverage: Coverage | None = None
+) -> str:
+    """A compact table: component, modules, rank(s), kept energy (of each component's covered difference),
+    relative error, MB (at the save precision); with a ``coverage``, its two lines below."""
     mb_per_param = bytes_per_param(summary) / BYTES_PER_MB
     rows = [(name, group_stat(group)) for name, group in by_component(layers).items()]
     rows.append(("total", group_stat(layers)))
@@ -185,6 +259,8 @@ def print_summary(layers: Sequence[LayerStat], summary: Mapping[str, object]) ->
             f"{name:<10}{stat.modules:>8}  {stat.ranks:<9}{stat.kept * 100:>11.2f}%"
             f"{stat.rel_error:>12.4f}{stat.params * mb_per_param:>10.2f}"
         )
+    if coverage is not None:
+        lines.append(coverage.lines(layers))
     return "\n".join(lines)
 
 
