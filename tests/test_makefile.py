@@ -23,6 +23,13 @@ FAKE_PYTHON = """\
 #!{real}
 import json, os, pathlib, sys
 args = sys.argv[1:]
+if args[:2] == ["-m", "pip"]:  # make install: nothing is installed
+    sys.exit(0)
+if args[:2] == ["-m", "venv"]:  # make install on a fresh clone: a venv whose python is this fake
+    pathlib.Path(args[2], "bin").mkdir(parents=True)
+    pathlib.Path(args[2], "bin", "python").write_text(pathlib.Path(__file__).read_text())
+    pathlib.Path(args[2], "bin", "python").chmod(0o755)
+    sys.exit(0)
 if args[:1] != ["-m"] or args[1] not in ("finetune", "finetune.base_of", "extract", "resize"):
     os.execv({real!r}, [{real!r}, *args])
 import yaml
@@ -299,4 +306,13 @@ def test_a_finished_run_is_retrained_only_with_force(make, own_run, tmp_path):
     make("finetune", "extract", f"RUN={own_run}", "SET=train.epochs=3", "DIM=16", "FORCE=1")
     assert make.calls() == ["finetune --force", "extract 16"]
     make("extract", f"RUN={own_run}", "DIM=16")
+    assert make.calls() == []
+
+
+def test_make_demo_on_a_fresh_clone_installs_then_runs_the_chain(make, tmp_path):
+    fresh = tmp_path / "fresh-venv"  # no venv while the Makefile is read: the recipes decide
+    out = make("demo", f"VENV={fresh}", f"PYTHON={make.venv / 'bin' / 'python'}").stdout
+    assert (fresh / ".installed").exists() and f"Demo outputs in {make.runs}/demo/" in out
+    assert make.calls() == ["finetune --force", "extract 128", "resize 128->16"]
+    make("demo", f"VENV={fresh}")
     assert make.calls() == []
