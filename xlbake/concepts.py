@@ -284,24 +284,43 @@ def make_vars_command(concept: str, out: Path) -> None:
 
 def stamp_changes(old: str, new: str, *, with_data: bool = True) -> list[str]:
     """What differs between two finetune stamps: ``key: old -> new`` per dotted config key, then the datasets."""
-    old_cfg, new_cfg = (_flat(yaml.safe_load(text) or {}) for text in (old, new))
-    changes = [f"{k}: {old_cfg.get(k, '(unset)')} -> {new_cfg.get(k, '(unset)')}"
-               for k in sorted(old_cfg.keys() | new_cfg.keys()) if old_cfg.get(k) != new_cfg.get(k)]  # fmt: skip
+    old_cfg, new_cfg = _flat_yaml(old), _flat_yaml(new)
+    changes = [
+        f"{key}: {old_cfg.get(key, '(unset)')} -> {new_cfg.get(key, '(unset)')}"
+        for key in sorted(old_cfg.keys() | new_cfg.keys())
+        if old_cfg.get(key) != new_cfg.get(key)
+    ]
     if with_data:
         old_data = {line.rpartition(": ")[0]: line for line in old.splitlines() if line.startswith("# dataset ")}
-        changes += [f"{line.rpartition(': ')[0][2:]} changed" for line in new.splitlines()
-                    if line.startswith("# dataset ") and old_data.get(line.rpartition(": ")[0]) != line]  # fmt: skip
+        for line in new.splitlines():
+            root = line.rpartition(": ")[0]
+            if line.startswith("# dataset ") and old_data.get(root) != line:
+                changes.append(f"{root.removeprefix('# ')} changed")
     return changes
 
 
-def _flat(data: object, prefix: str = "") -> dict[str, object]:
-    if not isinstance(data, Mapping) or not data:
-        return {prefix.rstrip("."): data} if prefix else {}
-    return {k: v for key, value in data.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+def _flat_yaml(text: str) -> dict[str, object]:
+    """A YAML mapping as {"dotted.key": value}; an unreadable text as no keys (every key then differs)."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return {}
+    return _flat(data) if isinstance(data, Mapping) else {}
 
 
-def finetune_action(stamp: Path, dry_run: Callable[[], str], *, extract_only: bool, as_recorded: bool,
-                    force: bool) -> tuple[str, str]:  # fmt: skip
+def _flat(data: Mapping, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def finetune_action(
+    stamp: Path, dry_run: Callable[[], str], *, extract_only: bool, as_recorded: bool, force: bool
+) -> tuple[str, str]:
     """What the finetune of ``stamp``'s run folder does: ("done" | "resume" | "start", the stamp it runs with).
 
     The stamp holds the config and data the run was started with, written just before the finetune starts, so the
@@ -316,8 +335,10 @@ def finetune_action(stamp: Path, dry_run: Callable[[], str], *, extract_only: bo
     if extract_only and not finished:
         if started or tuned.exists():
             raise InputError(f"{run}: its finetune has not finished; finish it first: make finetune RUN={run}")
-        raise InputError(f"{run}: no finetune here (no {TUNED_FP32}); run the finetune first: make finetune "
-                         f"RUN={run} CONFIG=<preset> SET=\"data.roots=[<dataset>]\" (or CONCEPT=<name>)")  # fmt: skip
+        raise InputError(
+            f"{run}: no finetune here (no {TUNED_FP32}); run the finetune first: "
+            f'make finetune RUN={run} CONFIG=<preset> SET="data.roots=[<dataset>]" (or CONCEPT=<name>)'
+        )
     if extract_only and as_recorded:
         return "done", ""
     wanted = stamp_text(dry_run())
@@ -328,8 +349,11 @@ def finetune_action(stamp: Path, dry_run: Callable[[], str], *, extract_only: bo
     if started and (extract_only or not force):
         listed = "; ".join(changes[:MAX_LISTED_CHANGES]) + (" ..." if len(changes) > MAX_LISTED_CHANGES else "")
         what = "a finished finetune" if finished else "a started finetune (its state)"
-        todo = ("extract from it as it is: leave out CONFIG/CONCEPT/SET; or retrain: make finetune ... FORCE=1"
-                if extract_only else "retrain over it: FORCE=1; or choose another RUN")  # fmt: skip
+        todo = (
+            "extract from it as it is: leave out CONFIG/CONCEPT/SET; or retrain: make finetune ... FORCE=1"
+            if extract_only
+            else "retrain over it: FORCE=1; or choose another RUN"
+        )
         raise InputError(f"{run}: holds {what} made with another config or data ({listed}); to {todo}")
     return "start", wanted
 
