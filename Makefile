@@ -6,11 +6,14 @@
 #   make finetune RUN=runs/x CONFIG=configs/finetune/a100-80gb.yaml SET="train.epochs=50 optim.unet_lr=2e-6"
 #   make extract RUN=runs/x DIM=64               reruns only the extraction (one file per rank: RUN/lora-dim64...)
 #   make resize RUN=runs/x RANK="8 16" SIZE=50MB  RUN/lora-dim128-rank8, -rank16 and -50MB .safetensors
-# What reruns (make -n shows it, make -q tests it): the finetune when its resolved config (preset + concept + SET,
-# as `python -m finetune --dry-run` prints it) or a dataset file changed; an extraction when the finetune or
-# CONV_DIM/EXTRACT_ARGS changed; a resize when its input LoRA or RESIZE_ARGS changed. The RUN/.finetune.config,
-# RUN/.extract.options and RUN/.resize.options stamps hold those inputs and are rewritten only when they change.
-# An interrupted finetune (Ctrl-C) resumes from its saved state when its config is unchanged, else starts over.
+# Without CONFIG or CONCEPT a run folder uses its own config (RUN/config.resolved.yaml; SET applies on top of it).
+# extract/resize never train: they need a finished finetune, and one made with the config given, if any.
+# What reruns (make -n shows it, make -q tests it, neither changes anything): the finetune when its resolved config
+# (preset + concept + SET, as `python -m finetune --dry-run` prints it) or a dataset file changed, but a finished or
+# started finetune is started over only with FORCE=1 (else make stops and lists what changed); an extraction when
+# the finetune or CONV_DIM/EXTRACT_ARGS changed; a resize when its input LoRA or RESIZE_ARGS changed. The
+# RUN/.finetune.config, RUN/.extract.options and RUN/.resize.options stamps hold those inputs; a stage's recipe
+# rewrites its stamp when they changed. An interrupted finetune (Ctrl-C) resumes from its saved state.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -30,7 +33,7 @@ CONCEPT_FILE := $(if $(findstring /,$(CONCEPT))$(filter %.yaml %.yml,$(CONCEPT))
 RUN ?= $(RUNS)/$(basename $(notdir $(CONCEPT_FILE)))
 CONCEPT_MK := $(RUN)/.concept.mk
 ifneq ($(wildcard $(PY)),)
-CONCEPT_OUT := $(shell mkdir -p $(RUN) && $(PY) -m xlbake.concepts make-vars $(CONCEPT_FILE) --out $(CONCEPT_MK) >&2)
+CONCEPT_OUT := $(shell $(PY) -m xlbake.concepts make-vars $(CONCEPT_FILE) --out $(CONCEPT_MK) >&2)
 ifneq ($(.SHELLSTATUS),0)
 $(error $(CONCEPT_FILE): the concept cannot be used (see the message above))
 endif
@@ -45,6 +48,7 @@ CONV_DIM ?= 0
 RANK ?= 16
 SIZE ?=
 SET ?=
+FORCE ?=
 EXTRACT_ARGS ?=
 RESIZE_ARGS ?=
 # How the training runs; several GPUs for one run: FINETUNE="$(VENV)/bin/accelerate launch --config_file F -m finetune"
@@ -62,10 +66,12 @@ SIZES := $(subst $(comma), ,$(SIZE))
 strip_digits = $(subst 0,,$(subst 1,,$(subst 2,,$(subst 3,,$(subst 4,,$(subst 5,,$(subst 6,,$(subst 7,,$(subst 8,,$(subst 9,,$(1)))))))))))
 $(foreach v,DIM CONV_DIM RANK,$(foreach r,$(subst $(comma), ,$($(v))),$(if $(call strip_digits,$(r)),\
 	$(error $(v)=$($(v)): ranks are whole numbers, like $(v)=16 or $(v)="8 16"))))
-FT_ARGS := $(if $(CONCEPT_FILE),$(CONCEPT_FINETUNE_ARGS),--config $(CONFIG)) $(foreach s,$(SET),--set '$(s)') \
-	--set run_dir=$(RUN)
+# The finetune's config: the concept's, else CONFIG when given, else the run's own recorded one, else the default.
+GIVEN_CONFIG := $(CONCEPT_FILE)$(filter-out file default undefined,$(origin CONFIG))
+RECORDED := $(if $(GIVEN_CONFIG),,$(wildcard $(RUN)/config.resolved.yaml))
+FT_ARGS := $(if $(CONCEPT_FILE),$(CONCEPT_FINETUNE_ARGS),--config $(or $(RECORDED),$(CONFIG))) \
+	$(foreach s,$(SET),--set '$(s)') --set run_dir=$(RUN)
 FT_STAMP := $(RUN)/.finetune.config
-FT_STARTED := $(RUN)/.finetune.started
 EX_STAMP := $(RUN)/.extract.options
 RS_STAMP := $(RUN)/.resize.options
 EX_OPTIONS := $(strip extract conv_dim=$(CONV_DIM) $(EXTRACT_ARGS))
@@ -76,29 +82,20 @@ LORAS := $(foreach d,$(DIMS),$(RUN)/lora-dim$(d).safetensors)
 RESIZED := $(foreach d,$(DIMS),$(foreach r,$(RANKS),$(RUN)/lora-dim$(d)-rank$(r).safetensors) \
 	$(foreach s,$(SIZES),$(RUN)/lora-dim$(d)-$(s).safetensors))
 
-# Stamps are brought up to date while the Makefile is read, so that make -n / make -q see the real state.
+# What the finetune does is decided while the Makefile is read, writing nothing (so make -n / make -q see the real
+# state): extract/resize alone never train; a finished or started run with another config needs FORCE=1.
+TRAIN := $(filter finetune demo $(TUNED),$(MAKECMDGOALS))
+FT_DECIDE = $(PY) -m xlbake.concepts stamp $(FT_STAMP) $(1) $(if $(TRAIN),,--extract-only) \
+	$(if $(RECORDED),$(if $(SET),,--as-recorded)) $(if $(FORCE),--force) -- $(PY) -m finetune $(FT_ARGS) --dry-run
 ifneq ($(filter finetune extract resize demo $(RUN)/%,$(MAKECMDGOALS)),)
 ifneq ($(wildcard $(PY)),)
-FT_OUT := $(shell mkdir -p $(RUN) && $(PY) -m xlbake.concepts stamp $(FT_STAMP) -- $(PY) -m finetune $(FT_ARGS) \
-	--dry-run >&2)
+FT_ACTION := $(shell $(call FT_DECIDE,--check))
 ifneq ($(.SHELLSTATUS),0)
-$(error $(RUN): the finetune config is invalid (see the message above))
+$(error $(RUN): stopped (see the message above))
 endif
 endif
-ifneq ($(file < $(EX_STAMP)),$(EX_OPTIONS))
-$(shell mkdir -p $(RUN))
-$(file > $(EX_STAMP),$(EX_OPTIONS))
 endif
-ifneq ($(file < $(RS_STAMP)),$(RS_OPTIONS))
-$(file > $(RS_STAMP),$(RS_OPTIONS))
-endif
-endif
-# Continue an interrupted finetune only if it was started with exactly this config; otherwise start it over.
-ifeq ($(file < $(FT_STAMP)),$(file < $(FT_STARTED)))
-FT_MODE := $(if $(wildcard $(RUN)/state),--resume auto,--force)
-else
-FT_MODE := --force
-endif
+shell_quote = '$(subst ','\'',$(1))'
 
 .PHONY: install test lint clean finetune extract resize demo all bench
 
@@ -138,17 +135,29 @@ $(CONCEPT_MK): | $(STAMP)
 	mkdir -p $(RUN) && $(PY) -m xlbake.concepts make-vars $(CONCEPT_FILE) --out $@
 endif
 
-# Fallbacks for a fresh clone (no .venv yet while the Makefile was read): the same stamps, built after install.
-$(FT_STAMP): | $(STAMP)
-	mkdir -p $(RUN) && $(PY) -m xlbake.concepts stamp $@ -- $(PY) -m finetune $(FT_ARGS) --dry-run
+# A stage's stamp is rewritten by a recipe when its content should change (its rule is then forced), so that
+# make -n changes nothing and the stages after it rerun; a fresh clone (no .venv while the Makefile was read)
+# decides the finetune in its recipe.
+.PHONY: changed
+changed: ;
+ifneq ($(file < $(EX_STAMP)),$(EX_OPTIONS))
+$(EX_STAMP): changed
+endif
+ifneq ($(file < $(RS_STAMP)),$(RS_OPTIONS))
+$(RS_STAMP): changed
+endif
 $(EX_STAMP):
-	$(file > $@,$(EX_OPTIONS))
+	mkdir -p $(RUN) && printf '%s\n' $(call shell_quote,$(EX_OPTIONS)) > $@
 $(RS_STAMP):
-	$(file > $@,$(RS_OPTIONS))
+	mkdir -p $(RUN) && printf '%s\n' $(call shell_quote,$(RS_OPTIONS)) > $@
 
-$(TUNED): $(FT_STAMP) | $(STAMP)
-	cp $(FT_STAMP) $(FT_STARTED)
-	$(FINETUNE) $(FT_ARGS) $(FT_MODE)
+ifneq ($(FT_ACTION),done)
+ifneq ($(FT_ACTION),)
+$(TUNED): changed
+endif
+endif
+$(TUNED): | $(STAMP)
+	flags="$$($(call FT_DECIDE))" && $(FINETUNE) $(FT_ARGS) $$flags
 
 $(LORAS): $(RUN)/lora-dim%.safetensors: $(TUNED) $(EX_STAMP) | $(STAMP)
 	base="$$($(PY) -m finetune.base_of $(RUN))" && $(PY) -m extract --base "$$base" --tuned $(TUNED) --dim $* \

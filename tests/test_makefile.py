@@ -23,8 +23,16 @@ FAKE_PYTHON = """\
 #!{real}
 import json, os, pathlib, sys
 args = sys.argv[1:]
+if args[:2] == ["-m", "pip"]:  # make install: nothing is installed
+    sys.exit(0)
+if args[:2] == ["-m", "venv"]:  # make install on a fresh clone: a venv whose python is this fake
+    pathlib.Path(args[2], "bin").mkdir(parents=True)
+    pathlib.Path(args[2], "bin", "python").write_text(pathlib.Path(__file__).read_text())
+    pathlib.Path(args[2], "bin", "python").chmod(0o755)
+    sys.exit(0)
 if args[:1] != ["-m"] or args[1] not in ("finetune", "finetune.base_of", "extract", "resize"):
     os.execv({real!r}, [{real!r}, *args])
+import yaml
 stage, rest = args[1], args[2:]
 opts, sets, flags, i = {{}}, [], [], 0
 while i < len(rest):
@@ -37,11 +45,21 @@ while i < len(rest):
         flags.append(rest[i]); i += 1
 if stage == "finetune.base_of":
     print(pathlib.Path(rest[0], "base.txt").read_text()); sys.exit(0)
-run = next((s.split("=", 1)[1] for s in sets if s.startswith("run_dir=")), None)
+if stage == "finetune":  # resolve the config as the real one does: the file (a preset, or a resolved one), then --set
+    text = pathlib.Path(opts["--config"]).read_text()
+    resolved = json.loads(text) if text.startswith("{{") else {{"preset": text, "sets": {{}}, "data": {{"roots": []}}}}
+    for key, _, value in (s.partition("=") for s in sets):
+        if key == "data.roots":
+            resolved["data"]["roots"] = yaml.safe_load(value)
+        elif key == "run_dir":
+            resolved["run_dir"] = value
+        else:
+            resolved["sets"][key] = value
+    run = resolved.get("run_dir")
+else:
+    run = None
 if "--dry-run" in flags:
-    roots = next((json.loads(s.split("=", 1)[1]) for s in sets if s.startswith("data.roots=")), [])
-    preset = pathlib.Path(opts["--config"]).read_text()
-    print(json.dumps({{"preset": preset, "sets": sets, "data": {{"roots": roots}}}}))
+    print(json.dumps(resolved))
     sys.exit(0)
 record = {{"stage": stage, **{{k.lstrip("-"): v for k, v in opts.items()}}, "flags": flags}}
 record["gpu"] = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -52,6 +70,7 @@ fail = fail_stage == stage and fail_where in (run or opts["--out"])
 if stage == "finetune":
     out = pathlib.Path(run)
     (out / "state").mkdir(parents=True, exist_ok=True)
+    (out / "config.resolved.yaml").write_text(json.dumps(resolved))
     if fail:
         print("Error: interrupted", file=sys.stderr); sys.exit(1)
     (out / "base.txt").write_text("/base.safetensors\\n")
@@ -176,9 +195,11 @@ def test_only_real_changes_of_the_resolved_config_rerun(make, concept, tmp_path)
     make(*CHAIN, f"CONCEPT={concept}")
     assert make.calls() == ["extract 32", "resize 32->8", "resize 32->16"]
     (tmp_path / "preset.yaml").write_text("train: {epochs: 4}\n")  # the preset the concept names changed
-    make(*CHAIN, f"CONCEPT={concept}")
+    refused = make(*CHAIN, f"CONCEPT={concept}", check=False)  # a finished run is retrained only with FORCE=1
+    assert refused.returncode == 2 and "preset: train: {epochs: 3}" in refused.stderr and make.calls() == []
+    make(*CHAIN, f"CONCEPT={concept}", "FORCE=1")
     assert make.calls() == ["finetune --force", "extract 32", "resize 32->8", "resize 32->16"]
-    make("finetune", f"CONCEPT={concept}", "SET=optim.unet_lr=1e-5")  # a command-line override is config too
+    make("finetune", f"CONCEPT={concept}", "SET=optim.unet_lr=1e-5", "FORCE=1")  # a command-line override too
     assert make.calls() == ["finetune --force"]
 
 
@@ -186,20 +207,26 @@ def test_a_changed_dataset_reruns_the_finetune(make, concept, tmp_path):
     make(*CHAIN, f"CONCEPT={concept}")
     make.calls()
     (tmp_path / "data" / "2_kafka woman" / "002.txt").write_text("kafka, smiling")
-    assert make("-q", "finetune", f"CONCEPT={concept}", check=False).returncode == 1
-    make(*CHAIN, f"CONCEPT={concept}")
+    refused = make("-q", "finetune", f"CONCEPT={concept}", check=False)
+    assert refused.returncode == 2 and f"dataset {tmp_path / 'data'} changed" in refused.stderr
+    assert make("-q", "finetune", f"CONCEPT={concept}", "FORCE=1", check=False).returncode == 1
+    make(*CHAIN, f"CONCEPT={concept}", "FORCE=1")
     assert make.calls() == ["finetune --force", "extract 32", "resize 32->8"]
 
 
-def test_an_interrupted_finetune_resumes_unless_its_config_changed(make, concept):
+def test_an_interrupted_finetune_resumes_and_is_started_over_only_with_force(make, concept):
     failed = make("finetune", f"CONCEPT={concept}", check=False, fail="finetune")
     assert failed.returncode != 0 and "Error: interrupted" in failed.stderr
     make("finetune", f"CONCEPT={concept}", check=False, fail="finetune")
     make("finetune", f"CONCEPT={concept}")
     assert make.calls() == ["finetune --force", "finetune --resume auto", "finetune --resume auto"]
     write_concept(concept, overrides="[train.epochs=3]")
-    make("finetune", f"CONCEPT={concept}")
-    assert make.calls() == ["finetune --force"]
+    make("finetune", f"CONCEPT={concept}", "FORCE=1", check=False, fail="finetune")
+    write_concept(concept, overrides="[train.epochs=4]")
+    refused = make("finetune", f"CONCEPT={concept}", check=False)  # its saved state is not thrown away either
+    assert refused.returncode == 2 and "a started finetune" in refused.stderr
+    make("finetune", f"CONCEPT={concept}", "FORCE=1")
+    assert make.calls() == ["finetune --force", "finetune --force"]
 
 
 def test_a_failed_extraction_leaves_the_finetune_done(make, concept):
@@ -222,6 +249,73 @@ def test_plain_run_and_demo_target(make, tmp_path):
     out = make("demo", f"CONFIG={config}", "DIM=16", "RANK=4").stdout
     assert make.calls() == ["finetune --force", "extract 16", "resize 16->4"]
     assert f"Demo outputs in {make.runs}/demo/" in out and "lora-dim16-rank4.safetensors" in out
+
+
+def tree(folder: Path) -> dict[str, tuple[int, bytes]]:
+    """Every file under ``folder`` with its mtime and content, to check that a command changed nothing."""
+    return {str(p): (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def own_run(make, tmp_path):
+    """A finished plain run made with its own config and an override (the README's step 2), stage calls cleared."""
+    config = tmp_path / "mine.yaml"
+    config.write_text("train: {epochs: 9}\n")
+    run = make.runs / "emma"
+    make("finetune", f"RUN={run}", f"CONFIG={config}", "SET=train.epochs=2 data.roots=[data]")
+    assert make.calls() == ["finetune --force"]
+    return run
+
+
+def test_later_stages_use_the_runs_own_config_and_never_retrain(make, own_run):
+    make("extract", f"RUN={own_run}", "DIM=16")  # the README's step 3: no CONFIG, so not the default preset
+    assert make.calls() == ["extract 16"]
+    make("resize", f"RUN={own_run}", "DIM=16", "RANK=4")
+    make("finetune", "extract", "resize", f"RUN={own_run}", "DIM=16", "RANK=4")
+    assert make.calls() == ["resize 16->4"]
+    assert make("-q", "finetune", f"RUN={own_run}", check=False).returncode == 0
+
+
+def test_dry_runs_change_nothing(make, own_run, tmp_path):
+    before = tree(make.runs)
+    dry = make("-n", "finetune", f"RUN={own_run}", "SET=train.epochs=3", "FORCE=1").stdout
+    assert "-m finetune" in dry and "--force" in dry
+    assert make("-q", "finetune", f"RUN={own_run}", "SET=train.epochs=3", "FORCE=1", check=False).returncode == 1
+    assert make("-n", "extract", f"RUN={own_run}", "DIM=16").stdout.count("-m extract") == 1
+    assert make("-n", "finetune", f"RUN={make.runs / 'fresh'}").returncode == 0
+    assert tree(make.runs) == before and not (make.runs / "fresh").exists()
+    make("extract", f"RUN={own_run}", "DIM=16")
+    assert make.calls() == ["extract 16"]
+
+
+def test_extract_without_a_finetune_stops_and_says_what_to_run(make):
+    result = make("extract", f"RUN={make.runs / 'new'}", check=False)
+    assert result.returncode == 2 and make.calls() == []
+    assert "run the finetune first" in result.stderr and "make finetune" in result.stderr
+    assert not (make.runs / "new").exists()
+
+
+def test_a_finished_run_is_retrained_only_with_force(make, own_run, tmp_path):
+    refused = make("finetune", f"RUN={own_run}", "SET=train.epochs=3", check=False)
+    assert refused.returncode == 2 and make.calls() == []
+    assert "FORCE=1" in refused.stderr and "sets.train.epochs: 2 -> 3" in refused.stderr
+    other = tmp_path / "other.yaml"
+    other.write_text("train: {epochs: 1}\n")
+    refused = make("extract", f"RUN={own_run}", f"CONFIG={other}", "DIM=16", check=False)  # not the run's config
+    assert refused.returncode == 2 and make.calls() == [] and "preset" in refused.stderr
+    make("finetune", "extract", f"RUN={own_run}", "SET=train.epochs=3", "DIM=16", "FORCE=1")
+    assert make.calls() == ["finetune --force", "extract 16"]
+    make("extract", f"RUN={own_run}", "DIM=16")
+    assert make.calls() == []
+
+
+def test_make_demo_on_a_fresh_clone_installs_then_runs_the_chain(make, tmp_path):
+    fresh = tmp_path / "fresh-venv"  # no venv while the Makefile is read: the recipes decide
+    out = make("demo", f"VENV={fresh}", f"PYTHON={make.venv / 'bin' / 'python'}").stdout
+    assert (fresh / ".installed").exists() and f"Demo outputs in {make.runs}/demo/" in out
+    assert make.calls() == ["finetune --force", "extract 128", "resize 128->16"]
+    make("demo", f"VENV={fresh}")
+    assert make.calls() == []
 
 
 @pytest.mark.parametrize("setting", ["RANK=abc", "RANK=8,x", "DIM=64k", "CONV_DIM=-1"])

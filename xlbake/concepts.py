@@ -9,9 +9,11 @@ The Makefile calls this module at parse time (``python -m xlbake.concepts ...``)
 - ``make-vars CONCEPT --out RUN/.concept.mk`` writes the concept as make variables (the finetune arguments,
   ``DIM``, ``CONV_DIM``, ``RANK``, ``SIZE``, ``EXTRACT_ARGS``, ``RESIZE_ARGS``); variables given on make's command
   line still win.
-- ``stamp RUN/.finetune.config -- python -m finetune ... --dry-run`` stores the resolved finetune config plus a
-  digest of the dataset files, rewriting the stamp only when that content changed: its mtime moves only on a real
-  change, so make reruns the finetune exactly when the resolved config or the data changed.
+- ``stamp RUN/.finetune.config [--check] -- python -m finetune ... --dry-run`` decides what the finetune of RUN
+  has to do (``finetune_action``): nothing, resume, or start; with ``--check`` it only prints that (make -n / -q
+  change nothing), else it stores the resolved config plus a digest of the dataset files as the stamp (rewritten
+  only when that content changed) and prints the finetune's flags. A finished or started run is never started
+  over with another config or data unless ``--force``; the refusal lists what changed.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +35,7 @@ import yaml
 
 from xlbake.cli import run_guarded
 from xlbake.config import load_config
-from xlbake.errors import ConfigError, OutputError
+from xlbake.errors import ConfigError, InputError, OutputError
 
 CONCEPT_VERSION = 1
 CONCEPTS_DIR = Path("concepts")
@@ -45,6 +47,10 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 SIZE_PATTERN = re.compile(r"^[0-9.]+(e[0-9]+)?[A-Za-z]*$")
 # finetune keys a concept may not override: the chain sets them (run_dir from RUN, data.roots from datasets)
 RESERVED_KEYS = {"run_dir": "the run folder is RUN (runs/<concept>)", "data.roots": "list the folders in datasets"}
+# the finetune's names in RUN (finetune/saving.py; importing it would load torch at every make)
+TUNED_FP32, RESOLVED_CONFIG, STATE_DIR = "tuned.fp32.safetensors", "config.resolved.yaml", "state"
+FINETUNE_FLAGS = {"start": "--force", "resume": "--resume auto"}
+MAX_LISTED_CHANGES = 8
 # stage flags the chain sets itself, so they may not appear in extract_args / resize_args
 CHAIN_FLAGS = {
     "extract_args": ("--base", "--tuned", "--out", "--dim", "--conv-dim", "--force", "--config", "--dry-run"),
@@ -276,18 +282,109 @@ def make_vars_command(concept: str, out: Path) -> None:
     write_if_changed(out, load_concept(concept).make_vars())
 
 
+def stamp_changes(old: str, new: str, *, with_data: bool = True) -> list[str]:
+    """What differs between two finetune stamps: ``key: old -> new`` per dotted config key, then the datasets."""
+    old_cfg, new_cfg = _flat_yaml(old), _flat_yaml(new)
+    changes = [
+        f"{key}: {old_cfg.get(key, '(unset)')} -> {new_cfg.get(key, '(unset)')}"
+        for key in sorted(old_cfg.keys() | new_cfg.keys())
+        if old_cfg.get(key) != new_cfg.get(key)
+    ]
+    if with_data:
+        old_data = {line.rpartition(": ")[0]: line for line in old.splitlines() if line.startswith("# dataset ")}
+        for line in new.splitlines():
+            root = line.rpartition(": ")[0]
+            if line.startswith("# dataset ") and old_data.get(root) != line:
+                changes.append(f"{root.removeprefix('# ')} changed")
+    return changes
+
+
+def _flat_yaml(text: str) -> dict[str, object]:
+    """A YAML mapping as {"dotted.key": value}; an unreadable text as no keys (every key then differs)."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return {}
+    return _flat(data) if isinstance(data, Mapping) else {}
+
+
+def _flat(data: Mapping, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def finetune_action(
+    stamp: Path, dry_run: Callable[[], str], *, extract_only: bool, as_recorded: bool, force: bool
+) -> tuple[str, str]:
+    """What the finetune of ``stamp``'s run folder does: ("done" | "resume" | "start", the stamp it runs with).
+
+    The stamp holds the config and data the run was started with, written just before the finetune starts, so the
+    run is finished when its tuned file is at least as new. ``dry_run`` gives the wanted config (run only if needed).
+    ``extract_only``: the finetune may not run (make extract/resize): it must be finished, and with a config given
+    (not ``as_recorded``) it must be that one. Starting over a finished or started run needs ``force``.
+    """
+    run, tuned = stamp.parent, stamp.parent / TUNED_FP32
+    record = stamp if stamp.exists() else run / RESOLVED_CONFIG
+    finished = tuned.exists() and (not record.exists() or tuned.stat().st_mtime_ns >= record.stat().st_mtime_ns)
+    started = finished or (run / STATE_DIR).is_dir()
+    if extract_only and not finished:
+        if started or tuned.exists():
+            raise InputError(f"{run}: its finetune has not finished; finish it first: make finetune RUN={run}")
+        raise InputError(
+            f"{run}: no finetune here (no {TUNED_FP32}); run the finetune first: "
+            f'make finetune RUN={run} CONFIG=<preset> SET="data.roots=[<dataset>]" (or CONCEPT=<name>)'
+        )
+    if extract_only and as_recorded:
+        return "done", ""
+    wanted = stamp_text(dry_run())
+    old = record.read_text(encoding="utf-8") if record.exists() else ""
+    changes = stamp_changes(old, wanted, with_data=record == stamp)
+    if not changes:
+        return ("done" if finished else "resume" if (run / STATE_DIR).is_dir() else "start"), wanted
+    if started and (extract_only or not force):
+        listed = "; ".join(changes[:MAX_LISTED_CHANGES]) + (" ..." if len(changes) > MAX_LISTED_CHANGES else "")
+        what = "a finished finetune" if finished else "a started finetune (its state)"
+        todo = (
+            "extract from it as it is: leave out CONFIG/CONCEPT/SET; or retrain: make finetune ... FORCE=1"
+            if extract_only
+            else "retrain over it: FORCE=1; or choose another RUN"
+        )
+        raise InputError(f"{run}: holds {what} made with another config or data ({listed}); to {todo}")
+    return "start", wanted
+
+
 @cli.command(name="stamp", context_settings={"ignore_unknown_options": True})
 @click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--check", is_flag=True, help="Only print the action (done, resume, start); write nothing.")
+@click.option("--extract-only", is_flag=True, help="The finetune may not run: it must be finished.")
+@click.option("--as-recorded", is_flag=True, help="COMMAND is the run's own recorded config, unchanged.")
+@click.option("--force", is_flag=True, help="Start over a finished or started run whose config or data changed.")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @run_guarded
-def stamp_command(out: Path, command: Sequence[str]) -> None:
-    """Run COMMAND (a finetune --dry-run), store its output and the dataset digests in OUT if they changed."""
-    result = subprocess.run(list(command), stdout=subprocess.PIPE, text=True, check=False)
-    if result.returncode != 0:
-        raise click.exceptions.Exit(result.returncode)
+def stamp_command(
+    out: Path, check: bool, extract_only: bool, as_recorded: bool, force: bool, command: Sequence[str]
+) -> None:
+    """Decide the finetune of OUT's run from COMMAND (a finetune --dry-run); store the stamp, print its flags."""
+
+    def dry_run() -> str:
+        result = subprocess.run(list(command), stdout=subprocess.PIPE, text=True, check=False)
+        if result.returncode != 0:
+            raise click.exceptions.Exit(result.returncode)
+        return result.stdout
+
+    action, wanted = finetune_action(out, dry_run, extract_only=extract_only, as_recorded=as_recorded, force=force)
+    if check:
+        click.echo(action)
+        return
     existed = out.exists()
-    if write_if_changed(out, stamp_text(result.stdout)) and existed:
-        click.echo(f"{out}: the resolved finetune config or the dataset changed; the finetune reruns", err=True)
+    if action == "start" and write_if_changed(out, wanted) and existed:
+        click.echo(f"{out}: the resolved finetune config or the dataset changed; the finetune starts over", err=True)
+    click.echo(FINETUNE_FLAGS.get(action, ""))
 
 
 if __name__ == "__main__":
