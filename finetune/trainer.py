@@ -37,7 +37,15 @@ from finetune.distributed import (
     whole_parameters,
 )
 from finetune.latent_cache import CACHE_DIR, build_latent_cache
-from finetune.model import PART_ATTRS, SdxlModel, load_model, make_ema, resolve_inputs, setup_trainable
+from finetune.model import (
+    PART_ATTRS,
+    SdxlModel,
+    frozen_base_weights,
+    load_model,
+    make_ema,
+    resolve_inputs,
+    setup_trainable,
+)
 from finetune.objective import (
     add_noise,
     compute_time_ids,
@@ -105,6 +113,7 @@ class Trainer:
         with acc.main_process_first():
             inputs = resolve_inputs(cfg.model.base, cfg.model.components, cfg.data.roots, self.run_dir / saving.BUILTIN)
         self.model: SdxlModel = load_model(inputs.base, inputs.components, cfg.model.vae, cfg.loss.prediction)
+        self.base_weights = frozen_base_weights(self.model, cfg.optim)  # saved as loaded, not as they run
         groups = setup_trainable(self.model, cfg.model, cfg.optim, cfg.precision)
         self.parts = [g.name for g in groups]
         self.params = [p for g in groups for p in g.params]
@@ -357,7 +366,7 @@ class Trainer:
         kinds = {"raw": ("raw",), "ema": ("ema",), "both": ("ema", "raw")}[self.cfg.checkpoint.weights]
         # Under DeepSpeed the fp32 weights are gathered (split under ZeRO-3): every process takes part
         raw = trained_state_dicts(self.model, self.parts, self.fixed, keep=self.accelerator.is_main_process)
-        return saving.collect_weights(self.model, self.emas, kinds, raw=raw)
+        return saving.collect_weights(self.model, self.emas, kinds, raw=raw | self.base_weights)
 
     def save(self, tag: str) -> list[Path]:
         """Save model checkpoint(s) for ``tag`` ("final" writes the run's tuned*.safetensors), then the state.
@@ -383,7 +392,8 @@ class Trainer:
             with whole_parameters(self.denoiser, self._zero3()):
                 if acc.is_main_process:
                     parts = saving.pipeline_parts(self.model, emas)
-                    written.append(saving.save_diffusers_folder(parts, self.run_dir / saving.DIFFUSERS_DIR))
+                    base = {PART_ATTRS[name]: state for name, state in self.base_weights.items()}
+                    written.append(saving.save_diffusers_folder(parts, self.run_dir / saving.DIFFUSERS_DIR, base))
         if written:
             logger.info("saved %s", ", ".join(str(p) for p in written))
         if tag == "final":
