@@ -92,6 +92,14 @@ def prepare_run_dir(cfg: Any, resume: bool, force: bool) -> Path:
     return run_dir
 
 
+def output_kinds(weights: str, ema: bool) -> tuple[str, ...]:
+    """The kinds of weights the outputs hold, the one in tuned* first, for ``checkpoint.weights`` and whether EMA
+    is on ("auto": the EMA in tuned*, the raw weights beside it, when there is an EMA)."""
+    if weights == "auto":
+        weights = "both" if ema else "raw"
+    return {"raw": ("raw",), "ema": ("ema",), "both": ("ema", "raw")}[weights]
+
+
 def collect_weights(
     model: SdxlModel,
     emas: Mapping[str, Any],
