@@ -226,9 +226,8 @@ def memory_lines(cfg: FinetuneConfig, parts: Sequence[Part], gpus: int, deepspee
         Line("CUDA context (assumed)", CUDA_CONTEXT_BYTES),
     ]
     if cfg.ema.enabled:
-        lines.append(
-            Line(f"EMA ({'GPU' if ema_on_gpu else 'host RAM'})", ema if ema_on_gpu else 0, 0 if ema_on_gpu else ema)
-        )
+        host_ema = ema * gpus  # every process of a launch keeps its own EMA
+        lines.append(Line(f"EMA ({'GPU' if ema_on_gpu else 'host RAM'})", *((ema, 0) if ema_on_gpu else (0, host_ema))))
     if deepspeed is None:
         lines += _plain_lines(cfg, trained, shapes, weights, state_bytes, activations.weight_copies, gpus)
     else:

@@ -278,3 +278,10 @@ def test_frozen_parts_base_weights_are_held_in_host_ram(tiny_paths):
     held = frozen_base_weights(model, cfg.optim)
     assert list(held) == ["te2"]
     assert result.line("frozen parts' base weights (fp32, to save)").host == 2 * nbytes(held["te2"].values())
+
+
+def test_ema_on_the_cpu_is_one_copy_per_process(tiny_paths):
+    cfg = tiny_cfg(tiny_paths, "ema.enabled=true", "ema.device=cpu")
+    one = plan(cfg, gpu_memory_bytes=BIG, gpus=1).line("EMA (host RAM)")
+    four = plan(cfg, gpu_memory_bytes=BIG, gpus=4).line("EMA (host RAM)")
+    assert one.host > 0 and four.host == 4 * one.host  # every process of a launch keeps and updates its own EMA
