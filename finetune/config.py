@@ -181,7 +181,8 @@ class EmaConfig:
     power: float = 2 / 3
     """Warmup exponent."""
     device: Literal["same", "cpu"] = "same"
-    """Where the EMA weights live: `same` as the model (GPU) or `cpu` (saves GPU memory, slower updates)."""
+    """Where the EMA weights live: `same` as the model (GPU) or `cpu` (saves GPU memory, slower updates; samples
+    bring the EMA copy to the GPU while they render)."""
 
     def __post_init__(self) -> None:
         errors: list[str] = []
@@ -207,9 +208,9 @@ class CheckpointConfig:
     fp32_copy: bool = True
     """Also write RUN/tuned.fp32.safetensors, the lossless copy extraction reads (an fp16 file rounds away most
     of a low-LR finetune's text-encoder change)."""
-    weights: Literal["raw", "ema", "both"] = "raw"
-    """Which weights the outputs hold: raw, ema (needs ema.enabled) or both (EMA in tuned*, raw beside as
-    tuned-raw*)."""
+    weights: Literal["auto", "raw", "ema", "both"] = "auto"
+    """Which weights the outputs (and samples) hold: raw, ema (needs ema.enabled), both (EMA in tuned*, raw beside
+    as tuned-raw*), or auto: both with ema.enabled, else raw."""
     diffusers: bool = False
     """Also write the final model as a diffusers folder RUN/tuned-diffusers/."""
     save_state: bool = True
@@ -314,7 +315,7 @@ class FinetuneConfig:
         errors: list[str] = []
         if self.config_version != CONFIG_VERSION:
             errors.append(f"config_version: {self.config_version} is not supported (this version reads 1)")
-        if self.checkpoint.weights != "raw" and not self.ema.enabled:
+        if self.checkpoint.weights in ("ema", "both") and not self.ema.enabled:
             errors.append(f"checkpoint.weights: {self.checkpoint.weights} needs ema.enabled: true")
         if self.precision.vae == "fp16" and self.model.vae is None:
             errors.append("precision.vae: fp16 needs an fp16-fixed VAE in model.vae (SDXL's own VAE overflows)")

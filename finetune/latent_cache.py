@@ -127,7 +127,8 @@ def encode_posterior(vae: Any, pixels: Tensor) -> Tensor:
     """VAE posterior parameters of one image: pixels (3, H, W) in [-1, 1] -> (2 * latent channels, h, w) on CPU,
     in the VAE's dtype (mean and log-variance, as ``DiagonalGaussianDistribution(parameters)`` takes them)."""
     param = next(vae.parameters())
-    return vae.encode(pixels[None].to(param.device, param.dtype)).latent_dist.parameters[0].cpu()
+    with torch.autocast(param.device.type, enabled=False):  # the SDXL VAE overflows in fp16
+        return vae.encode(pixels[None].to(param.device, param.dtype)).latent_dist.parameters[0].cpu()
 
 
 def encode_entries(

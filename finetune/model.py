@@ -185,6 +185,17 @@ def setup_trainable(
     return groups
 
 
+def frozen_base_weights(model: SdxlModel, optim: OptimConfig) -> dict[str, dict[str, torch.Tensor]]:
+    """The state dicts of the parts that do not train (LR 0), as loaded: part name -> fp32 tensors on the CPU.
+
+    A frozen part runs in the mixed-precision dtype, and its outputs must hold these instead: saved from the
+    16-bit copy, the rounding would differ from the base and extraction would take it for a finetune. Call before
+    ``setup_trainable``: its cast gives the modules new tensors, so these are kept without a copy (host RAM).
+    """
+    lrs = {"unet": optim.unet_lr, "te1": optim.te1_lr, "te2": optim.te2_lr}
+    return {name: model.part(name).state_dict() for name, lr in lrs.items() if lr == 0}
+
+
 def _cast(module: torch.nn.Module, dtype: torch.dtype) -> None:
     """Cast only when needed (diffusers warns on every dtype cast)."""
     if next(module.parameters()).dtype != dtype:

@@ -226,9 +226,8 @@ def memory_lines(cfg: FinetuneConfig, parts: Sequence[Part], gpus: int, deepspee
         Line("CUDA context (assumed)", CUDA_CONTEXT_BYTES),
     ]
     if cfg.ema.enabled:
-        lines.append(
-            Line(f"EMA ({'GPU' if ema_on_gpu else 'host RAM'})", ema if ema_on_gpu else 0, 0 if ema_on_gpu else ema)
-        )
+        host_ema = ema * gpus  # every process of a launch keeps its own EMA
+        lines.append(Line(f"EMA ({'GPU' if ema_on_gpu else 'host RAM'})", *((ema, 0) if ema_on_gpu else (0, host_ema))))
     if deepspeed is None:
         lines += _plain_lines(cfg, trained, shapes, weights, state_bytes, activations.weight_copies, gpus)
     else:
@@ -293,9 +292,10 @@ def _zero_lines(
 
 
 def _host_lines(cfg: FinetuneConfig, parts: Sequence[Part], gpus: int) -> list[Line]:
-    """Host RAM: each process reads the whole checkpoint and builds fp32 models at load; then per-process overhead
-    and DataLoader workers."""
+    """Host RAM: each process reads the whole checkpoint and builds fp32 models at load; then per-process overhead,
+    DataLoader workers, and the fp32 base weights of frozen parts (what the outputs hold for them)."""
     n_all = sum(part.params for part in parts)
+    frozen = sum(p.params * 4 for p in parts if p.name in PART_MODULES and not _lr(cfg, p.name))
     single_file = cfg.model.base.suffix == ".safetensors"
     load = (n_all * 4 + (n_all * 2 if single_file else 0)) * gpus
     note = "fp16 single file read whole + fp32 models, per process" if single_file else "fp32 models, per process"
@@ -303,6 +303,7 @@ def _host_lines(cfg: FinetuneConfig, parts: Sequence[Part], gpus: int) -> list[L
     return [
         Line("model loading (peak at start)", 0, load, phase="load", note=note),
         Line("processes + DataLoader workers (assumed)", 0, PROCESS_HOST_BYTES * gpus + workers),
+        *([Line("frozen parts' base weights (fp32, to save)", 0, frozen * gpus)] if frozen else []),
     ]
 
 

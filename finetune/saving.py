@@ -109,6 +109,14 @@ def prepare_run_dir(cfg: Any, resume: bool, force: bool) -> Path:
     return run_dir
 
 
+def output_kinds(weights: str, ema: bool) -> tuple[str, ...]:
+    """The kinds of weights the outputs hold, the one in tuned* first, for ``checkpoint.weights`` and whether EMA
+    is on ("auto": the EMA in tuned*, the raw weights beside it, when there is an EMA)."""
+    if weights == "auto":
+        weights = "both" if ema else "raw"
+    return {"raw": ("raw",), "ema": ("ema",), "both": ("ema", "raw")}[weights]
+
+
 def collect_weights(
     model: SdxlModel,
     emas: Mapping[str, Any],
@@ -117,7 +125,8 @@ def collect_weights(
 ) -> list[Weights]:
     """State dicts to save, one ``Weights`` per kind ("raw" or "ema"; parts without EMA give their raw weights).
 
-    ``raw``: part name -> the raw state dict to use instead of the module's (weights gathered from DeepSpeed).
+    ``raw``: part name -> the raw state dict to use instead of the module's (weights gathered from DeepSpeed, a
+    frozen part's base weights from ``finetune.model.frozen_base_weights``).
     """
     out = []
     for kind in kinds:
@@ -213,14 +222,22 @@ def save_intermediate(
     return written
 
 
-def save_diffusers_folder(pipeline_parts: Mapping[str, object], folder: Path) -> Path:
-    """Save a StableDiffusionXLPipeline folder built from ``pipeline_parts``, renamed into place when complete."""
+def save_diffusers_folder(
+    pipeline_parts: Mapping[str, object], folder: Path, states: Mapping[str, Mapping[str, torch.Tensor]] = {}
+) -> Path:
+    """Save a StableDiffusionXLPipeline folder built from ``pipeline_parts``, renamed into place when complete.
+
+    ``states``: pipeline part (e.g. "text_encoder_2") -> the state dict to write instead of the module's weights.
+    """
     from diffusers import StableDiffusionXLPipeline
 
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=folder.parent))
     try:
-        StableDiffusionXLPipeline(**pipeline_parts, add_watermarker=False).save_pretrained(staging)
+        with contextlib.ExitStack() as stack:
+            for name, state in states.items():
+                stack.enter_context(holding(pipeline_parts[name], state))
+            StableDiffusionXLPipeline(**pipeline_parts, add_watermarker=False).save_pretrained(staging)
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(staging, folder)
@@ -231,6 +248,21 @@ def save_diffusers_folder(pipeline_parts: Mapping[str, object], folder: Path) ->
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return folder
+
+
+@contextlib.contextmanager
+def holding(module: Any, state: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    """Inside: the parameters and buffers of ``module`` named in ``state`` hold its tensors (any dtype or device);
+    after: their own again. Saves a module's base weights without a second copy of it on the GPU."""
+    tensors = dict(module.named_parameters()) | dict(module.named_buffers())
+    own = {name: tensors[name].data for name in state}
+    try:
+        for name, value in state.items():
+            tensors[name].data = value
+        yield
+    finally:
+        for name, value in own.items():
+            tensors[name].data = value
 
 
 def smooth(values: Sequence[float], factor: float = SMOOTHING) -> list[float]:

@@ -38,7 +38,15 @@ from finetune.distributed import (
     whole_parameters,
 )
 from finetune.latent_cache import CACHE_DIR, build_latent_cache
-from finetune.model import PART_ATTRS, SdxlModel, load_model, make_ema, resolve_inputs, setup_trainable
+from finetune.model import (
+    PART_ATTRS,
+    SdxlModel,
+    frozen_base_weights,
+    load_model,
+    make_ema,
+    resolve_inputs,
+    setup_trainable,
+)
 from finetune.objective import (
     add_noise,
     compute_time_ids,
@@ -106,6 +114,7 @@ class Trainer:
         with acc.main_process_first():
             inputs = resolve_inputs(cfg.model.base, cfg.model.components, cfg.data.roots, self.run_dir / saving.BUILTIN)
         self.model: SdxlModel = load_model(inputs.base, inputs.components, cfg.model.vae, cfg.loss.prediction)
+        self.base_weights = frozen_base_weights(self.model, cfg.optim)  # saved as loaded, not as they run
         groups = setup_trainable(self.model, cfg.model, cfg.optim, cfg.precision)
         self.parts = [g.name for g in groups]
         self.params = [p for g in groups for p in g.params]
@@ -129,6 +138,11 @@ class Trainer:
         self.emas = (
             {n: make_ema(self.model.part(n), cfg.ema, ema_device) for n in self.parts} if cfg.ema.enabled else {}
         )
+        if cfg.ema.enabled and "ema" not in saving.output_kinds(cfg.checkpoint.weights, ema=True):
+            logger.warning(
+                "ema.enabled with checkpoint.weights: raw: the EMA costs memory and time but no output or sample "
+                "holds it; set checkpoint.weights: auto (EMA in tuned*, raw beside) or ema, or ema.enabled: false"
+            )
         optimizer = build_optimizer(groups, cfg.optim)
         scheduler = build_scheduler(optimizer, cfg.optim, self.total_steps, acc.num_processes)
         self._prepare(optimizer, scheduler)
@@ -253,7 +267,7 @@ class Trainer:
             posterior = DiagonalGaussianDistribution(batch["latent_dist"].to(acc.device))
         else:
             pixels = batch["pixel_values"].to(acc.device, model.vae.dtype)  # (B, 3, H, W) in [-1, 1]
-            with torch.no_grad():
+            with torch.no_grad(), torch.autocast(acc.device.type, enabled=False):  # the SDXL VAE overflows in fp16
                 posterior = model.vae.encode(pixels).latent_dist
         latents = (posterior.sample(generator=gen) * model.vae.config.scaling_factor).float()  # (B, 4, H/8, W/8)
         alphas_cumprod = model.noise_scheduler.alphas_cumprod
@@ -360,10 +374,10 @@ class Trainer:
 
     def weights(self) -> list[saving.Weights]:
         """The model's state dicts to save: raw, EMA, or both (EMA first), per checkpoint.weights."""
-        kinds = {"raw": ("raw",), "ema": ("ema",), "both": ("ema", "raw")}[self.cfg.checkpoint.weights]
+        kinds = saving.output_kinds(self.cfg.checkpoint.weights, self.cfg.ema.enabled)
         # Under DeepSpeed the fp32 weights are gathered (split under ZeRO-3): every process takes part
         raw = trained_state_dicts(self.model, self.parts, self.fixed, keep=self.accelerator.is_main_process)
-        return saving.collect_weights(self.model, self.emas, kinds, raw=raw)
+        return saving.collect_weights(self.model, self.emas, kinds, raw=raw | self.base_weights)
 
     def save(self, tag: str) -> list[Path]:
         """Save model checkpoint(s) for ``tag`` ("final" writes the run's tuned*.safetensors), then the state.
@@ -389,7 +403,8 @@ class Trainer:
             with whole_parameters(self.denoiser, self._zero3()):
                 if acc.is_main_process:
                     parts = saving.pipeline_parts(self.model, emas)
-                    written.append(saving.save_diffusers_folder(parts, self.run_dir / saving.DIFFUSERS_DIR))
+                    base = {PART_ATTRS[name]: state for name, state in self.base_weights.items()}
+                    written.append(saving.save_diffusers_folder(parts, self.run_dir / saving.DIFFUSERS_DIR, base))
         if written:
             logger.info("saved %s", ", ".join(str(p) for p in written))
         if tag == "final":
@@ -419,13 +434,17 @@ class Trainer:
 
     def sample(self, tag: str) -> list[Path]:
         """Render the configured prompts with the weights that are saved (EMA if so) into RUN/samples."""
-        from finetune.sampling import render_samples
+        from finetune.sampling import moved_to, render_samples
 
-        parts = saving.pipeline_parts(self.model, self.emas if self.cfg.checkpoint.weights != "raw" else {})
-        with whole_parameters(self.denoiser, self._zero3()), self.accelerator.autocast():
-            if not self.accelerator.is_main_process:
+        acc, cfg = self.accelerator, self.cfg
+        emas = self.emas if saving.output_kinds(cfg.checkpoint.weights, cfg.ema.enabled)[0] == "ema" else {}
+        parts = saving.pipeline_parts(self.model, emas)
+        with whole_parameters(self.denoiser, self._zero3()):
+            if not acc.is_main_process:
                 return []
-            return render_samples(parts, self.cfg.sample, self.run_dir / saving.SAMPLES, tag)
+            # EMA copies kept on the CPU (ema.device: cpu) join the rest of the pipeline on the GPU meanwhile
+            with moved_to([ema.ema_model for ema in emas.values()], acc.device):
+                return render_samples(parts, cfg.sample, self.run_dir / saving.SAMPLES, tag, acc.autocast)
 
     def _zero3(self) -> bool:
         return self.zero is not None and self.zero.stage == ZERO3

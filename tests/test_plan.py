@@ -266,3 +266,22 @@ def test_training_check_refuses_a_plan_that_cannot_fit(tiny_paths):
     assert check_before_training(cfg, gpu_memory="1MB", force=True, echo=printed.append).verdict == "does not fit"
     if not torch.cuda.is_available():
         assert check_before_training(cfg, echo=printed.append) is None  # CPU training: nothing to plan
+
+
+def test_frozen_parts_base_weights_are_held_in_host_ram(tiny_paths):
+    """The trainer keeps a frozen part's fp32 base tensors on the host to save them (finetune.model)."""
+    from finetune.model import frozen_base_weights
+
+    cfg = tiny_cfg(tiny_paths, "optim.te2_lr=0")
+    result = plan(cfg, gpu_memory_bytes=BIG, gpus=2)
+    model = load_model(tiny_paths.diffusers_dir, tiny_paths.diffusers_dir)
+    held = frozen_base_weights(model, cfg.optim)
+    assert list(held) == ["te2"]
+    assert result.line("frozen parts' base weights (fp32, to save)").host == 2 * nbytes(held["te2"].values())
+
+
+def test_ema_on_the_cpu_is_one_copy_per_process(tiny_paths):
+    cfg = tiny_cfg(tiny_paths, "ema.enabled=true", "ema.device=cpu")
+    one = plan(cfg, gpu_memory_bytes=BIG, gpus=1).line("EMA (host RAM)")
+    four = plan(cfg, gpu_memory_bytes=BIG, gpus=4).line("EMA (host RAM)")
+    assert one.host > 0 and four.host == 4 * one.host  # every process of a launch keeps and updates its own EMA

@@ -64,3 +64,20 @@ def test_launch_config_loads_and_its_examples_name_real_files(path):
     assert config.num_processes >= 1
     for example in re.findall(r"configs/\S+\.yaml", path.read_text()):
         assert (ROOT / example).is_file(), f"{path.name} names {example}"
+
+
+@pytest.mark.parametrize("name", sorted(TARGETS))
+def test_run_line_names_its_own_preset(name):
+    runs = re.findall(r"^# Run: .*?configs/finetune/(\S+\.yaml)", (PRESETS / name).read_text(), re.MULTILINE)
+    assert set(runs) <= {name}, f"{name}: its Run line names {runs}"
+
+
+@pytest.mark.parametrize("name", sorted(TARGETS))
+def test_documented_ema_overrides_save_the_ema(name):
+    """A comment that tells how to turn EMA on gives a run whose outputs and samples hold the EMA."""
+    from finetune.saving import output_kinds
+
+    for line in (PRESETS / name).read_text().splitlines():
+        if line.startswith("#") and "--set ema.enabled=true" in line:
+            cfg = load_config(FinetuneConfig, PRESETS / name, re.findall(r"--set (\S+?)`?(?:\s|$)", line))
+            assert output_kinds(cfg.checkpoint.weights, cfg.ema.enabled)[0] == "ema", f"{name}: {line}"
