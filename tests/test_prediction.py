@@ -13,7 +13,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 from click.testing import CliRunner
-from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tiny_run import tiny_run_sections
@@ -68,7 +67,8 @@ def test_finetune_outputs_samples_and_lora_follow_loss_prediction(
 
     def fake_call(pipe, *args, **kwargs):  # what matters is the scheduler the samples are drawn with
         sampled.append(pipe.scheduler.config.prediction_type)
-        return SimpleNamespace(images=[Image.new("RGB", (32, 32))])
+        assert kwargs["output_type"] == "latent"  # the VAE decodes outside the pipeline (autocast off)
+        return SimpleNamespace(images=torch.zeros(1, pipe.vae.config.latent_channels, 4, 4))
 
     monkeypatch.setattr(StableDiffusionXLPipeline, "__call__", fake_call)
     cfg = make_config(tiny_paths, demo_dataset, tmp_path / "run", f"loss.prediction={prediction}")
