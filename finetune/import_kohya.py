@@ -24,10 +24,10 @@ import yaml
 from finetune.config import FinetuneConfig
 from xlbake.cli import force_option, run_guarded
 from xlbake.config import load_config
-from xlbake.dataset_cli import format_table
 from xlbake.errors import ConfigError, InputError
 from xlbake.fileio import check_output, write_text_atomic
 from xlbake.kohya_dataset import REPEATS_PREFIX
+from xlbake.text_table import format_table
 
 Status = Literal["mapped", "unsupported", "ignored"]
 Out = tuple[Status, dict[str, Any], str]
