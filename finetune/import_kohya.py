@@ -22,7 +22,7 @@ import yaml
 
 from finetune.config import FinetuneConfig
 from finetune.kohya_readers import GUI, read_kohya
-from finetune.kohya_rules import LORA_KEYS, SECRET_KEYS, SOURCE, Status, rule_for
+from finetune.kohya_rules import FINETUNE_RATES, LORA, SECRET_KEYS, SOURCE, Status, lora_evidence, rule_for
 from xlbake.cli import force_option, run_guarded
 from xlbake.config import load_config
 from xlbake.errors import ConfigError, InputError
@@ -49,6 +49,8 @@ class Conversion:
     source: Path
     kind: str
     rows: tuple[Row, ...]
+    lora: str | None = None
+    """Why the source trains a LoRA (see kohya_rules.lora_evidence); None for a finetune config."""
 
     @property
     def data(self) -> dict[str, Any]:
@@ -64,13 +66,16 @@ class Conversion:
 
     @property
     def warnings(self) -> list[str]:
-        data, keys, warnings = self.data, {row.key for row in self.rows}, []
+        data, warnings = self.data, []
         if "base" not in data.get("model", {}):
             warnings.append("model.base is not set: xlbake's default is builtin:tiny (the test model); set it")
         if not data.get("data", {}).keys() & {"roots", "dataset_toml"}:
             warnings.append("no dataset: set data.roots to the folder holding your N_name folders")
-        if keys & set(LORA_KEYS):
-            warnings.append("a LoRA training config: its learning rates are LoRA rates, far too high for a finetune")
+        if self.lora:
+            warnings.append(
+                f"a LoRA training config ({self.lora}): its learning rates were not converted (a full finetune at "
+                f"LoRA rates wrecks the model); the YAML keeps xlbake's finetune rates, {FINETUNE_RATES}"
+            )
         return warnings
 
 
@@ -95,11 +100,12 @@ def convert(path: Path | str) -> Conversion:
         if not given & {"max_train_epochs", "max_train_steps", "epoch"}:
             entries.append(("max_train_steps", "max_train_steps (sd-scripts default)", 1600))
     ctx: dict[str, Any] = {k: v for k, _, v in entries} | {SOURCE: path}
+    ctx[LORA] = lora_evidence(ctx)
     if ctx.get("v2") is True or False in (ctx.get("sdxl"), ctx.get("sdxl_checkbox")):
         raise InputError(f"{path}: not an SDXL config (v2 on or sdxl off); xlbake trains SDXL only")
     last = {k: i for i, (k, _, _) in enumerate(entries)}
     rows = [_row(key, shown, value, ctx, last[key] != i) for i, (key, shown, value) in enumerate(entries)]
-    return Conversion(path, kind, tuple(rows))
+    return Conversion(path, kind, tuple(rows), ctx[LORA])
 
 
 def _row(key: str, shown: str, value: Any, ctx: Mapping[str, Any], overridden: bool) -> Row:

@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+from finetune.config import OptimConfig
 from finetune.kohya_readers import clean_value
 from xlbake.kohya_dataset import REPEATS_PREFIX
 
@@ -25,7 +26,27 @@ OPTIMIZER_DEFAULTS = {"lion": LION_DEFAULTS, "lion8bit": LION_DEFAULTS, "adafact
 """The optimizers' own defaults, which kohya gets when optimizer_args leaves them out (ours are AdamW's)."""
 MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 SECRET_KEYS = ("wandb_api_key", "huggingface_token")
-LORA_KEYS = ("network_module", "network_dim", "network_alpha", "LoRA_type")
+LORA = "_lora"
+"""Context key holding why the source trains a LoRA (``lora_evidence``), or None (not a kohya key)."""
+LORA_LR = 1e-4
+"""Learning rates from this up are LoRA rates: LoRAs train at ~1e-4 to 1e-3, SDXL finetunes at ~1e-6 to 5e-5."""
+LORA_TAB_KEYS = ("LoRA_type", "network_dim", "network_alpha")
+"""Keys of the kohya_ss GUI's LoRA tab. Presets of the other tabs can carry them too: alone they prove nothing."""
+ADAPTIVE_OPTIMIZERS = ("prodigy", "dadapt")
+"""Optimizers whose learning rate is a multiplier around 1, for LoRAs and finetunes alike: it says nothing."""
+LORA_ONLY_RATES = ("unet_lr", "text_encoder_lr", "text_encoder_lr1", "text_encoder_lr2")
+"""Rates that only kohya's LoRA trainer (train_network.py) reads; its finetune (sdxl_train.py) ignores them."""
+FINETUNE_RATES = f"optim.unet_lr/te1_lr/te2_lr = {OptimConfig.unet_lr:g}/{OptimConfig.te1_lr:g}/{OptimConfig.te2_lr:g}"
+LORA_NETWORK_KEYS = (
+    "LoRA_type", "LyCORIS_preset", "network_module", "network_dim", "network_alpha", "network_args", "network_dropout",
+    "network_weights", "lora_network_weights", "dim_from_weights", "conv_dim", "conv_alpha", "module_dropout",
+    "rank_dropout", "rank_dropout_scale", "scale_weight_norms", "network_train_unet_only",
+    "network_train_text_encoder_only", "block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas",
+    "down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold", "factor", "decompose_both", "use_cp",
+    "use_tucker", "use_scalar", "train_on_input", "train_norm", "unit", "constrain", "dora_wd", "bypass_mode",
+    "base_weights", "base_weights_multiplier",
+)  # fmt: skip
+"""LoRA network settings: xlbake trains the whole model; the LoRA is extracted from it afterwards."""
 
 
 # ---------------------------------------------------------------- values and rule factories
@@ -129,11 +150,53 @@ def _te_lr(index: int) -> Rule:
 def _train_te(v: Any, ctx: Mapping[str, Any]) -> Out:
     if not _bool(v):
         return "mapped", {"optim.te1_lr": 0.0, "optim.te2_lr": 0.0}, "text encoders frozen"
+    if ctx.get(LORA):
+        return "ignored", {}, f"on: the encoders train at xlbake's finetune rates ({FINETUNE_RATES})"
     lr = _float(ctx.get("learning_rate") or 0)
     settings = {f"optim.te{i}_lr": lr for i in (1, 2) if ctx.get(f"learning_rate_te{i}") is None}
     if not settings:
         return "ignored", {}, "on: learning_rate_te1/te2 set the encoders' learning rates"
     return "mapped", settings, "learning_rate, for each encoder without its own"
+
+
+def lora_evidence(ctx: Mapping[str, Any]) -> str | None:
+    """Why the source trains a LoRA, or None: network_module is set (sd-scripts' LoRA trainer), or LoRA-tab keys come
+    with a LoRA-sized learning rate (>= LORA_LR, with an optimizer whose rate is not a multiplier around 1)."""
+    if not _is_off(ctx.get("network_module")):
+        return f"network_module = {ctx['network_module']}"
+    marker = next((key for key in LORA_TAB_KEYS if key in ctx), None)
+    optimizer = str(ctx.get("optimizer_type") or ctx.get("optimizer") or "").lower()
+    if marker is None or any(name in optimizer for name in ADAPTIVE_OPTIMIZERS):
+        return None
+    for key in ("learning_rate", "unet_lr", "text_encoder_lr"):
+        try:
+            if _float(ctx.get(key)) >= LORA_LR:
+                return f"{key} {ctx[key]}, a LoRA rate, with the LoRA tab's {marker}"
+        except (TypeError, ValueError):
+            continue
+    return None
+
+
+def _rate(rule: Rule) -> Rule:
+    """``rule`` for a learning rate, unless the source trains a LoRA: its rates are far too high for a finetune."""
+
+    def wrapped(v: Any, ctx: Mapping[str, Any]) -> Out:
+        if ctx.get(LORA):
+            return "ignored", {}, f"a LoRA rate: not converted; the finetune keeps xlbake's {FINETUNE_RATES}"
+        return rule(v, ctx)
+
+    return wrapped
+
+
+def _lora_only_rate(v: Any, ctx: Mapping[str, Any]) -> Out:
+    return (
+        "ignored",
+        {},
+        (
+            "read only by kohya's LoRA trainer; a finetune's rates are learning_rate (ours: optim.unet_lr) and "
+            "learning_rate_te1/te2 (ours: optim.te1_lr/te2_lr)"
+        ),
+    )
 
 
 def _optimizer_args(v: Any) -> dict[str, Any]:
@@ -293,6 +356,8 @@ IGNORED = {
                      "metadata_", "huggingface_"), "GUI or run bookkeeping; no effect on training"),
     **dict.fromkeys(("sd3_", "flux1_", "t5xxl", "clip_l", "clip_g"), "an SD3/FLUX setting; no effect on SDXL"),
     **dict.fromkeys(("v2", "sdxl", "sdxl_checkbox"), "SDXL (checked before converting)"),
+    **dict.fromkeys(LORA_NETWORK_KEYS, "a LoRA network setting: xlbake trains the whole model and extracts the LoRA "
+                    "from it afterwards (its rank: extract --dim, e.g. make extract DIM=32)"),
     **dict.fromkeys(SECRET_KEYS, "a secret: not copied (`wandb login` / `huggingface-cli login`)"),
     "cache_latents_to_disk": "xlbake's latent cache is on disk whenever data.cache_latents is on",
     "clip_skip": "sd-scripts ignores clip_skip for SDXL (it conditions on the penultimate layers)",
@@ -313,8 +378,9 @@ SPECIAL: dict[str, Rule] = {
     "epoch": when(_epoch_set, "max_train_epochs wins (the guide: use it)", to("train.epochs", _int, off=True)),
     "max_train_steps": when(_steps_overridden, "sd-scripts lets the epoch count override it",
                             to("train.max_steps", _int, "xlbake also stops after train.epochs", off=True)),
-    "learning_rate": lambda v, ctx: ("mapped", {"optim.unet_lr": _float(v)}, "0: UNet frozen" if v == 0 else ""),
-    "learning_rate_te1": _te_lr(1), "learning_rate_te2": _te_lr(2), "train_text_encoder": _train_te,
+    "learning_rate": _rate(lambda v, ctx: ("mapped", {"optim.unet_lr": _float(v)}, "0: UNet frozen" if v == 0 else "")),
+    "learning_rate_te1": _rate(_te_lr(1)), "learning_rate_te2": _rate(_te_lr(2)), "train_text_encoder": _train_te,
+    **dict.fromkeys(LORA_ONLY_RATES, _rate(_lora_only_rate)),
     "optimizer": _optimizer, "optimizer_type": _optimizer, "optimizer_args": _optimizer_args_rule,
     "lr_warmup": _warmup(lambda v: _float(v) / 100),
     "lr_warmup_steps": _warmup(lambda v: _float(v) if _float(v) < 1 else _int(v)),

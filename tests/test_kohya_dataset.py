@@ -192,3 +192,11 @@ def test_generic_file_names_give_no_caption(tmp_path):
     image(tmp_path / "1_x" / "img06.png")
     scan = scan_folders([tmp_path], caption_source="filename")
     assert scan.n_images == 0 and "generic" in scan.problems[0].message
+
+
+def test_toml_training_keys_say_what_to_do(tmp_path):
+    image(tmp_path / "cats" / "a.png", caption="a cat")
+    toml = '[general]\nenable_bucket = true\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = "cats"\n'
+    (tmp_path / "d.toml").write_text(toml)
+    (problem,) = scan_toml(tmp_path / "d.toml").problems
+    assert problem.message == "general.enable_bucket: ignored (xlbake always buckets by aspect ratio)"
