@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from finetune.captions import CaptionConfig
 from finetune.data import DataConfig
+from finetune.kohya_names import KOHYA_KEY_NAMES
 from finetune.objective import LossConfig, NoiseConfig
 from xlbake.errors import ConfigError
 
@@ -282,6 +283,7 @@ class LogConfig:
 class FinetuneConfig:
     """A full SDXL finetune (UNet and both text encoders)."""
 
+    KEY_ALIASES: ClassVar[dict[str, str]] = KOHYA_KEY_NAMES  # kohya's names, read as ours by load_config
     config_version: int = CONFIG_VERSION
     """Version of this config format (for later migrations)."""
     run_dir: Path = Path("runs/finetune")

@@ -22,7 +22,6 @@ import torch
 from PIL import Image, ImageOps
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
-from tqdm import tqdm
 
 from finetune.buckets import BucketGrid, CropGeometry, Size, crop_geometry
 from finetune.captions import CaptionConfig, process_caption
@@ -30,16 +29,14 @@ from finetune.text import tokenize_chunks
 from xlbake.errors import InputError, TrainingError
 from xlbake.kohya_dataset import (
     IMAGE_EXTENSIONS,
+    LEFT_OUT_KINDS,
     CaptionSource,
     Problem,
     Scan,
     open_image,
-    scan_dataset,
-    verify_image,
+    read_dataset,
 )
 
-BAD_CAPTION_KINDS = ("missing_caption", "empty_caption", "unreadable_caption")
-"""Scan problems that make an image bad data (handled by data.on_bad_image) rather than a note."""
 EMPTY_REASONS = ("no_repeats", "outside_subset", "unsupported_subset", "empty_subset", "unsupported_file")
 """Scan findings that explain a dataset without usable image, most telling first."""
 LISTED_FILES = 20
@@ -330,22 +327,23 @@ class CheckedData:
 
 
 def check_dataset(cfg: DataConfig, caption_cfg: CaptionConfig) -> CheckedData:
-    """Scan the dataset and decode every image once, without logging (call it before anything heavy).
+    """Read the dataset (``xlbake.kohya_dataset.read_dataset``, as the dataset tools do: decodes every image once),
+    without logging (call it before anything heavy).
 
     Bad data (unreadable or corrupt image, missing/empty caption, image smaller than ``min_image_side``) is
     refused with an InputError naming the first files unless ``cfg.on_bad_image`` is ``skip``. When no image is
     left, the InputError names what left the images out (e.g. a folder without its ``N_`` repeats prefix).
     """
-    scan = scan_dataset(
+    scan = read_dataset(
         cfg.roots,
         cfg.dataset_toml,
         caption_extension=cfg.caption_extension,
         caption_source=cfg.caption_source,
         image_extensions=cfg.image_extensions,
     )
-    samples, bad = _check_images(scan, cfg, caption_cfg)
-    bad = [(p.path, p.message) for p in scan.problems if p.kind in BAD_CAPTION_KINDS] + bad
-    notes = [p for p in scan.problems if p.kind not in BAD_CAPTION_KINDS]
+    samples, bad = _check_sizes(scan, cfg, caption_cfg)
+    bad = [(p.path, p.message) for p in scan.problems if p.kind in LEFT_OUT_KINDS] + bad
+    notes = [p for p in scan.problems if p.kind not in LEFT_OUT_KINDS]
     if bad and cfg.on_bad_image == "error":
         named = "; ".join(f"{path}: {why}" for path, why in bad[:NAMED_IN_ERROR])
         more = f" (and {len(bad) - NAMED_IN_ERROR} more)" if len(bad) > NAMED_IN_ERROR else ""
@@ -401,27 +399,19 @@ def _no_images(cfg: DataConfig, bad: Sequence[tuple[Path, str]], notes: Sequence
     )
 
 
-def _check_images(scan: Scan, cfg: DataConfig, caption_cfg: CaptionConfig) -> tuple[list[Sample], list]:
-    """Decode every image once; return the usable samples and (path, reason) of the bad images."""
+def _check_sizes(scan: Scan, cfg: DataConfig, caption_cfg: CaptionConfig) -> tuple[list[Sample], list]:
+    """The usable samples of a read dataset, and (path, reason) of the images below min_image_side."""
     grid = cfg.bucket_grid()
     min_side = cfg.min_image_side if cfg.min_image_side is not None else cfg.min_bucket_reso
     samples, bad = [], []
-    progress = tqdm(total=scan.n_images, desc="checking images", unit="img", leave=False, disable=None)
     for subset in scan.subsets:
         subset_caption_cfg = _subset_caption_cfg(caption_cfg, subset.caption_options, subset.root)
         for item in subset.items:
-            progress.update()
-            try:
-                size = verify_image(item.image)
-            except InputError as err:
-                bad.append((item.image, f"unreadable image ({err.__cause__})"))
+            if min(item.size) < min_side:
+                bad.append((item.image, f"{item.size[0]}x{item.size[1]} is smaller than min_image_side {min_side}"))
                 continue
-            if min(size) < min_side:
-                bad.append((item.image, f"{size[0]}x{size[1]} is smaller than min_image_side {min_side}"))
-                continue
-            bucket = grid.assign_bucket(*size)
-            samples.append(Sample(item.image, item.caption, size, bucket, subset.repeats, subset_caption_cfg))
-    progress.close()
+            bucket = grid.assign_bucket(*item.size)
+            samples.append(Sample(item.image, item.caption, item.size, bucket, subset.repeats, subset_caption_cfg))
     return samples, bad
 
 

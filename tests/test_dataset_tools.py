@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import string
 import zlib
 from pathlib import Path
@@ -93,18 +94,12 @@ def test_check_reports_each_problem_once(messy):
         "unsupported_file": {"anim.gif"},
         "no_repeats": {"kafka"},
     }
-    assert (report.n_images, report.n_folders) == (7, 2)  # 5 captioned emblems (one truncated) + 2 in 1_big
+    assert (report.n_images, report.n_train, report.n_folders) == (10, 6, 2)  # 4 readable captioned emblems + 2 big
     assert "approximate" in report.tokens
     message = {p.kind: p.message for p in report.problems}
     assert "40x30" in message["small_image"] and "upscale" in message["small_image"]
     assert "89 tokens > 75" in message["long_caption"]
     assert "001 copy.jpg" in message["near_duplicate"]
-
-
-def test_check_of_a_concept_folder_given_directly(messy):
-    report = check_dataset([messy / "1_big"], counter=APPROX, min_pixels=60 * 60)
-    assert found(report) == {"small_image": {"small.png"}}
-    assert report.n_images == 2
 
 
 def test_long_captions_counted_with_the_real_tokenizer(tmp_path):
@@ -144,11 +139,13 @@ def test_check_cli_table_strict_exit_and_json(messy, tmp_path):
     out = tmp_path / "report.json"
     assert runner.invoke(dataset, [*args, "--strict", "--json", str(out)]).exit_code == 1
     data = json.loads(out.read_text())
-    assert data["images"] == 7 and len(data["problems"]) == 8
+    assert (data["images"], data["train"], len(data["problems"])) == (10, 6, 8)
     refused = runner.invoke(dataset, [*args, "--json", str(out)])
     assert refused.exit_code == 1 and "exists" in refused.output
-    ok = runner.invoke(cli.main, ["dataset", "check", str(messy / "1_big"), "--strict", "--min-pixels", "1"])
-    assert ok.exit_code == 0 and "No problems found." in ok.output
+    (messy / "kafka").rename(messy / "1_kafka")
+    shutil.rmtree(messy / "2_xlbk emblem")
+    ok = runner.invoke(cli.main, ["dataset", "check", str(messy), "--strict", "--min-pixels", "1"])
+    assert ok.exit_code == 0 and "No problems found." in ok.output, ok.output
 
 
 def test_captions_from_filenames_strip_copy_suffix_and_keep_existing(tmp_path):
@@ -247,4 +244,66 @@ def test_plan_cli_on_a_multi_concept_folder(tmp_path):
     }  # fmt: skip
     assert "T = 203 images x repeats" in result.output and "1020 in total" in result.output
     assert "With the suggested repeats: T = 399, 2000 steps in total" in result.output  # the guide's 400T row
-    assert "1 image(s) without a usable caption" in result.output
+    assert "1 image(s) left out (unreadable, or without a usable caption)" in result.output
+
+
+@pytest.fixture
+def emma(tmp_path):
+    """datasets/emma: 5 captioned images, 3 uncaptioned, 1 corrupt (captioned) in "10_ohwx woman"; 2 in misc/."""
+    root = tmp_path / "datasets" / "emma"
+    concept = root / "10_ohwx woman"
+    for i in range(5):
+        image(concept / f"ok{i}.png", size=(64, 64), caption="ohwx woman")
+    for i in range(3):
+        image(concept / f"img0{i}.png", size=(64, 64))
+    corrupt = image(concept / "zz.png", size=(64, 64), caption="ohwx woman")
+    corrupt.write_bytes(corrupt.read_bytes()[:100])
+    image(root / "misc" / "m0.png", size=(64, 64), caption="not trained")
+    image(root / "misc" / "m1.png", size=(64, 64), caption="not trained")
+    return root
+
+
+def test_check_plan_and_trainer_count_the_same_images(emma, tmp_path):
+    from finetune.captions import CaptionConfig
+    from finetune.data import DataConfig
+    from finetune.data import check_dataset as trainer_check
+
+    report = check_dataset([emma], counter=APPROX, min_pixels=1)
+    assert (report.n_images, report.n_train, report.n_folders) == (11, 5, 1)
+    runner = CliRunner()
+    checked = runner.invoke(dataset, ["check", str(emma), "--min-pixels", "1"])
+    assert "11 image(s) found: 5 train" in checked.output, checked.output
+    planned = runner.invoke(dataset, ["plan", str(emma), "--epochs", "1", "--grad-accum", "1"])
+    assert planned.exit_code == 0, planned.output
+    assert "T = 50 images x repeats" in planned.output  # 5 images x 10 repeats: neither uncaptioned nor corrupt
+    assert "4 image(s) left out" in planned.output
+    cfg = DataConfig(roots=(emma,), resolution=64, min_bucket_reso=32, max_bucket_reso=128, bucket_step=8,
+                     on_bad_image="skip")  # fmt: skip
+    trained = trainer_check(cfg, CaptionConfig())
+    assert (len(trained.samples), len(trained.skipped)) == (5, 4)
+    assert any(path.name == "misc" for path, _ in trained.notes)
+
+
+def test_a_concept_folder_as_root_is_refused_alike_by_check_plan_and_trainer(emma):
+    from finetune.captions import CaptionConfig
+    from finetune.data import DataConfig
+    from finetune.data import check_dataset as trainer_check
+
+    concept = emma / "10_ohwx woman"
+    for args in (["check", str(concept)], ["plan", str(concept)]):
+        result = CliRunner().invoke(dataset, args)
+        assert result.exit_code == 1 and f"pass its parent {emma}" in result.output, result.output
+    with pytest.raises(InputError, match=f"pass its parent {emma}"):
+        trainer_check(DataConfig(roots=(concept,)), CaptionConfig())
+
+
+def test_caption_and_tag_tools_write_only_where_the_trainer_reads(emma):
+    result = captions_from_filenames(emma)
+    assert result.written == () and {p.name for p in result.empty} == {"img00.png", "img01.png", "img02.png"}
+    assert [p.name for p in result.skipped] == ["misc"]
+    assert not (emma / "10_ohwx woman" / "img00.txt").exists()
+    output = CliRunner().invoke(dataset, ["captions-from-filenames", str(emma)]).output
+    assert "generic" in output and "misc" in output, output
+    edit = edit_tags(emma, add=["ewpp"])
+    assert len(edit.changed) == 6 and [p.name for p in edit.skipped] == ["misc"]
+    assert (emma / "misc" / "m0.txt").read_text() == "not trained"

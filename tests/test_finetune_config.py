@@ -80,3 +80,15 @@ def test_numeric_strings_and_builtin_name():
     assert cfg.optim.unet_lr == 1e-5
     assert builtin_name(Path("/x/configs/builtin:tiny")) == "tiny"
     assert builtin_name(Path("/x/model.safetensors")) is None
+
+
+def test_kohya_key_names_are_read_as_ours_with_a_pointer(tmp_path, caplog):
+    path = tmp_path / "f.yaml"
+    path.write_text("learning_rate: 2e-6\ngradient_accumulation_steps: 4\ntrain:\n  epochs: 3\n")
+    cfg = load_config(FinetuneConfig, path, ["train_batch_size=2"])
+    assert (cfg.optim.unet_lr, cfg.train.grad_accum, cfg.train.batch_size, cfg.train.epochs) == (2e-6, 4, 2, 3)
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    assert "learning_rate is read as optim.unet_lr" in messages and "train.grad_accum" in messages
+    path.write_text("learning_rate: 2e-6\noptim:\n  unet_lr: 1e-6\n")
+    with pytest.raises(ConfigError, match="learning_rate: another name for optim.unet_lr, which is set too"):
+        load_config(FinetuneConfig, path)

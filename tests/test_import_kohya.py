@@ -249,3 +249,55 @@ def test_never_overwrites_without_force(tmp_path):
     assert refused.exit_code == 1 and "exists" in refused.output and out.read_text() == "mine\n"
     assert CliRunner().invoke(main, [str(source), "--out", str(out), "--force"]).exit_code == 0
     assert load_config(FinetuneConfig, out).ema.enabled
+
+
+LORA_PRESET = {  # the shape of a kohya_ss GUI LoRA-tab preset (LoRA_type, network_*, unet_lr, text_encoder_lr)
+    **{k: v for k, v in GUIDE_80GB.items() if k != "additional_parameters"},
+    "LoRA_type": "Standard", "network_dim": 32, "network_alpha": 32, "conv_dim": 32, "conv_alpha": 32,
+    "network_dropout": 0, "lora_network_weights": "", "learning_rate": 0.0001, "unet_lr": 0.0001,
+    "text_encoder_lr": 0.0001, "optimizer": "AdamW",
+}  # fmt: skip
+
+
+def test_lora_type_alone_does_not_make_a_finetune_preset_a_lora_config(tmp_path):
+    preset = {**GUIDE_80GB, "LoRA_type": "Standard", "network_dim": 8, "unet_lr": "", "text_encoder_lr": ""}
+    conversion = validate(convert(write_json(tmp_path, preset)), tmp_path / "f.yaml")
+    assert not any("LoRA" in w for w in conversion.warnings), conversion.warnings
+    assert conversion.data["optim"]["unet_lr"] == 1e-6
+    rows = rows_by_key(conversion)
+    assert rows["LoRA_type"].status == "ignored" and "extract" in rows["network_dim"].note
+
+
+def test_a_lora_preset_keeps_the_finetune_rates_and_says_so(tmp_path):
+    out = tmp_path / "f.yaml"
+    result = CliRunner().invoke(main, [str(write_json(tmp_path, LORA_PRESET)), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    cfg = load_config(FinetuneConfig, out)
+    assert (cfg.optim.unet_lr, cfg.optim.te1_lr, cfg.optim.te2_lr) == (1e-6, 1e-6, 1e-6)  # not the LoRA's 1e-4
+    assert "not a setting this importer knows" not in result.output
+    assert "LoRA rate" in result.output and "learning_rate 0.0001" in result.output
+    assert "WARNING: a LoRA training config" in result.output and "not converted" in result.output
+    rows = rows_by_key(convert(write_json(tmp_path, LORA_PRESET)))
+    assert {rows[k].status for k in ("learning_rate", "unet_lr", "text_encoder_lr")} == {"ignored"}
+
+
+def test_network_module_says_lora_whatever_the_rate(tmp_path):
+    source = tmp_path / "lora.toml"
+    source.write_text('network_module = "networks.lora"\nlearning_rate = 5e-5\nunet_lr = 5e-5\ntrain_data_dir = "/d"\n')
+    conversion = convert(source)
+    assert any(w.startswith("a LoRA training config (network_module") for w in conversion.warnings)
+    assert "unet_lr" not in conversion.data.get("optim", {})
+
+
+def test_lora_rates_in_a_finetune_config_point_at_ours(tmp_path):
+    rows = rows_by_key(convert(write_json(tmp_path, {**GUIDE_80GB, "unet_lr": 1e-6, "text_encoder_lr": 1e-6})))
+    assert rows["unet_lr"].status == "ignored" and "learning_rate" in rows["unet_lr"].note
+    assert "optim.unet_lr" in rows["unet_lr"].note
+
+
+def test_import_kohya_does_not_import_a_cli_module(tmp_path):
+    import subprocess
+    import sys
+
+    code = "import sys, finetune.import_kohya; sys.exit('xlbake.dataset_cli' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=tmp_path).returncode == 0  # this checkout via PYTHONPATH

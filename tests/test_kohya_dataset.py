@@ -10,6 +10,7 @@ from xlbake.kohya_dataset import (
     Item,
     caption_from_filename,
     image_size,
+    read_dataset,
     scan_dataset,
     scan_folders,
     scan_toml,
@@ -77,7 +78,7 @@ def test_caption_sources(layout):
 
 def test_caption_from_filename_strips_only_copy_suffixes():
     assert caption_from_filename("a woman wearing kncr outfit (2)") == "a woman wearing kncr outfit"
-    assert caption_from_filename("photo_01") == "photo_01"
+    assert caption_from_filename("photo of kncr 01") == "photo of kncr 01"
     assert caption_from_filename("version (2) final") == "version (2) final"
 
 
@@ -167,3 +168,35 @@ def test_toml_errors(tmp_path):
     bad.write_text('[[datasets]]\n[[datasets.subsets]]\nimage_dir = "cats"\nkeep_tokens = "two"\n')
     with pytest.raises(InputError, match="keep_tokens must be int"):
         scan_toml(bad)
+
+
+def test_read_dataset_decodes_every_image_and_counts_what_it_leaves_out(layout):
+    concept = layout / "2_xlbk emblem"
+    (concept / "z.png").write_bytes(image(concept / "z.png", caption="corrupt").read_bytes()[:60])
+    scan = read_dataset([layout])
+    assert [i.image.name for s in scan.subsets for i in s.items] == ["B.JPG", "a.png"]
+    assert kinds(scan)["unreadable_image"] == {"z.png"}
+    assert [i.size for i in scan.subsets[1].items] == [(40, 24), (40, 24)]
+    assert {p.name for p in scan.ignored} == {"d.png", "loose.png"}
+    assert (scan.n_images, scan.n_found) == (2, 7)  # a, B + c (no caption), z (corrupt), e (empty) + d, loose
+
+
+def test_a_concept_folder_given_as_root_points_at_its_parent(layout):
+    with pytest.raises(InputError, match=r"pass its parent .*root as the dataset root"):
+        scan_folders([layout / "2_xlbk emblem"])
+
+
+def test_generic_file_names_give_no_caption(tmp_path):
+    for stem in ("img06", "IMG_1234", "DSC00012 (2)", "photo_01", "00017", "image"):
+        assert caption_from_filename(stem) == "", stem
+    image(tmp_path / "1_x" / "img06.png")
+    scan = scan_folders([tmp_path], caption_source="filename")
+    assert scan.n_images == 0 and "generic" in scan.problems[0].message
+
+
+def test_toml_training_keys_say_what_to_do(tmp_path):
+    image(tmp_path / "cats" / "a.png", caption="a cat")
+    toml = '[general]\nenable_bucket = true\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = "cats"\n'
+    (tmp_path / "d.toml").write_text(toml)
+    (problem,) = scan_toml(tmp_path / "d.toml").problems
+    assert problem.message == "general.enable_bucket: ignored (xlbake always buckets by aspect ratio)"

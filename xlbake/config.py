@@ -25,6 +25,7 @@ import difflib
 import hashlib
 import inspect
 import json
+import logging
 import os
 import textwrap
 import types
@@ -111,6 +112,7 @@ def load_config(
         raise ConfigError(f"{source}: the top level must be a mapping of keys, got {_show(raw)}")
     for override in overrides:
         _apply_override(cls, raw, override, ctx)
+    _apply_aliases(cls, raw, ctx)
     _check_version(cls, raw, ctx)
     result = _convert(raw, cls, (), ctx)
     if ctx.problems or result is _INVALID:
@@ -264,10 +266,39 @@ def _check_version(cls: type, raw: dict, ctx: _Context) -> None:
         raise ConfigError(alone.problems[0])
 
 
+def _apply_aliases(cls: type, raw: dict, ctx: _Context) -> None:
+    """Read the top-level keys a config class lists in ``KEY_ALIASES`` (another tool's names, e.g. kohya's
+    learning_rate) as the dotted keys they stand for, with a warning naming ours; an alias of a key also set is an
+    error."""
+    for key, target in getattr(cls, "KEY_ALIASES", {}).items():
+        if key not in raw:
+            continue
+        value, node = raw.pop(key), raw
+        *sections, leaf = _read_as(key, target, ctx.source)
+        for section in sections:
+            node = node.setdefault(section, {})
+            if not isinstance(node, dict):
+                break  # a malformed section: reported when it is built
+        else:
+            if leaf in node:
+                ctx.error((key,), f"another name for {target}, which is set too; keep {target} only")
+                continue
+            node[leaf] = value
+            if (key,) in ctx.lines:
+                ctx.lines[(*sections, leaf)] = ctx.lines[(key,)]
+
+
+def _read_as(key: str, target: str, source: str) -> _KeyPath:
+    logging.getLogger(__name__).warning("%s: %s is read as %s (xlbake's name; write that)", source, key, target)
+    return tuple(target.split("."))
+
+
 def _apply_override(cls: type, raw: dict, override: str, ctx: _Context) -> None:
     """Set one ``a.b.c=value`` override into the raw mapping, after checking the key against the schema."""
     key, sep, text = override.partition("=")
     parts = tuple(key.strip().split("."))
+    if len(parts) == 1 and parts[0] in getattr(cls, "KEY_ALIASES", {}):
+        parts = _read_as(parts[0], cls.KEY_ALIASES[parts[0]], OVERRIDE_SOURCE)
     problem = None
     if not sep or not all(parts):
         parts, problem = (override,), "expected KEY=VALUE with a dotted key, e.g. optim.lr=1e-5"

@@ -28,17 +28,28 @@ from xlbake.dataset_tools import (
     token_counter,
 )
 from xlbake.fileio import check_output, write_text_atomic
-from xlbake.kohya_dataset import PROBLEM_KINDS, scan_folders
+from xlbake.kohya_dataset import LEFT_OUT_KINDS, PROBLEM_KINDS, read_dataset
+from xlbake.text_table import format_table
 
 LISTED = 20
 """How many files a list prints before "... and N more"."""
 KIND_ORDER = ("unreadable_image", "small_image", "near_duplicate", "long_caption", *PROBLEM_KINDS)
-SKIPPED_KINDS = ("missing_caption", "empty_caption", "unreadable_caption")
+CAPTION_SOURCES = ("file", "filename", "file_or_filename", "file_or_folder")
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 
 
 def extension_option(fn):
     return click.option("--extension", default=".txt", show_default=True, help="Caption file extension.")(fn)
+
+
+def caption_source_option(fn):
+    return click.option(
+        "--caption-source",
+        type=click.Choice(CAPTION_SOURCES),
+        default="file",
+        show_default=True,
+        help="Where captions come from, as the finetune config's data.caption_source says.",
+    )(fn)
 
 
 @click.group(name="dataset", context_settings=CONTEXT)
@@ -73,6 +84,7 @@ def main() -> None:
 )
 @click.option("--hash", "hasher", type=click.Choice(["phash", "dhash"]), default="phash", show_default=True)
 @extension_option
+@caption_source_option
 @click.option(
     "--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Also write findings as JSON."
 )
@@ -87,6 +99,7 @@ def check(
     max_distance: int,
     hasher: str,
     extension: str,
+    caption_source: str,
     json_out: Path | None,
     force: bool,
 ) -> None:
@@ -101,19 +114,24 @@ def check(
         max_distance=max_distance,
         hasher=hasher,
         caption_extension=_dotted(extension),
+        caption_source=caption_source,
     )
     problems = sorted(report.problems, key=lambda p: (_kind_rank(p.kind), str(p.path)))
     if problems:
         rows = [(p.kind, _shown(p.path, roots), p.message) for p in problems]
         click.echo(format_table(("problem", "file", "detail"), rows))
         click.echo()
-    click.echo(f"Checked {report.n_images} images in {report.n_folders} folder(s); caption tokens: {report.tokens}.")
+    click.echo(
+        f"{report.n_images} image(s) found: {report.n_train} train, in {report.n_folders} N_name folder(s) "
+        f"({report.n_images - report.n_train} left out: see the problems); caption tokens: {report.tokens}."
+    )
     counts = Counter(p.kind for p in problems)
     summary = ", ".join(f"{n} {kind}" for kind, n in counts.items())
     click.echo(f"{len(problems)} problem(s): {summary}." if problems else "No problems found.")
     if json_out is not None:
         data = {
             "images": report.n_images,
+            "train": report.n_train,
             "folders": report.n_folders,
             "tokens": report.tokens,
             "problems": [{"kind": p.kind, "path": str(p.path), "message": p.message} for p in problems],
@@ -134,7 +152,9 @@ def captions_command(root: Path, extension: str, force: bool) -> None:
     result = captions_from_filenames(root, extension=_dotted(extension), force=force)
     click.echo(f"Wrote {len(result.written)} caption file(s).")
     _list(f"Kept {len(result.kept)} existing caption file(s); pass --force to replace them:", result.kept, root)
-    _list(f"{len(result.empty)} image(s) whose name gives no caption (rename them):", result.empty, root)
+    _list(f"{len(result.empty)} image(s) whose name gives no caption (empty or generic like img06; rename them or "
+          "write their caption files):", result.empty, root)  # fmt: skip
+    _list_skipped(result.skipped, root)
 
 
 @main.command(context_settings=CONTEXT)
@@ -169,6 +189,7 @@ def tags(root: Path, add: str, remove: str, keep: int, freq: bool, dry_run: bool
             if len(edit.changed) > LISTED:
                 click.echo(f"... and {len(edit.changed) - LISTED} more")
         _list(f"{len(edit.no_caption)} image(s) without a caption file:", edit.no_caption, root)
+        _list_skipped(edit.skipped, root)
     if freq:
         counts, n_captions = tag_frequencies(root, extension=extension)
         rows = [(str(n), f"{100 * n / n_captions:.0f}%", tag) for tag, n in counts]
@@ -190,6 +211,7 @@ def tags(root: Path, add: str, remove: str, keep: int, freq: bool, dry_run: bool
     f"{DEFAULT_EXPOSURE}. Suggestions are shown for several folders, or for one when this is given.",
 )
 @extension_option
+@caption_source_option
 @run_guarded
 def plan(
     roots: tuple[Path, ...],
@@ -199,9 +221,10 @@ def plan(
     gpus: int,
     target_exposure: int | None,
     extension: str,
+    caption_source: str,
 ) -> None:
     """Steps per folder and in total: images x repeats x epochs / batch / accumulation / GPUs."""
-    scan = scan_folders(roots, caption_extension=_dotted(extension))
+    scan = read_dataset(roots, caption_extension=_dotted(extension), caption_source=caption_source)
     folders = plan_folders(scan, target_exposure or DEFAULT_EXPOSURE)
     if not folders:
         raise click.ClickException("no N_name folder with captioned images found; run `xlbake dataset check` on it")
@@ -223,17 +246,14 @@ def plan(
         balanced = sum(f.images * f.suggested_repeats for f in folders)
         total = plan_steps(balanced, epochs=epochs, batch=batch, grad_accum=grad_accum, gpus=gpus).total_steps
         click.echo(f"With the suggested repeats: T = {balanced}, {total} steps in total (rename folders to N_name).")
-    skipped = [p for p in scan.problems if p.kind in SKIPPED_KINDS]
-    if skipped:
-        click.echo(f"{len(skipped)} image(s) without a usable caption are not counted; see `xlbake dataset check`.")
-
-
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """A plain-text table: columns padded to their widest cell, a dashed rule under the header."""
-    widths = [max(len(str(row[i])) for row in (headers, *rows)) for i in range(len(headers))]
-    lines = ["  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
-    header = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()
-    return "\n".join([header, "  ".join("-" * w for w in widths), *lines])
+    left_out = [p for p in scan.problems if p.kind in LEFT_OUT_KINDS]
+    if left_out:
+        click.echo(
+            f"{len(left_out)} image(s) left out (unreadable, or without a usable caption) are not counted, as in "
+            f"training; see `xlbake dataset check`."
+        )
+    if scan.ignored:
+        click.echo(f"{len(scan.ignored)} image(s) outside N_name folders are never trained.")
 
 
 def _list(title: str, paths: Sequence[Path], root: Path) -> None:
@@ -246,12 +266,16 @@ def _list(title: str, paths: Sequence[Path], root: Path) -> None:
         click.echo(f"  ... and {len(paths) - LISTED} more")
 
 
+def _list_skipped(paths: Sequence[Path], root: Path) -> None:
+    title = f"{len(paths)} folder(s)/image(s) outside N_name folders left alone (the finetune stage skips them):"
+    _list(title, paths, root)
+
+
 def _shown(path: Path, roots: Sequence[Path]) -> str:
-    """``path`` relative to the root holding it (or its parent, for an N_name folder given as root)."""
+    """``path`` relative to the root holding it."""
     for root in roots:
-        for base in (root, root.parent):
-            if path == base or base in path.parents:
-                return str(path.relative_to(base)) if path != base else str(path)
+        if root in path.parents:
+            return str(path.relative_to(root))
     return str(path)
 
 

@@ -16,12 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
-from tqdm import tqdm
+from PIL import Image
 
 from xlbake.errors import InputError
 from xlbake.fileio import write_text_atomic
-from xlbake.kohya_dataset import IMAGE_EXTENSIONS, REPEATS_PREFIX, Problem, Scan, caption_from_filename, scan_folders
+from xlbake.kohya_dataset import CaptionSource, Item, Problem, Scan, caption_from_filename, read_dataset, scan_folders
 
 MIN_PIXELS = 640 * 1536
 """Images with fewer pixels need upscaling: 640x1536 is the smallest standard SDXL bucket, "1024x1024 or
@@ -40,7 +39,7 @@ CLIP_FILES = ("vocab.json", "merges.txt")
 """A slow-format CLIP tokenizer's files (a fast one is a single tokenizer.json)."""
 APPROX_TOKEN = re.compile(r"[a-z]+|\d|[^\sa-z\d]+")
 """CLIP's pre-tokenizer splits text into words, single digits and runs of punctuation; each is at least a token."""
-CHECK_KINDS = ("unreadable_image", "small_image", "long_caption", "near_duplicate")
+CHECK_KINDS = ("small_image", "long_caption", "near_duplicate")
 """Problems `check_dataset` adds to the scan's (see xlbake.kohya_dataset.PROBLEM_KINDS)."""
 DEFAULT_EXPOSURE = 100
 """Images x repeats per concept and epoch the guide aims for ("try shooting for 100": 20 images x 5 repeats)."""
@@ -64,6 +63,9 @@ class CheckReport:
 
     problems: tuple[Problem, ...]
     n_images: int
+    """Image files found under the roots (those left out or outside N_name folders included)."""
+    n_train: int
+    """Images the finetune stage trains on (read, with a usable caption; as ``xlbake dataset plan`` counts)."""
     n_folders: int
     tokens: str
     """How caption tokens were counted."""
@@ -96,23 +98,20 @@ def check_dataset(
     max_distance: int = MAX_HASH_DISTANCE,
     hasher: str = "phash",
     caption_extension: str = ".txt",
+    caption_source: CaptionSource = "file",
 ) -> CheckReport:
-    """Check kohya-layout roots (or ``N_name`` folders given directly); every finding is a Problem.
+    """Check kohya-layout roots as the finetune stage reads them (``read_dataset``); every finding is a Problem.
 
     Decodes every image fully (truncated and corrupt files are found), so it reads the whole dataset once.
     ``hasher``: "phash" or "dhash", the perceptual hash compared for near duplicates.
     """
     hash_image = HASHERS[hasher]
-    scan = _scan_roots([Path(r) for r in roots], caption_extension)
-    problems = list(scan.problems)
-    items = [item for subset in scan.subsets for item in subset.items]
+    problems: list[Problem] = []
     hashes: dict[Path, int] = {}
-    for item in tqdm(items, desc="checking images", unit="img", disable=None, leave=False):
-        try:
-            width, height, hashes[item.image] = inspect_image(item.image, hash_image)
-        except InputError as err:
-            problems.append(Problem(item.image, "unreadable_image", str(err).removeprefix(f"{item.image}: ")))
-            continue
+
+    def inspect(item: Item, image: Image.Image) -> None:
+        width, height = image.size
+        hashes[item.image] = hash_image(image)
         if width * height < min_pixels:
             message = f"{width}x{height} = {width * height / 1e6:.2f} MP < {min_pixels / 1e6:.2f} MP: upscale it first"
             problems.append(Problem(item.image, "small_image", message))
@@ -120,22 +119,13 @@ def check_dataset(
         if tokens > max_tokens:
             message = f"{tokens} tokens > {max_tokens}: the rest is cut; shorten it or raise caption.max_token_length"
             problems.append(Problem(item.image, "long_caption", message))
+
+    scan = read_dataset(roots, caption_extension=caption_extension, caption_source=caption_source, inspect=inspect)
     for path, other, distance in near_duplicates(hashes, max_distance):
         message = f"near duplicate of {other.name} ({hasher} distance {distance}): keep one"
         problems.append(Problem(path, "near_duplicate", message))
-    return CheckReport(tuple(problems), len(items), len(scan.subsets), counter.description)
-
-
-def inspect_image(path: Path, hash_image: Callable[[Image.Image], int]) -> tuple[int, int, int]:
-    """(width, height, hash) of an image, decoding all of it so that truncated or corrupt files raise InputError."""
-    try:
-        with Image.open(path) as image:
-            width, height = image.size
-            image.draft("L", (4 * PHASH_SIZE, 4 * PHASH_SIZE))  # JPEG: decode at a reduced scale, still every byte
-            grey = image.convert("L")
-    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
-        raise InputError(f"{path}: unreadable image ({err}); re-save or remove it") from err
-    return width, height, hash_image(grey)
+    n_train = scan.n_images
+    return CheckReport((*scan.problems, *problems), scan.n_found, n_train, len(scan.subsets), counter.description)
 
 
 def phash(image: Image.Image) -> int:
@@ -172,19 +162,6 @@ def near_duplicates(hashes: dict[Path, int], max_distance: int) -> list[tuple[Pa
 
 
 HASHERS: dict[str, Callable[[Image.Image], int]] = {"phash": phash, "dhash": dhash}
-
-
-def _scan_roots(roots: list[Path], caption_extension: str) -> Scan:
-    """Scan roots; a root that is itself an ``N_name`` folder of images is scanned as that one subset."""
-    subsets, problems = [], []
-    for root in roots:
-        concept = root.is_dir() and REPEATS_PREFIX.match(root.name) and any(_images(root, recursive=False))
-        scan = scan_folders([root.parent if concept else root], caption_extension=caption_extension)
-        for subset in scan.subsets:
-            if not concept or subset.root == root:
-                subsets.append(subset)
-        problems += [p for p in scan.problems if not concept or p.path == root or root in p.path.parents]
-    return Scan(tuple(subsets), tuple(problems))
 
 
 def _tokenizer_folder(tokenizer_dir: Path | None) -> Path | None:
@@ -226,7 +203,9 @@ class CaptionFiles:
     kept: tuple[Path, ...]
     """Existing caption files left alone (pass force to replace them)."""
     empty: tuple[Path, ...]
-    """Images whose file name gives no caption."""
+    """Images whose file name gives no caption (empty, or a generic camera name such as "img06")."""
+    skipped: tuple[Path, ...]
+    """Folders and images outside N_name folders, which the finetune stage never reads: left alone."""
 
 
 @dataclass(frozen=True)
@@ -238,23 +217,26 @@ class TagEdit:
     unchanged: int
     no_caption: tuple[Path, ...]
     """Images without a caption file."""
+    skipped: tuple[Path, ...]
+    """Folders and images outside N_name folders, which the finetune stage never reads: left alone."""
 
 
-def find_images(root: Path | str, *, recursive: bool = True) -> list[Path]:
-    """Image files under ``root`` (and its subfolders), hidden files and folders skipped, in path order."""
-    root = Path(root)
-    if not root.is_dir():
-        raise InputError(f"{root}: not a folder; give the dataset folder")
-    return sorted(_images(root, recursive))
+def dataset_images(root: Path | str, *, extension: str = ".txt") -> tuple[list[Path], list[Path]]:
+    """The image files the finetune stage reads under ``root`` (those of its N_name folders, captioned or not; see
+    ``xlbake.kohya_dataset.scan_folders``), and the folders and images outside N_name folders that it skips."""
+    scan = scan_folders([Path(root)], caption_extension=extension)
+    skipped = sorted(p.path for p in scan.problems if p.kind in ("no_repeats", "outside_subset"))
+    return sorted(image for subset in scan.subsets for image in subset.images), skipped
 
 
 def captions_from_filenames(root: Path | str, *, extension: str = ".txt", force: bool = False) -> CaptionFiles:
     """Write each image's caption file from its name (minus a " (2)"-style copy suffix), as the guide's script does.
 
-    Existing caption files are kept unless ``force``.
+    Only in N_name folders (the others are never trained); existing caption files are kept unless ``force``.
     """
     written, kept, empty = [], [], []
-    for image in find_images(root):
+    images, skipped = dataset_images(root, extension=extension)
+    for image in images:
         target = image.with_name(image.stem + extension)
         caption = caption_from_filename(image.stem)
         if not caption:
@@ -264,7 +246,7 @@ def captions_from_filenames(root: Path | str, *, extension: str = ".txt", force:
         else:
             write_text_atomic(target, caption + "\n", force=force)
             written.append(target)
-    return CaptionFiles(tuple(written), tuple(kept), tuple(empty))
+    return CaptionFiles(tuple(written), tuple(kept), tuple(empty), tuple(skipped))
 
 
 def split_tags(text: str, separator: str = ",") -> list[str]:
@@ -297,10 +279,12 @@ def edit_tags(
     extension: str = ".txt",
     dry_run: bool = False,
 ) -> TagEdit:
-    """Edit the first line of every caption file under ``root`` (atomic writes; other lines kept)."""
+    """Edit the first line of every caption file of the N_name folders under ``root`` (atomic writes; other lines
+    kept); folders the finetune stage skips are left alone."""
     remove = tuple(remove)
     changed, unchanged, missing = [], 0, []
-    for image in find_images(root):
+    images, skipped = dataset_images(root, extension=extension)
+    for image in images:
         path = image.with_name(image.stem + extension)
         if not path.is_file():
             missing.append(image)
@@ -314,14 +298,14 @@ def edit_tags(
         changed.append((path, first.strip(), new_first))
         if not dry_run:
             write_text_atomic(path, new_first + newline + rest, force=True)
-    return TagEdit(tuple(changed), unchanged, tuple(missing))
+    return TagEdit(tuple(changed), unchanged, tuple(missing), tuple(skipped))
 
 
 def tag_frequencies(root: Path | str, *, extension: str = ".txt") -> tuple[list[tuple[str, int]], int]:
-    """(tag, number of captions holding it) most frequent first, and the number of captions read."""
+    """(tag, number of captions holding it) most frequent first, and the number of captions read (N_name folders)."""
     counts: Counter[str] = Counter()
     n_captions = 0
-    for image in find_images(root):
+    for image in dataset_images(root, extension=extension)[0]:
         path = image.with_name(image.stem + extension)
         if path.is_file():
             n_captions += 1
@@ -338,16 +322,6 @@ def _read_caption(path: Path) -> str:
         return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise InputError(f"{path}: cannot read the caption as UTF-8 text ({err}); re-save it as UTF-8") from err
-
-
-def _images(folder: Path, recursive: bool) -> Iterable[Path]:
-    for entry in folder.iterdir():
-        if entry.name.startswith("."):
-            continue
-        if entry.is_dir() and recursive:
-            yield from _images(entry, recursive)
-        elif entry.is_file() and entry.suffix.lower() in IMAGE_EXTENSIONS:
-            yield entry
 
 
 # ---------------------------------------------------------------- plan

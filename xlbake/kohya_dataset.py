@@ -1,22 +1,25 @@
 """Read a dataset in kohya sd-scripts layout: ``N_name`` folders (N = repeats) of images with caption files, or a
 kohya dataset TOML (``[[datasets]]`` / ``[[datasets.subsets]]``) describing the same subsets.
 
-Pure of training: returns what is on disk (subsets of image + caption items) and the problems found, for the
-finetune stage and for dataset-checking tools alike. Image sizes are read lazily from file headers.
+Pure of training: returns what is on disk (subsets of image + caption items) and the problems found. ``read_dataset``
+is the one reader the finetune stage and the dataset tools share, so that they count the same images: it also decodes
+every image and leaves out the unreadable ones. The ``scan_*`` functions only list (image sizes from file headers).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
 from PIL import Image, ImageOps, UnidentifiedImageError
+from tqdm import tqdm
 
 from xlbake.errors import InputError
+from xlbake.kohya_toml import parse_toml
 
 CaptionSource = Literal["file", "filename", "file_or_filename", "file_or_folder"]
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -27,30 +30,10 @@ COPY_SUFFIX = re.compile(r" \(\d+\)$")
 """The " (2)" that file managers and bulk-rename tools append to duplicate names."""
 REPEATS_PREFIX = re.compile(r"^(\d+)(?:_(.*))?$", re.DOTALL)
 
-TOML_CAPTION_KEYS: dict[str, tuple[str, type]] = {
-    "shuffle_caption": ("shuffle", bool),
-    "keep_tokens": ("keep_tokens", int),
-    "caption_separator": ("separator", str),
-    "caption_dropout_rate": ("dropout_rate", float),
-    "caption_dropout_every_n_epochs": ("dropout_every_n_epochs", int),
-    "caption_tag_dropout_rate": ("tag_dropout_rate", float),
-    "caption_prefix": ("prefix", str),
-    "caption_suffix": ("suffix", str),
-}
-"""kohya TOML caption keys -> (the finetune caption-config field they override for that subset, its type)."""
-TOML_SUBSET_KEYS = {"image_dir", "num_repeats", "caption_extension", "class_tokens", "is_reg", *TOML_CAPTION_KEYS}
-TOML_TRAINING_KEYS = {
-    "resolution": "data.resolution",
-    "batch_size": "train.batch_size",
-    "enable_bucket": "data (buckets are always on)",
-    "min_bucket_reso": "data.min_bucket_reso",
-    "max_bucket_reso": "data.max_bucket_reso",
-    "bucket_reso_steps": "data.bucket_step",
-    "bucket_no_upscale": "data.no_upscale",
-    "flip_aug": "data.flip",
-    "random_crop": "data.random_crop",
-}
-"""kohya TOML training keys that our config sets for the whole run instead -> the key to use."""
+GENERIC_NAME = re.compile(
+    r"(?:img|image|photo|pic|picture|dsc[fn]?|dcim|pxl|screenshot|scan|frame|file|untitled)?[\d\s_.-]*", re.IGNORECASE
+)
+"""A camera's or tool's file name ("img06", "IMG_1234", "DSC00012", "00017"): a generic word, a number, no caption."""
 
 
 @dataclass(frozen=True)
@@ -59,11 +42,13 @@ class Item:
 
     image: Path
     caption: str
+    decoded_size: tuple[int, int] | None = field(default=None, compare=False)
+    """(width, height) found when ``read_dataset`` decoded the image; None when only scanned."""
 
     @cached_property
     def size(self) -> tuple[int, int]:
         """(width, height) as displayed (EXIF rotation applied), read from the file header on first use."""
-        return image_size(self.image)
+        return self.decoded_size or image_size(self.image)
 
 
 @dataclass(frozen=True)
@@ -76,10 +61,13 @@ class Subset:
     name: str
     """The folder name after ``N_`` (kohya's class tokens) or, from a TOML, class_tokens or the folder name."""
     items: tuple[Item, ...]
+    """The images that train (with a usable caption, and decodable when read by ``read_dataset``)."""
     class_tokens: str | None = None
     """Caption fallback for caption_source "file_or_folder" (kohya uses it for images without a caption file)."""
     caption_options: tuple[tuple[str, Any], ...] = ()
     """Per-subset caption settings from a TOML, as (caption-config field, value) pairs."""
+    images: tuple[Path, ...] = ()
+    """Every image file of the folder, those left out (no usable caption, unreadable) included."""
 
 
 @dataclass(frozen=True)
@@ -92,9 +80,10 @@ class Problem:
 
 
 PROBLEM_KINDS = (
+    "unreadable_image",  # an image that cannot be decoded (corrupt, truncated; read_dataset only): skipped
     "no_repeats",  # a folder whose name does not start with N_ (N >= 1): skipped
     "missing_caption",  # an image without caption file (caption_source "file"): skipped
-    "empty_caption",  # an image whose caption is empty: skipped
+    "empty_caption",  # an image whose caption is empty, or whose generic file name gives none: skipped
     "unreadable_caption",  # a caption file that is not UTF-8 text: skipped
     "multiline_caption",  # a caption file with several lines: only the first is used
     "orphan_caption",  # a caption file without image
@@ -104,6 +93,8 @@ PROBLEM_KINDS = (
     "ignored_key",  # a TOML key with no effect here (set in the training config instead)
     "empty_subset",  # a folder with no usable image
 )
+LEFT_OUT_KINDS = ("unreadable_image", "missing_caption", "empty_caption", "unreadable_caption")
+"""Problems that leave an image of an N_name folder out of training (bad data, see data.on_bad_image)."""
 
 
 @dataclass(frozen=True)
@@ -112,10 +103,18 @@ class Scan:
 
     subsets: tuple[Subset, ...]
     problems: tuple[Problem, ...]
+    ignored: tuple[Path, ...] = ()
+    """Image files under the roots outside any N_name folder (loose, or in a folder without N_): never read."""
 
     @property
     def n_images(self) -> int:
+        """Images that train."""
         return sum(len(s.items) for s in self.subsets)
+
+    @property
+    def n_found(self) -> int:
+        """Image files found: those that train, those left out and those outside N_name folders."""
+        return sum(len(s.images) for s in self.subsets) + len(self.ignored)
 
 
 def image_size(path: Path) -> tuple[int, int]:
@@ -147,8 +146,47 @@ def verify_image(path: Path) -> tuple[int, int]:
 
 
 def caption_from_filename(stem: str) -> str:
-    """Caption from a file name: the stem without the " (N)" copy suffix that rename tools add to duplicates."""
-    return COPY_SUFFIX.sub("", stem).strip()
+    """Caption from a file name: the stem without the " (N)" copy suffix that rename tools add to duplicates; ""
+    for a generic camera/tool name such as "img06" or "DSC00012", which describes nothing."""
+    caption = COPY_SUFFIX.sub("", stem).strip()
+    return "" if GENERIC_NAME.fullmatch(caption) else caption
+
+
+def read_dataset(
+    roots: Sequence[Path | str] = (),
+    toml: Path | str | None = None,
+    *,
+    caption_extension: str = ".txt",
+    caption_source: CaptionSource = "file",
+    image_extensions: Iterable[str] = IMAGE_EXTENSIONS,
+    inspect: Callable[[Item, Image.Image], None] | None = None,
+) -> Scan:
+    """The dataset as the finetune stage trains it: ``scan_dataset``, then every image decoded once (with a progress
+    bar); an unreadable image becomes an "unreadable_image" Problem and is left out of its subset. ``inspect`` is
+    called with each decoded item and its RGB image (for checks that need the pixels)."""
+    scan = scan_dataset(
+        roots, toml, caption_extension=caption_extension, caption_source=caption_source,
+        image_extensions=image_extensions,
+    )  # fmt: skip
+    problems, subsets = list(scan.problems), []
+    progress = tqdm(total=scan.n_images, desc="reading images", unit="img", leave=False, disable=None)
+    for subset in scan.subsets:
+        items = []
+        for item in subset.items:
+            progress.update()
+            try:
+                image = open_image(item.image)
+            except InputError as err:
+                problems.append(Problem(item.image, "unreadable_image", str(err).removeprefix(f"{item.image}: ")))
+                continue
+            items.append(Item(item.image, item.caption, image.size))
+            if inspect is not None:
+                inspect(items[-1], image)
+        if subset.items and not items:
+            problems.append(Problem(subset.root, "empty_subset", "no readable image in this folder"))
+        subsets.append(replace(subset, items=tuple(items)))
+    progress.close()
+    return Scan(tuple(subsets), tuple(problems), scan.ignored)
 
 
 def scan_folders(
@@ -160,14 +198,14 @@ def scan_folders(
 ) -> Scan:
     """Scan kohya-layout roots: each subfolder ``N_name`` of a root is a subset repeated N times.
 
-    Raises InputError when a root is not a folder; everything else becomes a Problem.
+    Raises InputError when a root is not a folder, or is itself an ``N_name`` folder of images (as kohya's
+    train_data_dir, a root is the folder holding them); everything else becomes a Problem.
     """
     extensions = _normalize_extensions(image_extensions)
     caption_extension = _dotted(caption_extension)
-    subsets, problems = [], []
+    subsets, problems, ignored = [], [], []
     for root in map(Path, roots):
-        if not root.is_dir():
-            raise InputError(f"{root}: dataset root is not a folder; set data.roots to folders holding N_name folders")
+        _check_root(root, extensions)
         for entry in sorted(root.iterdir()):
             if entry.name.startswith("."):
                 continue
@@ -175,18 +213,20 @@ def scan_folders(
                 if entry.suffix.lower() in extensions:
                     message = "image outside an N_name folder: ignored (move it into e.g. 1_concept/)"
                     problems.append(Problem(entry, "outside_subset", message))
+                    ignored.append(entry)
                 continue
             match = REPEATS_PREFIX.match(entry.name)
             if not match or int(match.group(1)) < 1:
                 message = "folder name does not start with N_ (N >= 1 repeats): skipped; rename it like 2_name"
                 problems.append(Problem(entry, "no_repeats", message))
+                ignored += _image_files(entry, extensions, recursive=True)
                 continue
             name = match.group(2) or ""
             subset = _read_subset(
                 entry, int(match.group(1)), name, name, caption_extension, caption_source, extensions, problems
             )
             subsets.append(subset)
-    return Scan(tuple(subsets), tuple(problems))
+    return Scan(tuple(subsets), tuple(problems), tuple(ignored))
 
 
 def scan_toml(
@@ -196,24 +236,20 @@ def scan_toml(
     caption_source: CaptionSource = "file",
     image_extensions: Iterable[str] = IMAGE_EXTENSIONS,
 ) -> Scan:
-    """Read a kohya dataset TOML: each ``[[datasets.subsets]]`` with an ``image_dir`` is a subset. Values fall back
-    subset -> dataset -> ``[general]`` -> the arguments here, as in kohya. Relative image_dir paths are resolved
-    against the TOML's folder. Raises InputError when the file cannot be read or an image_dir is missing."""
+    """Read a kohya dataset TOML (see ``xlbake.kohya_toml.parse_toml``): each ``[[datasets.subsets]]`` with an
+    ``image_dir`` is a subset; its caption_extension falls back to the one given here."""
     path = Path(path)
-    data = _load_toml(path)
+    parsed = parse_toml(path)
     extensions = _normalize_extensions(image_extensions)
-    general = data.get("general", {})
-    subsets, problems = [], []
-    _note_ignored_keys(path, "general", general, problems)
-    for d, dataset in enumerate(data.get("datasets", [])):
-        _note_ignored_keys(path, f"datasets[{d}]", dataset, problems)
-        for s, raw in enumerate(dataset.get("subsets", [])):
-            where = f"datasets[{d}].subsets[{s}]"
-            _note_ignored_keys(path, where, raw, problems)
-            merged = {**general, **{k: v for k, v in dataset.items() if k != "subsets"}, **raw}
-            subset = _toml_subset(path, where, merged, caption_extension, caption_source, extensions, problems)
-            if subset is not None:
-                subsets.append(subset)
+    problems = [Problem(path, kind, message) for kind, message in parsed.notes]
+    subsets = []
+    for spec in parsed.subsets:
+        extension = _dotted(spec.caption_extension or caption_extension)
+        name = spec.class_tokens or spec.folder.name
+        subsets.append(_read_subset(
+            spec.folder, spec.repeats, name, spec.class_tokens, extension, caption_source, extensions, problems,
+            spec.caption_options,
+        ))  # fmt: skip
     return Scan(tuple(subsets), tuple(problems))
 
 
@@ -234,7 +270,35 @@ def scan_dataset(
     parts = [scan_folders(roots, **options)] if roots else []
     if toml is not None:
         parts.append(scan_toml(toml, **options))
-    return Scan(tuple(s for p in parts for s in p.subsets), tuple(x for p in parts for x in p.problems))
+    return Scan(
+        tuple(s for p in parts for s in p.subsets),
+        tuple(x for p in parts for x in p.problems),
+        tuple(x for p in parts for x in p.ignored),
+    )
+
+
+def _check_root(root: Path, extensions: frozenset[str]) -> None:
+    if not root.is_dir():
+        raise InputError(f"{root}: dataset root is not a folder; set data.roots to folders holding N_name folders")
+    match = REPEATS_PREFIX.match(root.name)
+    if match and int(match.group(1)) >= 1 and _image_files(root, extensions, recursive=False):
+        raise InputError(
+            f"{root} is itself an N_name folder of images ({match.group(1)} repeats); a dataset root holds such "
+            f"folders: pass its parent {root.parent} as the dataset root"
+        )
+
+
+def _image_files(folder: Path, extensions: frozenset[str], recursive: bool) -> list[Path]:
+    """Image files in ``folder`` (and its subfolders if ``recursive``), hidden ones skipped, in path order."""
+    found = []
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir() and recursive:
+            found += _image_files(entry, extensions, recursive)
+        elif entry.is_file() and entry.suffix.lower() in extensions:
+            found.append(entry)
+    return found
 
 
 def _read_subset(
@@ -267,7 +331,7 @@ def _read_subset(
             problems.append(Problem(other, "unsupported_file", message))
     if not items:
         problems.append(Problem(folder, "empty_subset", "no image with a usable caption in this folder"))
-    return Subset(folder, repeats, name, tuple(items), class_tokens, caption_options)
+    return Subset(folder, repeats, name, tuple(items), class_tokens, caption_options, tuple(images))
 
 
 def _caption_for(
@@ -281,7 +345,8 @@ def _caption_for(
     if caption_source == "filename":
         caption = caption_from_filename(image.stem)
         if not caption:
-            problems.append(Problem(image, "empty_caption", "the file name gives an empty caption"))
+            message = "the file name gives no caption (empty, or a generic camera name and number): rename it"
+            problems.append(Problem(image, "empty_caption", message))
         return caption or None
     caption_file = image.with_name(image.stem + caption_extension)
     if not caption_file.is_file():
@@ -304,74 +369,6 @@ def _caption_for(
     if len(lines) > 1:
         problems.append(Problem(caption_file, "multiline_caption", f"{len(lines)} lines: only the first is used"))
     return lines[0]
-
-
-def _toml_subset(
-    toml: Path,
-    where: str,
-    values: Mapping[str, Any],
-    caption_extension: str,
-    caption_source: CaptionSource,
-    extensions: frozenset[str],
-    problems: list[Problem],
-) -> Subset | None:
-    if "image_dir" not in values:
-        message = f"{where}: no image_dir (metadata_file subsets are not supported): skipped"
-        problems.append(Problem(toml, "unsupported_subset", message))
-        return None
-    if values.get("is_reg", False):
-        problems.append(Problem(toml, "unsupported_subset", f"{where}: regularization images are not used: skipped"))
-        return None
-    folder = Path(values["image_dir"])
-    folder = folder if folder.is_absolute() else toml.parent / folder
-    if not folder.is_dir():
-        raise InputError(f"{toml}: {where}.image_dir {folder} is not a folder; fix the path in the TOML")
-    repeats = values.get("num_repeats", 1)
-    if not isinstance(repeats, int) or repeats < 1:
-        raise InputError(f"{toml}: {where}.num_repeats must be an integer >= 1, got {repeats!r}")
-    class_tokens = values.get("class_tokens")
-    options = []
-    for key, (field, kind) in TOML_CAPTION_KEYS.items():
-        if key in values:
-            value = values[key]
-            if not _has_type(value, kind):
-                raise InputError(f"{toml}: {where}.{key} must be {kind.__name__}, got {value!r}; fix the TOML")
-            options.append((field, float(value) if kind is float else value))
-    extension = _dotted(values.get("caption_extension", caption_extension))
-    name = class_tokens or folder.name
-    return _read_subset(
-        folder, repeats, name, class_tokens, extension, caption_source, extensions, problems, tuple(options)
-    )
-
-
-def _note_ignored_keys(toml: Path, where: str, table: Mapping[str, Any], problems: list[Problem]) -> None:
-    for key in table:
-        if key in TOML_SUBSET_KEYS or key in ("subsets", "datasets"):
-            continue
-        hint = f"set {TOML_TRAINING_KEYS[key]} in the training config" if key in TOML_TRAINING_KEYS else "not used"
-        problems.append(Problem(toml, "ignored_key", f"{where}.{key}: ignored ({hint})"))
-
-
-def _load_toml(path: Path) -> dict[str, Any]:
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        try:
-            import tomli as tomllib
-        except ModuleNotFoundError as err:
-            raise InputError(f"{path}: reading a dataset TOML needs Python >= 3.11 or `pip install tomli`") from err
-    try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as err:
-        raise InputError(f"{path}: cannot read the dataset TOML ({err})") from err
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        raise InputError(f"{path}: not a valid TOML file ({err}); fix it or use data.roots instead") from err
-
-
-def _has_type(value: Any, kind: type) -> bool:
-    if kind is bool or isinstance(value, bool):
-        return type(value) is kind
-    return isinstance(value, kind) or (kind is float and isinstance(value, int))
 
 
 def _normalize_extensions(extensions: Iterable[str]) -> frozenset[str]:
