@@ -33,7 +33,7 @@ CONCEPT_FILE := $(if $(findstring /,$(CONCEPT))$(filter %.yaml %.yml,$(CONCEPT))
 RUN ?= $(RUNS)/$(basename $(notdir $(CONCEPT_FILE)))
 CONCEPT_MK := $(RUN)/.concept.mk
 ifneq ($(wildcard $(PY)),)
-CONCEPT_OUT := $(shell $(PY) -m xlbake.concepts make-vars $(CONCEPT_FILE) --out $(CONCEPT_MK) >&2)
+CONCEPT_OUT := $(shell $(PY) -m xlbake.batch.concepts make-vars $(CONCEPT_FILE) --out $(CONCEPT_MK) >&2)
 ifneq ($(.SHELLSTATUS),0)
 $(error $(CONCEPT_FILE): the concept cannot be used (see the message above))
 endif
@@ -85,7 +85,7 @@ RESIZED := $(foreach d,$(DIMS),$(foreach r,$(RANKS),$(RUN)/lora-dim$(d)-rank$(r)
 # What the finetune does is decided while the Makefile is read, writing nothing (so make -n / make -q see the real
 # state): extract/resize alone never train; a finished or started run with another config needs FORCE=1.
 TRAIN := $(filter finetune demo $(TUNED),$(MAKECMDGOALS))
-FT_DECIDE = $(PY) -m xlbake.concepts stamp $(FT_STAMP) $(1) $(if $(TRAIN),,--extract-only) \
+FT_DECIDE = $(PY) -m xlbake.batch.concepts stamp $(FT_STAMP) $(1) $(if $(TRAIN),,--extract-only) \
 	$(if $(RECORDED),$(if $(SET),,--as-recorded)) $(if $(FORCE),--force) -- $(PY) -m finetune $(FT_ARGS) --dry-run
 ifneq ($(filter finetune extract resize demo $(RUN)/%,$(MAKECMDGOALS)),)
 ifneq ($(wildcard $(PY)),)
@@ -128,11 +128,11 @@ demo: finetune extract resize
 	@echo "Kept-energy reports beside each LoRA (*.report.json, *.report.png); the finetune's loss curve: $(RUN)/loss.png"
 
 all: | $(STAMP)
-	$(PY) -m xlbake.batch $(or $(CONCEPTS),--all) --runs-dir $(RUNS) $(if $(JOBS),--jobs $(JOBS)) $(if $(GPUS),--gpus $(GPUS))
+	$(PY) -m xlbake.batch.runner $(or $(CONCEPTS),--all) --runs-dir $(RUNS) $(if $(JOBS),--jobs $(JOBS)) $(if $(GPUS),--gpus $(GPUS))
 
 ifdef CONCEPT_FILE
 $(CONCEPT_MK): | $(STAMP)
-	mkdir -p $(RUN) && $(PY) -m xlbake.concepts make-vars $(CONCEPT_FILE) --out $@
+	mkdir -p $(RUN) && $(PY) -m xlbake.batch.concepts make-vars $(CONCEPT_FILE) --out $@
 endif
 
 # A stage's stamp is rewritten by a recipe when its content should change (its rule is then forced), so that
@@ -160,7 +160,7 @@ $(TUNED): | $(STAMP)
 	flags="$$($(call FT_DECIDE))" && $(FINETUNE) $(FT_ARGS) $$flags
 
 $(LORAS): $(RUN)/lora-dim%.safetensors: $(TUNED) $(EX_STAMP) | $(STAMP)
-	base="$$($(PY) -m finetune.base_of $(RUN))" && $(PY) -m extract --base "$$base" --tuned $(TUNED) --dim $* \
+	base="$$($(PY) -m xlbake.batch.base_of $(RUN))" && $(PY) -m extract --base "$$base" --tuned $(TUNED) --dim $* \
 		--conv-dim $(CONV_DIM) --out $@ --force $(EXTRACT_ARGS)
 
 # One rule per resized file: lora-dim{D}-rank{R} from lora-dim{D}, and lora-dim{D}-{SIZE} for a size budget.

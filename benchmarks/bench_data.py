@@ -13,9 +13,9 @@ encoders. Tokenizers: SDXL's from the local hub cache if there, else the tiny mo
 smaller vocabulary). An epoch is timed from the first batch requested (worker start-up included, as every epoch
 restarts the workers) and reported in images/s, with a single-process breakdown per stage.
 
-The rate to beat is an ASSUMPTION (finetune.plan.A100_SDXL_IMAGES_PER_SECOND): an A100 trains SDXL at ~2 images of
-1024^2 per second; each GPU has its own data process and workers, so the need is per GPU. In a run, the progress
-bar's `data` share (time waiting for the next batch) is the check.
+The rate to beat is an ASSUMPTION (finetune.planner.memory.A100_SDXL_IMAGES_PER_SECOND): an A100 trains SDXL at
+~2 images of 1024^2 per second; each GPU has its own data process and workers, so the need is per GPU. In a run, the
+progress bar's `data` share (time waiting for the next batch) is the check.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image
 
 from finetune.config import FinetuneConfig
-from finetune.plan import A100_SDXL_IMAGES_PER_SECOND
+from finetune.planner.memory import A100_SDXL_IMAGES_PER_SECOND
 from xlbake.config import load_config
 
 SIZES = ((1536, 1024), (1024, 1536), (2048, 2048), (1920, 1080), (1280, 960), (3000, 2000))
@@ -97,7 +97,7 @@ def tokenizers() -> tuple[tuple, str]:
         )
         return pair, "SDXL tokenizers (hub cache)"
     except OSError:
-        from xlbake.tiny import build_tokenizers
+        from xlbake.sdxl.tiny import build_tokenizers
 
         return build_tokenizers(), "tiny-model BPE tokenizers (SDXL's are not cached here)"
 
@@ -119,7 +119,7 @@ def stage_times(dataset, count: int) -> dict[str, float]:
     """Median seconds per image of each stage, in this process (what one worker does per item)."""
     from finetune.data import load_pixels
     from finetune.text import tokenize_chunks
-    from xlbake.kohya_dataset import open_image
+    from xlbake.data.kohya import open_image
 
     stages: dict[str, list[float]] = {"decode": [], "resize+crop+normalize": [], "tokenize (both)": []}
     for index in range(min(count, len(dataset))):
@@ -168,7 +168,8 @@ def main(argv: list[str]) -> int:
             verdict = "keeps up with" if rate >= need else "is SLOWER than"
             print(f"workers={count}: {rate:6.2f} images/s beside training, {verdict} the {need:g} images/s needed")
     print(
-        f"need: {need:g} images/s per GPU (ASSUMED A100 rate, finetune.plan.A100_SDXL_IMAGES_PER_SECOND); one process "
+        f"need: {need:g} images/s per GPU (ASSUMED A100 rate, finetune.planner.memory.A100_SDXL_IMAGES_PER_SECOND); "
+        f"one process "
         f"loads {single:.2f} images/s here, so >= {math.ceil(need / single)} worker(s) per GPU keep up (more on a "
         f"slower CPU); configured: train.num_workers={cfg.train.num_workers}"
     )

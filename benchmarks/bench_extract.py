@@ -4,7 +4,7 @@
     python -m benchmarks.bench_extract --fraction 0.1   # a tenth of the 1052 layers' tensors, by shape class
     python -m benchmarks.bench_extract                  # all 1052 layers for ours; kohya's on --ref-fraction
 
-Data: deterministic synthetic SDXL weights: the real SDXL key set and shapes (xlbake.sdxl_configs), of which the
+Data: deterministic synthetic SDXL weights: the real SDXL key set and shapes (xlbake.sdxl.configs), of which the
 sampled LoRA layers and the few tensors SDXL detection needs are written, tensor by tensor. Base W ~ N(0, 1/fan_in);
 the true difference is finetune-like: a rank-4 part (30 % of its energy) plus a full-rank power-law spectrum
 (sigma_i ~ (i + 1)^-0.5, 70 %), 1e-3 of ||W|| in the UNet and 1e-4 in the text encoders. Files are stored at
@@ -44,7 +44,7 @@ from extract.config import ExtractConfig
 FAST_DEFAULTS = ExtractConfig()  # the shipped power_iters / oversample
 UNET_REL, TE_REL = 1e-3, 1e-4
 LOW_RANK, LOW_RANK_SHARE, DECAY = 4, 0.3, 0.5
-DETECTION_KEYS = (  # what xlbake.checkpoint needs to recognise SDXL, besides an attn2.to_k layer
+DETECTION_KEYS = (  # what xlbake.sdxl.checkpoint needs to recognise SDXL, besides an attn2.to_k layer
     "model.diffusion_model.label_emb.0.0.weight",
     "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight",
     "conditioner.embedders.1.model.ln_final.weight",
@@ -104,7 +104,7 @@ def true_difference(key: str, shape: tuple[int, ...]) -> torch.Tensor:
 
 def write_pair(folder: Path, keys: list[str], shapes: dict, dtype: torch.dtype) -> tuple[Path, Path]:
     """base.safetensors and tuned.safetensors holding ``keys`` (+ detection tensors), one tensor at a time."""
-    from xlbake.checkpoint import write_safetensors
+    from xlbake.sdxl.checkpoint import write_safetensors
 
     specs = {key: (dtype, shapes[key]) for key in [*keys, *DETECTION_KEYS]}
 
@@ -188,8 +188,8 @@ def run_kohya(args: argparse.Namespace, result: dict) -> None:
     """kohya's method: whole models in fp32, all differences kept, full-matrices SVD per layer."""
     from safetensors.torch import load_file
 
-    from xlbake.lora_io import lora_metadata, write_lora
-    from xlbake.sdxl_keys import kohya_targets
+    from xlbake.lora.io import lora_metadata, write_lora
+    from xlbake.sdxl.keys import kohya_targets
 
     start = time.process_time()
     models = [{k: v.float() for k, v in load_file(path).items()} for path in (args.base, args.tuned)]
@@ -266,7 +266,7 @@ def lora_delta(path: Path, name: str) -> torch.Tensor | None:
 
 def evaluate(targets: list, pair: tuple[Path, Path], loras: dict[str, Path], shapes: dict) -> dict[str, dict]:
     """Per layer: each method's excess over the exact optimum (stored difference) and its error on the truth."""
-    from xlbake.checkpoint import open_checkpoint
+    from xlbake.sdxl.checkpoint import open_checkpoint
 
     rows: dict[str, dict] = {}
     with open_checkpoint(pair[0]) as base, open_checkpoint(pair[1]) as tuned:
@@ -333,8 +333,8 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     if args.worker:
         return worker(args)
-    from xlbake.sdxl_configs import real_sdxl_sgm_shapes
-    from xlbake.sdxl_keys import kohya_targets
+    from xlbake.sdxl.configs import real_sdxl_sgm_shapes
+    from xlbake.sdxl.keys import kohya_targets
 
     torch.set_num_threads(args.threads)
     methods = [m for m in METHODS if m in args.methods.split(",")]

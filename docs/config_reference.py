@@ -23,7 +23,7 @@ def _sections() -> list[tuple[str, str, type]]:
     from extract.config import ExtractConfig
     from finetune.config import FinetuneConfig
     from resize.config import ResizeConfig
-    from xlbake.concepts import ConceptConfig
+    from xlbake.batch.concepts import ConceptConfig
 
     return [
         ("finetune", "`python -m finetune --config configs/finetune/<preset>.yaml`", FinetuneConfig),

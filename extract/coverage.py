@@ -14,10 +14,10 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from extract.outputs import LayerResult, Variant
-from xlbake.checkpoint import CheckpointReader
 from xlbake.errors import InputError
-from xlbake.report import Coverage, left_out_kind
-from xlbake.sdxl_keys import SGM_PREFIX, LoraTarget
+from xlbake.lora.report import Coverage, left_out_kind
+from xlbake.sdxl.checkpoint import CheckpointReader
+from xlbake.sdxl.keys import SGM_PREFIX, LoraTarget
 
 MODEL_PREFIXES = tuple(SGM_PREFIX[part] for part in ("unet", "text_encoder", "text_encoder_2"))
 """The tensors a finetune changes and a LoRA applies to (the VAE is neither trained nor in a LoRA)."""

@@ -1,7 +1,7 @@
 """What the extract stage writes: which files (one per rank or budget), their ranks, LoRA tensors, metadata, report.
 
 Every output path (LoRA, report JSON, report PNG) is checked before any expensive work, and each file is written
-atomically through :mod:`xlbake.lora_io` / :mod:`xlbake.report`.
+atomically through :mod:`xlbake.lora.io` / :mod:`xlbake.lora.report`.
 """
 
 from __future__ import annotations
@@ -23,10 +23,9 @@ from xlbake import __version__
 from xlbake.config import to_dict
 from xlbake.errors import ConfigError
 from xlbake.fileio import check_output
-from xlbake.lora_io import lora_metadata, write_lora
-from xlbake.lowrank import clamp_quantile, reshape_factors
-from xlbake.prediction import EPSILON
-from xlbake.report import (
+from xlbake.lora.io import lora_metadata, write_lora
+from xlbake.lora.lowrank import clamp_quantile, reshape_factors
+from xlbake.lora.report import (
     Coverage,
     LayerStat,
     by_component,
@@ -35,7 +34,8 @@ from xlbake.report import (
     report_paths,
     write_report,
 )
-from xlbake.sdxl_keys import LoraTarget
+from xlbake.sdxl.keys import LoraTarget
+from xlbake.sdxl.prediction import EPSILON
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 FINGERPRINT_SCHEME = "xlbake-fp1"

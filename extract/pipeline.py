@@ -34,11 +34,11 @@ from extract.outputs import (
     plan_variants,
     write_variant,
 )
-from xlbake.checkpoint import CheckpointReader, open_checkpoint
 from xlbake.errors import ConfigError, InputError
-from xlbake.lowrank import Svd, split_factors, svd_exact, svd_randomized, to_matrix
-from xlbake.prediction import EPSILON, declared_prediction
-from xlbake.sdxl_keys import LoraTarget, kohya_targets
+from xlbake.lora.lowrank import Svd, split_factors, svd_exact, svd_randomized, to_matrix
+from xlbake.sdxl.checkpoint import CheckpointReader, open_checkpoint
+from xlbake.sdxl.keys import LoraTarget, kohya_targets
+from xlbake.sdxl.prediction import EPSILON, declared_prediction
 
 LOG = logging.getLogger(__name__)
 COMPUTE_DTYPES = {"fp32": torch.float32, "fp64": torch.float64}

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from xlbake.errors import ConfigError
-from xlbake.lowrank import allocate_ranks, select_rank
+from xlbake.lora.lowrank import allocate_ranks, select_rank
 
 
 @dataclass(frozen=True)

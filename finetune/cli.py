@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from finetune.config import FinetuneConfig
     from finetune.data import CheckedData
     from finetune.objective import LossConfig
-    from xlbake.checkpoint import CheckpointReader
+    from xlbake.sdxl.checkpoint import CheckpointReader
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def main(
 
     cfg = resolve_config(FinetuneConfig, config, overrides, dry_run)
     setup_logging(verbose)
-    from finetune.plan_report import check_before_training, plan_text
+    from finetune.planner.report import check_before_training, plan_text
 
     if plan_only:
         click.echo(plan_text(cfg, gpu_memory=gpu_memory, gpus=gpus, accelerate_config=accelerate_config))
@@ -101,8 +101,8 @@ def check_start(cfg: FinetuneConfig, resume: str | None, force: bool) -> Checked
     from finetune.config import builtin_name
     from finetune.data import check_dataset
     from finetune.saving import check_run_dir
-    from xlbake.checkpoint import open_checkpoint
     from xlbake.errors import InputError
+    from xlbake.sdxl.checkpoint import open_checkpoint
 
     # Under `accelerate launch` the main process may already have started the folder when another checks it: there
     # the main process alone checks it, in prepare_run_dir_once
@@ -128,7 +128,7 @@ def check_base_prediction(loss: LossConfig, reader: CheckpointReader) -> None:
     ``loss.prediction_override``: training a v-prediction model as epsilon (or back) is far more often a
     forgotten setting than an intended conversion, and its outputs would be mislabelled or broken."""
     from xlbake.errors import ConfigError
-    from xlbake.prediction import declared_prediction
+    from xlbake.sdxl.prediction import declared_prediction
 
     declared = declared_prediction(reader)
     if declared is None or declared.prediction == loss.prediction:

@@ -13,7 +13,7 @@ from typing import ClassVar, Literal
 
 from finetune.captions import CaptionConfig
 from finetune.data import DataConfig
-from finetune.kohya_names import KOHYA_KEY_NAMES
+from finetune.kohya.names import KOHYA_KEY_NAMES
 from finetune.objective import LossConfig, NoiseConfig
 from xlbake.errors import ConfigError
 

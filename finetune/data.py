@@ -26,8 +26,7 @@ from torch.utils.data import Dataset, Sampler
 from finetune.buckets import BucketGrid, CropGeometry, Size, crop_geometry
 from finetune.captions import CaptionConfig, process_caption
 from finetune.text import tokenize_chunks
-from xlbake.errors import InputError, TrainingError
-from xlbake.kohya_dataset import (
+from xlbake.data.kohya import (
     IMAGE_EXTENSIONS,
     LEFT_OUT_KINDS,
     CaptionSource,
@@ -36,6 +35,7 @@ from xlbake.kohya_dataset import (
     open_image,
     read_dataset,
 )
+from xlbake.errors import InputError, TrainingError
 
 EMPTY_REASONS = ("no_repeats", "outside_subset", "unsupported_subset", "empty_subset", "unsupported_file")
 """Scan findings that explain a dataset without usable image, most telling first."""
@@ -327,7 +327,7 @@ class CheckedData:
 
 
 def check_dataset(cfg: DataConfig, caption_cfg: CaptionConfig) -> CheckedData:
-    """Read the dataset (``xlbake.kohya_dataset.read_dataset``, as the dataset tools do: decodes every image once),
+    """Read the dataset (``xlbake.data.kohya.read_dataset``, as the dataset tools do: decodes every image once),
     without logging (call it before anything heavy).
 
     Bad data (unreadable or corrupt image, missing/empty caption, image smaller than ``min_image_side``) is

@@ -1,6 +1,6 @@
 """Load the SDXL base for training and decide what trains.
 
-A single-file base (SGM keys) is read through ``xlbake.checkpoint`` and converted to diffusers state dicts, which
+A single-file base (SGM keys) is read through ``xlbake.sdxl.checkpoint`` and converted to diffusers state dicts, which
 are loaded into models built from the configs of ``model.components`` (a diffusers folder or a cached hub id).
 A diffusers-folder base is loaded directly. Nothing is downloaded.
 """
@@ -83,8 +83,8 @@ def load_model(base: Path, components: str | Path, vae: Path | None = None, pred
 def _load_single_file(base: Path, components: str | Path) -> tuple[Any, Any, Any, Any]:
     from accelerate import init_empty_weights
 
-    from xlbake.checkpoint import open_checkpoint
-    from xlbake.sdxl_keys import diffusers_state_dicts, fit_text_model_prefix
+    from xlbake.sdxl.checkpoint import open_checkpoint
+    from xlbake.sdxl.keys import diffusers_state_dicts, fit_text_model_prefix
 
     with open_checkpoint(base) as reader:
         tensors = {key: reader.get(key) for key in reader.keys()}  # noqa: SIM118 (a reader, not a dict)
@@ -255,7 +255,7 @@ def resolve_inputs(base: Path, components: str, roots: tuple[Path, ...], builtin
 
 
 def _builtin_tiny(folder: Path) -> tuple[Path, Path]:
-    from xlbake.tiny import DIFFUSERS_SUBDIR, SINGLE_FILE_NAME, save_tiny
+    from xlbake.sdxl.tiny import DIFFUSERS_SUBDIR, SINGLE_FILE_NAME, save_tiny
 
     single_file, diffusers_dir = folder / SINGLE_FILE_NAME, folder / DIFFUSERS_SUBDIR
     if not single_file.exists():  # written last by save_tiny: its absence means not (completely) built
@@ -265,7 +265,7 @@ def _builtin_tiny(folder: Path) -> tuple[Path, Path]:
 
 
 def _builtin_demo(folder: Path) -> Path:
-    from xlbake.demo_data import make_demo_dataset
+    from xlbake.data.demo import make_demo_dataset
 
     done = folder.with_name(folder.name + DEMO_DONE)
     if not done.exists():

@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 
-from finetune.base_of import BASE_TXT
 from finetune.model import PART_ATTRS, SdxlModel
 from finetune.state import flatten
+from xlbake.batch.base_of import BASE_TXT
 from xlbake.errors import OutputError, TrainingError
 from xlbake.fileio import TEMP_PREFIX, atomic_path, write_text_atomic
 
@@ -165,7 +165,7 @@ def check_finite(weights: Weights) -> None:
 def save_sgm(weights: Weights, path: Path, dtype: str, metadata: Mapping[str, str]) -> Path:
     """Write ``weights`` as one SGM-keyed safetensors file at ``dtype`` (atomic; replaces an older file), labelled
     with its prediction type."""
-    from xlbake.checkpoint import save_sgm_checkpoint, sgm_state_dict
+    from xlbake.sdxl.checkpoint import save_sgm_checkpoint, sgm_state_dict
 
     check_finite(weights)
     tensors = sgm_state_dict(

@@ -54,7 +54,7 @@ def main(config: Path | None, overrides: tuple[str, ...], dry_run: bool, force: 
     """Resize a LoRA's ranks in factor space (fixed, per-layer criterion or size budget), one file per target."""
     cfg = resolve_config(ResizeConfig, config, [*option_overrides(options), *overrides], dry_run)
     from resize.pipeline import run_resize  # torch only once the arguments are known to be good
-    from xlbake.report import BYTES_PER_MB, group_stat, print_summary
+    from xlbake.lora.report import BYTES_PER_MB, group_stat, print_summary
 
     setup_logging()
     for result in run_resize(cfg, force=force, progress=True):

@@ -6,8 +6,8 @@ import json
 import logging
 from collections.abc import Iterable, Mapping
 
-from xlbake.lora_io import LoraFile, lora_metadata
-from xlbake.report import Coverage
+from xlbake.lora.io import LoraFile, lora_metadata
+from xlbake.lora.report import Coverage
 
 RECORD_KEY = "xlbake_resize"
 COVERAGE_KEY = "xlbake_coverage"

@@ -1,7 +1,7 @@
 """The resize stage: re-factor every layer of a LoRA at a lower rank without ever forming its out x in matrix.
 
 A layer's delta (alpha / r) * up @ down has rank <= r, so its SVD comes from the QR of ``up`` and of ``down^T`` and
-the SVD of the small r x r core (``xlbake.lowrank.factor_svd``): the singular values kohya gets by multiplying out
+the SVD of the small r x r core (``xlbake.lora.lowrank.factor_svd``): the singular values kohya gets by multiplying out
 and running a full SVD, at a fraction of the time and memory. The new factors are the top singular triplets; the
 rank comes from a fixed value, a per-layer criterion or a global size budget. Every output is written with one
 alpha and each layer's scale folded into its factors, the input's metadata updated, and a kept-energy report.
@@ -26,7 +26,7 @@ from resize.plan import OutputPlan, keep_for, plan_outputs
 from xlbake import __version__
 from xlbake.errors import ConfigError, InputError
 from xlbake.fileio import check_output
-from xlbake.lora_io import (
+from xlbake.lora.io import (
     ALPHA,
     DOWN,
     HASH_KEY,
@@ -38,8 +38,8 @@ from xlbake.lora_io import (
     safetensors_data_hash,
     write_lora,
 )
-from xlbake.lowrank import Svd, allocate_ranks, factor_svd, kept_energy, select_rank, split_factors
-from xlbake.report import Coverage, LayerStat, group_stat, report_paths, write_report
+from xlbake.lora.lowrank import Svd, allocate_ranks, factor_svd, kept_energy, select_rank, split_factors
+from xlbake.lora.report import Coverage, LayerStat, group_stat, report_paths, write_report
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 COMPUTE_DTYPE = torch.float32
@@ -166,7 +166,7 @@ def _kept_size(module: LoraModule, keep: int | None) -> int:
 def layer_svd(module: LoraModule, device: torch.device) -> Svd:
     """SVD of ``module``'s delta (alpha / r) * up @ down in fp32 on ``device``, from its factors only.
 
-    u (out, k), s (k,), vh (k, in * kh * kw); conv kernels are flattened like ``xlbake.lowrank.to_matrix``.
+    u (out, k), s (k,), vh (k, in * kh * kw); conv kernels are flattened like ``xlbake.lora.lowrank.to_matrix``.
     """
     up = module.up.to(device=device, dtype=COMPUTE_DTYPE).flatten(1) * module.scale
     down = module.down.to(device=device, dtype=COMPUTE_DTYPE).flatten(1)

@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def tiny_paths(tmp_path_factory):
     """The tiny SDXL model as a diffusers folder and a single-file SGM checkpoint."""
-    from xlbake.tiny import save_tiny
+    from xlbake.sdxl.tiny import save_tiny
 
     return save_tiny(tmp_path_factory.mktemp("tiny"))
 
@@ -23,6 +23,6 @@ def tiny_paths(tmp_path_factory):
 @pytest.fixture(scope="session")
 def demo_dataset(tmp_path_factory):
     """The built-in procedurally drawn dataset in kohya layout."""
-    from xlbake.demo_data import make_demo_dataset
+    from xlbake.data.demo import make_demo_dataset
 
     return make_demo_dataset(tmp_path_factory.mktemp("data"), n_images=8)

@@ -116,8 +116,8 @@ def lora_factors(seed: int = 0, rank: int = 8) -> dict[str, tuple[torch.Tensor, 
 
 
 def write_test_lora(path: Path, seed: int = 0, rank: int = 8, force: bool = False) -> Path:
-    """A small valid kohya LoRA written by the real writer (xlbake.lora_io.write_lora)."""
-    from xlbake.lora_io import lora_metadata, write_lora
+    """A small valid kohya LoRA written by the real writer (xlbake.lora.io.write_lora)."""
+    from xlbake.lora.io import lora_metadata, write_lora
 
     factors = lora_factors(seed, rank)
     metadata = lora_metadata(title=path.stem, ranks={name: rank for name in factors}, alpha=rank, conv_rank=None)
@@ -290,20 +290,20 @@ def save_version(writer: str, path: Path, seed: int, point: str | None = None) -
     elif point == "after_rename":
         _pause_after_replace(path)
     if writer == "lora":
-        import xlbake.lora_io
+        import xlbake.lora.io
 
         if point == "mid_write":
-            real_save = xlbake.lora_io.save_file
+            real_save = xlbake.lora.io.save_file
 
             def half_then_pause(tensors: dict, filename: str, metadata: dict | None = None) -> None:
                 real_save(tensors, filename, metadata=metadata)
                 os.truncate(filename, os.path.getsize(filename) // 2)
                 _pause("mid_write")
 
-            xlbake.lora_io.save_file = half_then_pause
+            xlbake.lora.io.save_file = half_then_pause
         write_test_lora(path, seed=seed, force=True)
     elif writer == "sgm":
-        from xlbake.checkpoint import save_sgm_checkpoint
+        from xlbake.sdxl.checkpoint import save_sgm_checkpoint
 
         tensors = sgm_tensors(seed)
         source = _PausingTensors(tensors) if point == "mid_write" else tensors
@@ -327,8 +327,8 @@ def _save_state_version(final: Path, seed: int, point: str | None) -> None:
 
 def serve() -> None:
     """Fork a paused writer for each ``WRITER POINT PATH SEED`` line on stdin (see the module docstring)."""
-    import xlbake.checkpoint  # noqa: F401  (imported once, before any fork)
-    import xlbake.lora_io  # noqa: F401
+    import xlbake.lora.io  # noqa: F401
+    import xlbake.sdxl.checkpoint  # noqa: F401  (imported once, before any fork)
     from finetune import state  # noqa: F401
 
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # killed children are reaped by the kernel

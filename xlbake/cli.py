@@ -47,12 +47,12 @@ STAGES: dict[str, Stage] = {
     "finetune": Stage("finetune.cli:main", "Full SDXL finetune (UNet + both text encoders, EMA), resumable."),
     "extract": Stage("extract.cli:main", "Extract a kohya LoRA from base and finetuned checkpoints by SVD."),
     "resize": Stage("resize.cli:main", "Resize a LoRA's ranks in factor space (fixed, dynamic or size budget)."),
-    "grid": Stage("xlbake.evaluate_cli:grid", "Sample grid: prompts x models/LoRAs/weights, fixed seeds, one PNG."),
-    "fidelity": Stage("xlbake.evaluate_cli:fidelity", "How much of the finetune each LoRA keeps (function space)."),
-    "loss-plot": Stage("xlbake.evaluate_cli:loss_plot", "Loss curve of a run (raw, smoothed, LR) as a PNG."),
-    "dataset": Stage("xlbake.dataset_cli:main", "Dataset tools: check, captions-from-filenames, tags, steps plan."),
-    "import-kohya": Stage("finetune.import_kohya:main", "kohya_ss GUI JSON / sd-scripts TOML -> finetune YAML."),
-    "batch": Stage("xlbake.batch:main", "Run many concepts' finetune -> extract -> resize chains (make), one summary."),
+    "grid": Stage("xlbake.evaluate.cli:grid", "Sample grid: prompts x models/LoRAs/weights, fixed seeds, one PNG."),
+    "fidelity": Stage("xlbake.evaluate.cli:fidelity", "How much of the finetune each LoRA keeps (function space)."),
+    "loss-plot": Stage("xlbake.evaluate.cli:loss_plot", "Loss curve of a run (raw, smoothed, LR) as a PNG."),
+    "dataset": Stage("xlbake.dataset.cli:main", "Dataset tools: check, captions-from-filenames, tags, steps plan."),
+    "import-kohya": Stage("finetune.kohya.importer:main", "kohya_ss GUI JSON / sd-scripts TOML -> finetune YAML."),
+    "batch": Stage("xlbake.batch.runner:main", "Run many concepts' finetune -> extract -> resize chains, one summary."),
 }
 
 

@@ -1,0 +1,1 @@
+"""finetune.kohya: see docs/architecture.md."""

@@ -1,0 +1,1 @@
+"""finetune.planner: see docs/architecture.md."""

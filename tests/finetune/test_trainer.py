@@ -1,0 +1,405 @@
+"""The finetune trainer end to end on the tiny model: outputs, learning, exact resume, interrupts, NaN policy."""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+from tiny_run import tiny_run_sections
+
+from finetune.config import FinetuneConfig
+from finetune.data import collate
+from finetune.model import load_model, setup_trainable, unreachable_parameters
+from finetune.saving import Weights, save_sgm
+from finetune.state import TrainerState, read_state, write_state
+from finetune.text import encode_prompt
+from finetune.trainer import Trainer
+from xlbake.batch.base_of import base_of
+from xlbake.config import config_hash, load_config, to_dict
+from xlbake.errors import TrainingError
+
+TE1_LAST = "conditioner.embedders.0.transformer.text_model.encoder.layers.2."
+TE1_FIRST = "conditioner.embedders.0.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"
+TE2_KEY = "conditioner.embedders.1.model.transformer.resblocks.2.attn.in_proj_weight"
+UNET_KEY = "model.diffusion_model.input_blocks.4.1.proj_in.weight"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model gains nothing from intra-op threads, and they spin badly on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_config(tiny_paths, demo_dataset, run_dir: Path, *overrides: str) -> FinetuneConfig:
+    """A tiny, fast run: 32 px buckets, batch 2 x accumulation 2 (4 steps an epoch), stopped by max_steps in the
+    second epoch, EMA on, both weights saved."""
+    base = tiny_run_sections(tiny_paths, demo_dataset, run_dir)
+    data = {
+        **base,
+        "data": {**base["data"], "random_crop": True, "flip": True},
+        "caption": {"shuffle": True, "dropout_rate": 0.2},
+        "train": {"seed": 3, "epochs": 2, "max_steps": 5, "batch_size": 2, "grad_accum": 2},
+        "optim": {"unet_lr": 1e-3, "te1_lr": 2e-4, "te2_lr": 2e-4},
+        "noise": {"noise_offset": 0.05, "ip_noise_gamma": 0.1},
+        "loss": {"min_snr_gamma": 5},
+        "precision": {"mixed": "no"},
+        "ema": {"enabled": True, "beta": 0.8},
+        "checkpoint": {"every_epochs": 1, "weights": "both"},
+        "log": {"progress": False, "tensorboard": False},
+    }
+    return load_config(FinetuneConfig, data=data, overrides=overrides)
+
+
+def fixed_loss(trainer: Trainer, n: int = 6) -> float:
+    """Mean loss of the first ``n`` samples with fixed noise and timesteps (the generator is left untouched)."""
+    dataset = trainer.loader.dataset
+    saved = trainer.generator.get_state()
+    trainer.generator.manual_seed(1234)
+    with torch.no_grad():
+        value = sum(trainer.training_step(collate([dataset[(0, i)]])).item() for i in range(n)) / n
+    trainer.generator.set_state(saved)
+    return value
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_paths, demo_dataset, tmp_path_factory):
+    """The uninterrupted reference run, with the fixed-batch loss before and after training."""
+    cfg = make_config(
+        tiny_paths,
+        demo_dataset,
+        tmp_path_factory.mktemp("full"),
+        "checkpoint.diffusers=true",
+        "sample.prompts=[xlbk emblem]",
+        "sample.steps=2",
+        "sample.width=32",
+        "sample.height=32",
+        "log.tensorboard=true",
+    )
+    trainer = Trainer(cfg)
+    trainer.setup()
+    before = fixed_loss(trainer)
+    result = trainer.train()
+    after = fixed_loss(trainer)
+    trainer.cleanup()
+    return cfg, result, before, after
+
+
+def test_end_to_end_outputs(full_run, tiny_paths):
+    cfg, result, _, _ = full_run
+    run = cfg.run_dir
+    assert not result.interrupted and (result.epoch, result.global_step, len(result.losses)) == (1, 5, 5)
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    for name in (
+        "tuned.safetensors",
+        "tuned-raw.safetensors",
+        "tuned.fp32.safetensors",
+        "tuned-raw.fp32.safetensors",
+        "base.txt",
+        "loss.png",
+        "samples/final-00.png",
+        "tuned-diffusers/unet/diffusion_pytorch_model.safetensors",
+        "checkpoints/epoch-0001.safetensors",
+        "checkpoints/epoch-0001-raw.safetensors",
+    ):
+        assert (run / name).is_file(), name
+    assert base_of(run) == tiny_paths.single_file.absolute()
+    assert load_file(str(run / "tuned.safetensors"))[UNET_KEY].dtype == torch.float16
+
+
+def test_loss_decreases_on_the_builtin_concept(full_run):
+    _, result, before, after = full_run
+    assert after < 0.9 * before
+    half = len(result.losses) // 2
+    assert sum(result.losses[half:]) / (len(result.losses) - half) < sum(result.losses[:half]) / half
+
+
+def test_checkpoint_loads_back_and_differs_from_base(full_run, tiny_paths):
+    from xlbake.sdxl.checkpoint import open_checkpoint
+
+    cfg, _, _, _ = full_run
+    base = load_file(str(tiny_paths.single_file))
+    with open_checkpoint(cfg.run_dir / "tuned.fp32.safetensors") as reader:
+        tuned = {key: reader.get(key) for key in reader.keys()}  # noqa: SIM118
+        assert reader.metadata["xlbake.weights"] == "ema" and "optim:" in reader.metadata["xlbake.config"]
+    raw = load_file(str(cfg.run_dir / "tuned-raw.fp32.safetensors"))
+    assert tuned.keys() == base.keys() == raw.keys()
+    for key in (UNET_KEY, TE1_FIRST, TE2_KEY):
+        assert not torch.equal(tuned[key], base[key]), key
+        assert not torch.equal(tuned[key], raw[key]), key  # EMA differs from the raw weights
+    frozen = [k for k in base if k.startswith(TE1_LAST) or ".final_layer_norm." in k and "embedders.0" in k]
+    assert frozen and all(torch.equal(raw[k], base[k]) for k in frozen)  # no gradient path: untouched
+
+
+def test_interrupt_then_resume_is_exact(full_run, tiny_paths, demo_dataset, tmp_path, monkeypatch):
+    reference_cfg, reference, _, _ = full_run
+    cfg = make_config(tiny_paths, demo_dataset, tmp_path / "run")
+    original = Trainer._after_step
+
+    def after_step_then_sigterm(self, *args):
+        original(self, *args)
+        if self.state.global_step == 2:  # mid-epoch, with accumulation
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(Trainer, "_after_step", after_step_then_sigterm)
+    first = Trainer(cfg)
+    first.setup()
+    stopped = first.train()
+    first.cleanup()
+    assert stopped.interrupted and stopped.global_step == 2 and stopped.state_dir.name == "step-00000002"
+    assert not (cfg.run_dir / "tuned.safetensors").exists()
+    monkeypatch.setattr(Trainer, "_after_step", original)
+    second = Trainer(cfg, resume="auto")
+    second.setup()
+    assert (second.state.global_step, second.state.batches_in_epoch, len(second.sampler)) == (2, 4, 8)
+    resumed = second.train()
+    second.cleanup()
+    assert resumed.losses == reference.losses
+    for name in ("tuned.fp32.safetensors", "tuned-raw.fp32.safetensors"):
+        ours, theirs = load_file(str(cfg.run_dir / name)), load_file(str(reference_cfg.run_dir / name))
+        assert all(torch.equal(ours[k], theirs[k]) for k in theirs), name
+
+
+def test_non_finite_step_loss_stops_with_the_step_and_a_hint(tmp_path):
+    trainer = Trainer(load_config(FinetuneConfig, None, [f"run_dir={tmp_path}"]))
+    trainer.state.global_step = 41
+    assert trainer._step_is_finite(0.5)
+    with pytest.raises(TrainingError, match=r"step 42 \(epoch 1\): loss is nan; stopped without saving.*fp16 overflow"):
+        trainer._step_is_finite(float("nan"))
+
+
+def test_non_finite_step_losses_are_skipped_up_to_max_nan_skips(tmp_path, monkeypatch):
+    import logging
+
+    monkeypatch.setattr("finetune.trainer.logger", logging.getLogger("finetune.trainer"))  # accelerate's needs setup
+    overrides = [f"run_dir={tmp_path}", "train.on_nan=skip", "train.max_nan_skips=2"]
+    trainer = Trainer(load_config(FinetuneConfig, None, overrides))
+    assert [trainer._step_is_finite(v) for v in (float("nan"), float("inf"), 1.0, float("nan"))] == [
+        False,
+        False,
+        True,
+        False,
+    ]
+    assert trainer.state.nan_skips == 1  # a finite step resets the count
+    trainer._step_is_finite(float("nan"))
+    with pytest.raises(TrainingError, match=r"3 optimizer steps in a row had a non-finite loss"):
+        trainer._step_is_finite(float("nan"))
+
+
+def test_short_last_window_is_averaged_and_the_used_lr_is_logged(tiny_paths, demo_dataset, tmp_path, monkeypatch):
+    """8 batches with grad_accum 3: windows of 3, 3 and 2 batches; batch j's loss is (j + 1) * sum(w), so the
+    gradient of w at each step is the mean of (j + 1) over its window. Warmup over 4 steps: step 1 uses LR 0."""
+    cfg = make_config(
+        tiny_paths,
+        demo_dataset,
+        tmp_path,
+        "train.grad_accum=3",
+        "train.epochs=1",
+        "train.max_steps=0",
+        "optim.scheduler=constant_with_warmup",
+        "optim.warmup_steps=4",
+        "optim.max_grad_norm=0",
+        "ema.enabled=false",
+        "checkpoint.weights=raw",
+        "checkpoint.every_epochs=0",
+    )
+    grads, batches = [], []
+    original_step = Trainer._optimizer_step
+
+    def weighted_sum(self, batch):
+        batches.append(1)
+        return len(batches) * self.params[0].sum()
+
+    def record_gradient(self, *args):
+        grads.append(self.params[0].grad.flatten()[0].item())
+        return original_step(self, *args)
+
+    monkeypatch.setattr(Trainer, "training_step", weighted_sum)
+    monkeypatch.setattr(Trainer, "_optimizer_step", record_gradient)
+    trainer = Trainer(cfg)
+    trainer.setup()
+    try:
+        trainer.train()
+    finally:
+        trainer.cleanup()
+    assert grads == pytest.approx([2.0, 5.0, 7.5])
+    assert trainer.state.lrs == pytest.approx([0.0, 0.25 * cfg.optim.unet_lr, 0.5 * cfg.optim.unet_lr])
+
+
+def test_non_finite_weights_are_never_saved(tmp_path):
+    good = {"w": torch.ones(2)}
+    weights = Weights(good, good, {"w": torch.tensor([1.0, float("inf")])}, good, "raw")
+    with pytest.raises(TrainingError, match="text_encoder_2.w: weights are not finite, nothing saved"):
+        save_sgm(weights, tmp_path / "tuned.safetensors", "fp16", {})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_non_finite_loss_skipped_per_config(tiny_paths, demo_dataset, tmp_path, monkeypatch):
+    cfg = make_config(
+        tiny_paths,
+        demo_dataset,
+        tmp_path,
+        "train.on_nan=skip",
+        "train.max_steps=2",
+        "ema.enabled=false",
+        "checkpoint.weights=raw",
+        "train.grad_accum=1",
+    )
+    original, calls = Trainer.training_step, []
+
+    def nan_on_first_batch(self, batch):
+        calls.append(1)
+        loss = original(self, batch)
+        return loss * float("nan") if len(calls) == 1 else loss
+
+    monkeypatch.setattr(Trainer, "training_step", nan_on_first_batch)
+    trainer = Trainer(cfg)
+    trainer.setup()
+    base = {k: v.clone() for k, v in trainer.model.unet.state_dict().items()}
+    try:
+        result = trainer.train()
+    finally:
+        trainer.cleanup()
+    assert result.global_step == 2 and torch.isnan(torch.tensor(result.losses[0])) and result.losses[1] > 0
+    tuned = load_file(str(tmp_path / "tuned.fp32.safetensors"))
+    assert all(torch.isfinite(t).all() for t in tuned.values())
+    assert any(not torch.equal(v, base[k]) for k, v in trainer.model.unet.state_dict().items())  # step 2 trained
+
+
+def test_unreachable_parameters_get_no_gradient(tiny_paths):
+    model = load_model(tiny_paths.single_file, str(tiny_paths.diffusers_dir))
+    reference = load_model(tiny_paths.diffusers_dir, "")
+    assert torch.equal(model.text_encoder_2.text_projection.weight, reference.text_encoder_2.text_projection.weight)
+    cfg = load_config(FinetuneConfig, None, ["precision.mixed='no'"])
+    setup_trainable(model, cfg.model, cfg.optim, cfg.precision)
+    ids = torch.randint(0, 50, (2, 2, 77))
+    embeds, pooled = encode_prompt(model.text_encoder, model.text_encoder_2, ids, ids)
+    time_ids = torch.tensor([[32.0, 32, 0, 0, 32, 32]] * 2)
+    out = model.unet(
+        torch.randn(2, 4, 8, 8),
+        torch.tensor([10, 500]),
+        embeds,
+        added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
+    ).sample
+    out.square().mean().backward()
+    for part, module in (("te1", model.text_encoder), ("te2", model.text_encoder_2)):
+        no_grad = sorted(n for n, p in module.named_parameters() if p.grad is None)
+        assert no_grad == sorted(unreachable_parameters(model)[part]), part
+        assert all(not module.get_parameter(n).requires_grad for n in no_grad)
+    assert unreachable_parameters(model)["te1"] and not unreachable_parameters(model)["te2"]
+
+
+def test_resume_refuses_a_changed_config(tmp_path):
+    cfg = load_config(FinetuneConfig, None, [f"run_dir={tmp_path}"])
+    state = TrainerState(global_step=5, config_hash=config_hash(cfg), config=to_dict(cfg))
+    folder = write_state(tmp_path / "state", state, lambda d: (d / "accelerate.txt").write_text("x"), {}, keep=2)
+    changed = replace(cfg, run_dir=tmp_path / "moved", optim=replace(cfg.optim, unet_lr=2e-6))
+    with pytest.raises(TrainingError, match=r"config differs .*\(optim.unet_lr\)"):
+        read_state(folder, to_dict(changed), config_hash(changed))
+    moved = replace(cfg, run_dir=tmp_path / "moved")
+    assert read_state(folder, to_dict(moved), config_hash(moved))[0].global_step == 5
+    for step in (6, 7):
+        write_state(tmp_path / "state", replace(state, global_step=step), lambda d: None, {}, keep=2)
+    assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["step-00000006", "step-00000007"]
+
+
+def test_cli_gates_the_run_folder(tmp_path):
+    from finetune.cli import main
+
+    preset = Path(__file__).parent.parent / "configs/finetune/tiny-cpu.yaml"
+    dry = CliRunner().invoke(main, ["--config", str(preset), "--set", f"run_dir={tmp_path}", "--dry-run"])
+    assert dry.exit_code == 0 and "builtin:tiny" in dry.output and f"run_dir: {tmp_path}" in dry.output
+    (tmp_path / "old.txt").write_text("previous run")
+    refused = CliRunner().invoke(main, ["--config", str(preset), "--set", f"run_dir={tmp_path}"])
+    assert refused.exit_code == 1 and "--resume auto" in refused.output and "Traceback" not in refused.output
+
+
+OBJECTIVE_OPTIONS = {
+    "l1": ["loss.loss_type=l1"],
+    "huber-snr": ["loss.loss_type=huber"],
+    "huber-exponential": ["loss.loss_type=huber", "loss.huber_schedule=exponential", "loss.huber_scale=2"],
+    "smooth_l1-constant": ["loss.loss_type=smooth_l1", "loss.huber_schedule=constant"],
+    "v_prediction": ["loss.prediction=v_prediction"],
+    "debiased-no-min-snr": ["loss.min_snr_gamma=null", "loss.debiased_estimation=true"],
+    "random-strengths": ["noise.noise_offset_random_strength=true", "noise.ip_noise_gamma_random_strength=true"],
+    "timestep-range": ["noise.min_timestep=100", "noise.max_timestep=200"],
+}
+
+
+@pytest.fixture(scope="module")
+def step_trainer(tiny_paths, demo_dataset, tmp_path_factory):
+    """One set-up trainer whose config each objective smoke test swaps (the last trainer of this module)."""
+    trainer = Trainer(make_config(tiny_paths, demo_dataset, tmp_path_factory.mktemp("steps"), "checkpoint.weights=raw"))
+    trainer.setup()
+    yield trainer
+    trainer.cleanup()
+
+
+@pytest.mark.parametrize("name", list(OBJECTIVE_OPTIONS))
+def test_objective_options_train(name, step_trainer, tiny_paths, demo_dataset):
+    base_cfg = step_trainer.cfg
+    step_trainer.cfg = make_config(tiny_paths, demo_dataset, base_cfg.run_dir, *OBJECTIVE_OPTIONS[name])
+    try:
+        step_trainer.optimizer.zero_grad()
+        loss = step_trainer.training_step(collate([step_trainer.loader.dataset[(0, 0)]]))
+        loss.backward()
+    finally:
+        step_trainer.cfg = base_cfg
+    assert torch.isfinite(loss) and loss > 0
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in step_trainer.params[:20])
+
+
+MODEL_OPTIONS = {
+    "gradient-checkpointing": ["model.gradient_checkpointing=true"],
+    "eager-attention": ["model.attention=eager"],
+    "full-bf16": ["precision.mixed=bf16", "precision.full_bf16=true"],
+    "fp16-fixed-vae": ["precision.vae=fp16"],
+    "frozen-te1": ["optim.te1_lr=0"],
+}
+
+
+@pytest.mark.parametrize("name", list(MODEL_OPTIONS))
+def test_model_options_train(name, tiny_paths):
+    overrides = [*MODEL_OPTIONS[name], f"model.vae={tiny_paths.diffusers_dir / 'vae'}"]
+    cfg = load_config(FinetuneConfig, None, ["precision.mixed='no'", *overrides])
+    model = load_model(tiny_paths.single_file, str(tiny_paths.diffusers_dir), cfg.model.vae)
+    groups = setup_trainable(model, cfg.model, cfg.optim, cfg.precision)
+    assert [g.name for g in groups] == [p for p, lr in (("unet", 1), ("te1", cfg.optim.te1_lr), ("te2", 1)) if lr]
+    expected = torch.bfloat16 if cfg.precision.full_bf16 else torch.float32
+    assert all(p.dtype == expected for g in groups for p in g.params)
+    assert model.vae.dtype == (torch.float16 if cfg.precision.vae == "fp16" else torch.float32)
+    ids = torch.randint(0, 50, (1, 1, 77))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision.mixed == "bf16"):
+        embeds, pooled = encode_prompt(model.text_encoder, model.text_encoder_2, ids, ids)
+        added = {"text_embeds": pooled, "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]])}
+        out = model.unet(torch.randn(1, 4, 8, 8), torch.tensor([10]), embeds, added_cond_kwargs=added).sample
+    out.float().square().mean().backward()
+    assert all(p.grad is not None for g in groups for p in g.params if g.name != "te1")
+    assert all(p.grad is None for p in model.text_encoder.parameters()) == (cfg.optim.te1_lr == 0)
+
+
+def test_ema_on_cpu_with_warmup(tiny_paths):
+    from finetune.model import make_ema
+
+    cfg = load_config(FinetuneConfig, None, ["ema.enabled=true", "ema.device=cpu", "ema.warmup=true"]).ema
+    module = torch.nn.Linear(3, 3)
+    ema = make_ema(module, cfg, torch.device("cpu"))
+    decays = []
+    for _ in range(4):
+        with torch.no_grad():
+            module.weight.add_(1.0)
+        ema.update()
+        decays.append(ema.get_current_decay())
+    assert decays == sorted(decays) and 0 < decays[-1] < cfg.beta  # warming up towards beta
+    assert not torch.equal(ema.ema_model.weight, module.weight)
+    constant = make_ema(module, replace(cfg, warmup=False), torch.device("cpu"))
+    constant.update(), constant.update(), constant.update()
+    assert constant.get_current_decay() == pytest.approx(cfg.beta)

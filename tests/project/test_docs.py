@@ -1,0 +1,27 @@
+"""The README's config reference is generated from the config dataclasses and must match the code."""
+
+import importlib.util
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _generator():
+    spec = importlib.util.spec_from_file_location("config_reference", ROOT / "docs" / "config_reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_readme_config_reference_is_current():
+    gen = _generator()
+    section = gen.current_section((ROOT / "README.md").read_text(encoding="utf-8"))
+    assert section is not None, "README.md lacks the config reference markers"
+    assert section == gen.render(), "README config reference is stale: run `python docs/config_reference.py --write`"
+
+
+def test_every_config_option_is_documented():
+    from xlbake.config import describe
+
+    undocumented = [f.key for _, _, cls in _generator()._sections() for f in describe(cls) if not f.doc.strip()]
+    assert undocumented == []

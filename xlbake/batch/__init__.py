@@ -1,0 +1,1 @@
+"""xlbake.batch.runner: see docs/architecture.md."""

@@ -1,0 +1,1 @@
+"""xlbake.data: see docs/architecture.md."""

@@ -1,0 +1,1 @@
+"""xlbake.dataset: see docs/architecture.md."""

@@ -1,0 +1,1 @@
+"""xlbake.evaluate: see docs/architecture.md."""

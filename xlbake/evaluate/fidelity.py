@@ -1,0 +1,399 @@
+"""How much of a finetune each LoRA keeps, measured on what the model does rather than on its weights.
+
+On a fixed set of inputs (noisy latents, timesteps spread over the schedule, prompts from the dataset captions) the
+UNet predicts with the base, the tuned model and base + each LoRA; the kept effect of a LoRA is
+
+    kept = 1 - sum ‖ε(base+LoRA) - ε(tuned)‖² / sum ‖ε(base) - ε(tuned)‖²
+
+(1: the LoRA does exactly what the finetune did; 0: no better than the base; below 0: worse than the base). A LoRA
+is applied by adding its deltas to the base weights in SGM key space (TE2's fused ``in_proj`` by row block), text
+encoders included, since a LoRA on the text encoders changes the conditioning. Beside it, the weights say the same in
+the words of extract's and resize's reports: "covered", the share of the finetune's ‖ΔW‖² (every UNet and text
+encoder tensor) in the tensors the LoRA changes; what it leaves out, by kind; "kept of finetune",
+``1 - sum ‖ΔW_lora - ΔW‖² / sum ‖ΔW‖²`` over all those tensors; "kept of covered", the same over its own.
+
+One set of modules is built and its weights are swapped in place, tensor by tensor from the checkpoint readers:
+one UNet on the device at any time, predictions kept on the CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from xlbake.errors import InputError
+from xlbake.evaluate.grid import MODEL_PARTS, Architecture, ModelWeights, resolve_architecture
+from xlbake.lora.io import LoraFile, LoraModule, read_lora
+from xlbake.lora.report import BYTES_PER_MB, left_out_kind
+from xlbake.sdxl.checkpoint import CheckpointReader, open_checkpoint
+from xlbake.sdxl.keys import SGM_PREFIX, LoraTarget, kohya_targets
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PROMPTS = ("a photo of a person", "a landscape painting", "a simple emblem on a plain background", "")
+"""Prompts used when none are given (better: the dataset's captions)."""
+
+
+@dataclass(frozen=True)
+class Update:
+    """One LoRA module's change to an SGM weight: to all of it, or to rows ``rows`` of a fused TE2 ``in_proj``.
+
+    Holds the factors, not the delta: a full-size delta per layer would not fit in memory for several LoRAs.
+    """
+
+    rows: tuple[int, int] | None
+    module: LoraModule
+    shape: tuple[int, ...]  # the (sliced) weight's shape
+
+    def delta(self) -> Tensor:
+        """The change in fp32: ``shape``."""
+        return self.module.delta().reshape(self.shape)
+
+
+@dataclass(frozen=True)
+class FidelityInputs:
+    """The fixed inputs every model variant predicts on. N samples, P prompts."""
+
+    latents: Tensor  # (N, 4, h, w) noisy latents
+    timesteps: Tensor  # (N,) long
+    prompt_index: Tensor  # (N,) long, into prompts
+    prompts: tuple[str, ...]
+    time_ids: Tensor  # (N, 6) SDXL size/crop conditioning
+
+
+@dataclass(frozen=True)
+class FidelityResult:
+    """What one LoRA file keeps of the finetune, in function space and in weight space."""
+
+    lora: Path
+    min_rank: int
+    max_rank: int
+    params: int
+    file_mb: float
+    kept_effect: float  # 1 - ‖ε(base+LoRA) - ε(tuned)‖² / ‖ε(base) - ε(tuned)‖² over all inputs
+    kept_energy: float  # kept of finetune: 1 - ‖ΔW_lora - ΔW‖² / ‖ΔW‖² over every UNet and text-encoder tensor
+    error: float  # mean squared difference per prediction element, ε(base+LoRA) vs ε(tuned)
+    reference: float  # the same for ε(base) vs ε(tuned): the finetune's whole effect
+    covered: float = 1.0  # share of ‖ΔW‖² in the tensors the LoRA changes
+    left_out: Mapping[str, float] = field(default_factory=dict)  # kind of tensor -> its share of ‖ΔW‖²
+
+    @property
+    def ranks(self) -> str:
+        return str(self.max_rank) if self.min_rank == self.max_rank else f"{self.min_rank}-{self.max_rank}"
+
+    @property
+    def kept_of_covered(self) -> float:
+        """1 - ‖ΔW_lora - ΔW‖² / ‖ΔW‖² over the tensors the LoRA changes (kept of finetune = this x covered)."""
+        return self.kept_energy / self.covered if self.covered > 0 else 1.0
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            **asdict(self),
+            "lora": str(self.lora),
+            "ranks": self.ranks,
+            "left_out": dict(self.left_out),
+            "kept_of_covered": self.kept_of_covered,
+        }
+
+
+@dataclass(frozen=True)
+class WeightKept:
+    """What one LoRA keeps of the finetune's weight difference ‖ΔW‖² (UNet and text encoders)."""
+
+    kept_of_finetune: float  # 1 - Σ‖ΔW_lora - ΔW‖² / Σ‖ΔW‖²
+    covered: float  # share of Σ‖ΔW‖² in the tensors the LoRA changes
+    left_out: dict[str, float]  # kind -> share of Σ‖ΔW‖² in tensors it does not change
+
+
+def kept_effect(pred: Tensor, tuned: Tensor, base: Tensor) -> float:
+    """1 - ‖pred - tuned‖² / ‖base - tuned‖² (any equal shapes, summed in fp64).
+
+    If base equals tuned there is nothing to keep: 1.0 when pred equals them too, else -inf.
+    """
+    reference = (base.double() - tuned.double()).square().sum().item()
+    error = (pred.double() - tuned.double()).square().sum().item()
+    if reference == 0.0:
+        return 1.0 if error == 0.0 else float("-inf")
+    return 1.0 - error / reference
+
+
+def make_inputs(
+    n_samples: int,
+    latent_size: tuple[int, int],
+    prompts: Sequence[str],
+    alphas_cumprod: Tensor,
+    *,
+    seed: int,
+    vae_scale: int,
+) -> FidelityInputs:
+    """N noisy latents x_t = sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) ε with x0, ε ~ N(0, 1) from ``seed``.
+
+    Timesteps are spread evenly over the schedule (one per stratum of ``alphas_cumprod``'s T steps); sample i uses
+    prompt i mod P. Time ids: original = target size = latent size * ``vae_scale``, crop (0, 0).
+    """
+    if n_samples < 1 or not prompts:
+        raise ValueError("make_inputs: need at least one sample and one prompt")
+    gen = torch.Generator().manual_seed(seed)
+    height, width = latent_size
+    x0 = torch.randn(n_samples, 4, height, width, generator=gen)
+    noise = torch.randn(n_samples, 4, height, width, generator=gen)
+    steps = len(alphas_cumprod)
+    timesteps = ((torch.arange(n_samples) + 0.5) * steps / n_samples).long().clamp(0, steps - 1)
+    timesteps = timesteps[torch.randperm(n_samples, generator=gen)]
+    alpha = alphas_cumprod.float()[timesteps].view(-1, 1, 1, 1)
+    latents = alpha.sqrt() * x0 + (1 - alpha).sqrt() * noise
+    size = [height * vae_scale, width * vae_scale]
+    time_ids = torch.tensor([size + [0, 0] + size], dtype=torch.float32).repeat(n_samples, 1)
+    return FidelityInputs(latents, timesteps, torch.arange(n_samples) % len(prompts), tuple(prompts), time_ids)
+
+
+@torch.no_grad()
+def encode_prompts(
+    arch: Architecture, models: dict[str, torch.nn.Module], prompts: Sequence[str]
+) -> tuple[Tensor, Tensor]:
+    """SDXL conditioning of ``prompts``: (P, 77, d1 + d2) penultimate hidden states of both encoders, (P, p) pooled.
+
+    As the diffusers SDXL pipeline does: one 77-token window per encoder, pooled = TE2's projected output.
+    """
+    hidden, pooled = [], None
+    for tokenizer, part in ((arch.tokenizer, "text_encoder"), (arch.tokenizer_2, "text_encoder_2")):
+        encoder = models[part]
+        ids = tokenizer(
+            list(prompts),
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        out = encoder(ids.to(next(encoder.parameters()).device), output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])
+        pooled = out.text_embeds if part == "text_encoder_2" else pooled
+    return torch.cat(hidden, dim=-1), pooled
+
+
+@torch.no_grad()
+def predict(arch: Architecture, models: dict[str, torch.nn.Module], inputs: FidelityInputs, batch_size: int) -> Tensor:
+    """The UNet's prediction for every input with the models' current weights: (N, 4, h, w) fp32 on the CPU."""
+    unet = models["unet"]
+    device, dtype = next(unet.parameters()).device, next(unet.parameters()).dtype
+    embeds, pooled = encode_prompts(arch, models, inputs.prompts)
+    out = []
+    for start in range(0, len(inputs.latents), batch_size):
+        index = slice(start, start + batch_size)
+        prompt = inputs.prompt_index[index].to(device)
+        added = {"text_embeds": pooled[prompt].to(dtype), "time_ids": inputs.time_ids[index].to(device, dtype)}
+        sample = unet(
+            inputs.latents[index].to(device, dtype),
+            inputs.timesteps[index].to(device),
+            encoder_hidden_states=embeds[prompt].to(dtype),
+            added_cond_kwargs=added,
+        ).sample
+        out.append(sample.float().cpu())
+    return torch.cat(out)
+
+
+def lora_updates(lora: LoraFile, targets: dict[str, LoraTarget]) -> dict[str, list[Update]]:
+    """SGM key -> the updates ``lora`` makes to it; InputError for modules that fit no layer of ``targets``."""
+    updates: dict[str, list[Update]] = {}
+    unknown = []
+    for name, module in lora.modules.items():
+        target = targets.get("lora_te1_" + name[len("lora_te_") :] if name.startswith("lora_te_") else name)
+        if target is None:
+            unknown.append(name)
+            continue
+        shape = (module.up.shape[0], *module.down.shape[1:])
+        if torch.Size(shape).numel() != torch.Size(target.shape).numel():
+            raise InputError(
+                f"{lora.path}: module {name} changes a {shape} weight but {target.key} is "
+                f"{target.shape}; the LoRA was made for another model"
+            )
+        updates.setdefault(target.key, []).append(Update(target.rows, module, target.shape))
+    if unknown:
+        raise InputError(
+            f"{lora.path}: {len(unknown)} module(s) match no layer of the base model, e.g. {unknown[:3]}; "
+            "the LoRA was made for another architecture"
+        )
+    return updates
+
+
+def merged(weight: Tensor, updates: Sequence[Update]) -> Tensor:
+    """``weight`` (SGM shape) in fp32 with every update added (to its row block where it has one)."""
+    out = weight.float().clone()
+    for update in updates:
+        rows = slice(*update.rows) if update.rows else slice(None)
+        out[rows] += update.delta()
+    return out
+
+
+def weight_energies(
+    base: CheckpointReader,
+    tuned: CheckpointReader,
+    keys: Sequence[str],
+    updates: Sequence[dict[str, list[Update]]],
+    targets: Sequence[LoraTarget],
+) -> list[WeightKept]:
+    """What each LoRA keeps of ‖tuned - base‖² over the float tensors of ``keys`` (1.0 each if nothing changed).
+
+    A tensor no LoRA module changes is left out under its kind: LoRA layers as "3x3 convs" or "<component> layers",
+    others by :func:`xlbake.lora.report.left_out_kind`.
+    """
+    components = {t.key: ("3x3 convs" if t.kind == "conv3x3" else f"{t.component} layers") for t in targets}
+    total, errors = 0.0, [0.0] * len(updates)
+    covered = [0.0] * len(updates)
+    left_out: list[dict[str, float]] = [{} for _ in updates]
+    for key in keys:
+        if not base.dtype(key).is_floating_point:
+            continue
+        difference = tuned.get(key).float() - base.get(key).float()
+        energy = difference.double().square().sum().item()
+        total += energy
+        for index, lora in enumerate(updates):
+            if key in lora:
+                covered[index] += energy
+                change = merged(torch.zeros_like(difference), lora[key])
+                errors[index] += (difference - change).double().square().sum().item()
+            else:
+                errors[index] += energy
+                kind = components.get(key) or left_out_kind(key, tuple(difference.shape))
+                left_out[index][kind] = left_out[index].get(kind, 0.0) + energy
+    if total <= 0:
+        return [WeightKept(1.0, 1.0, {}) for _ in updates]
+    return [
+        WeightKept(1.0 - error / total, part / total, {k: v / total for k, v in out.items() if v > 0})
+        for error, part, out in zip(errors, covered, left_out, strict=True)
+    ]
+
+
+def measure_fidelity(
+    base: str | os.PathLike,
+    tuned: str | os.PathLike,
+    loras: Sequence[str | os.PathLike],
+    *,
+    n_samples: int = 8,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    prompts: Sequence[str] = (),
+    components: str | os.PathLike | None = None,
+    dtype: torch.dtype | None = None,
+    latent_size: int | None = None,
+    batch_size: int = 4,
+) -> list[FidelityResult]:
+    """Kept effect and kept weight energy of each LoRA file (extracted from ``base`` -> ``tuned``), in order.
+
+    ``base``/``tuned``: single-file SDXL safetensors or diffusers folders of one architecture; ``components``
+    supplies configs and tokenizers for single files of unknown size (see
+    :func:`xlbake.evaluate.grid.resolve_architecture`).
+    ``prompts`` default to ``DEFAULT_PROMPTS``; ``latent_size`` to the UNet's ``sample_size``; ``dtype`` to fp32 on
+    the CPU and fp16 on a GPU. InputError for files that do not fit each other or a finetune with no effect.
+    """
+    from diffusers import DDPMScheduler
+
+    base, tuned, device = Path(base), Path(tuned), torch.device(device)
+    dtype = dtype or (torch.float32 if device.type == "cpu" else torch.float16)
+    files = [read_lora(path) for path in loras]
+    arch = resolve_architecture(base, components)
+    with open_checkpoint(base) as base_reader, open_checkpoint(tuned) as tuned_reader:
+        keys = _model_keys(base_reader, tuned_reader)
+        targets = {t.name: t for t in kohya_targets(base_reader.shapes(), conv=True, extra=True)}
+        updates = [lora_updates(lora, targets) for lora in files]
+        energies = weight_energies(base_reader, tuned_reader, keys, updates, list(targets.values()))
+        weights = ModelWeights.load(base_reader, arch, MODEL_PARTS, device=device, dtype=dtype)
+        size = latent_size or int(arch.unet["sample_size"])
+        alphas = DDPMScheduler.from_config(arch.scheduler).alphas_cumprod
+        inputs = make_inputs(
+            n_samples, (size, size), list(prompts) or DEFAULT_PROMPTS, alphas, seed=seed, vae_scale=arch.vae_scale
+        )
+        logger.info("fidelity: %d inputs of %dx%d latents, %d LoRA(s)", n_samples, size, size, len(files))
+        base_pred, lora_preds, tuned_pred = _predict_variants(
+            arch, weights, inputs, batch_size, base_reader, tuned_reader, keys, updates
+        )
+    reference = (base_pred - tuned_pred).double().square().mean().item()
+    if reference == 0.0:
+        raise InputError(f"{tuned}: predicts exactly as {base} on every input; there is no finetune effect to measure")
+    return [
+        _result(lora, pred, tuned_pred, base_pred, energy)
+        for lora, pred, energy in zip(files, lora_preds, energies, strict=True)
+    ]
+
+
+def _predict_variants(
+    arch: Architecture,
+    weights: ModelWeights,
+    inputs: FidelityInputs,
+    batch_size: int,
+    base: CheckpointReader,
+    tuned: CheckpointReader,
+    keys: Sequence[str],
+    updates: Sequence[dict[str, list[Update]]],
+) -> tuple[Tensor, list[Tensor], Tensor]:
+    """Predictions of the base, base + each LoRA, then the tuned model, swapping weights in place in that order."""
+    base_pred = predict(arch, weights.models, inputs, batch_size)
+    lora_preds = []
+    for index, lora in enumerate(updates, start=1):
+        logger.info("fidelity: LoRA %d/%d (%d weights changed)", index, len(updates), len(lora))
+        for key, parts in lora.items():
+            weights.set(key, merged(base.get(key), parts))
+        lora_preds.append(predict(arch, weights.models, inputs, batch_size))
+        for key in lora:
+            weights.set(key, base.get(key))
+    for key in keys:
+        weights.set(key, tuned.get(key))
+    return base_pred, lora_preds, predict(arch, weights.models, inputs, batch_size)
+
+
+def fidelity_table(results: Sequence[FidelityResult]) -> str:
+    """A compact table: file, rank(s), MB, covered, kept of covered, kept of finetune (weights), kept effect."""
+    width = max([len(r.lora.name) for r in results] + [4])
+    header = f"{'covered':>9}{'kept of covered':>17}{'kept of finetune':>18}{'kept effect':>13}"
+    lines = [f"{'file':<{width}}  {'rank(s)':<9}{'MB':>9}{header}"]
+    for r in results:
+        lines.append(
+            f"{r.lora.name:<{width}}  {r.ranks:<9}{r.file_mb:>9.2f}{r.covered * 100:>8.1f}%"
+            f"{r.kept_of_covered * 100:>16.2f}%{r.kept_energy * 100:>17.2f}%{r.kept_effect * 100:>12.2f}%"
+        )
+    return "\n".join(lines)
+
+
+def prompts_from_dataset(root: str | os.PathLike, limit: int, seed: int = 0) -> list[str]:
+    """Up to ``limit`` distinct captions of a kohya-layout dataset, picked with ``seed`` (InputError if none)."""
+    from xlbake.data.kohya import scan_dataset
+
+    captions = sorted({item.caption for subset in scan_dataset([Path(root)]).subsets for item in subset.items})
+    if not captions:
+        raise InputError(f"{root}: no captioned images found; pass prompts instead, or a kohya dataset folder")
+    return random.Random(seed).sample(captions, min(limit, len(captions)))
+
+
+def _model_keys(base: CheckpointReader, tuned: CheckpointReader) -> list[str]:
+    """The UNet and text encoder keys, checked to have the same shapes in both checkpoints."""
+    prefixes = tuple(SGM_PREFIX[part] for part in MODEL_PARTS)
+    keys = [key for key in base if key.startswith(prefixes)]
+    tuned_keys = {key for key in tuned if key.startswith(prefixes)}
+    for key in keys:
+        if key not in tuned_keys or tuned.shape(key) != base.shape(key):
+            raise InputError(f"{tuned.path}: {key} is missing or differs in shape from {base.path}; not the same model")
+    return keys
+
+
+def _result(lora: LoraFile, pred: Tensor, tuned: Tensor, base: Tensor, energy: WeightKept) -> FidelityResult:
+    ranks = [module.rank for module in lora.modules.values()]
+    return FidelityResult(
+        lora=lora.path,
+        min_rank=min(ranks),
+        max_rank=max(ranks),
+        params=sum(module.params for module in lora.modules.values()),
+        file_mb=lora.path.stat().st_size / BYTES_PER_MB,
+        kept_effect=kept_effect(pred, tuned, base),
+        kept_energy=energy.kept_of_finetune,
+        error=(pred - tuned).double().square().mean().item(),
+        reference=(base - tuned).double().square().mean().item(),
+        covered=energy.covered,
+        left_out=energy.left_out,
+    )

@@ -1,0 +1,353 @@
+"""Pictures a person would rather look at than read: the sample-grid sheet, the loss curve of a run and what each
+LoRA keeps of its finetune against its file size. (Kept energy vs rank per component is :mod:`xlbake.lora.report`'s.)
+
+Figures are drawn with matplotlib's object API (no pyplot state) and written atomically via :mod:`xlbake.fileio`.
+The loss curve reads what the trainer writes: tensorboard event files (``RUN/logs/``, tags ``loss`` and
+``lr/<part>``) or, without them, the loss history in the newest ``RUN/state/step-*/trainer_state.json``; a JSONL
+log (one ``{"step": .., "loss": .., "lr": ..}`` object a line) is read too.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from matplotlib.figure import Figure
+from PIL import Image, ImageDraw, ImageFont, features
+
+from xlbake.errors import InputError
+from xlbake.fileio import atomic_path
+
+if TYPE_CHECKING:
+    from xlbake.evaluate.fidelity import FidelityResult
+
+PLOT_DPI = 120
+SMOOTHING = 0.9
+"""Exponential smoothing of the loss curve (tensorboard's default slider value)."""
+MIN_FONT = 12
+CELL_WIDTHS_PER_FONT = 20
+LINE_SPACING = 1.25
+COLUMN_LABEL_LINES = 3
+LABEL_WIDTH_IN_FONTS = 10
+BACKGROUND, INK = (255, 255, 255), (20, 20, 20)
+ELLIPSIS = "..."
+EVENTS_PREFIX = "events.out.tfevents."
+STATE_FILE = "trainer_state.json"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The grid sheet
+
+
+@dataclass(frozen=True)
+class GridGeometry:
+    """Pixel layout of a grid sheet: optional title line, column headers, then rows of a label and cells."""
+
+    rows: int
+    cols: int
+    cell_width: int
+    cell_height: int
+    font_size: int
+    line_height: int
+    padding: int
+    gap: int
+    label_width: int  # row labels (prompts), left
+    header_height: int  # column labels, top: COLUMN_LABEL_LINES lines
+    title_height: int  # 0 without a title
+
+    @property
+    def width(self) -> int:
+        return self.label_width + self.cols * (self.cell_width + self.gap) + self.gap
+
+    @property
+    def height(self) -> int:
+        return self.title_height + self.header_height + self.rows * (self.cell_height + self.gap) + self.gap
+
+    def cell_box(self, row: int, col: int) -> tuple[int, int, int, int]:
+        """(left, top, right, bottom) of cell (row, col)."""
+        left = self.label_width + self.gap + col * (self.cell_width + self.gap)
+        top = self.title_height + self.header_height + self.gap + row * (self.cell_height + self.gap)
+        return left, top, left + self.cell_width, top + self.cell_height
+
+
+def grid_geometry(rows: int, cols: int, cell_size: tuple[int, int], *, title: bool = False) -> GridGeometry:
+    """The layout for ``rows`` x ``cols`` cells of ``cell_size`` (width, height); text scales with the cells."""
+    width, height = cell_size
+    font = max(MIN_FONT, width // CELL_WIDTHS_PER_FONT)
+    line = round(font * LINE_SPACING)
+    padding = font // 2
+    return GridGeometry(
+        rows=rows,
+        cols=cols,
+        cell_width=width,
+        cell_height=height,
+        font_size=font,
+        line_height=line,
+        padding=padding,
+        gap=max(2, width // 64),
+        label_width=max(width // 2, LABEL_WIDTH_IN_FONTS * font),
+        header_height=COLUMN_LABEL_LINES * line + 2 * padding,
+        title_height=line + 2 * padding if title else 0,
+    )
+
+
+def layout_grid(
+    cells: Sequence[Sequence[Image.Image]],
+    row_labels: Sequence[str],
+    col_labels: Sequence[str],
+    *,
+    title: str | None = None,
+) -> Image.Image:
+    """One RGB sheet of equally sized ``cells[row][col]`` with wrapped row and column labels (PIL's default font).
+
+    Labels longer than their box are cut with "..."; a "\\n" in a label starts a new line.
+    """
+    if not cells or not cells[0] or any(len(row) != len(cells[0]) for row in cells):
+        raise ValueError("layout_grid: cells must be a non-empty rectangle of images")
+    if len(row_labels) != len(cells) or len(col_labels) != len(cells[0]):
+        raise ValueError(f"layout_grid: {len(cells)}x{len(cells[0])} cells, {len(row_labels)}x{len(col_labels)} labels")
+    size = cells[0][0].size
+    if any(image.size != size for row in cells for image in row):
+        raise ValueError(f"layout_grid: every cell must be {size[0]}x{size[1]} like the first")
+    geo = grid_geometry(len(cells), len(cells[0]), size, title=title is not None)
+    sheet = Image.new("RGB", (geo.width, geo.height), BACKGROUND)
+    draw = ImageDraw.Draw(sheet)
+    font = _font(geo.font_size)
+    if title is not None:
+        _draw_lines(draw, _fit(draw, title, font, geo.width - 2 * geo.padding, 1), font, geo, geo.width // 2, 0)
+    for col, label in enumerate(col_labels):
+        left, _, right, _ = geo.cell_box(0, col)
+        lines = _fit(draw, label, font, right - left, COLUMN_LABEL_LINES)
+        _draw_lines(draw, lines, font, geo, (left + right) // 2, geo.title_height)
+    for row, (label, images) in enumerate(zip(row_labels, cells, strict=True)):
+        _, top, _, _ = geo.cell_box(row, 0)
+        max_lines = max(1, (geo.cell_height - 2 * geo.padding) // geo.line_height)
+        lines = _fit(draw, label, font, geo.label_width - 2 * geo.padding, max_lines)
+        _draw_lines(draw, lines, font, geo, None, top)
+        for col, image in enumerate(images):
+            sheet.paste(image.convert("RGB"), geo.cell_box(row, col)[:2])
+    return sheet
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """PIL's default font at ``size`` pixels (its fixed bitmap font when Pillow lacks FreeType)."""
+    return ImageFont.load_default(size=size) if features.check("freetype2") else ImageFont.load_default()
+
+
+def _fit(draw: ImageDraw.ImageDraw, text: str, font: object, width: int, max_lines: int) -> list[str]:
+    """``text`` wrapped at words (long words at characters) into at most ``max_lines`` lines of ``width`` px."""
+    lines: list[str] = []
+    for paragraph in text.split("\n"):
+        line = ""
+        for word in paragraph.split(" "):
+            candidate = f"{line} {word}" if line else word
+            if draw.textlength(candidate, font=font) <= width:
+                line = candidate
+                continue
+            if line:
+                lines.append(line)
+            while draw.textlength(word, font=font) > width and len(word) > 1:
+                cut = max(1, next(i for i in range(len(word), 0, -1) if draw.textlength(word[:i], font=font) <= width))
+                lines.append(word[:cut])
+                word = word[cut:]
+            line = word
+        lines.append(line)
+    if len(lines) > max_lines:
+        last = lines[max_lines - 1]
+        while last and draw.textlength(last + ELLIPSIS, font=font) > width:
+            last = last[:-1]
+        lines = [*lines[: max_lines - 1], last + ELLIPSIS]
+    return lines
+
+
+def _draw_lines(
+    draw: ImageDraw.ImageDraw, lines: Sequence[str], font: object, geo: GridGeometry, center: int | None, top: int
+) -> None:
+    """Draw ``lines`` from ``top`` + padding: centred on x = ``center``, or left-aligned at the padding if None."""
+    for index, line in enumerate(lines):
+        y = top + geo.padding + index * geo.line_height
+        if center is None:
+            draw.text((geo.padding, y), line, fill=INK, font=font)
+        else:
+            draw.text((center, y), line, fill=INK, font=font, anchor="ma")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loss curve
+
+
+@dataclass(frozen=True)
+class Series:
+    """Values by optimizer step, steps ascending."""
+
+    steps: tuple[int, ...]
+    values: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class LossLog:
+    """A run's logged training loss and learning rate(s) (by parameter group, e.g. ``unet``, ``te1``)."""
+
+    loss: Series
+    lrs: dict[str, Series]
+    source: Path
+
+
+def smooth(values: Sequence[float], factor: float = SMOOTHING) -> list[float]:
+    """Bias-corrected exponential moving average, as tensorboard smooths: same length as ``values``."""
+    out, average = [], 0.0
+    for count, value in enumerate(values, start=1):
+        average = factor * average + (1 - factor) * value
+        out.append(average / (1 - factor**count))
+    return out
+
+
+def read_loss_log(path: str | os.PathLike) -> LossLog:
+    """Read a run's loss log: a run folder, a tensorboard events file or folder, a trainer_state.json or a JSONL.
+
+    A run folder is read from its tensorboard events if any, else from its newest saved training state.
+    InputError if nothing readable is found or it holds no loss.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file or folder; pass a run folder, tensorboard log or JSONL log")
+    if path.is_dir():
+        events = sorted(path.rglob(EVENTS_PREFIX + "*"))
+    else:
+        events = [path] if path.name.startswith(EVENTS_PREFIX) else []
+    if events:
+        scalars = _read_events(events)
+    elif path.suffix == ".jsonl":
+        scalars = _read_jsonl(path)
+    else:
+        states = [path] if path.is_file() else sorted(path.rglob(STATE_FILE), key=lambda p: p.parent.name)
+        if not states:
+            raise InputError(f"{path}: no tensorboard events, {STATE_FILE} or .jsonl log found; was logging enabled?")
+        scalars = _read_state(states[-1])
+    loss = scalars.pop("loss", {})
+    finite = {step: value for step, value in loss.items() if math.isfinite(value)}
+    if not finite:
+        raise InputError(f"{path}: the log holds no finite loss values")
+    lrs = {name.removeprefix("lr/"): _series(values) for name, values in scalars.items() if name.startswith("lr")}
+    return LossLog(_series(finite), lrs, path)
+
+
+def plot_loss_curve(
+    log: LossLog, out_png: str | os.PathLike, *, title: str | None = None, smoothing: float = SMOOTHING, force: bool
+) -> Path:
+    """Training loss per optimizer step, raw and smoothed, with the learning rate(s) on a second axis."""
+    figure = Figure(figsize=(9, 4.8), layout="constrained")
+    axis = figure.subplots()
+    steps, values = log.loss.steps, log.loss.values
+    axis.plot(steps, values, color="C0", alpha=0.3, linewidth=0.8, label="loss (per step)")
+    axis.plot(steps, smooth(values, smoothing), color="C0", linewidth=2.0, label=f"loss (smoothed, EMA {smoothing:g})")
+    axis.set(xlabel="optimizer step", ylabel="training loss (mean per step)")
+    axis.set_title(title or f"training loss: {log.source}")
+    axis.grid(True, alpha=0.3)
+    handles, labels = axis.get_legend_handles_labels()
+    if log.lrs:
+        lr_axis = axis.twinx()
+        for index, (name, series) in enumerate(log.lrs.items()):
+            label = f"learning rate ({name})" if name and name != "lr" else "learning rate"
+            lr_axis.plot(series.steps, series.values, color=f"C{index + 1}", linewidth=1.2, linestyle="--", label=label)
+        lr_axis.set_ylabel("learning rate")
+        lr_axis.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+        more_handles, more_labels = lr_axis.get_legend_handles_labels()
+        handles, labels = handles + more_handles, labels + more_labels
+    axis.legend(handles, labels, loc="upper right", fontsize="small")
+    return _save(figure, out_png, force)
+
+
+def _series(values: dict[int, float]) -> Series:
+    steps = sorted(values)
+    return Series(tuple(steps), tuple(float(values[step]) for step in steps))
+
+
+def _read_events(files: Sequence[Path]) -> dict[str, dict[int, float]]:
+    """Scalars of tensorboard event files; a step logged twice (a resumed run) keeps its most recent value."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    timed: dict[str, dict[int, tuple[float, float]]] = {}
+    for file in files:
+        events = EventAccumulator(str(file), size_guidance={"scalars": 0})
+        events.Reload()
+        for tag in events.Tags().get("scalars", []):
+            steps = timed.setdefault(tag, {})
+            for event in events.Scalars(tag):
+                if event.step not in steps or event.wall_time >= steps[event.step][0]:
+                    steps[event.step] = (event.wall_time, event.value)
+    return {tag: {step: value for step, (_, value) in steps.items()} for tag, steps in timed.items()}
+
+
+def _read_jsonl(path: Path) -> dict[str, dict[int, float]]:
+    scalars: dict[str, dict[int, float]] = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            step = int(record["step"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise InputError(f"{path}:{number}: not a JSON object with a step ({exc}); fix or remove the line") from exc
+        for key, value in record.items():
+            if (key == "loss" or key.startswith("lr")) and isinstance(value, (int, float)):
+                scalars.setdefault(key, {})[step] = float(value)
+    return scalars
+
+
+def _read_state(path: Path) -> dict[str, dict[int, float]]:
+    """Loss and LR history of a trainer_state.json: step i + 1 for the i-th entry."""
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+        losses, lrs = list(state.get("losses", [])), list(state.get("lrs", []))
+    except (json.JSONDecodeError, AttributeError, TypeError) as exc:
+        raise InputError(f"{path}: not a readable training state ({exc})") from exc
+    scalars = {"loss": {i + 1: float(v) for i, v in enumerate(losses) if isinstance(v, (int, float))}}
+    if lrs:
+        scalars["lr"] = {i + 1: float(v) for i, v in enumerate(lrs) if isinstance(v, (int, float))}
+    return scalars
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Kept effect vs file size
+
+
+def plot_kept_effect(
+    results: Sequence[FidelityResult], out_png: str | os.PathLike, *, title: str | None = None, force: bool = False
+) -> Path:
+    """Kept effect (function space) and kept weight energy of each LoRA file against its size, one point per file."""
+    if not results:
+        raise ValueError("plot_kept_effect: no results to plot")
+    ordered = sorted(results, key=lambda r: r.file_mb)
+    sizes = [r.file_mb for r in ordered]
+    effect = [r.kept_effect * 100 for r in ordered]
+    energy = [r.kept_energy * 100 for r in ordered]
+    figure = Figure(figsize=(8, 5), layout="constrained")
+    axis = figure.subplots()
+    axis.plot(
+        sizes, effect, "o-", color="C0", label="kept effect: 1 - ‖ε(base+LoRA) - ε(tuned)‖² / ‖ε(base) - ε(tuned)‖²"
+    )
+    axis.plot(sizes, energy, "s--", color="C1", label="kept weight energy: 1 - ‖ΔW(LoRA) - ΔW‖² / ‖ΔW‖²")
+    ranks = [r.ranks for r in ordered]
+    for result, x, y in zip(ordered, sizes, effect, strict=True):
+        text = f"rank {result.ranks}" if ranks.count(result.ranks) == 1 else result.lora.stem
+        axis.annotate(text, (x, y), textcoords="offset points", xytext=(4, -12), fontsize="small")
+    if len(sizes) > 1 and max(sizes) > 10 * min(sizes) > 0:
+        axis.set_xscale("log")
+    axis.set_ylim(min(0.0, *effect, *energy) - 2, 102)
+    axis.set(xlabel="LoRA file size (MB, 10⁶ bytes)", ylabel="kept (%)")
+    axis.set_title(title or "what each LoRA keeps of the finetune")
+    axis.grid(True, alpha=0.3)
+    axis.legend(loc="lower right", fontsize="small")
+    return _save(figure, out_png, force)
+
+
+def _save(figure: Figure, out_png: str | os.PathLike, force: bool) -> Path:
+    with atomic_path(out_png, force) as tmp:
+        figure.savefig(tmp, format="png", dpi=PLOT_DPI)
+    return Path(out_png)

@@ -1,0 +1,1 @@
+"""xlbake.lora: see docs/architecture.md."""

@@ -1,0 +1,1 @@
+"""xlbake.sdxl: see docs/architecture.md."""
