@@ -217,3 +217,11 @@ def test_setup_logging_levels(restore_logging):
     setup_logging(verbose=True)
     assert logging.getLogger().level == logging.DEBUG
     assert logging.getLogger("diffusers").level == logging.DEBUG
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("package", ["xlbake", "finetune"])
+def test_python_dash_m_runs_the_command(package):
+    done = subprocess.run([sys.executable, "-m", package, "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert f"Usage: python -m {package}" in done.stdout
