@@ -214,6 +214,8 @@ def _set_attention(module: torch.nn.Module, attention: str) -> None:
 def _enable_checkpointing(module: torch.nn.Module) -> None:
     if isinstance(module, UNet2DConditionModel):
         module.enable_gradient_checkpointing()
+    elif hasattr(module, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name warns
+        module.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 

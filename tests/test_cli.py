@@ -225,3 +225,26 @@ def test_python_dash_m_runs_the_command(package):
     done = subprocess.run([sys.executable, "-m", package, "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert f"Usage: python -m {package}" in done.stdout
+
+
+LIBRARY_NOISE = (
+    "requires torchvision",  # transformers, on importing the pipeline's image processor
+    "gradient_checkpointing_enable",  # transformers' FutureWarning for the old checkpointing name
+    "Setting accelerator to CPU",  # DeepSpeed's accelerator probe, printed on stdout
+    "FutureWarning",
+)
+
+
+@pytest.mark.slow
+def test_finetune_run_prints_no_library_noise(tmp_path):
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-m", "finetune", "--config", str(repo / "configs/finetune/tiny-cpu.yaml"),
+         "--set", f"run_dir={tmp_path / 'run'}", "--set", "train.max_steps=1", "--set", "sample.prompts=[]",
+         "--set", "model.gradient_checkpointing=true", "--set", "data.resolution=32"],
+        capture_output=True, text=True, timeout=600, cwd=repo,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "Finished 1 steps" in done.stdout
+    output = done.stdout + done.stderr
+    assert [noise for noise in LIBRARY_NOISE if noise in output] == []
