@@ -98,6 +98,7 @@ def architecture(model_cfg: Any) -> tuple[dict[str, dict[str, Any]], str, tuple[
     """The component configs the trainer would build: builtin tiny, a diffusers folder's (the base, else
     ``model.components``), the locally cached hub id's, or SDXL base 1.0's (``xlbake.sdxl_configs``)."""
     from finetune.config import SDXL_HUB_ID, builtin_name
+    from xlbake.architecture import single_file_kind
     from xlbake.errors import ConfigError
     from xlbake.sdxl_configs import SDXL_CONFIGS
 
@@ -105,20 +106,26 @@ def architecture(model_cfg: Any) -> tuple[dict[str, dict[str, Any]], str, tuple[
     if name is not None:
         if name != "tiny":
             raise ConfigError(f"model.base: unknown builtin model {name!r}; the builtin model is builtin:tiny")
-        from xlbake.tiny import build_tokenizers, tiny_configs
-
-        return tiny_configs(*build_tokenizers()), "builtin tiny model", ()
+        return _tiny_configs(), "builtin tiny model", ()
     base, components = Path(model_cfg.base), str(model_cfg.components)
     folder = base if base.is_dir() else Path(components) if Path(components).is_dir() else None
     if folder is not None:
         return {c: _read_json(folder / c / "config.json") for c in COMPONENTS}, f"{folder} (config.json files)", ()
     sdxl = {c: dict(SDXL_CONFIGS[c]) for c in COMPONENTS}
-    if components == SDXL_HUB_ID:
+    if components == SDXL_HUB_ID:  # as the trainer: the file's shapes say which (InputError for other sizes)
+        if base.is_file() and single_file_kind(base) == "tiny":
+            return _tiny_configs(), f"the builtin tiny model (recognised in {base})", ()
         return sdxl, "SDXL base 1.0 (xlbake.sdxl_configs)", ()
     cached = _cached_hub_configs(components)
     if cached is not None:
         return cached, f"{components} (local hub cache)", ()
     return sdxl, "SDXL base 1.0 (assumed)", (f"model.components {components} is not cached here: assumed SDXL",)
+
+
+def _tiny_configs() -> dict[str, dict[str, Any]]:
+    from xlbake.tiny import build_tokenizers, tiny_configs
+
+    return tiny_configs(*build_tokenizers())
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -28,9 +28,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from xlbake.architecture import MODEL_PARTS, Architecture, resolve_architecture
 from xlbake.checkpoint import CheckpointReader, open_checkpoint
 from xlbake.errors import InputError
-from xlbake.grid import MODEL_PARTS, Architecture, ModelWeights, resolve_architecture
+from xlbake.grid import ModelWeights
 from xlbake.lora_io import LoraFile, LoraModule, read_lora
 from xlbake.report import BYTES_PER_MB, left_out_kind
 from xlbake.sdxl_keys import SGM_PREFIX, LoraTarget, kohya_targets
@@ -288,7 +289,8 @@ def measure_fidelity(
     """Kept effect and kept weight energy of each LoRA file (extracted from ``base`` -> ``tuned``), in order.
 
     ``base``/``tuned``: single-file SDXL safetensors or diffusers folders of one architecture; ``components``
-    supplies configs and tokenizers for single files of unknown size (see :func:`xlbake.grid.resolve_architecture`).
+    supplies configs and tokenizers for single files of unknown size (see
+    :func:`xlbake.architecture.resolve_architecture`).
     ``prompts`` default to ``DEFAULT_PROMPTS``; ``latent_size`` to the UNet's ``sample_size``; ``dtype`` to fp32 on
     the CPU and fp16 on a GPU. InputError for files that do not fit each other or a finetune with no effect.
     """
