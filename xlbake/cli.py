@@ -37,6 +37,8 @@ LIBRARY_NOISE = {
     "transformers.utils.import_utils": "requires torchvision (not installed)",
     # DeepSpeed's accelerator probe on a machine without a GPU (a CUDA box never prints it); logged to stdout
     "DeepSpeed": "Setting accelerator to CPU",
+    # diffusers warns on every dtype cast of a model even when no module of it must stay in fp32 (the list is empty)
+    "diffusers.models.modeling_utils": "should be kept in float32: []",
 }
 """Logger name -> text of messages that are not the user's business: dropped unless verbose."""
 
