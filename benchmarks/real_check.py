@@ -3,8 +3,8 @@
 Not part of ``make test``: at real size it needs about 21 GB of RAM and some 10 minutes on 2 cores.
 
 1. ``build``: a random-weight single-file SGM checkpoint in SDXL base 1.0's exact layout (2515 keys, fp16, about
-   7 GB), from :mod:`xlbake.sdxl_configs`, written one tensor at a time (memory stays at the largest tensor) and
-   kept in the cache folder for the next run.
+   7 GB; normal weights of std 1/sqrt(fan in), norm scales 1, other vectors 0) from :mod:`xlbake.sdxl_configs`,
+   written one tensor at a time (memory stays at the largest tensor) and kept in the cache folder for next time.
 2. ``finetune``: one optimizer step of text encoder 1 only (UNet and text encoder 2 frozen), bf16 autocast,
    gradient checkpointing, through ``python -m finetune`` with the default ``model.components``, offline.
 3. ``extract``: ``python -m extract`` on base and tuned, then the checks: UNet and text encoder 2 reported
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import struct
 import subprocess
@@ -35,13 +36,15 @@ from pathlib import Path
 
 import torch
 
+from xlbake.cli import setup_logging
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CACHE = REPO / ".cache" / "real-check"
 TE1_POSITION_IDS = "conditioner.embedders.0.transformer.text_model.embeddings.position_ids"
 TE2_LOGIT_SCALE = "conditioner.embedders.1.model.logit_scale"
 SAFETENSORS_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.int64: "I64"}
-INIT_STD = 0.02
-"""Random weights: normal(0, 0.02) for matrices and kernels, ones for norm scales, zeros for other vectors."""
+MIN_DIFF = 1e-9
+"""extract's --min-diff: one step at a small LR moves TE1 little; anything exactly zero is still "unchanged"."""
 CLIP_LOGIT_SCALE = 4.6052
 """log(1 / 0.07), CLIP's initial logit scale (unused by SDXL; present in the real file)."""
 LORA_DIM = 8
@@ -101,10 +104,10 @@ def _random_tensor(key: str, shape: tuple[int, ...], dtype: torch.dtype, generat
         return torch.arange(shape[-1], dtype=dtype).reshape(shape)
     if key == TE2_LOGIT_SCALE:
         return torch.tensor(CLIP_LOGIT_SCALE, dtype=dtype)
-    if len(shape) >= 2:
-        return torch.randn(shape, generator=generator).mul_(INIT_STD).to(dtype)
-    norm_scale = key.endswith(".weight") and ("norm" in key or ".ln_" in key)
-    return (torch.ones if norm_scale else torch.zeros)(shape, dtype=dtype)
+    if len(shape) >= 2:  # std 1/sqrt(fan in) keeps activations and gradients alive through the random layers
+        return torch.randn(shape, generator=generator).div_(math.sqrt(math.prod(shape[1:]))).to(dtype)
+    # the only 1-D weights are norm scales (SGM names many GroupNorms by position, e.g. "in_layers.0.weight")
+    return (torch.ones if key.endswith("weight") else torch.zeros)(shape, dtype=dtype)
 
 
 def build_base(cache: Path, size: str) -> Path:
@@ -137,8 +140,8 @@ def offline_env(cache: Path) -> dict[str, str]:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub), "PYTHONPATH": str(REPO)}
 
 
-def finetune(base: Path, run: Path, env: Mapping[str, str]) -> Path:
-    """One optimizer step of TE1 only, bf16 autocast, gradient checkpointing; returns the fp32 tuned file."""
+def finetune(base: Path, run: Path, env: Mapping[str, str], precision: str) -> Path:
+    """One optimizer step of TE1 only, ``precision`` autocast, gradient checkpointing; returns the fp32 tuned file."""
     sets = {
         "run_dir": run,
         "model.base": base,
@@ -146,7 +149,7 @@ def finetune(base: Path, run: Path, env: Mapping[str, str]) -> Path:
         "optim.unet_lr": 0,
         "optim.te1_lr": "1e-5",
         "optim.te2_lr": 0,
-        "precision.mixed": "bf16",
+        "precision.mixed": precision,
         "ema.enabled": "false",
         "train.max_steps": 1,
         "train.batch_size": 1,
@@ -172,7 +175,7 @@ def extract_and_check(base: Path, tuned: Path, env: Mapping[str, str]) -> list[s
 
     lora_path = tuned.with_name(f"lora-dim{LORA_DIM}.safetensors")
     _run([sys.executable, "-m", "extract", "--base", str(base), "--tuned", str(tuned), "--dim", str(LORA_DIM),
-          "--out", str(lora_path), "--force"], env)  # fmt: skip
+          "--min-diff", str(MIN_DIFF), "--out", str(lora_path), "--force"], env)  # fmt: skip
     lora = read_lora(lora_path)
     decisions = json.loads(lora.metadata["xlbake_components"])
     failures = [f"{c} not reported unchanged: {decisions.get(c)}" for c in FROZEN
@@ -209,12 +212,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where the base and runs are kept")
     parser.add_argument("--size", choices=("real", "tiny"), default="real", help="SDXL base 1.0, or the tiny model")
     parser.add_argument("--stage", choices=("build", "all"), default="all", help="stop after building the base")
+    parser.add_argument("--precision", choices=("bf16", "no"), default="bf16", help="the finetune's autocast")
     args = parser.parse_args(argv)
+    setup_logging()
     base = build_base(args.cache, args.size)
     if args.stage == "build":
         return 0
     env = offline_env(args.cache)
-    tuned = finetune(base, args.cache / f"run-{args.size}", env)
+    tuned = finetune(base, args.cache / f"run-{args.size}", env, args.precision)
     failures = extract_and_check(base, tuned, env)
     for failure in failures:
         print(f"FAILED: {failure}", flush=True)
