@@ -79,9 +79,7 @@ def load_model(base: Path, components: str | Path, vae: Path | None = None, pred
         te2 = _from_pretrained(CLIPTextModelWithProjection, base, "text_encoder_2", dtype=torch.float32)
         vae_model = _from_pretrained(AutoencoderKL, base, "vae", torch_dtype=torch.float32)
     else:
-        from xlbake.architecture import resolve_architecture
-
-        arch = resolve_architecture(base, None if str(components) == SDXL_HUB_ID else components)
+        arch = single_file_architecture(base, components)
         tokenizer, tokenizer_2 = arch.tokenizer, arch.tokenizer_2
         noise_scheduler = DDPMScheduler.from_config(_accepted(DDPMScheduler, arch.scheduler))
         unet, te1, te2, vae_model = _load_single_file(base, arch)
@@ -90,6 +88,14 @@ def load_model(base: Path, components: str | Path, vae: Path | None = None, pred
     if vae is not None:
         vae_model = _from_pretrained(AutoencoderKL, vae, None, torch_dtype=torch.float32)
     return SdxlModel(unet, te1, te2, vae_model, tokenizer, tokenizer_2, noise_scheduler, base)
+
+
+def single_file_architecture(base: Path, components: str | Path) -> Architecture:
+    """The architecture of a single-file base: from ``components``, or with the default (SDXL's hub id) from the
+    file's own shapes, SDXL's tokenizers fetched on first use. InputError when it cannot be had."""
+    from xlbake.architecture import resolve_architecture
+
+    return resolve_architecture(base, None if str(components) == SDXL_HUB_ID else components)
 
 
 def _accepted(cls: Any, config: Mapping[str, Any]) -> dict[str, Any]:

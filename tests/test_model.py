@@ -30,3 +30,16 @@ def test_real_sdxl_single_file_offline_without_tokenizers_says_what_to_download(
     assert "\n" not in message
     assert f"hf download {SDXL_HUB_ID} --include 'tokenizer/*' 'tokenizer_2/*'" in message
     assert "model.components" in message
+
+
+def test_missing_tokenizers_refuse_the_start_before_the_run_folder_is_touched(hub_cache, sdxl_header_only, tmp_path):
+    from click.testing import CliRunner
+
+    from finetune.cli import main
+
+    run_dir = tmp_path / "run"
+    sets = [f"model.base={sdxl_header_only}", f"run_dir={run_dir}", "data.roots=[builtin:demo]"]
+    result = CliRunner().invoke(main, [arg for value in sets for arg in ("--set", value)])
+    assert result.exit_code == 1
+    assert "hf download" in result.output and "Traceback" not in result.output
+    assert not run_dir.exists()
