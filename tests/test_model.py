@@ -43,3 +43,19 @@ def test_missing_tokenizers_refuse_the_start_before_the_run_folder_is_touched(hu
     assert result.exit_code == 1
     assert "hf download" in result.output and "Traceback" not in result.output
     assert not run_dir.exists()
+
+
+def test_real_sdxl_single_file_fits_the_built_architecture(hub_cache, sdxl_header_only, monkeypatch):
+    """The whole key/shape mapping of a real-size file, with meta tensors standing in for its 7 GB of weights."""
+    from xlbake.architecture import SDXL_HUB_ID as HUB_ID
+    from xlbake.checkpoint import CheckpointReader
+    from xlbake.tiny import save_tokenizers_as_hub_cache
+
+    save_tokenizers_as_hub_cache(hub_cache, HUB_ID)
+    monkeypatch.setattr(
+        CheckpointReader, "get", lambda self, key: torch.empty(self.shape(key), dtype=self.dtype(key), device="meta")
+    )
+    model = load_model(sdxl_header_only, SDXL_HUB_ID)
+    params = {part: sum(p.numel() for p in model.part(part).parameters()) for part in ("unet", "te1", "te2")}
+    assert [round(params[p] / 1e9, 3) for p in ("unet", "te1", "te2")] == [2.567, 0.123, 0.695]
+    assert model.text_encoder_2.config.hidden_size == 1280 and model.unet.config.cross_attention_dim == 2048
