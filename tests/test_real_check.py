@@ -9,9 +9,7 @@ from benchmarks import real_check
 
 @pytest.mark.slow
 def test_tiny_chain_passes_its_checks(tmp_path, capsys):
-    # fp32 autocast: under bf16 the frozen parts are saved rounded (a known defect fixed apart), which the check
-    # reports as "unet/te2 not reported unchanged"
-    assert real_check.main(["--size", "tiny", "--cache", str(tmp_path), "--precision", "no"]) == 0
+    assert real_check.main(["--size", "tiny", "--cache", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "base: wrote" in out and "real check: passed" in out
     assert real_check.main(["--size", "tiny", "--cache", str(tmp_path), "--stage", "build"]) == 0
