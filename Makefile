@@ -112,7 +112,7 @@ test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n 2 --dist loadgroup tests
 
 # Not part of `test`: a random-weight SDXL base 1.0 single file (7 GB, kept in .cache/real-check), one finetune step
-# of TE1 under bf16 with checkpointing, extract, checks. Needs ~21 GB of RAM and ~10 minutes on 2 cores; offline.
+# of TE1 under bf16 with checkpointing, extract, checks. Needs ~25 GB of RAM and ~10 minutes on 2 cores; offline.
 test-real: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m benchmarks.real_check
 

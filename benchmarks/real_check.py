@@ -1,6 +1,8 @@
 """The real-size check (``make test-real``): a random-weight SDXL base 1.0 single file -> one finetune step -> extract.
 
-Not part of ``make test``: at real size it needs about 21 GB of RAM and some 10 minutes on 2 cores.
+Not part of ``make test``: at real size it needs about 25 GB of RAM (the planner, `--plan`, on this run: 19.4 GiB while
+loading, then 9.6 GiB of model plus 12.2 GiB of the frozen parts' fp32 base weights kept to save them) and some 10
+minutes on 2 cores.
 
 1. ``build``: a random-weight single-file SGM checkpoint in SDXL base 1.0's exact layout (2515 keys, fp16, about
    7 GB; normal weights of std 1/sqrt(fan in), norm scales 1, other vectors 0) from :mod:`xlbake.sdxl_configs`,
