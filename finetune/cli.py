@@ -93,13 +93,14 @@ class AlreadyFinished(Exception):
 def check_start(cfg: FinetuneConfig, resume: str | None, force: bool) -> CheckedData | None:
     """Check what can be known from the config and the files before the model loads or anything is written, so
     that a refused start costs seconds and leaves the run folder as it was: the run folder, the state to resume
-    (trained with this config? already finished?), the base model's file and the prediction type it declares, the
-    dataset (every image decoded once).
+    (trained with this config? already finished?), the base model's file, architecture and the prediction type it
+    declares, the dataset (every image decoded once).
 
     Returns the checked dataset for the trainer, or None with the builtin demo dataset (drawn in setup).
     """
     from finetune.config import builtin_name
     from finetune.data import check_dataset
+    from finetune.model import single_file_architecture
     from finetune.saving import check_run_dir
     from xlbake.errors import InputError
     from xlbake.sdxl.checkpoint import open_checkpoint
@@ -118,6 +119,8 @@ def check_start(cfg: FinetuneConfig, resume: str | None, force: bool) -> Checked
             )
         with open_checkpoint(base) as reader:  # reads the header: refuses pickles, truncated files, non-SDXL models
             check_base_prediction(cfg.loss, reader)
+        if Path(base).is_file():  # its architecture and tokenizers (fetched now on first use, or a clear error)
+            single_file_architecture(Path(base), cfg.model.components)
     if any(builtin_name(root) is not None for root in cfg.data.roots):
         return None
     return check_dataset(cfg.data, cfg.caption)

@@ -41,8 +41,10 @@ class ModelConfig:
     """Base model: a single-file SDXL .safetensors (SGM keys), a diffusers folder, or `builtin:tiny` (the tiny
     test model, built offline into RUN/builtin/)."""
     components: str = SDXL_HUB_ID
-    """Diffusers folder or hub id (already in the local cache; nothing is downloaded) that supplies the model
-    configs, tokenizers and noise schedule for a single-file base. Ignored for a diffusers-folder or builtin base."""
+    """For a single-file base: a diffusers folder or hub id supplying its configs, tokenizers and noise schedule.
+    The default needs nothing: SDXL base 1.0 (or the tiny model) is recognised from the file's shapes, its configs are
+    built in, and its two tokenizers are fetched into the Hugging Face cache on first use (not with HF_HUB_OFFLINE=1).
+    Ignored for a diffusers-folder or builtin base."""
     vae: Path | None = None
     """Optional separate VAE as a diffusers folder (e.g. an fp16-fixed SDXL VAE); default: the base's VAE."""
     gradient_checkpointing: bool = False

@@ -1,26 +1,32 @@
 """Load the SDXL base for training and decide what trains.
 
 A single-file base (SGM keys) is read through ``xlbake.sdxl.checkpoint`` and converted to diffusers state dicts, which
-are loaded into models built from the configs of ``model.components`` (a diffusers folder or a cached hub id).
-A diffusers-folder base is loaded directly. Nothing is downloaded.
+are loaded into models built from its architecture (``xlbake.sdxl.models``: the configs of ``model.components``,
+or by default SDXL base 1.0's or the tiny model's, recognised from the file's shapes). A diffusers-folder base is
+loaded directly. The only download: SDXL's two tokenizers for a real single file, into the Hugging Face cache on
+first use (never with HF_HUB_OFFLINE=1).
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from finetune.config import EmaConfig, ModelConfig, OptimConfig, PrecisionConfig, builtin_name
+from finetune.config import SDXL_HUB_ID, EmaConfig, ModelConfig, OptimConfig, PrecisionConfig, builtin_name
 from finetune.optim import ParamGroup
 from xlbake.errors import ConfigError, InputError
+
+if TYPE_CHECKING:
+    from xlbake.sdxl.models import Architecture
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +58,9 @@ class SdxlModel:
 
 
 def load_model(base: Path, components: str | Path, vae: Path | None = None, prediction: str | None = None) -> SdxlModel:
-    """Load an SDXL base in fp32: a single-file SGM safetensors (configs from ``components``) or a diffusers folder.
+    """Load an SDXL base in fp32: a diffusers folder, or a single-file SGM safetensors whose architecture comes from
+    ``components`` (a diffusers folder or hub id), or with the default components from its own tensor shapes
+    (SDXL base 1.0 or the builtin tiny model, see ``xlbake.sdxl.models``).
 
     ``prediction`` ("epsilon" | "v_prediction") replaces the noise scheduler's prediction type: the trained model's,
     which the saved diffusers folder and the samples must use.
@@ -62,45 +70,55 @@ def load_model(base: Path, components: str | Path, vae: Path | None = None, pred
     base = Path(base)
     if not base.exists():
         raise InputError(f"{base}: base model not found; set model.base to an SDXL .safetensors or diffusers folder")
-    source = base if base.is_dir() else components
-    tokenizer = _from_pretrained(CLIPTokenizer, source, "tokenizer")
-    tokenizer_2 = _from_pretrained(CLIPTokenizer, source, "tokenizer_2")
-    noise_scheduler = _from_pretrained(DDPMScheduler, source, "scheduler")
-    if prediction is not None:
-        noise_scheduler = DDPMScheduler.from_config(noise_scheduler.config, prediction_type=prediction)
     if base.is_dir():
+        tokenizer = _from_pretrained(CLIPTokenizer, base, "tokenizer")
+        tokenizer_2 = _from_pretrained(CLIPTokenizer, base, "tokenizer_2")
+        noise_scheduler = _from_pretrained(DDPMScheduler, base, "scheduler")
         unet = _from_pretrained(UNet2DConditionModel, base, "unet", torch_dtype=torch.float32)
         te1 = _from_pretrained(CLIPTextModel, base, "text_encoder", dtype=torch.float32)
         te2 = _from_pretrained(CLIPTextModelWithProjection, base, "text_encoder_2", dtype=torch.float32)
         vae_model = _from_pretrained(AutoencoderKL, base, "vae", torch_dtype=torch.float32)
     else:
-        unet, te1, te2, vae_model = _load_single_file(base, components)
+        arch = single_file_architecture(base, components)
+        tokenizer, tokenizer_2 = arch.tokenizer, arch.tokenizer_2
+        noise_scheduler = DDPMScheduler.from_config(_accepted(DDPMScheduler, arch.scheduler))
+        unet, te1, te2, vae_model = _load_single_file(base, arch)
+    if prediction is not None:
+        noise_scheduler = DDPMScheduler.from_config(noise_scheduler.config, prediction_type=prediction)
     if vae is not None:
         vae_model = _from_pretrained(AutoencoderKL, vae, None, torch_dtype=torch.float32)
     return SdxlModel(unet, te1, te2, vae_model, tokenizer, tokenizer_2, noise_scheduler, base)
 
 
-def _load_single_file(base: Path, components: str | Path) -> tuple[Any, Any, Any, Any]:
-    from accelerate import init_empty_weights
+def single_file_architecture(base: Path, components: str | Path) -> Architecture:
+    """The architecture of a single-file base: from ``components``, or with the default (SDXL's hub id) from the
+    file's own shapes, SDXL's tokenizers fetched on first use. InputError when it cannot be had."""
+    from xlbake.sdxl.models import resolve_architecture
 
+    return resolve_architecture(base, None if str(components) == SDXL_HUB_ID else components)
+
+
+def _accepted(cls: Any, config: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of a scheduler config ``cls`` takes (SDXL's is EulerDiscreteScheduler's: diffusers warns on the
+    rest)."""
+    return {k: v for k, v in config.items() if k in inspect.signature(cls.__init__).parameters}
+
+
+def _load_single_file(base: Path, arch: Architecture) -> tuple[Any, Any, Any, Any]:
     from xlbake.sdxl.checkpoint import open_checkpoint
     from xlbake.sdxl.keys import diffusers_state_dicts, fit_text_model_prefix
+    from xlbake.sdxl.models import build_models
 
+    models = build_models(arch, ("unet", "text_encoder", "text_encoder_2", "vae"))
     with open_checkpoint(base) as reader:
         tensors = {key: reader.get(key) for key in reader.keys()}  # noqa: SIM118 (a reader, not a dict)
     parts = diffusers_state_dicts(tensors)
-    with init_empty_weights():
-        unet = UNet2DConditionModel.from_config(_from_pretrained(UNet2DConditionModel, components, "unet", config=True))
-        te1 = CLIPTextModel(_from_pretrained(CLIPTextConfig, components, "text_encoder"))
-        te2 = CLIPTextModelWithProjection(_from_pretrained(CLIPTextConfig, components, "text_encoder_2"))
-        vae = AutoencoderKL.from_config(_from_pretrained(AutoencoderKL, components, "vae", config=True))
-    models = {"unet": unet, "text_encoder": te1, "text_encoder_2": te2, "vae": vae}
     for name, module in models.items():
         state = parts.get(name, {})
         if name.startswith("text_encoder"):
             state = fit_text_model_prefix(state, module.state_dict())
         _assign_state_dict(module, state, base, name)
-    return unet, te1, te2, vae
+    return models["unet"], models["text_encoder"], models["text_encoder_2"], models["vae"]
 
 
 def _assign_state_dict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], base: Path, name: str) -> None:
@@ -122,20 +140,18 @@ def _assign_state_dict(module: torch.nn.Module, state: Mapping[str, torch.Tensor
             raise InputError(f"{base}: {name}.{buffer_name} was not initialised; report this as a bug")
 
 
-def _from_pretrained(cls: Any, source: str | Path, subfolder: str | None, config: bool = False, **kwargs: Any) -> Any:
-    """``cls.from_pretrained`` (or ``load_config``) from a local folder or the local hub cache, never the network."""
+def _from_pretrained(cls: Any, source: str | Path, subfolder: str | None, **kwargs: Any) -> Any:
+    """``cls.from_pretrained`` from a local diffusers folder (the base, or model.vae), never the network."""
     options: dict[str, Any] = {"local_files_only": True, **kwargs}
     if subfolder:
         options["subfolder"] = subfolder
     try:
-        if config:
-            return cls.load_config(str(source), **options)
         return cls.from_pretrained(str(source), **options)
     except (OSError, ValueError) as exc:
         where = f"{source}/{subfolder}" if subfolder else str(source)
         raise InputError(
-            f"{where}: cannot load {cls.__name__} ({str(exc).splitlines()[0][:160]}); point model.components at a "
-            "diffusers folder, or cache the hub id first (huggingface-cli download)"
+            f"{where}: cannot load {cls.__name__} ({str(exc).splitlines()[0][:160]}); is it a complete diffusers "
+            "SDXL folder?"
         ) from exc
 
 
@@ -214,6 +230,8 @@ def _set_attention(module: torch.nn.Module, attention: str) -> None:
 def _enable_checkpointing(module: torch.nn.Module) -> None:
     if isinstance(module, UNet2DConditionModel):
         module.enable_gradient_checkpointing()
+    elif hasattr(module, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name warns
+        module.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 

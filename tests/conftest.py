@@ -26,3 +26,22 @@ def demo_dataset(tmp_path_factory):
     from xlbake.data.demo import make_demo_dataset
 
     return make_demo_dataset(tmp_path_factory.mktemp("data"), n_images=8)
+
+
+@pytest.fixture(scope="session")
+def sdxl_header_only(tmp_path_factory):
+    """SDXL base 1.0's exact single-file layout (2515 keys) with no data: a sparse file, for code reading shapes."""
+    from benchmarks.real_check import checkpoint_layout, write_random_checkpoint
+
+    path = tmp_path_factory.mktemp("sdxl") / "sdxl-header-only.safetensors"
+    return write_random_checkpoint(path, checkpoint_layout(), fill=False)
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An empty private Hugging Face hub cache (HF_HUB_CACHE), offline."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    return tmp_path / "hub"

@@ -32,6 +32,15 @@ F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
 NOISY_LOGGERS = ("diffusers", "transformers", "accelerate", "PIL", "matplotlib", "urllib3", "filelock")
+LIBRARY_NOISE = {
+    # transformers, on importing the SDXL pipeline: xlbake never uses the image processors it means
+    "transformers.utils.import_utils": "requires torchvision (not installed)",
+    # DeepSpeed's accelerator probe on a machine without a GPU (a CUDA box never prints it); logged to stdout
+    "DeepSpeed": "Setting accelerator to CPU",
+    # diffusers warns on every dtype cast of a model even when no module of it must stay in fp32 (the list is empty)
+    "diffusers.models.modeling_utils": "should be kept in float32: []",
+}
+"""Logger name -> text of messages that are not the user's business: dropped unless verbose."""
 
 
 @dataclass(frozen=True)
@@ -177,3 +186,20 @@ def setup_logging(verbose: bool = False) -> None:
     )
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
+    for name, text in LIBRARY_NOISE.items():
+        logger = logging.getLogger(name)  # the same object the library gets later: the filter outlives its setup
+        for old in [f for f in logger.filters if isinstance(f, _DropMessage)]:
+            logger.removeFilter(old)
+        if not verbose:
+            logger.addFilter(_DropMessage(text))
+
+
+class _DropMessage(logging.Filter):
+    """Drop the records whose message contains ``text``."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()

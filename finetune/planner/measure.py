@@ -100,25 +100,32 @@ def architecture(model_cfg: Any) -> tuple[dict[str, dict[str, Any]], str, tuple[
     from finetune.config import SDXL_HUB_ID, builtin_name
     from xlbake.errors import ConfigError
     from xlbake.sdxl.configs import SDXL_CONFIGS
+    from xlbake.sdxl.models import single_file_kind
 
     name = builtin_name(model_cfg.base)
     if name is not None:
         if name != "tiny":
             raise ConfigError(f"model.base: unknown builtin model {name!r}; the builtin model is builtin:tiny")
-        from xlbake.sdxl.tiny import build_tokenizers, tiny_configs
-
-        return tiny_configs(*build_tokenizers()), "builtin tiny model", ()
+        return _tiny_configs(), "builtin tiny model", ()
     base, components = Path(model_cfg.base), str(model_cfg.components)
     folder = base if base.is_dir() else Path(components) if Path(components).is_dir() else None
     if folder is not None:
         return {c: _read_json(folder / c / "config.json") for c in COMPONENTS}, f"{folder} (config.json files)", ()
     sdxl = {c: dict(SDXL_CONFIGS[c]) for c in COMPONENTS}
-    if components == SDXL_HUB_ID:
+    if components == SDXL_HUB_ID:  # as the trainer: the file's shapes say which (InputError for other sizes)
+        if base.is_file() and single_file_kind(base) == "tiny":
+            return _tiny_configs(), f"the builtin tiny model (recognised in {base})", ()
         return sdxl, "SDXL base 1.0 (xlbake.sdxl.configs)", ()
     cached = _cached_hub_configs(components)
     if cached is not None:
         return cached, f"{components} (local hub cache)", ()
     return sdxl, "SDXL base 1.0 (assumed)", (f"model.components {components} is not cached here: assumed SDXL",)
+
+
+def _tiny_configs() -> dict[str, dict[str, Any]]:
+    from xlbake.sdxl.tiny import build_tokenizers, tiny_configs
+
+    return tiny_configs(*build_tokenizers())
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -46,7 +46,7 @@ from xlbake.sdxl.checkpoint import sgm_state_dict
 
 REPO = Path(__file__).resolve().parents[2]
 ACCELERATE = Path(sys.executable).with_name("accelerate")
-HELPERS = Path(__file__).resolve().parents[1] / "distributed_helpers.py"
+HELPERS = Path(__file__).resolve().parents[2] / "distributed_helpers.py"
 CPU_ADAM_RESUME_DRIFT = 0.1
 """Largest weight difference between a resumed and an unbroken CPU Adam run, as a share of the largest change."""
 LAUNCH_TIMEOUT = 900  # seconds; a hung collective must fail the test, not the CI job

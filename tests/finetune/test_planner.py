@@ -285,3 +285,10 @@ def test_ema_on_the_cpu_is_one_copy_per_process(tiny_paths):
     one = plan(cfg, gpu_memory_bytes=BIG, gpus=1).line("EMA (host RAM)")
     four = plan(cfg, gpu_memory_bytes=BIG, gpus=4).line("EMA (host RAM)")
     assert one.host > 0 and four.host == 4 * one.host  # every process of a launch keeps and updates its own EMA
+
+
+def test_single_file_architecture_recognised_as_the_trainer_does(tiny_paths, sdxl_header_only):
+    source, parts, _ = model_parts(ModelConfig(base=tiny_paths.single_file))  # default model.components
+    assert "tiny" in source
+    assert {p.name: p.config["hidden_size"] for p in parts if p.name in ("te1", "te2")} == {"te1": 32, "te2": 64}
+    assert "SDXL base 1.0" in model_parts(ModelConfig(base=sdxl_header_only))[0]

@@ -217,3 +217,46 @@ def test_setup_logging_levels(restore_logging):
     setup_logging(verbose=True)
     assert logging.getLogger().level == logging.DEBUG
     assert logging.getLogger("diffusers").level == logging.DEBUG
+
+
+
+def test_library_noise_dropped_unless_verbose(restore_logging):
+    logger = logging.getLogger("DeepSpeed")
+    noise = logger.makeRecord("DeepSpeed", logging.WARNING, __file__, 1, "Setting accelerator to CPU.", None, None)
+    other = logger.makeRecord("DeepSpeed", logging.WARNING, __file__, 1, "ZeRO stage 3 offload", None, None)
+    setup_logging(verbose=False)
+    assert not logger.filter(noise) and logger.filter(other)
+    setup_logging(verbose=True)
+    assert logger.filter(noise)
+
+@pytest.mark.slow
+@pytest.mark.parametrize("package", ["xlbake", "finetune"])
+def test_python_dash_m_runs_the_command(package):
+    done = subprocess.run([sys.executable, "-m", package, "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert f"Usage: python -m {package}" in done.stdout
+
+
+LIBRARY_NOISE = (
+    "requires torchvision",  # transformers, on importing the pipeline's image processor
+    "gradient_checkpointing_enable",  # transformers' FutureWarning for the old checkpointing name
+    "Setting accelerator to CPU",  # DeepSpeed's accelerator probe, printed on stdout
+    "should be kept in float32: []",  # diffusers, on casting a frozen UNet (which has no such modules)
+    "FutureWarning",
+)
+
+
+@pytest.mark.slow
+def test_finetune_run_prints_no_library_noise(tmp_path):
+    repo = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "-m", "finetune", "--config", str(repo / "configs/finetune/tiny-cpu.yaml"),
+         "--set", f"run_dir={tmp_path / 'run'}", "--set", "train.max_steps=1", "--set", "sample.prompts=[]",
+         "--set", "model.gradient_checkpointing=true", "--set", "data.resolution=32",
+         "--set", "precision.mixed=bf16", "--set", "optim.unet_lr=0"],
+        capture_output=True, text=True, timeout=600, cwd=repo,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "Finished 1 steps" in done.stdout
+    output = done.stdout + done.stderr
+    assert [noise for noise in LIBRARY_NOISE if noise in output] == []

@@ -29,11 +29,12 @@ import torch
 from torch import Tensor
 
 from xlbake.errors import InputError
-from xlbake.evaluate.grid import MODEL_PARTS, Architecture, ModelWeights, resolve_architecture
+from xlbake.evaluate.grid import ModelWeights
 from xlbake.lora.io import LoraFile, LoraModule, read_lora
 from xlbake.lora.report import BYTES_PER_MB, left_out_kind
 from xlbake.sdxl.checkpoint import CheckpointReader, open_checkpoint
 from xlbake.sdxl.keys import SGM_PREFIX, LoraTarget, kohya_targets
+from xlbake.sdxl.models import MODEL_PARTS, Architecture, resolve_architecture
 
 logger = logging.getLogger(__name__)
 
@@ -289,7 +290,7 @@ def measure_fidelity(
 
     ``base``/``tuned``: single-file SDXL safetensors or diffusers folders of one architecture; ``components``
     supplies configs and tokenizers for single files of unknown size (see
-    :func:`xlbake.evaluate.grid.resolve_architecture`).
+    :func:`xlbake.sdxl.models.resolve_architecture`).
     ``prompts`` default to ``DEFAULT_PROMPTS``; ``latent_size`` to the UNet's ``sample_size``; ``dtype`` to fp32 on
     the CPU and fp16 on a GPU. InputError for files that do not fit each other or a finetune with no effect.
     """

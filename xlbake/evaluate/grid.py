@@ -1,17 +1,14 @@
 """SDXL models from checkpoints, and sample grids: the same prompts and seeds across models, LoRAs and LoRA weights.
 
 Any SDXL checkpoint (single-file SGM safetensors or diffusers folder) is read through :mod:`xlbake.sdxl.checkpoint` into
-modules built from its architecture's configs (:func:`resolve_architecture`), tensor by tensor
-(:class:`ModelWeights`, which :mod:`xlbake.evaluate.fidelity` also uses to merge and swap weights in place). A
-grid renders rows = prompts and columns = models x LoRA files x LoRA weights with the diffusers SDXL pipeline, LoRAs
-loaded by diffusers' own ``load_lora_weights`` (what users run) at each weight through ``set_adapters``. Row r always
-uses seed ``seed + r``. The sheet itself is drawn by :func:`xlbake.evaluate.plots.layout_grid`.
-"""
+modules built from its architecture's configs (:func:`xlbake.sdxl.models.resolve_architecture`), tensor by tensor
+(:class:`ModelWeights`, which :mod:`xlbake.evaluate.fidelity` also uses to merge and swap weights in place). A grid
+renders rows = prompts and columns = models x LoRA files x LoRA weights with the diffusers SDXL pipeline, LoRAs loaded
+by diffusers' own ``load_lora_weights`` (what users run) at each weight through ``set_adapters``. Row r always uses seed
+``seed + r``. The sheet itself is drawn by :func:`xlbake.evaluate.plots.layout_grid`."""
 
 from __future__ import annotations
 
-import copy
-import functools
 import io
 import json
 import logging
@@ -29,86 +26,14 @@ from xlbake.errors import InputError, OutputError
 from xlbake.evaluate.plots import layout_grid
 from xlbake.fileio import check_output, write_bytes_atomic
 from xlbake.sdxl.checkpoint import CheckpointReader, open_checkpoint
-from xlbake.sdxl.keys import (
-    SGM_IGNORED,
-    SGM_PREFIX,
-    plan_from_diffusers,
-    plan_from_sgm,
-    sgm_shape,
-    to_diffusers,
-    with_text_model,
-)
+from xlbake.sdxl.keys import plan_from_sgm, to_diffusers, with_text_model
+from xlbake.sdxl.models import MODEL_PARTS, TEXT_PARTS, Architecture, build_models, resolve_architecture
 
 logger = logging.getLogger(__name__)
 
-SDXL_HUB_ID = "stabilityai/stable-diffusion-xl-base-1.0"
-"""Where the real SDXL's tokenizers are looked up in the local hub cache for a single file (never downloaded)."""
-TEXT_PARTS = ("text_encoder", "text_encoder_2")
-MODEL_PARTS = ("unet", *TEXT_PARTS)
 PIPELINE_PARTS = (*MODEL_PARTS, "vae")
 ADAPTER = "xlbake"
 METADATA_KEY = "xlbake.grid"
-
-
-@dataclass(frozen=True)
-class Architecture:
-    """What it takes to build an SDXL model: diffusers configs, CLIP text configs and the two tokenizers."""
-
-    unet: dict[str, Any]
-    text_encoder: Any  # transformers CLIPTextConfig
-    text_encoder_2: Any
-    vae: dict[str, Any]
-    scheduler: dict[str, Any]
-    tokenizer: Any  # transformers CLIPTokenizer
-    tokenizer_2: Any
-    source: str  # where the configs came from, for messages
-
-    @property
-    def vae_scale(self) -> int:
-        """Pixels per latent along each side: 2^(VAE levels - 1), 8 for SDXL."""
-        return 2 ** (len(self.vae["block_out_channels"]) - 1)
-
-
-def resolve_architecture(model: str | os.PathLike, components: str | os.PathLike | None = None) -> Architecture:
-    """The architecture of ``model``, never downloading anything.
-
-    From ``components`` (a diffusers SDXL folder or a cached hub id) if given, else from ``model`` if it is a
-    diffusers folder. A single file is recognised by its tensor shapes as the builtin tiny model (configs and
-    tokenizers built in code) or the real SDXL (configs in code, tokenizers from the local hub cache).
-    """
-    model = Path(model)
-    source = components if components is not None else (model if model.is_dir() else None)
-    if source is not None:
-        return _pretrained_architecture(source)
-    from xlbake.sdxl.configs import SDXL_CONFIGS, real_sdxl_sgm_shapes
-
-    with open_checkpoint(model) as reader:
-        shapes = _model_shapes(reader.shapes())
-    tiny, tiny_shapes = _tiny_architecture()
-    if shapes == tiny_shapes:
-        return tiny
-    if shapes == _model_shapes(real_sdxl_sgm_shapes()):
-        return _pretrained_architecture(SDXL_HUB_ID, configs=SDXL_CONFIGS)
-    raise InputError(
-        f"{model}: a single-file SDXL-architecture model of unknown size; pass a diffusers folder of the same "
-        "architecture as components (--components) for its configs and tokenizers"
-    )
-
-
-def build_models(arch: Architecture, parts: Sequence[str]) -> dict[str, torch.nn.Module]:
-    """Empty (meta-device) modules of ``parts``: any of "unet", "text_encoder", "text_encoder_2", "vae"."""
-    from accelerate import init_empty_weights
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-    builders = {  # copies: models may change their config (e.g. the attention implementation)
-        "unet": lambda: UNet2DConditionModel.from_config(copy.deepcopy(arch.unet)),
-        "text_encoder": lambda: CLIPTextModel(copy.deepcopy(arch.text_encoder)),
-        "text_encoder_2": lambda: CLIPTextModelWithProjection(copy.deepcopy(arch.text_encoder_2)),
-        "vae": lambda: AutoencoderKL.from_config(copy.deepcopy(arch.vae)),
-    }
-    with init_empty_weights():
-        return {part: builders[part]() for part in parts}
 
 
 class ModelWeights:
@@ -361,57 +286,3 @@ def _short_names(paths: Sequence[Path]) -> list[str]:
     for path, name in zip(paths, names, strict=True):
         sources.setdefault(name, set()).add(path)
     return [f"{p.parent.name}/{n}" if len(sources[n]) > 1 else n for p, n in zip(paths, names, strict=True)]
-
-
-def _architecture(configs: Mapping[str, Any], tokenizer: Any, tokenizer_2: Any, source: str) -> Architecture:
-    from transformers import CLIPTextConfig
-
-    te1, te2 = (CLIPTextConfig(**configs[name]) for name in TEXT_PARTS)
-    unet, vae, scheduler = (dict(configs[name]) for name in ("unet", "vae", "scheduler"))
-    return Architecture(unet, te1, te2, vae, scheduler, tokenizer, tokenizer_2, source)
-
-
-@functools.lru_cache(maxsize=1)
-def _tiny_architecture() -> tuple[Architecture, dict[str, tuple[int, ...]]]:
-    """The builtin tiny model's architecture and UNet/text encoder SGM shapes (built once: the BPE takes a second)."""
-    from xlbake.sdxl.tiny import build_tokenizers, tiny_configs
-
-    tokenizers = build_tokenizers()
-    tiny = _architecture(tiny_configs(*tokenizers), *tokenizers, "the builtin tiny model")
-    return tiny, _model_shapes(_sgm_shapes(tiny))
-
-
-def _pretrained_architecture(source: str | os.PathLike, configs: Mapping[str, Any] | None = None) -> Architecture:
-    """Configs (unless given) and tokenizers from a diffusers SDXL folder or a hub id in the local cache."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTokenizer
-
-    where, local = str(source), {"local_files_only": True}
-    try:
-        tokenizers = [CLIPTokenizer.from_pretrained(where, subfolder=s, **local) for s in ("tokenizer", "tokenizer_2")]
-        if configs is not None:
-            return _architecture(configs, *tokenizers, where)
-        te1, te2 = (CLIPTextConfig.from_pretrained(where, subfolder=part, **local) for part in TEXT_PARTS)
-        unet = dict(UNet2DConditionModel.load_config(where, subfolder="unet", **local))
-        vae = dict(AutoencoderKL.load_config(where, subfolder="vae", **local))
-        scheduler = dict(EulerDiscreteScheduler.load_config(where, subfolder="scheduler", **local))
-    except (OSError, ValueError) as exc:
-        raise InputError(
-            f"{where}: cannot read SDXL configs/tokenizers ({str(exc).splitlines()[0][:120]}); pass a diffusers "
-            "SDXL folder as components, or download the hub model first"
-        ) from exc
-    return Architecture(unet, te1, te2, vae, scheduler, *tokenizers, where)
-
-
-def _sgm_shapes(arch: Architecture) -> dict[str, tuple[int, ...]]:
-    """SGM key -> shape of the UNet and text encoder tensors of ``arch`` (a meta build: no memory)."""
-    models = build_models(arch, MODEL_PARTS)
-    shapes = {part: {k: tuple(t.shape) for k, t in m.state_dict().items()} for part, m in models.items()}
-    plan = plan_from_diffusers({part: list(s) for part, s in shapes.items()})
-    return {key: sgm_shape(e, [shapes[e.component][d] for d in e.diffusers]) for key, e in plan.items()}
-
-
-def _model_shapes(shapes: Mapping[str, Sequence[int]]) -> dict[str, tuple[int, ...]]:
-    """The UNet and text encoder entries of an SGM shape map (what decides the architecture)."""
-    prefixes = tuple(SGM_PREFIX[part] for part in MODEL_PARTS)
-    return {k: tuple(s) for k, s in shapes.items() if k.startswith(prefixes) and k not in SGM_IGNORED}

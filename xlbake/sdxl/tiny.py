@@ -80,6 +80,8 @@ sitting standing walking running holding wearing looking smiling
 top bottom left right center middle corner edge side background foreground
 """
 """Whole words in the tiny vocabulary besides the demo captions' words; other text falls back to pieces."""
+HUB_CACHE_COMMIT = "0" * 40
+"""The made-up commit of the tiny tokenizers laid out as a hub cache."""
 DEFAULT_WORDS = ("xlbk", "emblem")
 """The demo dataset's default trigger and class word."""
 
@@ -201,6 +203,21 @@ def save_tiny_diffusers(folder: str | Path, seed: int = 0, force: bool = False) 
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return folder
+
+
+def save_tokenizers_as_hub_cache(cache_dir: str | Path, repo: str) -> Path:
+    """Lay the tiny tokenizers out as ``repo``'s ``tokenizer/`` and ``tokenizer_2/`` in a Hugging Face hub cache
+    (``cache_dir`` as HF_HUB_CACHE), so that offline checks read them through the real hub-cache lookup.
+
+    Returns the snapshot folder. The commit hash is made up; ``refs/main`` points at it as a download would.
+    """
+    storage = Path(cache_dir) / f"models--{repo.replace('/', '--')}"
+    snapshot = storage / "snapshots" / HUB_CACHE_COMMIT
+    for name, tokenizer in zip(("tokenizer", "tokenizer_2"), build_tokenizers(), strict=True):
+        tokenizer.save_pretrained(snapshot / name)
+    (storage / "refs").mkdir(parents=True, exist_ok=True)
+    (storage / "refs" / "main").write_text(HUB_CACHE_COMMIT)
+    return snapshot
 
 
 def _text_config(name: str, tokenizer: CLIPTokenizer, hidden: int, projection_dim: int) -> dict[str, Any]:
