@@ -17,6 +17,18 @@ from finetune.base_of import base_of
 from finetune.config import FinetuneConfig
 from finetune.data import collate
 from finetune.model import load_model, setup_trainable, unreachable_parameters
+from finetune.objective import (
+    add_noise,
+    compute_time_ids,
+    huber_c_for,
+    loss_per_sample,
+    make_noise,
+    perturb_noise,
+    sample_timesteps,
+    snr,
+    snr_weights,
+    target_for,
+)
 from finetune.saving import Weights, save_sgm
 from finetune.state import TrainerState, read_state, write_state
 from finetune.text import encode_prompt
@@ -285,18 +297,65 @@ def step_trainer(tiny_paths, demo_dataset, tmp_path_factory):
     trainer.cleanup()
 
 
+def hand_built_loss(trainer: Trainer, cfg: FinetuneConfig, batch: dict, seed: int) -> torch.Tensor:
+    """The loss of ``batch`` under ``cfg`` built from finetune.objective alone, with the random draws of a
+    generator seeded ``seed`` taken in the trainer's order, and the trainer's own (deterministic) denoiser."""
+    model, gen = trainer.model, torch.Generator().manual_seed(seed)
+    alphas_cumprod = model.noise_scheduler.alphas_cumprod
+    noise_cfg, loss_cfg = cfg.noise, cfg.loss
+    with torch.no_grad():
+        posterior = model.vae.encode(batch["pixel_values"]).latent_dist
+        latents = posterior.sample(generator=gen) * model.vae.config.scaling_factor
+        noise = make_noise(
+            latents, noise_cfg.noise_offset, random_strength=noise_cfg.noise_offset_random_strength, generator=gen
+        )
+        timesteps = sample_timesteps(len(latents), noise_cfg.min_timestep, noise_cfg.max_timestep, generator=gen)
+        strength = noise_cfg.ip_noise_gamma_random_strength
+        input_noise = perturb_noise(noise, noise_cfg.ip_noise_gamma, random_strength=strength, generator=gen)
+        noisy_latents = add_noise(latents, input_noise, timesteps, alphas_cumprod)
+        time_ids = compute_time_ids(batch["original_size"], batch["crop_top_left"], batch["target_size"])
+        pred = trainer.denoiser(noisy_latents, timesteps, batch["input_ids_1"], batch["input_ids_2"], time_ids)
+    target = target_for(loss_cfg.prediction, latents, noise, timesteps, alphas_cumprod)
+    huber_c = huber_c_for(
+        loss_cfg.huber_schedule, loss_cfg.huber_c, timesteps, alphas_cumprod, huber_scale=loss_cfg.huber_scale
+    )
+    per_sample = loss_per_sample(pred, target, loss_cfg.loss_type, huber_c)
+    weights = snr_weights(
+        snr(alphas_cumprod, timesteps),
+        prediction=loss_cfg.prediction,
+        min_snr_gamma=loss_cfg.min_snr_gamma,
+        debiased=loss_cfg.debiased_estimation,
+    )
+    return (per_sample * weights).mean()
+
+
+def seeded_step(trainer: Trainer, cfg: FinetuneConfig, batch: dict, seed: int) -> torch.Tensor:
+    """``trainer.training_step(batch)`` under ``cfg`` with its generator seeded ``seed``."""
+    saved_cfg, trainer.cfg = trainer.cfg, cfg
+    trainer.generator.manual_seed(seed)
+    try:
+        return trainer.training_step(batch)
+    finally:
+        trainer.cfg = saved_cfg
+
+
 @pytest.mark.parametrize("name", list(OBJECTIVE_OPTIONS))
 def test_objective_options_train(name, step_trainer, tiny_paths, demo_dataset):
-    base_cfg = step_trainer.cfg
-    step_trainer.cfg = make_config(tiny_paths, demo_dataset, base_cfg.run_dir, *OBJECTIVE_OPTIONS[name])
-    try:
-        step_trainer.optimizer.zero_grad()
-        loss = step_trainer.training_step(collate([step_trainer.loader.dataset[(0, 0)]]))
-        loss.backward()
-    finally:
-        step_trainer.cfg = base_cfg
+    """Each option changes the loss exactly as finetune.objective defines it (a trainer ignoring it would give
+    the default config's loss), and gradients reach the trained parts."""
+    seed, run_dir = 99, step_trainer.cfg.run_dir
+    cfg = make_config(tiny_paths, demo_dataset, run_dir, *OBJECTIVE_OPTIONS[name])
+    batch = collate([step_trainer.loader.dataset[(0, 0)]])
+    step_trainer.optimizer.zero_grad()
+    loss = seeded_step(step_trainer, cfg, batch, seed)
+    loss.backward()
     assert torch.isfinite(loss) and loss > 0
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in step_trainer.params[:20])
+    torch.testing.assert_close(loss.detach(), hand_built_loss(step_trainer, cfg, batch, seed), rtol=1e-5, atol=0)
+    with torch.no_grad():
+        default = seeded_step(step_trainer, make_config(tiny_paths, demo_dataset, run_dir), batch, seed)
+    # beyond the hand-built comparison's tolerance (random strengths change the tiny model's loss by ~1e-3 of it)
+    assert abs(loss.item() - default.item()) > 1e-4 * default.item(), "the option did not change the loss"
 
 
 MODEL_OPTIONS = {
