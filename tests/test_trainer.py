@@ -367,6 +367,18 @@ MODEL_OPTIONS = {
 }
 
 
+def assert_module_options(model, trained: list[str], model_cfg) -> None:
+    """The trained parts are in the configured state: every block that can checkpoint does so exactly when
+    gradient checkpointing is on, and every part (frozen ones too) uses the configured attention kernel."""
+    for name in trained:
+        flags = {m.gradient_checkpointing for m in model.part(name).modules() if hasattr(m, "gradient_checkpointing")}
+        assert flags == {model_cfg.gradient_checkpointing}, name
+    processors = {type(p).__name__ for p in model.unet.attn_processors.values()}
+    assert processors == {"AttnProcessor2_0" if model_cfg.attention == "sdpa" else "AttnProcessor"}
+    for encoder in (model.text_encoder, model.text_encoder_2):
+        assert encoder.config._attn_implementation == model_cfg.attention
+
+
 @pytest.mark.parametrize("name", list(MODEL_OPTIONS))
 def test_model_options_train(name, tiny_paths):
     overrides = [*MODEL_OPTIONS[name], f"model.vae={tiny_paths.diffusers_dir / 'vae'}"]
@@ -377,6 +389,7 @@ def test_model_options_train(name, tiny_paths):
     expected = torch.bfloat16 if cfg.precision.full_bf16 else torch.float32
     assert all(p.dtype == expected for g in groups for p in g.params)
     assert model.vae.dtype == (torch.float16 if cfg.precision.vae == "fp16" else torch.float32)
+    assert_module_options(model, [g.name for g in groups], cfg.model)
     ids = torch.randint(0, 50, (1, 1, 77))
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision.mixed == "bf16"):
         embeds, pooled = encode_prompt(model.text_encoder, model.text_encoder_2, ids, ids)
