@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,9 +15,9 @@ from safetensors.torch import load_file
 from tiny_run import tiny_run_sections
 
 from finetune.base_of import base_of
-from finetune.config import FinetuneConfig
+from finetune.config import EmaConfig, FinetuneConfig
 from finetune.data import collate
-from finetune.model import load_model, setup_trainable, unreachable_parameters
+from finetune.model import PART_ATTRS, load_model, setup_trainable, unreachable_parameters
 from finetune.objective import (
     add_noise,
     compute_time_ids,
@@ -35,6 +36,7 @@ from finetune.text import encode_prompt
 from finetune.trainer import Trainer
 from xlbake.config import config_hash, load_config, to_dict
 from xlbake.errors import TrainingError
+from xlbake.sdxl_keys import sgm_state_dict
 
 TE1_LAST = "conditioner.embedders.0.transformer.text_model.encoder.layers.2."
 TE1_FIRST = "conditioner.embedders.0.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"
@@ -53,7 +55,7 @@ def one_thread():
 
 def make_config(tiny_paths, demo_dataset, run_dir: Path, *overrides: str) -> FinetuneConfig:
     """A tiny, fast run: 32 px buckets, batch 2 x accumulation 2 (4 steps an epoch), stopped by max_steps in the
-    second epoch, EMA on, both weights saved."""
+    second epoch, EMA on (copies at steps 1 and 3, averages at step 5), both weights saved."""
     base = tiny_run_sections(tiny_paths, demo_dataset, run_dir)
     data = {
         **base,
@@ -64,7 +66,7 @@ def make_config(tiny_paths, demo_dataset, run_dir: Path, *overrides: str) -> Fin
         "noise": {"noise_offset": 0.05, "ip_noise_gamma": 0.1},
         "loss": {"min_snr_gamma": 5},
         "precision": {"mixed": "no"},
-        "ema": {"enabled": True, "beta": 0.8},
+        "ema": {"enabled": True, "beta": 0.8, "update_after_step": 2, "update_every": 2},
         "checkpoint": {"every_epochs": 1, "weights": "both"},
         "log": {"progress": False, "tensorboard": False},
     }
@@ -82,9 +84,38 @@ def fixed_loss(trainer: Trainer, n: int = 6) -> float:
     return value
 
 
+def record_raw_weights(steps: list[dict[str, dict[str, torch.Tensor]]]) -> Callable:
+    """A ``Trainer._after_step`` that first appends the trained parts' raw state dicts to ``steps``."""
+    original = Trainer._after_step
+
+    def after_step(self, *args):
+        steps.append(
+            {n: {k: v.detach().clone() for k, v in self.model.part(n).state_dict().items()} for n in self.parts}
+        )
+        original(self, *args)
+
+    return after_step
+
+
+def expected_ema(steps: list[dict[str, torch.Tensor]], cfg: EmaConfig) -> dict[str, torch.Tensor]:
+    """The EMA of a part after the recorded raw state dicts of each optimizer step, by the EMA's definition (as in
+    ema-pytorch and diffusers' EMAModel): the first update and those of steps <= update_after_step + 1 copy the
+    weights, later ones average ``beta * ema + (1 - beta) * raw`` on every update_every-th step (constant beta)."""
+    assert not cfg.warmup
+    ema: dict[str, torch.Tensor] = {}
+    for done, raw in enumerate(steps):  # done: optimizer steps before this one
+        floats = {k: v for k, v in raw.items() if v.is_floating_point()}
+        if done == 0 or (done % cfg.update_every == 0 and done <= cfg.update_after_step):
+            ema = dict(floats)
+        elif done % cfg.update_every == 0:
+            ema = {k: cfg.beta * ema[k] + (1 - cfg.beta) * v for k, v in floats.items()}
+    return ema
+
+
 @pytest.fixture(scope="module")
 def full_run(tiny_paths, demo_dataset, tmp_path_factory):
-    """The uninterrupted reference run, with the fixed-batch loss before and after training."""
+    """The uninterrupted reference run, with the fixed-batch loss before and after training and the trained parts'
+    raw weights after every optimizer step."""
     cfg = make_config(
         tiny_paths,
         demo_dataset,
@@ -99,14 +130,17 @@ def full_run(tiny_paths, demo_dataset, tmp_path_factory):
     trainer = Trainer(cfg)
     trainer.setup()
     before = fixed_loss(trainer)
-    result = trainer.train()
+    raw_steps: list[dict[str, dict[str, torch.Tensor]]] = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Trainer, "_after_step", record_raw_weights(raw_steps))
+        result = trainer.train()
     after = fixed_loss(trainer)
     trainer.cleanup()
-    return cfg, result, before, after
+    return cfg, result, before, after, raw_steps
 
 
 def test_end_to_end_outputs(full_run, tiny_paths):
-    cfg, result, _, _ = full_run
+    cfg, result, *_ = full_run
     run = cfg.run_dir
     assert not result.interrupted and (result.epoch, result.global_step, len(result.losses)) == (1, 5, 5)
     assert all(torch.isfinite(torch.tensor(result.losses)))
@@ -128,7 +162,7 @@ def test_end_to_end_outputs(full_run, tiny_paths):
 
 
 def test_loss_decreases_on_the_builtin_concept(full_run):
-    _, result, before, after = full_run
+    _, result, before, after, _ = full_run
     assert after < 0.9 * before
     half = len(result.losses) // 2
     assert sum(result.losses[half:]) / (len(result.losses) - half) < sum(result.losses[:half]) / half
@@ -137,7 +171,7 @@ def test_loss_decreases_on_the_builtin_concept(full_run):
 def test_checkpoint_loads_back_and_differs_from_base(full_run, tiny_paths):
     from xlbake.checkpoint import open_checkpoint
 
-    cfg, _, _, _ = full_run
+    cfg, *_, raw_steps = full_run
     base = load_file(str(tiny_paths.single_file))
     with open_checkpoint(cfg.run_dir / "tuned.fp32.safetensors") as reader:
         tuned = {key: reader.get(key) for key in reader.keys()}  # noqa: SIM118
@@ -147,12 +181,17 @@ def test_checkpoint_loads_back_and_differs_from_base(full_run, tiny_paths):
     for key in (UNET_KEY, TE1_FIRST, TE2_KEY):
         assert not torch.equal(tuned[key], base[key]), key
         assert not torch.equal(tuned[key], raw[key]), key  # EMA differs from the raw weights
+    ema = {PART_ATTRS[n]: expected_ema([step[n] for step in raw_steps], cfg.ema) for n in ("unet", "te1", "te2")}
+    expected = sgm_state_dict(**ema)
+    assert len(raw_steps) == 5 and len(expected) > 500
+    for key, value in expected.items():  # the saved EMA is the average of the recorded raw weights
+        torch.testing.assert_close(tuned[key], value, rtol=1e-5, atol=1e-7, msg=key)
     frozen = [k for k in base if k.startswith(TE1_LAST) or ".final_layer_norm." in k and "embedders.0" in k]
     assert frozen and all(torch.equal(raw[k], base[k]) for k in frozen)  # no gradient path: untouched
 
 
 def test_interrupt_then_resume_is_exact(full_run, tiny_paths, demo_dataset, tmp_path, monkeypatch):
-    reference_cfg, reference, _, _ = full_run
+    reference_cfg, reference, *_ = full_run
     cfg = make_config(tiny_paths, demo_dataset, tmp_path / "run")
     original = Trainer._after_step
 
