@@ -1,7 +1,12 @@
 """Shared fixtures: the tiny SDXL model and the demo dataset, built once per test session (offline, seconds)."""
 
 import os
+from pathlib import Path
 
+# Scripts the tests start from tests/ (the reliability and distributed helpers) have tests/ first on sys.path, where
+# tests/finetune/ (no __init__.py) would be taken for the finetune package unless the repository is on the path too.
+REPO = Path(__file__).resolve().parents[1]
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DIFFUSERS_OFFLINE", "1")

@@ -149,17 +149,18 @@ def drop_prefix(prefix: str) -> Callable[[dict[str, torch.Tensor]], dict[str, to
 
 # ---------------------------------------------------------------- observations
 
-Snapshot = dict[str, tuple[int, int]]
+Snapshot = dict[str, tuple[int, int] | None]
 
 
 def snapshot(root: Path) -> Snapshot:
-    """Every file under ``root``: relative path -> (size, mtime_ns); a rewrite or an atomic replace changes it."""
+    """Every file and folder under ``root``: relative path -> (size, mtime_ns) for a file (a rewrite or an atomic
+    replace changes it), None for a folder: its presence counts (an empty run folder left by a failed run is
+    written), not its mtime, which any entry added and removed inside moves (those are judged by themselves)."""
     if not root.exists():
         return {}
     return {
-        str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+        str(p.relative_to(root)): None if p.is_dir() else (p.lstat().st_size, p.lstat().st_mtime_ns)
         for p in sorted(root.rglob("*"))
-        if p.is_file()
     }
 
 

@@ -20,6 +20,11 @@ from xlbake.sdxl.keys import kohya_targets
 
 RANK = 2
 UNET_REL, TE_REL = 1e-3, 1e-4  # a 1e-6-LR finetune's difference relative to the weights
+RECOVERY_REL = 1e-3
+"""Largest relative (Frobenius) error of a recovered planted difference: reading tuned - base back from fp32 files
+carries rounding of up to 2**-24 of the weight, i.e. 2**-24 / TE_REL = 6e-4 of a text-encoder difference at most
+(measured: <= 7e-5 exact and fast, UNet <= 1e-5); a missing or zeroed module is off by 1. An absolute bound cannot
+tell: the text-encoder differences are themselves below 1e-4."""
 PLANTED = {  # name fragment -> component; the first kohya target whose name contains it gets a rank-2 difference
     "attn1_to_q": "unet",
     "ff_net_0_proj": "unet",
@@ -115,7 +120,8 @@ def test_planted_rank_r_difference_is_recovered_and_untouched_layers_are_left_ou
     for name, delta in deltas.items():
         module = lora.modules[name]
         assert module.rank == RANK
-        torch.testing.assert_close(module.delta(), delta, atol=1e-4, rtol=0)
+        error = ((module.delta() - delta).norm() / delta.norm()).item()
+        assert error <= RECOVERY_REL, (name, error)
     unet = {name for name in lora.modules if name.startswith("lora_unet_")}
     assert unet == {name for name in deltas if name.startswith("lora_unet_")}, "unchanged UNet layers are skipped"
 

@@ -5,8 +5,8 @@ Each launched mode trains the tiny model for 4 steps over 2 processes (state sav
 launched processes (tests/distributed_helpers.py: half the start-up cost), runs the CLI again to resume that state
 into another run folder. XLBAKE_TRACE_DIR makes every process record its batches, its final whole weights and
 every path it writes, so the tests can check: the processes saw different images, ended with identical
-weights, only process 0 wrote the run's files, the saved checkpoint equals the gathered weights, and the resumed
-run ends exactly where the uninterrupted one did.
+weights, only process 0 wrote the run's files, ZeRO-2/3 end with the weights DDP ends with, and the resumed run
+ends exactly where the uninterrupted one did.
 """
 
 from __future__ import annotations
@@ -42,13 +42,19 @@ from finetune.state import STATE_FILE, TrainerState, read_trainer_state, state_d
 from xlbake.config import dump_yaml, load_config
 from xlbake.errors import ConfigError
 from xlbake.fileio import TEMP_PREFIX
-from xlbake.sdxl.checkpoint import sgm_state_dict
 
 REPO = Path(__file__).resolve().parents[2]
 ACCELERATE = Path(sys.executable).with_name("accelerate")
-HELPERS = Path(__file__).resolve().parents[2] / "distributed_helpers.py"
+HELPERS = Path(__file__).resolve().parent.parent / "distributed_helpers.py"
 CPU_ADAM_RESUME_DRIFT = 0.1
 """Largest weight difference between a resumed and an unbroken CPU Adam run, as a share of the largest change."""
+DDP_MATCH = 1e-2
+"""Largest difference between a ZeRO run's and the DDP run's weights of a component (Frobenius, over all its
+tensors), as a share of what DDP changed. Weights with a gradient agree to rounding (measured ~5e-6: the
+processes' gradients are reduced in another order); but the tiny UNet's GroupNorms have one channel per group, so
+the biases and time-embedding projections feeding them get a gradient that is exactly zero but for rounding noise,
+which Adam turns into steps of up to the LR, different in every implementation: the UNet's drift is ~6e-4 of its
+change for ZeRO-2 (max 1e-3 measured). A lost step, LR, clipping or part moves a component by O(1) of its change."""
 LAUNCH_TIMEOUT = 900  # seconds; a hung collective must fail the test, not the CI job
 PART_ATTRS = {"unet": "unet", "te1": "text_encoder", "te2": "text_encoder_2"}
 GPU_COMMAND = (
@@ -87,9 +93,18 @@ def cpu_adam_built() -> bool:
     return any(Path(spec.origin).parent.glob("ops/**/cpu_adam*.so")) or any(cache.glob("*/cpu_adam/cpu_adam*.so"))
 
 
-# ZeRO-2 runs as shipped (optimizer offloaded to DeepSpeed's CPU Adam) where that op is built; building it is a
-# one-time compile of several minutes (DS_BUILD_CPU_ADAM=1 pip install deepspeed), so elsewhere without offload.
-LAUNCHED = ("ddp", "zero2-offload" if cpu_adam_built() else "zero2", "zero3")
+# The shipped ZeRO-2 config offloads the optimizer to DeepSpeed's CPU Adam: a case of its own, skipped where that op
+# is not built (building it is a one-time compile of several minutes).
+ZERO2_OFFLOAD = pytest.param(
+    "zero2-offload",
+    marks=pytest.mark.skipif(
+        not cpu_adam_built(),
+        reason="the shipped ZeRO-2 preset (optimizer offloaded to DeepSpeed's CPU Adam) is not tested: CPU Adam is "
+        "not built here (DS_BUILD_CPU_ADAM=1 pip install deepspeed)",
+    ),
+)
+DEEPSPEED_MODES = ("zero2", "zero3", ZERO2_OFFLOAD)
+LAUNCHED = ("ddp", *DEEPSPEED_MODES)
 """Modes trained and resumed by the ``launched`` fixture."""
 
 
@@ -246,11 +261,15 @@ def launch(mode: str, *runs: tuple[Path, list[str]], nan: str = "") -> None:
     assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
 
 
-@pytest.fixture(scope="module", params=LAUNCHED)
-def launched(request, tiny_paths, demo_dataset, tmp_path_factory):
+LAUNCHES: dict[str, Path] = {}
+"""Mode -> root folder of its launch, made once per session (the DDP one is also the ZeRO runs' reference)."""
+
+
+def launch_once(mode: str, tiny_paths, demo_dataset, tmp_path_factory) -> Path:
     """Run A: 4 steps from scratch (state at step 2). Run B, in the same launch: resumed from A's step-2 state in a
-    new run folder."""
-    mode = request.param
+    new run folder. Returns the folder of both (and their traces)."""
+    if mode in LAUNCHES:
+        return LAUNCHES[mode]
     if mode != "ddp":
         pytest.importorskip("deepspeed", reason="DeepSpeed is not installed: pip install xlbake[deepspeed]")
     root = tmp_path_factory.mktemp(mode)
@@ -262,7 +281,14 @@ def launched(request, tiny_paths, demo_dataset, tmp_path_factory):
         (root / "trace", finetune_args(mode, config, root / "run")),
         (root / "trace-resumed", finetune_args(mode, config, root / "resumed", *resume)),
     )
-    return mode, root, tiny_paths
+    LAUNCHES[mode] = root
+    return root
+
+
+@pytest.fixture(scope="module", params=LAUNCHED)
+def launched(request, tiny_paths, demo_dataset, tmp_path_factory):
+    """(mode, launch folder, tiny model paths) of each launched mode."""
+    return request.param, launch_once(request.param, tiny_paths, demo_dataset, tmp_path_factory), tiny_paths
 
 
 def batches(trace: Path, rank: int) -> list[str]:
@@ -321,16 +347,24 @@ def test_only_the_main_process_writes_the_run(launched):
 
 
 @launched_test
-def test_saved_checkpoint_equals_the_gathered_weights(launched):
-    mode, root, tiny_paths = launched
-    dicts = by_component(load_file(root / "trace" / "rank0.safetensors"))
-    expected = sgm_state_dict(**dicts)
-    raw_file = "tuned.fp32.safetensors" if mode == "zero3" else "tuned-raw.fp32.safetensors"
-    saved = load_file(root / "run" / raw_file)
+@pytest.mark.parametrize("mode", DEEPSPEED_MODES)
+def test_deepspeed_trains_the_weights_ddp_trains(mode, tiny_paths, demo_dataset, tmp_path_factory):
+    """ZeRO-2/3 and DDP train the same seed on the same batches: the saved weights of each component agree within
+    DDP_MATCH of what it trained."""
+    ddp = launch_once("ddp", tiny_paths, demo_dataset, tmp_path_factory)
+    root = launch_once(mode, tiny_paths, demo_dataset, tmp_path_factory)
+    reference = load_file(ddp / "run/tuned-raw.fp32.safetensors")
+    saved = load_file(root / "run" / ("tuned.fp32.safetensors" if mode == "zero3" else "tuned-raw.fp32.safetensors"))
     base = load_file(tiny_paths.single_file)
-    assert all(torch.equal(expected[k], saved[k]) for k in expected)
-    assert sum(not torch.equal(saved[k], base[k]) for k in expected) > 400  # it trained
+    assert saved.keys() == reference.keys()
+    assert sum(not torch.equal(reference[k], base[k]) for k in reference) > 400  # it trained
+    for component in ("model.diffusion_model.", "conditioner.embedders.0.", "conditioner.embedders.1."):
+        keys = [k for k in reference if k.startswith(component)]
+        drift = torch.stack([(saved[k] - reference[k]).norm() for k in keys]).norm()
+        trained = torch.stack([(reference[k] - base[k]).norm() for k in keys]).norm()
+        assert drift <= DDP_MATCH * trained, (component, drift.item(), trained.item())
     if mode == "zero3":  # the diffusers folder was saved from the gathered ZeRO-3 weights too
+        dicts = by_component(load_file(root / "trace" / "rank0.safetensors"))
         unet = load_file(root / "run/tuned-diffusers/unet/diffusion_pytorch_model.safetensors")
         assert all(torch.equal(unet[k], dicts["unet"][k]) for k in dicts["unet"])
 

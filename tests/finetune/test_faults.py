@@ -47,7 +47,7 @@ from tiny_run import tiny_run_sections
 
 from xlbake.fileio import save_safetensors_atomic, write_text_atomic
 
-HELPERS = Path(__file__).resolve().parents[2] / "reliability_helpers.py"
+HELPERS = Path(__file__).resolve().parent.parent / "reliability_helpers.py"
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,9 +14,21 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 from tiny_run import tiny_run_sections
 
-from finetune.config import FinetuneConfig
+from finetune.config import EmaConfig, FinetuneConfig
 from finetune.data import collate
-from finetune.model import load_model, setup_trainable, unreachable_parameters
+from finetune.model import DTYPES, PART_ATTRS, load_model, setup_trainable, unreachable_parameters
+from finetune.objective import (
+    add_noise,
+    compute_time_ids,
+    huber_c_for,
+    loss_per_sample,
+    make_noise,
+    perturb_noise,
+    sample_timesteps,
+    snr,
+    snr_weights,
+    target_for,
+)
 from finetune.saving import Weights, save_sgm
 from finetune.state import TrainerState, read_state, write_state
 from finetune.text import encode_prompt
@@ -23,6 +36,7 @@ from finetune.trainer import Trainer
 from xlbake.batch.base_of import base_of
 from xlbake.config import config_hash, load_config, to_dict
 from xlbake.errors import TrainingError
+from xlbake.sdxl.keys import sgm_state_dict
 
 TE1_LAST = "conditioner.embedders.0.transformer.text_model.encoder.layers.2."
 TE1_FIRST = "conditioner.embedders.0.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"
@@ -41,7 +55,7 @@ def one_thread():
 
 def make_config(tiny_paths, demo_dataset, run_dir: Path, *overrides: str) -> FinetuneConfig:
     """A tiny, fast run: 32 px buckets, batch 2 x accumulation 2 (4 steps an epoch), stopped by max_steps in the
-    second epoch, EMA on, both weights saved."""
+    second epoch, EMA on (copies at steps 1 and 3, averages at step 5), both weights saved."""
     base = tiny_run_sections(tiny_paths, demo_dataset, run_dir)
     data = {
         **base,
@@ -52,7 +66,7 @@ def make_config(tiny_paths, demo_dataset, run_dir: Path, *overrides: str) -> Fin
         "noise": {"noise_offset": 0.05, "ip_noise_gamma": 0.1},
         "loss": {"min_snr_gamma": 5},
         "precision": {"mixed": "no"},
-        "ema": {"enabled": True, "beta": 0.8},
+        "ema": {"enabled": True, "beta": 0.8, "update_after_step": 2, "update_every": 2},
         "checkpoint": {"every_epochs": 1, "weights": "both"},
         "log": {"progress": False, "tensorboard": False},
     }
@@ -70,9 +84,38 @@ def fixed_loss(trainer: Trainer, n: int = 6) -> float:
     return value
 
 
+def record_raw_weights(steps: list[dict[str, dict[str, torch.Tensor]]]) -> Callable:
+    """A ``Trainer._after_step`` that first appends the trained parts' raw state dicts to ``steps``."""
+    original = Trainer._after_step
+
+    def after_step(self, *args):
+        steps.append(
+            {n: {k: v.detach().clone() for k, v in self.model.part(n).state_dict().items()} for n in self.parts}
+        )
+        original(self, *args)
+
+    return after_step
+
+
+def expected_ema(steps: list[dict[str, torch.Tensor]], cfg: EmaConfig) -> dict[str, torch.Tensor]:
+    """The EMA of a part after the recorded raw state dicts of each optimizer step, by the EMA's definition (as in
+    ema-pytorch and diffusers' EMAModel): the first update and those of steps <= update_after_step + 1 copy the
+    weights, later ones average ``beta * ema + (1 - beta) * raw`` on every update_every-th step (constant beta)."""
+    assert not cfg.warmup
+    ema: dict[str, torch.Tensor] = {}
+    for done, raw in enumerate(steps):  # done: optimizer steps before this one
+        floats = {k: v for k, v in raw.items() if v.is_floating_point()}
+        if done == 0 or (done % cfg.update_every == 0 and done <= cfg.update_after_step):
+            ema = dict(floats)
+        elif done % cfg.update_every == 0:
+            ema = {k: cfg.beta * ema[k] + (1 - cfg.beta) * v for k, v in floats.items()}
+    return ema
+
+
 @pytest.fixture(scope="module")
 def full_run(tiny_paths, demo_dataset, tmp_path_factory):
-    """The uninterrupted reference run, with the fixed-batch loss before and after training."""
+    """The uninterrupted reference run, with the fixed-batch loss before and after training and the trained parts'
+    raw weights after every optimizer step."""
     cfg = make_config(
         tiny_paths,
         demo_dataset,
@@ -87,14 +130,17 @@ def full_run(tiny_paths, demo_dataset, tmp_path_factory):
     trainer = Trainer(cfg)
     trainer.setup()
     before = fixed_loss(trainer)
-    result = trainer.train()
+    raw_steps: list[dict[str, dict[str, torch.Tensor]]] = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Trainer, "_after_step", record_raw_weights(raw_steps))
+        result = trainer.train()
     after = fixed_loss(trainer)
     trainer.cleanup()
-    return cfg, result, before, after
+    return cfg, result, before, after, raw_steps
 
 
 def test_end_to_end_outputs(full_run, tiny_paths):
-    cfg, result, _, _ = full_run
+    cfg, result, *_ = full_run
     run = cfg.run_dir
     assert not result.interrupted and (result.epoch, result.global_step, len(result.losses)) == (1, 5, 5)
     assert all(torch.isfinite(torch.tensor(result.losses)))
@@ -116,7 +162,7 @@ def test_end_to_end_outputs(full_run, tiny_paths):
 
 
 def test_loss_decreases_on_the_builtin_concept(full_run):
-    _, result, before, after = full_run
+    _, result, before, after, _ = full_run
     assert after < 0.9 * before
     half = len(result.losses) // 2
     assert sum(result.losses[half:]) / (len(result.losses) - half) < sum(result.losses[:half]) / half
@@ -125,7 +171,7 @@ def test_loss_decreases_on_the_builtin_concept(full_run):
 def test_checkpoint_loads_back_and_differs_from_base(full_run, tiny_paths):
     from xlbake.sdxl.checkpoint import open_checkpoint
 
-    cfg, _, _, _ = full_run
+    cfg, *_, raw_steps = full_run
     base = load_file(str(tiny_paths.single_file))
     with open_checkpoint(cfg.run_dir / "tuned.fp32.safetensors") as reader:
         tuned = {key: reader.get(key) for key in reader.keys()}  # noqa: SIM118
@@ -135,12 +181,17 @@ def test_checkpoint_loads_back_and_differs_from_base(full_run, tiny_paths):
     for key in (UNET_KEY, TE1_FIRST, TE2_KEY):
         assert not torch.equal(tuned[key], base[key]), key
         assert not torch.equal(tuned[key], raw[key]), key  # EMA differs from the raw weights
+    ema = {PART_ATTRS[n]: expected_ema([step[n] for step in raw_steps], cfg.ema) for n in ("unet", "te1", "te2")}
+    expected = sgm_state_dict(**ema)
+    assert len(raw_steps) == 5 and len(expected) > 500
+    for key, value in expected.items():  # the saved EMA is the average of the recorded raw weights
+        torch.testing.assert_close(tuned[key], value, rtol=1e-5, atol=1e-7, msg=key)
     frozen = [k for k in base if k.startswith(TE1_LAST) or ".final_layer_norm." in k and "embedders.0" in k]
     assert frozen and all(torch.equal(raw[k], base[k]) for k in frozen)  # no gradient path: untouched
 
 
 def test_interrupt_then_resume_is_exact(full_run, tiny_paths, demo_dataset, tmp_path, monkeypatch):
-    reference_cfg, reference, _, _ = full_run
+    reference_cfg, reference, *_ = full_run
     cfg = make_config(tiny_paths, demo_dataset, tmp_path / "run")
     original = Trainer._after_step
 
@@ -314,7 +365,7 @@ def test_resume_refuses_a_changed_config(tmp_path):
 def test_cli_gates_the_run_folder(tmp_path):
     from finetune.cli import main
 
-    preset = Path(__file__).parent.parent / "configs/finetune/tiny-cpu.yaml"
+    preset = Path(__file__).resolve().parents[2] / "configs/finetune/tiny-cpu.yaml"
     dry = CliRunner().invoke(main, ["--config", str(preset), "--set", f"run_dir={tmp_path}", "--dry-run"])
     assert dry.exit_code == 0 and "builtin:tiny" in dry.output and f"run_dir: {tmp_path}" in dry.output
     (tmp_path / "old.txt").write_text("previous run")
@@ -343,18 +394,65 @@ def step_trainer(tiny_paths, demo_dataset, tmp_path_factory):
     trainer.cleanup()
 
 
+def hand_built_loss(trainer: Trainer, cfg: FinetuneConfig, batch: dict, seed: int) -> torch.Tensor:
+    """The loss of ``batch`` under ``cfg`` built from finetune.objective alone, with the random draws of a
+    generator seeded ``seed`` taken in the trainer's order, and the trainer's own (deterministic) denoiser."""
+    model, gen = trainer.model, torch.Generator().manual_seed(seed)
+    alphas_cumprod = model.noise_scheduler.alphas_cumprod
+    noise_cfg, loss_cfg = cfg.noise, cfg.loss
+    with torch.no_grad():
+        posterior = model.vae.encode(batch["pixel_values"]).latent_dist
+        latents = posterior.sample(generator=gen) * model.vae.config.scaling_factor
+        noise = make_noise(
+            latents, noise_cfg.noise_offset, random_strength=noise_cfg.noise_offset_random_strength, generator=gen
+        )
+        timesteps = sample_timesteps(len(latents), noise_cfg.min_timestep, noise_cfg.max_timestep, generator=gen)
+        strength = noise_cfg.ip_noise_gamma_random_strength
+        input_noise = perturb_noise(noise, noise_cfg.ip_noise_gamma, random_strength=strength, generator=gen)
+        noisy_latents = add_noise(latents, input_noise, timesteps, alphas_cumprod)
+        time_ids = compute_time_ids(batch["original_size"], batch["crop_top_left"], batch["target_size"])
+        pred = trainer.denoiser(noisy_latents, timesteps, batch["input_ids_1"], batch["input_ids_2"], time_ids)
+    target = target_for(loss_cfg.prediction, latents, noise, timesteps, alphas_cumprod)
+    huber_c = huber_c_for(
+        loss_cfg.huber_schedule, loss_cfg.huber_c, timesteps, alphas_cumprod, huber_scale=loss_cfg.huber_scale
+    )
+    per_sample = loss_per_sample(pred, target, loss_cfg.loss_type, huber_c)
+    weights = snr_weights(
+        snr(alphas_cumprod, timesteps),
+        prediction=loss_cfg.prediction,
+        min_snr_gamma=loss_cfg.min_snr_gamma,
+        debiased=loss_cfg.debiased_estimation,
+    )
+    return (per_sample * weights).mean()
+
+
+def seeded_step(trainer: Trainer, cfg: FinetuneConfig, batch: dict, seed: int) -> torch.Tensor:
+    """``trainer.training_step(batch)`` under ``cfg`` with its generator seeded ``seed``."""
+    saved_cfg, trainer.cfg = trainer.cfg, cfg
+    trainer.generator.manual_seed(seed)
+    try:
+        return trainer.training_step(batch)
+    finally:
+        trainer.cfg = saved_cfg
+
+
 @pytest.mark.parametrize("name", list(OBJECTIVE_OPTIONS))
 def test_objective_options_train(name, step_trainer, tiny_paths, demo_dataset):
-    base_cfg = step_trainer.cfg
-    step_trainer.cfg = make_config(tiny_paths, demo_dataset, base_cfg.run_dir, *OBJECTIVE_OPTIONS[name])
-    try:
-        step_trainer.optimizer.zero_grad()
-        loss = step_trainer.training_step(collate([step_trainer.loader.dataset[(0, 0)]]))
-        loss.backward()
-    finally:
-        step_trainer.cfg = base_cfg
+    """Each option changes the loss exactly as finetune.objective defines it (a trainer ignoring it would give
+    the default config's loss), and gradients reach the trained parts."""
+    seed, run_dir = 99, step_trainer.cfg.run_dir
+    cfg = make_config(tiny_paths, demo_dataset, run_dir, *OBJECTIVE_OPTIONS[name])
+    batch = collate([step_trainer.loader.dataset[(0, 0)]])
+    step_trainer.optimizer.zero_grad()
+    loss = seeded_step(step_trainer, cfg, batch, seed)
+    loss.backward()
     assert torch.isfinite(loss) and loss > 0
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in step_trainer.params[:20])
+    torch.testing.assert_close(loss.detach(), hand_built_loss(step_trainer, cfg, batch, seed), rtol=1e-5, atol=0)
+    with torch.no_grad():
+        default = seeded_step(step_trainer, make_config(tiny_paths, demo_dataset, run_dir), batch, seed)
+    # beyond the hand-built comparison's tolerance (random strengths change the tiny model's loss by ~1e-3 of it)
+    assert abs(loss.item() - default.item()) > 1e-4 * default.item(), "the option did not change the loss"
 
 
 MODEL_OPTIONS = {
@@ -364,6 +462,18 @@ MODEL_OPTIONS = {
     "fp16-fixed-vae": ["precision.vae=fp16"],
     "frozen-te1": ["optim.te1_lr=0"],
 }
+
+
+def assert_module_options(model, trained: list[str], model_cfg) -> None:
+    """The trained parts are in the configured state: every block that can checkpoint does so exactly when
+    gradient checkpointing is on, and every part (frozen ones too) uses the configured attention kernel."""
+    for name in trained:
+        flags = {m.gradient_checkpointing for m in model.part(name).modules() if hasattr(m, "gradient_checkpointing")}
+        assert flags == {model_cfg.gradient_checkpointing}, name
+    processors = {type(p).__name__ for p in model.unet.attn_processors.values()}
+    assert processors == {"AttnProcessor2_0" if model_cfg.attention == "sdpa" else "AttnProcessor"}
+    for encoder in (model.text_encoder, model.text_encoder_2):
+        assert encoder.config._attn_implementation == model_cfg.attention
 
 
 @pytest.mark.parametrize("name", list(MODEL_OPTIONS))
@@ -376,6 +486,7 @@ def test_model_options_train(name, tiny_paths):
     expected = torch.bfloat16 if cfg.precision.full_bf16 else torch.float32
     assert all(p.dtype == expected for g in groups for p in g.params)
     assert model.vae.dtype == (torch.float16 if cfg.precision.vae == "fp16" else torch.float32)
+    assert_module_options(model, [g.name for g in groups], cfg.model)
     ids = torch.randint(0, 50, (1, 1, 77))
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision.mixed == "bf16"):
         embeds, pooled = encode_prompt(model.text_encoder, model.text_encoder_2, ids, ids)
@@ -403,3 +514,49 @@ def test_ema_on_cpu_with_warmup(tiny_paths):
     constant = make_ema(module, replace(cfg, warmup=False), torch.device("cpu"))
     constant.update(), constant.update(), constant.update()
     assert constant.get_current_decay() == pytest.approx(cfg.beta)
+
+
+def autocast_like_a_gpu(monkeypatch) -> None:
+    """Make accelerate's fp16 on the CPU do what it does on a GPU: autocast to fp16 with a gradient scaler.
+
+    On the CPU accelerate accepts precision.mixed: fp16 but sets up neither (no autocast, no scaler: the run is
+    plain fp32), while torch's CPU autocast and GradScaler do support fp16. So the two attributes accelerate's
+    GPU branch sets are set here, before the optimizer is prepared (it takes the scaler then).
+    """
+    original = Trainer._prepare
+
+    def prepare(self, *args):
+        self.accelerator.native_amp = True
+        self.accelerator.scaler = torch.amp.GradScaler("cpu")
+        original(self, *args)
+
+    monkeypatch.setattr(Trainer, "_prepare", prepare)
+
+
+@pytest.mark.parametrize("mixed", ["bf16", "fp16"])
+def test_a_mixed_precision_step_autocasts_the_unet_and_keeps_fp32_weights(
+    mixed, tiny_paths, demo_dataset, tmp_path, monkeypatch
+):
+    """Every trainer test above runs precision.mixed: no, while users run the fp16 default: one real step under
+    bf16 and (stood in, see above) fp16, hooks recording the dtype each UNet Linear computes in."""
+    overrides = ("train.max_steps=1", "train.grad_accum=1", "ema.enabled=false", "checkpoint.weights=raw")
+    cfg = make_config(tiny_paths, demo_dataset, tmp_path, f"precision.mixed={mixed}", *overrides)
+    if mixed == "fp16":
+        autocast_like_a_gpu(monkeypatch)
+    trainer = Trainer(cfg)
+    trainer.setup()
+    before = [p.detach().clone() for p in trainer.params]
+    seen: set[torch.dtype] = set()
+    linears = [m for m in trainer.model.unet.modules() if isinstance(m, torch.nn.Linear)]
+    for linear in linears:
+        linear.register_forward_hook(lambda module, args, out: seen.add(out.dtype))
+    try:
+        result = trainer.train()
+    finally:
+        trainer.cleanup()
+    assert len(linears) > 20 and seen == {DTYPES[mixed]}  # every UNet Linear ran in the autocast dtype
+    assert result.global_step == 1 and torch.isfinite(torch.tensor(result.losses)).all()
+    assert all(p.dtype == torch.float32 for p in trainer.params)  # fp32 master weights
+    assert sum(not torch.equal(p, b) for p, b in zip(trainer.params, before, strict=True)) > 0.9 * len(before)
+    if mixed == "fp16":  # the loss was scaled and the step not skipped (it would be on inf/nan gradients)
+        assert trainer.accelerator.scaler.get_scale() > 1 and not trainer.optimizer.step_was_skipped
