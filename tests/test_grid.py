@@ -162,3 +162,29 @@ def test_save_grid_refuses_an_existing_singles_folder(tmp_path):
         save_grid(cells, ["a", "b"], columns, tmp_path / "g.png", settings=SampleSettings())
     written = save_grid(cells, ["a", "b"], columns, tmp_path / "g.png", settings=SampleSettings(), force=True)
     assert written[0] == tmp_path / "g.png" and len(written) == 7
+
+
+def test_labels_wrap_between_tokens_never_inside_one():
+    """A line ends at a space or after a separator (- _ / ...), never inside a name or number; a token longer than a
+    line is cut visibly with "..." rather than continued on the next line."""
+    import re
+
+    token = re.compile(r"[A-Za-z0-9]+(?:\.[0-9]+)?")
+    draw = ImageDraw.Draw(Image.new("RGB", (10, 10)))
+    font = _font(12)
+    label = "lora-dim64-rank16_sv-fro checkpoints/epoch-0012 weight 0.85 a photo of xlbk emblem"
+    for width in (40, 64, 90, 130, 400):
+        lines = _fit(draw, label, font, width, 20)
+        assert all(draw.textlength(line, font=font) <= width for line in lines), width
+        whole = []
+        for line in lines:
+            found = token.findall(line.removesuffix("..."))
+            if line.endswith("...") and found:  # the one token cut visibly
+                cut = found.pop()
+                assert any(t.startswith(cut) for t in token.findall(label)), (width, line)
+            whole += found
+        assert whole == [t for t in token.findall(label) if t in whole], (width, lines)  # whole tokens, in order
+    hyphen = draw.textlength("lora-dim64-", font=font)
+    assert _fit(draw, "lora-dim64-rank16", font, hyphen, 3) == ["lora-dim64-", "rank16"]
+    cut = _fit(draw, "x" * 40 + " next", font, 60, 3)
+    assert cut[0].endswith("...") and cut[1:] == ["next"]

@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -39,6 +40,10 @@ COLUMN_LABEL_LINES = 3
 LABEL_WIDTH_IN_FONTS = 10
 BACKGROUND, INK = (255, 255, 255), (20, 20, 20)
 ELLIPSIS = "..."
+SEPARATORS = r"-_/\\,;:+="
+BREAK_AFTER = re.compile(rf"\s*[^{SEPARATORS}\s]+[{SEPARATORS}]*|\s*[{SEPARATORS}]+")
+"""The pieces a label line may end after: a name or number (dots included: 0.85 stays whole) with the separators
+that follow it, and the spaces before it."""
 LR_STYLES = (("--", "o"), (":", "s"), ("-.", "^"), ((0, (5, 1, 1, 1, 1, 1)), "D"))
 """Line style and marker of each learning-rate line, so that lines of different parameter groups stay apart."""
 LR_MARKERS = 12
@@ -147,29 +152,39 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
 
 
 def _fit(draw: ImageDraw.ImageDraw, text: str, font: object, width: int, max_lines: int) -> list[str]:
-    """``text`` wrapped at words (long words at characters) into at most ``max_lines`` lines of ``width`` px."""
+    """``text`` wrapped into at most ``max_lines`` lines of ``width`` px: at spaces, else after a separator inside a
+    word (``BREAK_AFTER``), never inside a name or number. A piece wider than a line, and the last line when lines
+    run out, end in "..." instead."""
+
+    def fits(line: str) -> bool:
+        return draw.textlength(line, font=font) <= width
+
     lines: list[str] = []
     for paragraph in text.split("\n"):
         line = ""
         for word in paragraph.split(" "):
-            candidate = f"{line} {word}" if line else word
-            if draw.textlength(candidate, font=font) <= width:
-                line = candidate
-                continue
-            if line:
-                lines.append(line)
-            while draw.textlength(word, font=font) > width and len(word) > 1:
-                cut = max(1, next(i for i in range(len(word), 0, -1) if draw.textlength(word[:i], font=font) <= width))
-                lines.append(word[:cut])
-                word = word[cut:]
-            line = word
+            for index, piece in enumerate(BREAK_AFTER.findall(word)):
+                joined = f"{line} {piece}" if line and index == 0 else line + piece
+                if fits(joined):
+                    line = joined
+                    continue
+                if line:
+                    lines.append(line)
+                line = piece if fits(piece) else _cut([piece], fits)
         lines.append(line)
     if len(lines) > max_lines:
-        last = lines[max_lines - 1]
-        while last and draw.textlength(last + ELLIPSIS, font=font) > width:
-            last = last[:-1]
-        lines = [*lines[: max_lines - 1], last + ELLIPSIS]
+        lines = [*lines[: max_lines - 1], _cut(BREAK_AFTER.findall(lines[max_lines - 1]), fits)]
     return lines
+
+
+def _cut(pieces: list[str], fits: Callable[[str], bool]) -> str:
+    """The pieces with "..." after as many whole pieces as fit; with a single piece, as many characters as fit."""
+    while len(pieces) > 1 and not fits("".join(pieces) + ELLIPSIS):
+        pieces.pop()
+    text = "".join(pieces).rstrip()
+    while text and not fits(text + ELLIPSIS):
+        text = text[:-1]
+    return text + ELLIPSIS
 
 
 def _draw_lines(
