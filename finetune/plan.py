@@ -42,6 +42,12 @@ A100_SDXL_IMAGES_PER_SECOND = 2.0
 """ASSUMPTION for time estimates and the data benchmark: an A100 trains SDXL (UNet + both text encoders, fp16
 autocast, SDPA, no checkpointing) at ~2 images of 1024^2 per second at batch 1 (~0.5 s per micro-step), from
 ~1.2 s/it reported on an RTX 4090 in bf16 (OneTrainer issue #164) scaled by the A100's ~2x tensor throughput."""
+SDXL_IMAGES_PER_SECOND = {"A100": A100_SDXL_IMAGES_PER_SECOND, "A6000": A100_SDXL_IMAGES_PER_SECOND / 2}
+"""ASSUMED training throughput per GPU (images of 1024^2 per second, the settings above), not measured here: the
+A100's figure above; the RTX A6000 at half of it, the ratio of their dense fp16 tensor throughput (~155 vs ~312
+TFLOPS) and close to that of their memory bandwidth (768 GB/s vs 1.6-2 TB/s)."""
+GPU_KINDS_BY_MEMORY = {40: "A100", 80: "A100", 48: "A6000"}
+"""GiB of a GPU known only by its size (--gpu-memory) -> the kind its time estimate assumes."""
 CHECKPOINTING_SLOWDOWN = 1.3
 """ASSUMPTION: gradient checkpointing recomputes the forward in the backward pass, ~+30 % step time."""
 Verdict = Literal["fits", "tight", "does not fit"]
@@ -88,6 +94,8 @@ class Steps:
     steps_per_epoch: int
     total_steps: int
     hours: float  # on A100-class GPUs, from A100_SDXL_IMAGES_PER_SECOND (an assumption)
+    step_seconds: float | None = None  # per optimizer step on ``gpu`` (an assumption), None for an unknown GPU
+    gpu: str | None = None  # the kind of GPU the time is estimated for (SDXL_IMAGES_PER_SECOND)
 
 
 @dataclass(frozen=True)
@@ -118,6 +126,8 @@ class Plan:
     steps: Steps | None
     suggestions: tuple[Suggestion, ...]
     notes: tuple[str, ...]
+    warnings: tuple[str, ...] = ()
+    step_time: StepTime | None = None  # without a counted dataset: the time of one optimizer step
 
     def line(self, label_start: str) -> Line:
         """The line whose label starts with ``label_start``; a zero line if none (e.g. EMA when it is off)."""
@@ -135,9 +145,13 @@ def plan(
     dataset_stats: DatasetStats | None = None,
     deepspeed: DeepSpeedSetup | None = None,
     suggest: bool = True,
+    gpu_name: str | None = None,
 ) -> Plan:
-    """Plan ``cfg`` on ``gpus`` GPUs of ``gpu_memory_bytes`` each, launched plainly (DDP if gpus > 1) or with
-    ``deepspeed``; with ``dataset_stats``, also the step count. ``suggest``: list changes when it does not fit."""
+    """Plan ``cfg`` on ``gpus`` GPUs of ``gpu_memory_bytes`` each (``gpu_name``: their CUDA name, if known), launched
+    plainly (DDP if gpus > 1) or with ``deepspeed``; with ``dataset_stats``, also the step count and time (assumed
+    throughput, ``SDXL_IMAGES_PER_SECOND``). ``suggest``: list changes when it does not fit."""
+    from finetune.ema_reach import ema_warning
+
     arch, parts, notes = model_parts(cfg.model)
     lines = memory_lines(cfg, parts, gpus, deepspeed)
     gpu_total, host_total = totals(lines)
@@ -152,7 +166,10 @@ def plan(
     if deepspeed is not None and deepspeed.offload_optimizer and cfg.optim.name != "adamw":
         notes = (*notes, f"with optimizer offload accelerate replaces {cfg.optim.name} by DeepSpeed's CPU Adam")
     trained = tuple(name for name in ("unet", "te1", "te2") if _lr(cfg, name) > 0)
-    steps = steps_for(cfg, dataset_stats, gpus) if dataset_stats is not None else None
+    kind = gpu_kind(gpu_name, gpu_memory_bytes)
+    steps = steps_for(cfg, dataset_stats, gpus, kind) if dataset_stats is not None else None
+    step_time = StepTime(kind, step_seconds(cfg, kind, 1.0)) if steps is None else None
+    warning = ema_warning(cfg.ema, steps.total_steps) if steps is not None else None
     return Plan(
         arch,
         parts,
@@ -167,6 +184,8 @@ def plan(
         steps,
         suggestions,
         tuple(notes),
+        (warning,) if warning else (),
+        step_time,
     )
 
 
@@ -353,8 +372,33 @@ def _state_bytes(name: str, n: int, factored: int | None, dtype_bytes: int, args
     raise ValueError(f"unknown optimizer {name!r}")
 
 
-def steps_for(cfg: FinetuneConfig, stats: DatasetStats, gpus: int) -> Steps:
-    """Optimizer steps as finetune.data's sampler makes them: per-bucket batches, split over GPUs, accumulated."""
+@dataclass(frozen=True)
+class StepTime:
+    """The assumed time of one optimizer step at 1024^2 on a kind of GPU (None: no figure for it)."""
+
+    gpu: str | None
+    seconds: float | None
+
+
+def gpu_kind(name: str | None, memory_bytes: int) -> str | None:
+    """The ``SDXL_IMAGES_PER_SECOND`` entry for a GPU: by its CUDA name if known, else by its size; None if none."""
+    if name is not None:
+        return next((kind for kind in SDXL_IMAGES_PER_SECOND if kind.lower() in name.lower()), None)
+    return GPU_KINDS_BY_MEMORY.get(round(memory_bytes / GIB))
+
+
+def step_seconds(cfg: FinetuneConfig, kind: str | None, area: float) -> float | None:
+    """Assumed seconds per optimizer step on one GPU of ``kind``: batch_size x grad_accum images of ``area`` times
+    1024^2 pixels at its ``SDXL_IMAGES_PER_SECOND`` (+30 % with gradient checkpointing); None for unknown GPUs."""
+    if kind is None:
+        return None
+    slowdown = CHECKPOINTING_SLOWDOWN if cfg.model.gradient_checkpointing else 1.0
+    return cfg.train.batch_size * cfg.train.grad_accum * area * slowdown / SDXL_IMAGES_PER_SECOND[kind]
+
+
+def steps_for(cfg: FinetuneConfig, stats: DatasetStats, gpus: int, kind: str | None = "A100") -> Steps:
+    """Optimizer steps as finetune.data's sampler makes them: per-bucket batches, split over GPUs, accumulated;
+    the time on GPUs of ``kind`` (assumed, ``step_seconds``)."""
     from finetune.data import steps_per_epoch
 
     batches = sum(math.ceil(count / cfg.train.batch_size) for _, count in stats.buckets)
@@ -363,7 +407,6 @@ def steps_for(cfg: FinetuneConfig, stats: DatasetStats, gpus: int) -> Steps:
     if cfg.train.max_steps:
         total = min(total, cfg.train.max_steps)
     area = sum(w * h * count for (w, h), count in stats.buckets) / max(stats.samples, 1) / 1024**2
-    images = total * cfg.train.grad_accum * cfg.train.batch_size * gpus
-    slowdown = CHECKPOINTING_SLOWDOWN if cfg.model.gradient_checkpointing else 1.0
-    hours = images * area * slowdown / A100_SDXL_IMAGES_PER_SECOND / gpus / 3600
-    return Steps(stats.samples, batches, per_epoch, total, hours)
+    seconds = step_seconds(cfg, kind, area)
+    hours = total * step_seconds(cfg, "A100", area) / 3600
+    return Steps(stats.samples, batches, per_epoch, total, hours, seconds, kind)

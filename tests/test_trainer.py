@@ -403,3 +403,15 @@ def test_ema_on_cpu_with_warmup(tiny_paths):
     constant = make_ema(module, replace(cfg, warmup=False), torch.device("cpu"))
     constant.update(), constant.update(), constant.update()
     assert constant.get_current_decay() == pytest.approx(cfg.beta)
+
+
+def test_an_ema_that_cannot_move_is_warned_about_at_the_start(tiny_paths, demo_dataset, tmp_path, caplog):
+    cfg = make_config(tiny_paths, demo_dataset, tmp_path / "run", "ema.beta=0.9995")
+    trainer = Trainer(cfg)
+    try:
+        with caplog.at_level("WARNING", logger="finetune.trainer"):
+            trainer.setup()
+    finally:
+        trainer.cleanup()
+    warnings = [r.getMessage() for r in caplog.records if "ema.beta" in r.getMessage()]
+    assert len(warnings) == 1 and "but the run has 5:" in warnings[0] and "100%" in warnings[0]
