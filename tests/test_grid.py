@@ -77,6 +77,36 @@ def test_cells_of_different_sizes_are_refused():
         layout_grid(cells, ["a", "b"], ["x", "y", "z"])
 
 
+def test_loras_go_on_the_base_only_unless_asked():
+    """The first --model is the base: LoRAs are extracted against it, so the other models appear as they are."""
+    base, tuned, lora = Path("base.safetensors"), Path("run/tuned.safetensors"), Path("run/lora-dim8.safetensors")
+    assert grid_columns([base, tuned], [lora], [1.0, 0.5]) == [
+        GridColumn(base, lora, 1.0),
+        GridColumn(base, lora, 0.5),
+        GridColumn(tuned),
+    ]
+    assert grid_columns([base, tuned], [lora], without_lora=True) == [
+        GridColumn(base),
+        GridColumn(base, lora, 1.0),
+        GridColumn(tuned),
+    ]
+    assert grid_columns([base, tuned], [lora], lora_on_tuned=True) == [
+        GridColumn(base, lora, 1.0),
+        GridColumn(tuned, lora, 1.0),
+    ]
+
+
+def test_cpu_defaults_are_smaller_and_said_gpu_defaults_unchanged():
+    from xlbake.grid import sample_defaults
+
+    gpu = sample_defaults(torch.device("cuda"), steps=None, width=None, height=None)
+    assert gpu[:3] == (30, 1024, 1024) and gpu[3] is None
+    steps, width, height, note = sample_defaults(torch.device("cpu"), steps=None, width=None, height=None)
+    assert steps < 30 and width < 1024 and height < 1024 and "CPU" in note and "--steps" in note
+    assert sample_defaults(torch.device("cpu"), steps=7, width=64, height=96) == (7, 64, 96, None)
+    assert sample_defaults(torch.device("cpu"), steps=7, width=None, height=None)[:3] == (7, width, height)
+
+
 def test_columns_and_labels_name_what_varies():
     columns = grid_columns(["m/tuned.safetensors"], ["l/lora-dim8.safetensors"], [1.0, 0.6], without_lora=True)
     assert columns == [
@@ -87,8 +117,10 @@ def test_columns_and_labels_name_what_varies():
     assert column_labels(columns) == ["no LoRA", "lora-dim8\nweight 1", "lora-dim8\nweight 0.6"]
     epochs = grid_columns(["run/checkpoints/epoch-0001.safetensors", "run/checkpoints/epoch-0002.safetensors"])
     assert column_labels(epochs) == ["epoch-0001", "epoch-0002"]
-    same_name = grid_columns(["a/tuned.safetensors", "b/tuned.safetensors"], ["x.safetensors"])
+    same_name = grid_columns(["a/tuned.safetensors", "b/tuned.safetensors"], ["x.safetensors"], lora_on_tuned=True)
     assert column_labels(same_name) == ["a/tuned", "b/tuned"]
+    base_only = grid_columns(["a/tuned.safetensors", "b/tuned.safetensors"], ["x.safetensors"])
+    assert column_labels(base_only) == ["a/tuned\nx", "b/tuned\nno LoRA"]
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +147,11 @@ def test_grid_command_renders_a_labelled_two_by_three_grid_on_the_tiny_model(tin
     args += ["--width", "64", "--height", "64", "--cfg", "1", "--device", "cpu", "--seed", "3", "--out", str(out)]
     result = CliRunner().invoke(grid, args)
     assert result.exit_code == 0, result.output
+    messages = [line.split(": ", 1)[-1] for line in result.stderr.splitlines()]  # logged as "time LEVEL name: msg"
+    estimates = [m for m in messages if m.startswith("estimated")]
+    assert len(estimates) == 1 and "2 steps x 3 pipeline calls" in estimates[0], messages
+    done = [m for m in messages if m.startswith("image ")]  # not a terminal: one line per image, no bar
+    assert [m.split(":")[0] for m in done] == [f"image {i}/6" for i in range(1, 7)], messages
 
     sheet = Image.open(out)
     geo = grid_geometry(2, 3, (64, 64), title=True)

@@ -3,9 +3,10 @@
 Any SDXL checkpoint (single-file SGM safetensors or diffusers folder) is read through :mod:`xlbake.checkpoint` into
 modules built from its architecture's configs (:func:`resolve_architecture`), tensor by tensor
 (:class:`ModelWeights`, which :mod:`xlbake.fidelity` also uses to merge and swap weights in place). A grid renders
-rows = prompts and columns = models x LoRA files x LoRA weights with the diffusers SDXL pipeline, LoRAs loaded by
-diffusers' own ``load_lora_weights`` (what users run) at each weight through ``set_adapters``. Row r always uses
-seed ``seed + r``. The sheet itself is drawn by :func:`xlbake.plots.layout_grid`.
+rows = prompts and columns = the base x LoRA files x LoRA weights and the other models (:func:`grid_columns`) with
+the diffusers SDXL pipeline, LoRAs loaded by diffusers' own ``load_lora_weights`` (what users run) at each weight
+through ``set_adapters``. Row r always uses seed ``seed + r``. The sheet itself is drawn by
+:func:`xlbake.plots.layout_grid`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from torch import Tensor
 from xlbake.checkpoint import CheckpointReader, open_checkpoint
 from xlbake.errors import InputError, OutputError
 from xlbake.fileio import check_output, write_bytes_atomic
+from xlbake.grid_progress import GridProgress
 from xlbake.plots import layout_grid
 from xlbake.sdxl_keys import (
     SGM_IGNORED,
@@ -205,6 +207,29 @@ class SampleSettings:
     batch_size: int = 4  # prompts per pipeline call
 
 
+GPU_DEFAULTS = (30, 1024, 1024)
+"""steps, width, height of a grid on a GPU: SDXL's native size."""
+CPU_DEFAULTS = (20, 512, 512)
+"""steps, width, height of a grid on the CPU, where 1024^2 x 30 steps takes ~14 min a column of 4 images."""
+
+
+def sample_defaults(
+    device: torch.device, *, steps: int | None, width: int | None, height: int | None
+) -> tuple[int, int, int, str | None]:
+    """(steps, width, height, note): the given values, the unset ones from ``CPU_DEFAULTS`` on the CPU (with a note
+    saying so) or ``GPU_DEFAULTS`` elsewhere."""
+    cpu = device.type == "cpu"
+    given = (steps, width, height)
+    chosen = tuple(d if g is None else g for g, d in zip(given, CPU_DEFAULTS if cpu else GPU_DEFAULTS, strict=True))
+    note = None
+    if cpu and None in given:
+        note = (
+            f"on the CPU: {chosen[0]} steps at {chosen[1]}x{chosen[2]} (GPU defaults: {GPU_DEFAULTS[0]} steps at "
+            f"{GPU_DEFAULTS[1]}x{GPU_DEFAULTS[2]}); set --steps, --width and --height to choose"
+        )
+    return (*chosen, note)
+
+
 @dataclass(frozen=True)
 class GridColumn:
     """One column: a model, optionally a LoRA file at a weight."""
@@ -220,15 +245,19 @@ def grid_columns(
     weights: Sequence[float] = (1.0,),
     *,
     without_lora: bool = False,
+    lora_on_tuned: bool = False,
 ) -> list[GridColumn]:
-    """Columns for every model x (no LoRA if ``without_lora`` or no LoRAs) + every LoRA x every weight."""
+    """Columns: the first model (the base the LoRAs were extracted against) x every LoRA x every weight, plus a
+    column without LoRA if ``without_lora`` or there are no LoRAs; every other model as it is, or like the base if
+    ``lora_on_tuned``."""
     if not models or not weights:
         raise ValueError("grid_columns: need at least one model and one weight")
     columns = []
-    for model in models:
-        if without_lora or not loras:
+    for index, model in enumerate(models):
+        with_loras = loras if index == 0 or lora_on_tuned else ()
+        if without_lora or not with_loras:
             columns.append(GridColumn(Path(model)))
-        columns += [GridColumn(Path(model), Path(lora), float(w)) for lora in loras for w in weights]
+        columns += [GridColumn(Path(model), Path(lora), float(w)) for lora in with_loras for w in weights]
     return columns
 
 
@@ -252,12 +281,16 @@ def column_labels(columns: Sequence[GridColumn]) -> list[str]:
     return labels
 
 
-def render_images(pipe: Any, prompts: Sequence[str], settings: SampleSettings) -> list[Image.Image]:
+def render_images(
+    pipe: Any, prompts: Sequence[str], settings: SampleSettings, progress: GridProgress | None = None
+) -> list[Image.Image]:
     """One image per prompt; prompt i uses a generator seeded ``settings.seed + i`` (same in every column)."""
     images: list[Image.Image] = []
     for start in range(0, len(prompts), settings.batch_size):
         chunk = list(prompts[start : start + settings.batch_size])
         generators = [torch.Generator(pipe.device).manual_seed(settings.seed + start + i) for i in range(len(chunk))]
+        if progress is not None:
+            progress.start_call()
         with torch.no_grad():
             images += pipe(
                 prompt=chunk,
@@ -267,7 +300,10 @@ def render_images(pipe: Any, prompts: Sequence[str], settings: SampleSettings) -
                 width=settings.width,
                 height=settings.height,
                 generator=generators,
+                callback_on_step_end=progress.on_step_end if progress is not None else None,
             ).images
+        if progress is not None:
+            progress.images_done([f"prompt {start + i + 1}: {prompt[:60]}" for i, prompt in enumerate(chunk)])
     return images
 
 
@@ -280,10 +316,13 @@ def render_grid(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
 ) -> list[list[Image.Image]]:
-    """Images[row = prompt][column]; each model is loaded once and each LoRA once per model."""
+    """Images[row = prompt][column]; each model is loaded once and each LoRA once per model. Progress per step
+    (a bar on a terminal, else a log line per image) and a time estimate from the first step."""
     if not prompts or not columns:
         raise ValueError("render_grid: need at least one prompt and one column")
     cells: list[list[Any]] = [[None] * len(columns) for _ in prompts]
+    calls = len(columns) * -(-len(prompts) // settings.batch_size)
+    progress = GridProgress(steps=settings.steps, calls=calls, images=len(columns) * len(prompts))
     for model in dict.fromkeys(c.model for c in columns):
         pipe = load_pipeline(model, components=components, device=device, dtype=dtype)
         for lora in dict.fromkeys(c.lora for c in columns if c.model == model):
@@ -295,11 +334,12 @@ def render_grid(
                 if lora is not None:
                     pipe.set_adapters([ADAPTER], adapter_weights=[column.weight])
                 logger.info("grid column %d/%d: %s %s x %g", index + 1, len(columns), model, lora or "", column.weight)
-                for row, image in enumerate(render_images(pipe, prompts, settings)):
+                for row, image in enumerate(render_images(pipe, prompts, settings, progress)):
                     cells[row][index] = image
             if lora is not None:
                 pipe.unload_lora_weights()
         del pipe
+    progress.close()
     return cells
 
 
