@@ -20,8 +20,8 @@ from typing import Literal
 
 from finetune.config import FinetuneConfig
 from finetune.plan_model import PART_MODULES, Part, model_parts
+from finetune.plan_time import GIB, StepTime, gpu_kind, step_seconds
 
-GIB = 2**30
 HEADROOM = 0.05
 """A plan "fits" below 95 % of the GPU: allocator fragmentation and cuDNN/cuBLAS workspaces take the rest."""
 CUDA_CONTEXT_BYTES = 1 * GIB
@@ -38,18 +38,6 @@ DDP_GRADIENT_AS_BUCKET_VIEW = False
 """What finetune.trainer gives DDP (accelerate's default): False = DDP keeps its own copy of all gradients."""
 BNB_BLOCK, BNB_MIN_8BIT = 256, 4096
 """bitsandbytes 8-bit optimizers: one fp32 absmax per 256 values; tensors under 4096 values keep 32-bit states."""
-A100_SDXL_IMAGES_PER_SECOND = 2.0
-"""ASSUMPTION for time estimates and the data benchmark: an A100 trains SDXL (UNet + both text encoders, fp16
-autocast, SDPA, no checkpointing) at ~2 images of 1024^2 per second at batch 1 (~0.5 s per micro-step), from
-~1.2 s/it reported on an RTX 4090 in bf16 (OneTrainer issue #164) scaled by the A100's ~2x tensor throughput."""
-SDXL_IMAGES_PER_SECOND = {"A100": A100_SDXL_IMAGES_PER_SECOND, "A6000": A100_SDXL_IMAGES_PER_SECOND / 2}
-"""ASSUMED training throughput per GPU (images of 1024^2 per second, the settings above), not measured here: the
-A100's figure above; the RTX A6000 at half of it, the ratio of their dense fp16 tensor throughput (~155 vs ~312
-TFLOPS) and close to that of their memory bandwidth (768 GB/s vs 1.6-2 TB/s)."""
-GPU_KINDS_BY_MEMORY = {40: "A100", 80: "A100", 48: "A6000"}
-"""GiB of a GPU known only by its size (--gpu-memory) -> the kind its time estimate assumes."""
-CHECKPOINTING_SLOWDOWN = 1.3
-"""ASSUMPTION: gradient checkpointing recomputes the forward in the backward pass, ~+30 % step time."""
 Verdict = Literal["fits", "tight", "does not fit"]
 
 
@@ -93,7 +81,7 @@ class Steps:
     batches_per_epoch: int
     steps_per_epoch: int
     total_steps: int
-    hours: float  # on A100-class GPUs, from A100_SDXL_IMAGES_PER_SECOND (an assumption)
+    hours: float  # on A100-class GPUs, from plan_time.A100_SDXL_IMAGES_PER_SECOND (an assumption)
     step_seconds: float | None = None  # per optimizer step on ``gpu`` (an assumption), None for an unknown GPU
     gpu: str | None = None  # the kind of GPU the time is estimated for (SDXL_IMAGES_PER_SECOND)
 
@@ -370,30 +358,6 @@ def _state_bytes(name: str, n: int, factored: int | None, dtype_bytes: int, args
         beta1 = float(args.get("betas", (0.9, 0.999))[0])
         return (2 * sliced + (2 if beta1 > 0 else 1) * n) * dtype_bytes
     raise ValueError(f"unknown optimizer {name!r}")
-
-
-@dataclass(frozen=True)
-class StepTime:
-    """The assumed time of one optimizer step at 1024^2 on a kind of GPU (None: no figure for it)."""
-
-    gpu: str | None
-    seconds: float | None
-
-
-def gpu_kind(name: str | None, memory_bytes: int) -> str | None:
-    """The ``SDXL_IMAGES_PER_SECOND`` entry for a GPU: by its CUDA name if known, else by its size; None if none."""
-    if name is not None:
-        return next((kind for kind in SDXL_IMAGES_PER_SECOND if kind.lower() in name.lower()), None)
-    return GPU_KINDS_BY_MEMORY.get(round(memory_bytes / GIB))
-
-
-def step_seconds(cfg: FinetuneConfig, kind: str | None, area: float) -> float | None:
-    """Assumed seconds per optimizer step on one GPU of ``kind``: batch_size x grad_accum images of ``area`` times
-    1024^2 pixels at its ``SDXL_IMAGES_PER_SECOND`` (+30 % with gradient checkpointing); None for unknown GPUs."""
-    if kind is None:
-        return None
-    slowdown = CHECKPOINTING_SLOWDOWN if cfg.model.gradient_checkpointing else 1.0
-    return cfg.train.batch_size * cfg.train.grad_accum * area * slowdown / SDXL_IMAGES_PER_SECOND[kind]
 
 
 def steps_for(cfg: FinetuneConfig, stats: DatasetStats, gpus: int, kind: str | None = "A100") -> Steps:

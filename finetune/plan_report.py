@@ -22,7 +22,6 @@ import yaml
 from finetune.config import FinetuneConfig, builtin_name
 from finetune.plan import (
     GIB,
-    SDXL_IMAGES_PER_SECOND,
     DatasetStats,
     DeepSpeedSetup,
     Plan,
@@ -33,6 +32,7 @@ from finetune.plan import (
     verdict_for,
 )
 from finetune.plan_model import model_parts
+from finetune.plan_time import SDXL_IMAGES_PER_SECOND
 from xlbake.errors import ConfigError, InputError, TrainingError, XlbakeError
 
 UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
@@ -251,7 +251,7 @@ def _time_line(gpu: str | None, seconds: float | None, steps: int | None) -> str
     if gpu is None or seconds is None:
         known = ", ".join(f"{k} {v:g}" for k, v in SDXL_IMAGES_PER_SECOND.items())
         return f"Time: no throughput figure for this GPU (assumed images/s of 1024^2 SDXL per GPU: {known})"
-    source = f"assumed {SDXL_IMAGES_PER_SECOND[gpu]:g} images/s of 1024^2 SDXL per {gpu}, see finetune/plan.py"
+    source = f"assumed {SDXL_IMAGES_PER_SECOND[gpu]:g} images/s of 1024^2 SDXL per {gpu}, see finetune/plan_time.py"
     if steps is None:
         return f"Time: ~{seconds:.1f} s per optimizer step at 1024^2 ({source}); steps not counted"
     return f"Time: about {steps * seconds / 3600:.1f} h ({seconds:.2f} s per optimizer step; {source})"

@@ -269,7 +269,7 @@ def test_training_check_refuses_a_plan_that_cannot_fit(tiny_paths):
 
 
 def test_the_plan_gives_a_time_estimate_and_says_where_it_comes_from(tiny_paths, demo_dataset):
-    from finetune.plan import SDXL_IMAGES_PER_SECOND, gpu_kind
+    from finetune.plan_time import SDXL_IMAGES_PER_SECOND, gpu_kind
 
     assert gpu_kind("NVIDIA A100-SXM4-80GB", 80 * GIB) == "A100" and gpu_kind(None, 80 * GIB) == "A100"
     assert gpu_kind("NVIDIA RTX A6000", 48 * GIB) == "A6000" and gpu_kind(None, 48 * GIB) == "A6000"
