@@ -10,9 +10,10 @@ from click.testing import CliRunner
 from PIL import Image, ImageDraw
 
 from xlbake.errors import OutputError
-from xlbake.grid import GridColumn, SampleSettings, column_labels, grid_columns, load_pipeline, render_images, save_grid
+from xlbake.grid import GridColumn, SampleSettings, column_labels, grid_columns, load_pipeline, save_grid
+from xlbake.grid_render import render_images
+from xlbake.grid_sheet import _fit, _font, grid_geometry, layout_grid
 from xlbake.lora_io import lora_metadata, write_lora
-from xlbake.plots import _fit, _font, grid_geometry, layout_grid
 from xlbake.sdxl_keys import kohya_targets
 
 
@@ -97,7 +98,7 @@ def test_loras_go_on_the_base_only_unless_asked():
 
 
 def test_cpu_defaults_are_smaller_and_said_gpu_defaults_unchanged():
-    from xlbake.grid import sample_defaults
+    from xlbake.grid_render import sample_defaults
 
     gpu = sample_defaults(torch.device("cuda"), steps=None, width=None, height=None)
     assert gpu[:3] == (30, 1024, 1024) and gpu[3] is None

@@ -135,7 +135,8 @@ def grid(
     """Sample grid: rows = prompts, columns = the base (first model) x LoRAs x weights and the other models, fixed
     seeds, one labelled PNG."""
     from xlbake.fileio import check_output
-    from xlbake.grid import SampleSettings, grid_columns, render_grid, sample_defaults, save_grid
+    from xlbake.grid import SampleSettings, grid_columns, save_grid
+    from xlbake.grid_render import render_grid, sample_defaults
 
     setup_logging()
     check_output(out, force)

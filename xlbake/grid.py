@@ -5,8 +5,8 @@ modules built from its architecture's configs (:func:`resolve_architecture`), te
 (:class:`ModelWeights`, which :mod:`xlbake.fidelity` also uses to merge and swap weights in place). A grid renders
 rows = prompts and columns = the base x LoRA files x LoRA weights and the other models (:func:`grid_columns`) with
 the diffusers SDXL pipeline, LoRAs loaded by diffusers' own ``load_lora_weights`` (what users run) at each weight
-through ``set_adapters``. Row r always uses seed ``seed + r``. The sheet itself is drawn by
-:func:`xlbake.plots.layout_grid`.
+through ``set_adapters`` (:mod:`xlbake.grid_render`). Row r always uses seed ``seed + r``. The sheet itself is drawn
+by :func:`xlbake.grid_sheet.layout_grid`.
 """
 
 from __future__ import annotations
@@ -29,8 +29,7 @@ from torch import Tensor
 from xlbake.checkpoint import CheckpointReader, open_checkpoint
 from xlbake.errors import InputError, OutputError
 from xlbake.fileio import check_output, write_bytes_atomic
-from xlbake.grid_progress import GridProgress
-from xlbake.plots import layout_grid
+from xlbake.grid_sheet import layout_grid
 from xlbake.sdxl_keys import (
     SGM_IGNORED,
     SGM_PREFIX,
@@ -207,29 +206,6 @@ class SampleSettings:
     batch_size: int = 4  # prompts per pipeline call
 
 
-GPU_DEFAULTS = (30, 1024, 1024)
-"""steps, width, height of a grid on a GPU: SDXL's native size."""
-CPU_DEFAULTS = (20, 512, 512)
-"""steps, width, height of a grid on the CPU, where 1024^2 x 30 steps takes ~14 min a column of 4 images."""
-
-
-def sample_defaults(
-    device: torch.device, *, steps: int | None, width: int | None, height: int | None
-) -> tuple[int, int, int, str | None]:
-    """(steps, width, height, note): the given values, the unset ones from ``CPU_DEFAULTS`` on the CPU (with a note
-    saying so) or ``GPU_DEFAULTS`` elsewhere."""
-    cpu = device.type == "cpu"
-    given = (steps, width, height)
-    chosen = tuple(d if g is None else g for g, d in zip(given, CPU_DEFAULTS if cpu else GPU_DEFAULTS, strict=True))
-    note = None
-    if cpu and None in given:
-        note = (
-            f"on the CPU: {chosen[0]} steps at {chosen[1]}x{chosen[2]} (GPU defaults: {GPU_DEFAULTS[0]} steps at "
-            f"{GPU_DEFAULTS[1]}x{GPU_DEFAULTS[2]}); set --steps, --width and --height to choose"
-        )
-    return (*chosen, note)
-
-
 @dataclass(frozen=True)
 class GridColumn:
     """One column: a model, optionally a LoRA file at a weight."""
@@ -281,68 +257,6 @@ def column_labels(columns: Sequence[GridColumn]) -> list[str]:
     return labels
 
 
-def render_images(
-    pipe: Any, prompts: Sequence[str], settings: SampleSettings, progress: GridProgress | None = None
-) -> list[Image.Image]:
-    """One image per prompt; prompt i uses a generator seeded ``settings.seed + i`` (same in every column)."""
-    images: list[Image.Image] = []
-    for start in range(0, len(prompts), settings.batch_size):
-        chunk = list(prompts[start : start + settings.batch_size])
-        generators = [torch.Generator(pipe.device).manual_seed(settings.seed + start + i) for i in range(len(chunk))]
-        if progress is not None:
-            progress.start_call()
-        with torch.no_grad():
-            images += pipe(
-                prompt=chunk,
-                negative_prompt=[settings.negative_prompt] * len(chunk) if settings.negative_prompt else None,
-                num_inference_steps=settings.steps,
-                guidance_scale=settings.guidance_scale,
-                width=settings.width,
-                height=settings.height,
-                generator=generators,
-                callback_on_step_end=progress.on_step_end if progress is not None else None,
-            ).images
-        if progress is not None:
-            progress.images_done([f"prompt {start + i + 1}: {prompt[:60]}" for i, prompt in enumerate(chunk)])
-    return images
-
-
-def render_grid(
-    columns: Sequence[GridColumn],
-    prompts: Sequence[str],
-    settings: SampleSettings,
-    *,
-    components: str | os.PathLike | None = None,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype | None = None,
-) -> list[list[Image.Image]]:
-    """Images[row = prompt][column]; each model is loaded once and each LoRA once per model. Progress per step
-    (a bar on a terminal, else a log line per image) and a time estimate from the first step."""
-    if not prompts or not columns:
-        raise ValueError("render_grid: need at least one prompt and one column")
-    cells: list[list[Any]] = [[None] * len(columns) for _ in prompts]
-    calls = len(columns) * -(-len(prompts) // settings.batch_size)
-    progress = GridProgress(steps=settings.steps, calls=calls, images=len(columns) * len(prompts))
-    for model in dict.fromkeys(c.model for c in columns):
-        pipe = load_pipeline(model, components=components, device=device, dtype=dtype)
-        for lora in dict.fromkeys(c.lora for c in columns if c.model == model):
-            if lora is not None:
-                _load_lora(pipe, lora)
-            for index, column in enumerate(columns):
-                if column.model != model or column.lora != lora:
-                    continue
-                if lora is not None:
-                    pipe.set_adapters([ADAPTER], adapter_weights=[column.weight])
-                logger.info("grid column %d/%d: %s %s x %g", index + 1, len(columns), model, lora or "", column.weight)
-                for row, image in enumerate(render_images(pipe, prompts, settings, progress)):
-                    cells[row][index] = image
-            if lora is not None:
-                pipe.unload_lora_weights()
-        del pipe
-    progress.close()
-    return cells
-
-
 def save_grid(
     cells: Sequence[Sequence[Image.Image]],
     prompts: Sequence[str],
@@ -375,7 +289,7 @@ def save_grid(
     return written
 
 
-def _load_lora(pipe: Any, lora: Path) -> None:
+def load_lora(pipe: Any, lora: Path) -> None:
     """Load a kohya LoRA with diffusers' own loader; its refusals become an InputError naming the file."""
     from xlbake.lora_io import read_lora
 
