@@ -226,3 +226,12 @@ def test_labels_wrap_between_tokens_never_inside_one():
     assert _fit(draw, "lora-dim64-rank16", font, hyphen, 3) == ["lora-dim64-", "rank16"]
     cut = _fit(draw, "x" * 40 + " next", font, 60, 3)
     assert cut[0].endswith("...") and cut[1:] == ["next"]
+
+
+def test_every_line_of_a_column_label_keeps_a_line_when_lines_run_out():
+    """The weight line of a column label survives a long LoRA name above it: the long part is cut instead."""
+    draw = ImageDraw.Draw(Image.new("RGB", (10, 10)))
+    font = _font(12)
+    lines = _fit(draw, "checkpoints/epoch-0012\nlora-dim64-rank16_sv-fro-extra\nweight 0.8", font, 64, 3)
+    assert len(lines) == 3 and lines[-1] == "weight 0.8" and lines[0].endswith("...") and lines[1].endswith("...")
+    assert _fit(draw, "a b c d e f g h i j k l m n o p q r s t u v w x y z " * 3, font, 64, 2)[-1].endswith("...")

@@ -119,28 +119,37 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
 
 def _fit(draw: ImageDraw.ImageDraw, text: str, font: object, width: int, max_lines: int) -> list[str]:
     """``text`` wrapped into at most ``max_lines`` lines of ``width`` px: at spaces, else after a separator inside a
-    word (``BREAK_AFTER``), never inside a name or number. A piece wider than a line, and the last line when lines
-    run out, end in "..." instead."""
+    word (``BREAK_AFTER``), never inside a name or number. A piece wider than a line ends in "..."; when lines run
+    out, the longest "\\n"-separated part loses its last lines first (cut with "..."), so that each part keeps one."""
 
     def fits(line: str) -> bool:
         return draw.textlength(line, font=font) <= width
 
-    lines: list[str] = []
-    for paragraph in text.split("\n"):
-        line = ""
-        for word in paragraph.split(" "):
-            for index, piece in enumerate(BREAK_AFTER.findall(word)):
-                joined = f"{line} {piece}" if line and index == 0 else line + piece
-                if fits(joined):
-                    line = joined
-                    continue
-                if line:
-                    lines.append(line)
-                line = piece if fits(piece) else _cut([piece], fits)
-        lines.append(line)
-    if len(lines) > max_lines:
+    parts = [_wrap(paragraph, fits) for paragraph in text.split("\n")]
+    while sum(map(len, parts)) > max_lines and max(map(len, parts)) > 1:
+        longest = max(parts, key=len)
+        del longest[-1]
+        longest[-1] = _cut(BREAK_AFTER.findall(longest[-1]), fits)
+    lines = [line for part in parts for line in part]
+    if len(lines) > max_lines:  # more parts than lines
         lines = [*lines[: max_lines - 1], _cut(BREAK_AFTER.findall(lines[max_lines - 1]), fits)]
     return lines
+
+
+def _wrap(paragraph: str, fits: Callable[[str], bool]) -> list[str]:
+    """One paragraph wrapped at spaces, else after separators; a piece too wide for a line is cut with "..."."""
+    lines: list[str] = []
+    line = ""
+    for word in paragraph.split(" "):
+        for index, piece in enumerate(BREAK_AFTER.findall(word)):
+            joined = f"{line} {piece}" if line and index == 0 else line + piece
+            if fits(joined):
+                line = joined
+                continue
+            if line:
+                lines.append(line)
+            line = piece if fits(piece) else _cut([piece], fits)
+    return [*lines, line]
 
 
 def _cut(pieces: list[str], fits: Callable[[str], bool]) -> str:
