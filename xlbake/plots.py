@@ -139,7 +139,8 @@ def loss_figure(log: LossLog, *, title: str | None = None, smoothing: float = SM
         lr_axis.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
         more_handles, more_labels = lr_axis.get_legend_handles_labels()
         handles, labels = handles + more_handles, labels + more_labels
-    axis.legend(handles, labels, loc="upper right", fontsize="small")
+    # below the axes: inside, the LR axis would draw its lines over the legend, and the legend over the curves
+    figure.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 3), fontsize="small")
     return figure
 
 
