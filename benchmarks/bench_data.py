@@ -13,9 +13,9 @@ encoders. Tokenizers: SDXL's from the local hub cache if there, else the tiny mo
 smaller vocabulary). An epoch is timed from the first batch requested (worker start-up included, as every epoch
 restarts the workers) and reported in images/s, with a single-process breakdown per stage.
 
-The rate to beat is an ASSUMPTION (finetune.planner.memory.A100_SDXL_IMAGES_PER_SECOND): an A100 trains SDXL at
-~2 images of 1024^2 per second; each GPU has its own data process and workers, so the need is per GPU. In a run, the
-progress bar's `data` share (time waiting for the next batch) is the check.
+The rate to beat is an ASSUMPTION (finetune.planner.speed.A100_SDXL_IMAGES_PER_SECOND): an A100 trains SDXL at ~2 images
+of 1024^2 per second; each GPU has its own data process and workers, so the need is per GPU. In a run, the progress
+bar's `data` share (time waiting for the next batch) is the check.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image
 
 from finetune.config import FinetuneConfig
-from finetune.planner.memory import A100_SDXL_IMAGES_PER_SECOND
+from finetune.planner.speed import A100_SDXL_IMAGES_PER_SECOND
 from xlbake.config import load_config
 
 SIZES = ((1536, 1024), (1024, 1536), (2048, 2048), (1920, 1080), (1280, 960), (3000, 2000))
@@ -168,8 +168,7 @@ def main(argv: list[str]) -> int:
             verdict = "keeps up with" if rate >= need else "is SLOWER than"
             print(f"workers={count}: {rate:6.2f} images/s beside training, {verdict} the {need:g} images/s needed")
     print(
-        f"need: {need:g} images/s per GPU (ASSUMED A100 rate, finetune.planner.memory.A100_SDXL_IMAGES_PER_SECOND); "
-        f"one process "
+        f"need: {need:g} images/s per GPU (ASSUMED A100 rate, see finetune/plan_time.py); one process "
         f"loads {single:.2f} images/s here, so >= {math.ceil(need / single)} worker(s) per GPU keep up (more on a "
         f"slower CPU); configured: train.num_workers={cfg.train.num_workers}"
     )

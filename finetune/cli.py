@@ -55,11 +55,17 @@ def main(
 ) -> None:
     """Full SDXL finetune (UNet and both text encoders, optional EMA) into RUN (run_dir)."""
     from finetune.config import FinetuneConfig
+    from xlbake.config import dump_yaml
 
-    cfg = resolve_config(FinetuneConfig, config, overrides, dry_run)
+    cfg = resolve_config(FinetuneConfig, config, overrides, dry_run=False)
     setup_logging(verbose)
-    from finetune.planner.report import check_before_training, plan_text
+    from finetune.planner.report import check_before_training, ema_check, plan_text
 
+    if dry_run:  # the resolved config on stdout; what it will do wrong on stderr
+        click.echo(dump_yaml(cfg), nl=False)
+        if warning := ema_check(cfg, int(os.environ.get("WORLD_SIZE", "1"))):
+            click.echo(f"Warning: {warning}", err=True)
+        return
     if plan_only:
         click.echo(plan_text(cfg, gpu_memory=gpu_memory, gpus=gpus, accelerate_config=accelerate_config))
         return

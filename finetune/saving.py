@@ -26,7 +26,7 @@ from finetune.model import PART_ATTRS, SdxlModel
 from finetune.state import flatten
 from xlbake.batch.base_of import BASE_TXT
 from xlbake.errors import OutputError, TrainingError
-from xlbake.fileio import TEMP_PREFIX, atomic_path, write_text_atomic
+from xlbake.fileio import TEMP_PREFIX, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +41,6 @@ LOGS = "logs"
 LOSS_PNG = "loss.png"
 DIFFUSERS_DIR = "tuned-diffusers"
 BUILTIN = "builtin"
-SMOOTHING = 0.9
-"""Exponential smoothing factor of the loss curve."""
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -265,42 +263,17 @@ def holding(module: Any, state: Mapping[str, torch.Tensor]) -> Iterator[None]:
             tensors[name].data = value
 
 
-def smooth(values: Sequence[float], factor: float = SMOOTHING) -> list[float]:
-    """Bias-corrected exponential moving average (as tensorboard's smoothing): same length as ``values``."""
-    out, average = [], 0.0
-    for i, value in enumerate(values, start=1):
-        average = factor * average + (1 - factor) * value
-        out.append(average / (1 - factor**i))
-    return out
-
-
 def write_loss_plot(losses: Sequence[float], lrs: Sequence[float], path: Path) -> Path | None:
-    """Loss per optimizer step (raw and smoothed) with the LR on a second axis, as a PNG; None with no data."""
-    finite = [(i + 1, v) for i, v in enumerate(losses) if math.isfinite(v)]
+    """The run's loss curve (``xlbake loss-plot``'s figure) from its loss and LR per optimizer step; None with no
+    finite loss. Step i + 1 is the i-th entry; non-finite losses (skipped steps) are left out."""
+    from xlbake.evaluate.plots import LossLog, Series, plot_loss_curve
+
+    finite = {i + 1: v for i, v in enumerate(losses) if math.isfinite(v)}
     if not finite:
         return None
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    steps, values = zip(*finite, strict=True)
-    fig = Figure(figsize=(8, 4.5), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    ax.plot(steps, values, color="tab:blue", alpha=0.3, linewidth=0.8, label="loss")
-    ax.plot(steps, smooth(values), color="tab:blue", linewidth=1.8, label=f"loss (EMA {SMOOTHING})")
-    ax.set(xlabel="optimizer step", ylabel="training loss", title="Finetune loss")
-    ax.grid(alpha=0.3)
-    handles = ax.get_lines()
-    if lrs:
-        lr_ax = ax.twinx()
-        handles += lr_ax.plot(range(1, len(lrs) + 1), lrs, color="tab:orange", linewidth=1.0, label="learning rate")
-        lr_ax.set_ylabel("learning rate")
-        lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
-    ax.legend(handles=handles, loc="upper right")
-    fig.tight_layout()
-    with atomic_path(path, force=True) as tmp:
-        fig.savefig(tmp, format="png")
-    return path
+    lr = {"lr": Series(tuple(range(1, len(lrs) + 1)), tuple(lrs))} if lrs else {}
+    log = LossLog(Series(tuple(finite), tuple(finite.values())), lr, path.parent)
+    return plot_loss_curve(log, path, title=f"training loss: {path.parent.name}", force=True)
 
 
 class StopRequest:

@@ -37,6 +37,7 @@ from finetune.distributed import (
     trained_state_dicts,
     whole_parameters,
 )
+from finetune.ema_reach import ema_warning
 from finetune.latent_cache import CACHE_DIR, build_latent_cache
 from finetune.model import (
     PART_ATTRS,
@@ -134,6 +135,8 @@ class Trainer:
         self.total_steps = cfg.train.epochs * self.steps_per_epoch
         if cfg.train.max_steps:
             self.total_steps = min(self.total_steps, cfg.train.max_steps)
+        if cfg.ema.enabled and (warning := ema_warning(cfg.ema, self.total_steps)):
+            logger.warning(warning, main_process_only=True)
         ema_device = torch.device("cpu") if cfg.ema.device == "cpu" else acc.device
         self.emas = (
             {n: make_ema(self.model.part(n), cfg.ema, ema_device) for n in self.parts} if cfg.ema.enabled else {}

@@ -20,8 +20,8 @@ from typing import Literal
 
 from finetune.config import FinetuneConfig
 from finetune.planner.measure import PART_MODULES, Part, model_parts
+from finetune.planner.speed import GIB, StepTime, gpu_kind, step_seconds
 
-GIB = 2**30
 HEADROOM = 0.05
 """A plan "fits" below 95 % of the GPU: allocator fragmentation and cuDNN/cuBLAS workspaces take the rest."""
 CUDA_CONTEXT_BYTES = 1 * GIB
@@ -38,12 +38,6 @@ DDP_GRADIENT_AS_BUCKET_VIEW = False
 """What finetune.trainer gives DDP (accelerate's default): False = DDP keeps its own copy of all gradients."""
 BNB_BLOCK, BNB_MIN_8BIT = 256, 4096
 """bitsandbytes 8-bit optimizers: one fp32 absmax per 256 values; tensors under 4096 values keep 32-bit states."""
-A100_SDXL_IMAGES_PER_SECOND = 2.0
-"""ASSUMPTION for time estimates and the data benchmark: an A100 trains SDXL (UNet + both text encoders, fp16
-autocast, SDPA, no checkpointing) at ~2 images of 1024^2 per second at batch 1 (~0.5 s per micro-step), from
-~1.2 s/it reported on an RTX 4090 in bf16 (OneTrainer issue #164) scaled by the A100's ~2x tensor throughput."""
-CHECKPOINTING_SLOWDOWN = 1.3
-"""ASSUMPTION: gradient checkpointing recomputes the forward in the backward pass, ~+30 % step time."""
 Verdict = Literal["fits", "tight", "does not fit"]
 
 
@@ -87,7 +81,9 @@ class Steps:
     batches_per_epoch: int
     steps_per_epoch: int
     total_steps: int
-    hours: float  # on A100-class GPUs, from A100_SDXL_IMAGES_PER_SECOND (an assumption)
+    hours: float  # on A100-class GPUs, from plan_time.A100_SDXL_IMAGES_PER_SECOND (an assumption)
+    step_seconds: float | None = None  # per optimizer step on ``gpu`` (an assumption), None for an unknown GPU
+    gpu: str | None = None  # the kind of GPU the time is estimated for (SDXL_IMAGES_PER_SECOND)
 
 
 @dataclass(frozen=True)
@@ -118,6 +114,8 @@ class Plan:
     steps: Steps | None
     suggestions: tuple[Suggestion, ...]
     notes: tuple[str, ...]
+    warnings: tuple[str, ...] = ()
+    step_time: StepTime | None = None  # without a counted dataset: the time of one optimizer step
 
     def line(self, label_start: str) -> Line:
         """The line whose label starts with ``label_start``; a zero line if none (e.g. EMA when it is off)."""
@@ -135,9 +133,13 @@ def plan(
     dataset_stats: DatasetStats | None = None,
     deepspeed: DeepSpeedSetup | None = None,
     suggest: bool = True,
+    gpu_name: str | None = None,
 ) -> Plan:
-    """Plan ``cfg`` on ``gpus`` GPUs of ``gpu_memory_bytes`` each, launched plainly (DDP if gpus > 1) or with
-    ``deepspeed``; with ``dataset_stats``, also the step count. ``suggest``: list changes when it does not fit."""
+    """Plan ``cfg`` on ``gpus`` GPUs of ``gpu_memory_bytes`` each (``gpu_name``: their CUDA name, if known), launched
+    plainly (DDP if gpus > 1) or with ``deepspeed``; with ``dataset_stats``, also the step count and time (assumed
+    throughput, ``SDXL_IMAGES_PER_SECOND``). ``suggest``: list changes when it does not fit."""
+    from finetune.ema_reach import ema_warning
+
     arch, parts, notes = model_parts(cfg.model)
     lines = memory_lines(cfg, parts, gpus, deepspeed)
     gpu_total, host_total = totals(lines)
@@ -152,7 +154,10 @@ def plan(
     if deepspeed is not None and deepspeed.offload_optimizer and cfg.optim.name != "adamw":
         notes = (*notes, f"with optimizer offload accelerate replaces {cfg.optim.name} by DeepSpeed's CPU Adam")
     trained = tuple(name for name in ("unet", "te1", "te2") if _lr(cfg, name) > 0)
-    steps = steps_for(cfg, dataset_stats, gpus) if dataset_stats is not None else None
+    kind = gpu_kind(gpu_name, gpu_memory_bytes)
+    steps = steps_for(cfg, dataset_stats, gpus, kind) if dataset_stats is not None else None
+    step_time = StepTime(kind, step_seconds(cfg, kind, 1.0)) if steps is None else None
+    warning = ema_warning(cfg.ema, steps.total_steps) if steps is not None else None
     return Plan(
         arch,
         parts,
@@ -167,6 +172,8 @@ def plan(
         steps,
         suggestions,
         tuple(notes),
+        (warning,) if warning else (),
+        step_time,
     )
 
 
@@ -354,8 +361,9 @@ def _state_bytes(name: str, n: int, factored: int | None, dtype_bytes: int, args
     raise ValueError(f"unknown optimizer {name!r}")
 
 
-def steps_for(cfg: FinetuneConfig, stats: DatasetStats, gpus: int) -> Steps:
-    """Optimizer steps as finetune.data's sampler makes them: per-bucket batches, split over GPUs, accumulated."""
+def steps_for(cfg: FinetuneConfig, stats: DatasetStats, gpus: int, kind: str | None = "A100") -> Steps:
+    """Optimizer steps as finetune.data's sampler makes them: per-bucket batches, split over GPUs, accumulated;
+    the time on GPUs of ``kind`` (assumed, ``step_seconds``)."""
     from finetune.data import steps_per_epoch
 
     batches = sum(math.ceil(count / cfg.train.batch_size) for _, count in stats.buckets)
@@ -364,7 +372,6 @@ def steps_for(cfg: FinetuneConfig, stats: DatasetStats, gpus: int) -> Steps:
     if cfg.train.max_steps:
         total = min(total, cfg.train.max_steps)
     area = sum(w * h * count for (w, h), count in stats.buckets) / max(stats.samples, 1) / 1024**2
-    images = total * cfg.train.grad_accum * cfg.train.batch_size * gpus
-    slowdown = CHECKPOINTING_SLOWDOWN if cfg.model.gradient_checkpointing else 1.0
-    hours = images * area * slowdown / A100_SDXL_IMAGES_PER_SECOND / gpus / 3600
-    return Steps(stats.samples, batches, per_epoch, total, hours)
+    seconds = step_seconds(cfg, kind, area)
+    hours = total * step_seconds(cfg, "A100", area) / 3600
+    return Steps(stats.samples, batches, per_epoch, total, hours, seconds, kind)

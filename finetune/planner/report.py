@@ -22,7 +22,6 @@ import yaml
 from finetune.config import FinetuneConfig, builtin_name
 from finetune.planner.measure import model_parts
 from finetune.planner.memory import (
-    A100_SDXL_IMAGES_PER_SECOND,
     GIB,
     DatasetStats,
     DeepSpeedSetup,
@@ -33,6 +32,7 @@ from finetune.planner.memory import (
     totals,
     verdict_for,
 )
+from finetune.planner.speed import SDXL_IMAGES_PER_SECOND
 from xlbake.errors import ConfigError, InputError, TrainingError, XlbakeError
 
 UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
@@ -129,6 +129,7 @@ def plan_text(
     processes, deepspeed = deepspeed_from_accelerate_config(accelerate_config) if accelerate_config else (1, None)
     notes = []
     capacity = parse_size(gpu_memory) if gpu_memory else _cuda_memory()
+    name = _cuda_name() if not gpu_memory else None
     if capacity is None:
         capacity = parse_size(DEFAULT_GPU)
         notes.append(f"no --gpu-memory and no CUDA device here: planned for {DEFAULT_GPU}")
@@ -137,7 +138,9 @@ def plan_text(
     except XlbakeError as exc:
         stats = None
         notes.append(f"steps not counted: {exc}")
-    result = plan(cfg, gpu_memory_bytes=capacity, gpus=gpus or processes, dataset_stats=stats, deepspeed=deepspeed)
+    result = plan(
+        cfg, gpu_memory_bytes=capacity, gpus=gpus or processes, dataset_stats=stats, deepspeed=deepspeed, gpu_name=name
+    )
     return format_plan(replace(result, notes=(*result.notes, *notes)))
 
 
@@ -145,6 +148,28 @@ def _cuda_memory() -> int | None:
     import torch
 
     return torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
+
+
+def _cuda_name() -> str | None:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+
+
+def ema_check(cfg: FinetuneConfig, gpus: int = 1) -> str | None:
+    """The EMA reach warning (``finetune.ema_reach``) for the steps the run will take: counted from the dataset as
+    the planner does, else train.max_steps (an upper bound: the EMA moves even less in a shorter run); None if it
+    moves enough, EMA is off or the steps cannot be known."""
+    from finetune.ema_reach import ema_warning
+    from finetune.planner.memory import steps_for
+
+    if not cfg.ema.enabled:
+        return None
+    try:
+        steps = steps_for(cfg, dataset_stats(cfg), gpus).total_steps
+    except XlbakeError:
+        steps = cfg.train.max_steps
+    return ema_warning(cfg.ema, steps)
 
 
 def check_before_training(
@@ -205,17 +230,31 @@ def format_plan(p: Plan) -> str:
         s = p.steps
         out.append(
             f"Steps: {s.samples_per_epoch} samples/epoch (with repeats) in {s.batches_per_epoch} batches -> "
-            f"{s.steps_per_epoch} optimizer steps/epoch, {s.total_steps} in total; about {s.hours:.1f} h on "
-            f"A100-class GPUs (assumed {A100_SDXL_IMAGES_PER_SECOND:g} images/s of 1024^2 per GPU)"
+            f"{s.steps_per_epoch} optimizer steps/epoch, {s.total_steps} in total"
         )
+        out.append(_time_line(s.gpu, s.step_seconds, s.total_steps))
+    elif p.step_time is not None:
+        out.append(_time_line(p.step_time.gpu, p.step_time.seconds, None))
     if p.suggestions:
         out.append("Does not fit comfortably. Changes, cheapest in quality first (each on top of those above):")
         for i, s in enumerate(p.suggestions, 1):
             out.append(f"  {i}. {s.change}")
             out.append(f"     -> {_gib(s.gpu_total)} per GPU ({s.verdict}), host {_gib(s.host_total)}; cost: {s.cost}")
     out += [f"Note: {note}" for note in p.notes]
+    out += [f"Warning: {warning}" for warning in p.warnings]
     out.append("Activations are an estimate (shape-only forward, see finetune/plan_model.py); the rest is counted.")
     return "\n".join(out)
+
+
+def _time_line(gpu: str | None, seconds: float | None, steps: int | None) -> str:
+    """The time estimate, saying where its figure comes from."""
+    if gpu is None or seconds is None:
+        known = ", ".join(f"{k} {v:g}" for k, v in SDXL_IMAGES_PER_SECOND.items())
+        return f"Time: no throughput figure for this GPU (assumed images/s of 1024^2 SDXL per GPU: {known})"
+    source = f"assumed {SDXL_IMAGES_PER_SECOND[gpu]:g} images/s of 1024^2 SDXL per {gpu}, see finetune/plan_time.py"
+    if steps is None:
+        return f"Time: ~{seconds:.1f} s per optimizer step at 1024^2 ({source}); steps not counted"
+    return f"Time: about {steps * seconds / 3600:.1f} h ({seconds:.2f} s per optimizer step; {source})"
 
 
 ZERO2_LAUNCH = "accelerate launch --config_file configs/accelerate/deepspeed-zero2.yaml"

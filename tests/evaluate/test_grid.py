@@ -10,16 +10,9 @@ from click.testing import CliRunner
 from PIL import Image, ImageDraw
 
 from xlbake.errors import OutputError
-from xlbake.evaluate.grid import (
-    GridColumn,
-    SampleSettings,
-    column_labels,
-    grid_columns,
-    load_pipeline,
-    render_images,
-    save_grid,
-)
-from xlbake.evaluate.plots import _fit, _font, grid_geometry, layout_grid
+from xlbake.evaluate.grid import GridColumn, SampleSettings, column_labels, grid_columns, load_pipeline, save_grid
+from xlbake.evaluate.render import render_images
+from xlbake.evaluate.sheet import _fit, _font, grid_geometry, layout_grid
 from xlbake.lora.io import lora_metadata, write_lora
 from xlbake.sdxl.keys import kohya_targets
 
@@ -85,6 +78,36 @@ def test_cells_of_different_sizes_are_refused():
         layout_grid(cells, ["a", "b"], ["x", "y", "z"])
 
 
+def test_loras_go_on_the_base_only_unless_asked():
+    """The first --model is the base: LoRAs are extracted against it, so the other models appear as they are."""
+    base, tuned, lora = Path("base.safetensors"), Path("run/tuned.safetensors"), Path("run/lora-dim8.safetensors")
+    assert grid_columns([base, tuned], [lora], [1.0, 0.5]) == [
+        GridColumn(base, lora, 1.0),
+        GridColumn(base, lora, 0.5),
+        GridColumn(tuned),
+    ]
+    assert grid_columns([base, tuned], [lora], without_lora=True) == [
+        GridColumn(base),
+        GridColumn(base, lora, 1.0),
+        GridColumn(tuned),
+    ]
+    assert grid_columns([base, tuned], [lora], lora_on_tuned=True) == [
+        GridColumn(base, lora, 1.0),
+        GridColumn(tuned, lora, 1.0),
+    ]
+
+
+def test_cpu_defaults_are_smaller_and_said_gpu_defaults_unchanged():
+    from xlbake.evaluate.render import sample_defaults
+
+    gpu = sample_defaults(torch.device("cuda"), steps=None, width=None, height=None)
+    assert gpu[:3] == (30, 1024, 1024) and gpu[3] is None
+    steps, width, height, note = sample_defaults(torch.device("cpu"), steps=None, width=None, height=None)
+    assert steps < 30 and width < 1024 and height < 1024 and "CPU" in note and "--steps" in note
+    assert sample_defaults(torch.device("cpu"), steps=7, width=64, height=96) == (7, 64, 96, None)
+    assert sample_defaults(torch.device("cpu"), steps=7, width=None, height=None)[:3] == (7, width, height)
+
+
 def test_columns_and_labels_name_what_varies():
     columns = grid_columns(["m/tuned.safetensors"], ["l/lora-dim8.safetensors"], [1.0, 0.6], without_lora=True)
     assert columns == [
@@ -95,8 +118,10 @@ def test_columns_and_labels_name_what_varies():
     assert column_labels(columns) == ["no LoRA", "lora-dim8\nweight 1", "lora-dim8\nweight 0.6"]
     epochs = grid_columns(["run/checkpoints/epoch-0001.safetensors", "run/checkpoints/epoch-0002.safetensors"])
     assert column_labels(epochs) == ["epoch-0001", "epoch-0002"]
-    same_name = grid_columns(["a/tuned.safetensors", "b/tuned.safetensors"], ["x.safetensors"])
+    same_name = grid_columns(["a/tuned.safetensors", "b/tuned.safetensors"], ["x.safetensors"], lora_on_tuned=True)
     assert column_labels(same_name) == ["a/tuned", "b/tuned"]
+    base_only = grid_columns(["a/tuned.safetensors", "b/tuned.safetensors"], ["x.safetensors"])
+    assert column_labels(base_only) == ["a/tuned\nx", "b/tuned\nno LoRA"]
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +148,11 @@ def test_grid_command_renders_a_labelled_two_by_three_grid_on_the_tiny_model(tin
     args += ["--width", "64", "--height", "64", "--cfg", "1", "--device", "cpu", "--seed", "3", "--out", str(out)]
     result = CliRunner().invoke(grid, args)
     assert result.exit_code == 0, result.output
+    messages = [line.split(": ", 1)[-1] for line in result.stderr.splitlines()]  # logged as "time LEVEL name: msg"
+    estimates = [m for m in messages if m.startswith("estimated")]
+    assert len(estimates) == 1 and "2 steps x 3 pipeline calls" in estimates[0], messages
+    done = [m for m in messages if m.startswith("image ")]  # not a terminal: one line per image, no bar
+    assert [m.split(":")[0] for m in done] == [f"image {i}/6" for i in range(1, 7)], messages
 
     sheet = Image.open(out)
     geo = grid_geometry(2, 3, (64, 64), title=True)
@@ -170,3 +200,38 @@ def test_save_grid_refuses_an_existing_singles_folder(tmp_path):
         save_grid(cells, ["a", "b"], columns, tmp_path / "g.png", settings=SampleSettings())
     written = save_grid(cells, ["a", "b"], columns, tmp_path / "g.png", settings=SampleSettings(), force=True)
     assert written[0] == tmp_path / "g.png" and len(written) == 7
+
+
+def test_labels_wrap_between_tokens_never_inside_one():
+    """A line ends at a space or after a separator (- _ / ...), never inside a name or number; a token longer than a
+    line is cut visibly with "..." rather than continued on the next line."""
+    import re
+
+    token = re.compile(r"[A-Za-z0-9]+(?:\.[0-9]+)?")
+    draw = ImageDraw.Draw(Image.new("RGB", (10, 10)))
+    font = _font(12)
+    label = "lora-dim64-rank16_sv-fro checkpoints/epoch-0012 weight 0.85 a photo of xlbk emblem"
+    for width in (40, 64, 90, 130, 400):
+        lines = _fit(draw, label, font, width, 20)
+        assert all(draw.textlength(line, font=font) <= width for line in lines), width
+        whole = []
+        for line in lines:
+            found = token.findall(line.removesuffix("..."))
+            if line.endswith("...") and found:  # the one token cut visibly
+                cut = found.pop()
+                assert any(t.startswith(cut) for t in token.findall(label)), (width, line)
+            whole += found
+        assert whole == [t for t in token.findall(label) if t in whole], (width, lines)  # whole tokens, in order
+    hyphen = draw.textlength("lora-dim64-", font=font)
+    assert _fit(draw, "lora-dim64-rank16", font, hyphen, 3) == ["lora-dim64-", "rank16"]
+    cut = _fit(draw, "x" * 40 + " next", font, 60, 3)
+    assert cut[0].endswith("...") and cut[1:] == ["next"]
+
+
+def test_every_line_of_a_column_label_keeps_a_line_when_lines_run_out():
+    """The weight line of a column label survives a long LoRA name above it: the long part is cut instead."""
+    draw = ImageDraw.Draw(Image.new("RGB", (10, 10)))
+    font = _font(12)
+    lines = _fit(draw, "checkpoints/epoch-0012\nlora-dim64-rank16_sv-fro-extra\nweight 0.8", font, 64, 3)
+    assert len(lines) == 3 and lines[-1] == "weight 0.8" and lines[0].endswith("...") and lines[1].endswith("...")
+    assert _fit(draw, "a b c d e f g h i j k l m n o p q r s t u v w x y z " * 3, font, 64, 2)[-1].endswith("...")

@@ -109,3 +109,88 @@ def test_kept_effect_plot_is_a_real_png(tmp_path):
 def test_loss_plot_needs_no_learning_rate(tmp_path):
     log = LossLog(Series((1, 2, 3), (1.0, 0.5, 0.7)), {}, tmp_path)
     assert_real_png(plot_loss_curve(log, tmp_path / "l.png", force=False), (1080, 576))
+
+
+def text_boxes(figure):
+    """Window extents of every visible, non-empty text of ``figure`` (legends as one box), after layout."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.legend import Legend
+    from matplotlib.text import Text
+
+    renderer = FigureCanvasAgg(figure).get_renderer()
+    figure.draw(renderer)
+    legends = figure.findobj(Legend)
+    skip = {id(t) for legend in legends for t in legend.get_texts()}
+    for axis in (a for axes in figure.axes for a in (axes.xaxis, axes.yaxis)):
+        low, high = sorted(axis.get_view_interval())
+        for tick in axis.get_major_ticks() + axis.get_minor_ticks():
+            if not low - 1e-9 * abs(low) <= tick.get_loc() <= high + 1e-9 * abs(high):  # not drawn
+                skip |= {id(tick.label1), id(tick.label2)}
+    texts = [t for t in figure.findobj(Text) if t.get_visible() and t.get_text().strip() and id(t) not in skip]
+    boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in texts]
+    boxes += [(f"legend {i}", legend.get_window_extent(renderer)) for i, legend in enumerate(legends)]
+    return boxes, figure.bbox
+
+
+def crowded_results(tmp_path):
+    """LoRAs a MB apart keeping about the same, same-rank files named by their long stems, one far right."""
+
+    def result(name, ranks, mb, effect):
+        return FidelityResult(tmp_path / f"{name}.safetensors", *ranks, int(mb * 2.5e5), mb, effect, effect, 0.1, 1.0)
+
+    return [
+        result("lora-dim8", (8, 8), 7.0, 0.40),
+        result("lora-dim64-rank16-sv_fro-0.9", (4, 16), 28.0, 0.80),
+        result("lora-dim64-rank16-sv_ratio-20", (4, 16), 29.0, 0.81),
+        result("lora-dim64-rank16", (16, 16), 30.0, 0.82),
+        result("lora-dim128-rank128-conv-everything", (128, 128), 220.0, 0.995),
+    ]
+
+
+def test_kept_effect_labels_are_inside_the_figure_and_do_not_overlap(tmp_path):
+    from xlbake.evaluate.plots import kept_effect_figure
+
+    boxes, page = text_boxes(kept_effect_figure(crowded_results(tmp_path), "what each LoRA keeps of tuned"))
+    names = [name for name, _ in boxes]
+    assert "rank 8" in names and "lora-dim64-rank16-sv_fro-0.9" in names and "rank 128" in names
+    for name, box in boxes:
+        assert page.x0 <= box.x0 and box.x1 <= page.x1 and page.y0 <= box.y0 and box.y1 <= page.y1, name
+    for i, (name, box) in enumerate(boxes):
+        for other, other_box in boxes[i + 1 :]:
+            assert not box.overlaps(other_box), (name, other)
+
+
+def test_identical_learning_rates_share_one_line_and_different_ones_are_told_apart(tmp_path):
+    from xlbake.evaluate.plots import loss_figure
+
+    steps = tuple(range(1, 51))
+    same = Series(steps, (1e-6,) * 50)
+    lrs = {"unet": Series(steps, tuple(2e-6 * s / 50 for s in steps)), "te1": same, "te2": same, "vae": same}
+    figure = loss_figure(LossLog(Series(steps, (1.0,) * 50), lrs, tmp_path), title="t")
+    lr_axis = figure.axes[-1]
+    styles = [(line.get_linestyle(), line.get_marker()) for line in lr_axis.get_lines()]
+    labels = [line.get_label() for line in lr_axis.get_lines()]
+    assert len(styles) == 2 and len(set(styles)) == 2  # te1 = te2 = vae drawn once: nothing hides under another
+    assert any("te1" in label and "te2" in label and "vae" in label for label in labels)
+    boxes, page = text_boxes(figure)
+    for name, box in boxes:
+        assert page.x0 <= box.x0 and box.x1 <= page.x1 and page.y0 <= box.y0 and box.y1 <= page.y1, name
+
+
+def test_the_finetune_loss_plot_is_the_loss_curve_plot(tmp_path):
+    """One loss-plot style: the trainer's RUN/loss.png is plot_loss_curve of its own loss history."""
+    from finetune.saving import write_loss_plot
+
+    losses, lrs = [1.0 / s for s in range(1, 31)], [1e-4] * 30
+    losses[4] = float("nan")  # a skipped step
+    run = tmp_path / "myrun"
+    run.mkdir()
+    written = write_loss_plot(losses, lrs, run / "loss.png")
+    log = LossLog(
+        Series(tuple(s for s in range(1, 31) if s != 5), tuple(v for i, v in enumerate(losses) if i != 4)),
+        {"lr": Series(tuple(range(1, 31)), tuple(lrs))},
+        run,
+    )
+    expected = plot_loss_curve(log, tmp_path / "expected.png", title="training loss: myrun", force=False)
+    np.testing.assert_array_equal(np.asarray(Image.open(written)), np.asarray(Image.open(expected)))
+    assert write_loss_plot([float("nan")], [], run / "none.png") is None

@@ -292,3 +292,37 @@ def test_single_file_architecture_recognised_as_the_trainer_does(tiny_paths, sdx
     assert "tiny" in source
     assert {p.name: p.config["hidden_size"] for p in parts if p.name in ("te1", "te2")} == {"te1": 32, "te2": 64}
     assert "SDXL base 1.0" in model_parts(ModelConfig(base=sdxl_header_only))[0]
+
+
+def test_the_plan_gives_a_time_estimate_and_says_where_it_comes_from(tiny_paths, demo_dataset):
+    from finetune.planner.speed import SDXL_IMAGES_PER_SECOND, gpu_kind
+
+    assert gpu_kind("NVIDIA A100-SXM4-80GB", 80 * GIB) == "A100" and gpu_kind(None, 80 * GIB) == "A100"
+    assert gpu_kind("NVIDIA RTX A6000", 48 * GIB) == "A6000" and gpu_kind(None, 48 * GIB) == "A6000"
+    assert gpu_kind("NVIDIA GeForce RTX 3090", 24 * GIB) is None
+    assert SDXL_IMAGES_PER_SECOND["A6000"] < SDXL_IMAGES_PER_SECOND["A100"]
+    cfg = tiny_cfg(tiny_paths, f"data.roots=[{demo_dataset}]", "train.epochs=3")
+    text = plan_text(cfg, gpu_memory="48GB")
+    assert "A6000" in text and "assumed" in text and "optimizer step" in text and " h " in text
+    # without a counted dataset (the builtin demo before its first run) the plan still says what a step costs
+    builtin = plan_text(tiny_cfg(tiny_paths, "data.roots=[builtin:demo]"), gpu_memory="80GB")
+    assert "FITS" in builtin and "s per optimizer step" in builtin and "A100" in builtin
+    unknown = plan_text(cfg, gpu_memory="24GB")
+    assert "no throughput figure" in unknown
+
+
+def test_the_plan_and_dry_run_warn_of_an_ema_that_cannot_move(tiny_paths, demo_dataset):
+    from click.testing import CliRunner
+
+    from finetune.cli import main
+
+    slow = tiny_cfg(tiny_paths, f"data.roots=[{demo_dataset}]", "ema.enabled=true", "ema.beta=0.9995")
+    text = plan_text(slow, gpu_memory="80GB")
+    assert "Warning: ema.beta 0.9995 averages over ~2,000 optimizer steps" in text and "FITS" in text
+    assert "ema.beta" not in plan_text(replace(slow, ema=replace(slow.ema, beta=0.5)), gpu_memory="80GB")
+    args = ["--set", f"model.base={tiny_paths.diffusers_dir}", "--set", f"data.roots=[{demo_dataset}]"]
+    args += ["--set", "data.resolution=64", "--set", "data.min_bucket_reso=32", "--set", "data.bucket_step=8"]
+    args += ["--set", "data.max_bucket_reso=128", "--set", "ema.enabled=true", "--set", "ema.beta=0.9995", "--dry-run"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "beta: 0.9995" in result.stdout and "ema.beta 0.9995 averages over" in result.stderr

@@ -1,7 +1,7 @@
 """``xlbake grid``, ``xlbake fidelity`` and ``xlbake loss-plot``: look at a run's results, then pick.
 
-    xlbake grid --model RUN/tuned.safetensors --lora RUN/lora-dim64.safetensors --weight 1 --weight 0.8 \\
-        --captions data/ --out RUN/grid.png
+    xlbake grid --model BASE --model RUN/tuned.safetensors --lora RUN/lora-dim64.safetensors --weight 1 \\
+        --weight 0.8 --captions data/ --out RUN/grid.png
     xlbake fidelity BASE RUN/tuned.fp32.safetensors RUN/lora-dim*.safetensors --captions data/
     xlbake loss-plot RUN
 """
@@ -74,7 +74,13 @@ def model_options(fn):
     "loras",
     multiple=True,
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="LoRA file applied on each model (repeatable): one column per LoRA and weight.",
+    help="LoRA file (repeatable): one column per LoRA and weight on the first --model, the base the LoRA was "
+    "extracted against; the other models get one column each, as they are (see --lora-on-tuned).",
+)
+@click.option(
+    "--lora-on-tuned",
+    is_flag=True,
+    help="Also apply every --lora to the models after the first (e.g. a LoRA on top of the finetune itself).",
 )
 @click.option(
     "--weight",
@@ -85,7 +91,7 @@ def model_options(fn):
     show_default=True,
     help="LoRA weight (repeatable), e.g. --weight 1 --weight 0.8 --weight 0.6.",
 )
-@click.option("--without-lora", is_flag=True, help="Also a column without LoRA for each model.")
+@click.option("--without-lora", is_flag=True, help="Also a column without LoRA for each model given LoRAs.")
 @prompt_options
 @click.option(
     "--out",
@@ -93,10 +99,10 @@ def model_options(fn):
     required=True,
     help="Grid PNG; single images go to a folder of the same name without .png.",
 )
-@click.option("--steps", type=click.IntRange(1), default=30, show_default=True)
+@click.option("--steps", type=click.IntRange(1), default=None, help="Denoising steps [default: 30; 20 on the CPU].")
 @click.option("--cfg", "guidance_scale", type=float, default=5.0, show_default=True, help="Guidance scale.")
-@click.option("--width", type=click.IntRange(8), default=1024, show_default=True)
-@click.option("--height", type=click.IntRange(8), default=1024, show_default=True)
+@click.option("--width", type=click.IntRange(8), default=None, help="Image width [default: 1024; 512 on the CPU].")
+@click.option("--height", type=click.IntRange(8), default=None, help="Image height [default: 1024; 512 on the CPU].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Row r uses seed + r in every column.")
 @click.option("--negative", default="", help="Negative prompt.")
 @click.option("--batch-size", type=click.IntRange(1), default=4, show_default=True)
@@ -106,6 +112,7 @@ def model_options(fn):
 def grid(
     models,
     loras,
+    lora_on_tuned,
     weights,
     without_lora,
     prompts,
@@ -125,16 +132,22 @@ def grid(
     dtype,
     force,
 ) -> None:
-    """Sample grid: rows = prompts, columns = models x LoRAs x LoRA weights, fixed seeds, one labelled PNG."""
-    from xlbake.evaluate.grid import SampleSettings, grid_columns, render_grid, save_grid
+    """Sample grid: rows = prompts, columns = the base (first model) x LoRAs x weights and the other models, fixed
+    seeds, one labelled PNG."""
+    from xlbake.evaluate.grid import SampleSettings, grid_columns, save_grid
+    from xlbake.evaluate.render import render_grid, sample_defaults
     from xlbake.fileio import check_output
 
     setup_logging()
     check_output(out, force)
     rows = _prompts(prompts, prompts_file, captions, max_prompts, seed)
+    device = _device(device)
+    steps, width, height, note = sample_defaults(device, steps=steps, width=width, height=height)
+    if note:
+        click.echo(f"Note: {note}", err=True)
     settings = SampleSettings(steps, guidance_scale, width, height, seed, negative, batch_size)
-    columns = grid_columns(models, loras, weights, without_lora=without_lora)
-    cells = render_grid(columns, rows, settings, components=components, device=_device(device), dtype=_dtype(dtype))
+    columns = grid_columns(models, loras, weights, without_lora=without_lora, lora_on_tuned=lora_on_tuned)
+    cells = render_grid(columns, rows, settings, components=components, device=device, dtype=_dtype(dtype))
     title = f"row r: seed {seed} + r, {steps} steps, guidance {guidance_scale:g}, {width}x{height}"
     written = save_grid(cells, rows, columns, out, settings=settings, title=title, force=force)
     click.echo(

@@ -1,11 +1,13 @@
 """SDXL models from checkpoints, and sample grids: the same prompts and seeds across models, LoRAs and LoRA weights.
 
 Any SDXL checkpoint (single-file SGM safetensors or diffusers folder) is read through :mod:`xlbake.sdxl.checkpoint` into
-modules built from its architecture's configs (:func:`xlbake.sdxl.models.resolve_architecture`), tensor by tensor
-(:class:`ModelWeights`, which :mod:`xlbake.evaluate.fidelity` also uses to merge and swap weights in place). A grid
-renders rows = prompts and columns = models x LoRA files x LoRA weights with the diffusers SDXL pipeline, LoRAs loaded
-by diffusers' own ``load_lora_weights`` (what users run) at each weight through ``set_adapters``. Row r always uses seed
-``seed + r``. The sheet itself is drawn by :func:`xlbake.evaluate.plots.layout_grid`."""
+modules built from its architecture's configs (:func:`resolve_architecture`), tensor by tensor (:class:`ModelWeights`,
+which :mod:`xlbake.evaluate.fidelity` also uses to merge and swap weights in place). A grid renders rows = prompts and
+columns = the base x LoRA files x LoRA weights and the other models (:func:`grid_columns`) with the diffusers SDXL
+pipeline, LoRAs loaded by diffusers' own ``load_lora_weights`` (what users run) at each weight through ``set_adapters``
+(:mod:`xlbake.evaluate.render`). Row r always uses seed ``seed + r``. The sheet itself is drawn by
+:func:`xlbake.evaluate.sheet.layout_grid`.
+"""
 
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from PIL import Image, PngImagePlugin
 from torch import Tensor
 
 from xlbake.errors import InputError, OutputError
-from xlbake.evaluate.plots import layout_grid
+from xlbake.evaluate.sheet import layout_grid
 from xlbake.fileio import check_output, write_bytes_atomic
 from xlbake.sdxl.checkpoint import CheckpointReader, open_checkpoint
 from xlbake.sdxl.keys import plan_from_sgm, to_diffusers, with_text_model
@@ -145,15 +147,19 @@ def grid_columns(
     weights: Sequence[float] = (1.0,),
     *,
     without_lora: bool = False,
+    lora_on_tuned: bool = False,
 ) -> list[GridColumn]:
-    """Columns for every model x (no LoRA if ``without_lora`` or no LoRAs) + every LoRA x every weight."""
+    """Columns: the first model (the base the LoRAs were extracted against) x every LoRA x every weight, plus a
+    column without LoRA if ``without_lora`` or there are no LoRAs; every other model as it is, or like the base if
+    ``lora_on_tuned``."""
     if not models or not weights:
         raise ValueError("grid_columns: need at least one model and one weight")
     columns = []
-    for model in models:
-        if without_lora or not loras:
+    for index, model in enumerate(models):
+        with_loras = loras if index == 0 or lora_on_tuned else ()
+        if without_lora or not with_loras:
             columns.append(GridColumn(Path(model)))
-        columns += [GridColumn(Path(model), Path(lora), float(w)) for lora in loras for w in weights]
+        columns += [GridColumn(Path(model), Path(lora), float(w)) for lora in with_loras for w in weights]
     return columns
 
 
@@ -175,57 +181,6 @@ def column_labels(columns: Sequence[GridColumn]) -> list[str]:
             lines += [f"weight {column.weight:g}"] if vary_weight or column.weight != 1.0 else []
         labels.append("\n".join(lines))
     return labels
-
-
-def render_images(pipe: Any, prompts: Sequence[str], settings: SampleSettings) -> list[Image.Image]:
-    """One image per prompt; prompt i uses a generator seeded ``settings.seed + i`` (same in every column)."""
-    images: list[Image.Image] = []
-    for start in range(0, len(prompts), settings.batch_size):
-        chunk = list(prompts[start : start + settings.batch_size])
-        generators = [torch.Generator(pipe.device).manual_seed(settings.seed + start + i) for i in range(len(chunk))]
-        with torch.no_grad():
-            images += pipe(
-                prompt=chunk,
-                negative_prompt=[settings.negative_prompt] * len(chunk) if settings.negative_prompt else None,
-                num_inference_steps=settings.steps,
-                guidance_scale=settings.guidance_scale,
-                width=settings.width,
-                height=settings.height,
-                generator=generators,
-            ).images
-    return images
-
-
-def render_grid(
-    columns: Sequence[GridColumn],
-    prompts: Sequence[str],
-    settings: SampleSettings,
-    *,
-    components: str | os.PathLike | None = None,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype | None = None,
-) -> list[list[Image.Image]]:
-    """Images[row = prompt][column]; each model is loaded once and each LoRA once per model."""
-    if not prompts or not columns:
-        raise ValueError("render_grid: need at least one prompt and one column")
-    cells: list[list[Any]] = [[None] * len(columns) for _ in prompts]
-    for model in dict.fromkeys(c.model for c in columns):
-        pipe = load_pipeline(model, components=components, device=device, dtype=dtype)
-        for lora in dict.fromkeys(c.lora for c in columns if c.model == model):
-            if lora is not None:
-                _load_lora(pipe, lora)
-            for index, column in enumerate(columns):
-                if column.model != model or column.lora != lora:
-                    continue
-                if lora is not None:
-                    pipe.set_adapters([ADAPTER], adapter_weights=[column.weight])
-                logger.info("grid column %d/%d: %s %s x %g", index + 1, len(columns), model, lora or "", column.weight)
-                for row, image in enumerate(render_images(pipe, prompts, settings)):
-                    cells[row][index] = image
-            if lora is not None:
-                pipe.unload_lora_weights()
-        del pipe
-    return cells
 
 
 def save_grid(
@@ -260,7 +215,7 @@ def save_grid(
     return written
 
 
-def _load_lora(pipe: Any, lora: Path) -> None:
+def load_lora(pipe: Any, lora: Path) -> None:
     """Load a kohya LoRA with diffusers' own loader; its refusals become an InputError naming the file."""
     from xlbake.lora.io import read_lora
 

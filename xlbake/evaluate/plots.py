@@ -1,5 +1,6 @@
-"""Pictures a person would rather look at than read: the sample-grid sheet, the loss curve of a run and what each
-LoRA keeps of its finetune against its file size. (Kept energy vs rank per component is :mod:`xlbake.lora.report`'s.)
+"""Pictures a person would rather look at than read: the loss curve of a run and what each LoRA keeps of its
+finetune against its file size. (Kept energy vs rank per component is :mod:`xlbake.lora.report`'s; the sample-grid sheet
+:mod:`xlbake.evaluate.sheet`'s.)
 
 Figures are drawn with matplotlib's object API (no pyplot state) and written atomically via :mod:`xlbake.fileio`.
 The loss curve reads what the trainer writes: tensorboard event files (``RUN/logs/``, tags ``loss`` and
@@ -17,8 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
-from PIL import Image, ImageDraw, ImageFont, features
+from matplotlib.text import Annotation
+from matplotlib.transforms import Bbox
 
 from xlbake.errors import InputError
 from xlbake.fileio import atomic_path
@@ -29,152 +32,12 @@ if TYPE_CHECKING:
 PLOT_DPI = 120
 SMOOTHING = 0.9
 """Exponential smoothing of the loss curve (tensorboard's default slider value)."""
-MIN_FONT = 12
-CELL_WIDTHS_PER_FONT = 20
-LINE_SPACING = 1.25
-COLUMN_LABEL_LINES = 3
-LABEL_WIDTH_IN_FONTS = 10
-BACKGROUND, INK = (255, 255, 255), (20, 20, 20)
-ELLIPSIS = "..."
+LR_STYLES = (("--", "o"), (":", "s"), ("-.", "^"), ((0, (5, 1, 1, 1, 1, 1)), "D"))
+"""Line style and marker of each learning-rate line, so that lines of different parameter groups stay apart."""
+LR_MARKERS = 12
+"""About this many markers on each learning-rate line."""
 EVENTS_PREFIX = "events.out.tfevents."
 STATE_FILE = "trainer_state.json"
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The grid sheet
-
-
-@dataclass(frozen=True)
-class GridGeometry:
-    """Pixel layout of a grid sheet: optional title line, column headers, then rows of a label and cells."""
-
-    rows: int
-    cols: int
-    cell_width: int
-    cell_height: int
-    font_size: int
-    line_height: int
-    padding: int
-    gap: int
-    label_width: int  # row labels (prompts), left
-    header_height: int  # column labels, top: COLUMN_LABEL_LINES lines
-    title_height: int  # 0 without a title
-
-    @property
-    def width(self) -> int:
-        return self.label_width + self.cols * (self.cell_width + self.gap) + self.gap
-
-    @property
-    def height(self) -> int:
-        return self.title_height + self.header_height + self.rows * (self.cell_height + self.gap) + self.gap
-
-    def cell_box(self, row: int, col: int) -> tuple[int, int, int, int]:
-        """(left, top, right, bottom) of cell (row, col)."""
-        left = self.label_width + self.gap + col * (self.cell_width + self.gap)
-        top = self.title_height + self.header_height + self.gap + row * (self.cell_height + self.gap)
-        return left, top, left + self.cell_width, top + self.cell_height
-
-
-def grid_geometry(rows: int, cols: int, cell_size: tuple[int, int], *, title: bool = False) -> GridGeometry:
-    """The layout for ``rows`` x ``cols`` cells of ``cell_size`` (width, height); text scales with the cells."""
-    width, height = cell_size
-    font = max(MIN_FONT, width // CELL_WIDTHS_PER_FONT)
-    line = round(font * LINE_SPACING)
-    padding = font // 2
-    return GridGeometry(
-        rows=rows,
-        cols=cols,
-        cell_width=width,
-        cell_height=height,
-        font_size=font,
-        line_height=line,
-        padding=padding,
-        gap=max(2, width // 64),
-        label_width=max(width // 2, LABEL_WIDTH_IN_FONTS * font),
-        header_height=COLUMN_LABEL_LINES * line + 2 * padding,
-        title_height=line + 2 * padding if title else 0,
-    )
-
-
-def layout_grid(
-    cells: Sequence[Sequence[Image.Image]],
-    row_labels: Sequence[str],
-    col_labels: Sequence[str],
-    *,
-    title: str | None = None,
-) -> Image.Image:
-    """One RGB sheet of equally sized ``cells[row][col]`` with wrapped row and column labels (PIL's default font).
-
-    Labels longer than their box are cut with "..."; a "\\n" in a label starts a new line.
-    """
-    if not cells or not cells[0] or any(len(row) != len(cells[0]) for row in cells):
-        raise ValueError("layout_grid: cells must be a non-empty rectangle of images")
-    if len(row_labels) != len(cells) or len(col_labels) != len(cells[0]):
-        raise ValueError(f"layout_grid: {len(cells)}x{len(cells[0])} cells, {len(row_labels)}x{len(col_labels)} labels")
-    size = cells[0][0].size
-    if any(image.size != size for row in cells for image in row):
-        raise ValueError(f"layout_grid: every cell must be {size[0]}x{size[1]} like the first")
-    geo = grid_geometry(len(cells), len(cells[0]), size, title=title is not None)
-    sheet = Image.new("RGB", (geo.width, geo.height), BACKGROUND)
-    draw = ImageDraw.Draw(sheet)
-    font = _font(geo.font_size)
-    if title is not None:
-        _draw_lines(draw, _fit(draw, title, font, geo.width - 2 * geo.padding, 1), font, geo, geo.width // 2, 0)
-    for col, label in enumerate(col_labels):
-        left, _, right, _ = geo.cell_box(0, col)
-        lines = _fit(draw, label, font, right - left, COLUMN_LABEL_LINES)
-        _draw_lines(draw, lines, font, geo, (left + right) // 2, geo.title_height)
-    for row, (label, images) in enumerate(zip(row_labels, cells, strict=True)):
-        _, top, _, _ = geo.cell_box(row, 0)
-        max_lines = max(1, (geo.cell_height - 2 * geo.padding) // geo.line_height)
-        lines = _fit(draw, label, font, geo.label_width - 2 * geo.padding, max_lines)
-        _draw_lines(draw, lines, font, geo, None, top)
-        for col, image in enumerate(images):
-            sheet.paste(image.convert("RGB"), geo.cell_box(row, col)[:2])
-    return sheet
-
-
-def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    """PIL's default font at ``size`` pixels (its fixed bitmap font when Pillow lacks FreeType)."""
-    return ImageFont.load_default(size=size) if features.check("freetype2") else ImageFont.load_default()
-
-
-def _fit(draw: ImageDraw.ImageDraw, text: str, font: object, width: int, max_lines: int) -> list[str]:
-    """``text`` wrapped at words (long words at characters) into at most ``max_lines`` lines of ``width`` px."""
-    lines: list[str] = []
-    for paragraph in text.split("\n"):
-        line = ""
-        for word in paragraph.split(" "):
-            candidate = f"{line} {word}" if line else word
-            if draw.textlength(candidate, font=font) <= width:
-                line = candidate
-                continue
-            if line:
-                lines.append(line)
-            while draw.textlength(word, font=font) > width and len(word) > 1:
-                cut = max(1, next(i for i in range(len(word), 0, -1) if draw.textlength(word[:i], font=font) <= width))
-                lines.append(word[:cut])
-                word = word[cut:]
-            line = word
-        lines.append(line)
-    if len(lines) > max_lines:
-        last = lines[max_lines - 1]
-        while last and draw.textlength(last + ELLIPSIS, font=font) > width:
-            last = last[:-1]
-        lines = [*lines[: max_lines - 1], last + ELLIPSIS]
-    return lines
-
-
-def _draw_lines(
-    draw: ImageDraw.ImageDraw, lines: Sequence[str], font: object, geo: GridGeometry, center: int | None, top: int
-) -> None:
-    """Draw ``lines`` from ``top`` + padding: centred on x = ``center``, or left-aligned at the padding if None."""
-    for index, line in enumerate(lines):
-        y = top + geo.padding + index * geo.line_height
-        if center is None:
-            draw.text((geo.padding, y), line, fill=INK, font=font)
-        else:
-            draw.text((center, y), line, fill=INK, font=font, anchor="ma")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -241,7 +104,12 @@ def plot_loss_curve(
     log: LossLog, out_png: str | os.PathLike, *, title: str | None = None, smoothing: float = SMOOTHING, force: bool
 ) -> Path:
     """Training loss per optimizer step, raw and smoothed, with the learning rate(s) on a second axis."""
-    figure = Figure(figsize=(9, 4.8), layout="constrained")
+    return _save(loss_figure(log, title=title, smoothing=smoothing), out_png, force)
+
+
+def loss_figure(log: LossLog, *, title: str | None = None, smoothing: float = SMOOTHING) -> Figure:
+    """The figure of :func:`plot_loss_curve`."""
+    figure = Figure(figsize=(9, 4.8), dpi=PLOT_DPI, layout="constrained")
     axis = figure.subplots()
     steps, values = log.loss.steps, log.loss.values
     axis.plot(steps, values, color="C0", alpha=0.3, linewidth=0.8, label="loss (per step)")
@@ -252,15 +120,36 @@ def plot_loss_curve(
     handles, labels = axis.get_legend_handles_labels()
     if log.lrs:
         lr_axis = axis.twinx()
-        for index, (name, series) in enumerate(log.lrs.items()):
-            label = f"learning rate ({name})" if name and name != "lr" else "learning rate"
-            lr_axis.plot(series.steps, series.values, color=f"C{index + 1}", linewidth=1.2, linestyle="--", label=label)
+        for index, (names, series) in enumerate(_distinct(log.lrs).items()):
+            label = f"learning rate ({' = '.join(names)})" if names != ("lr",) else "learning rate"
+            style, marker = LR_STYLES[index % len(LR_STYLES)]
+            every = (index, max(1, len(series.steps) // LR_MARKERS))  # markers of different groups side by side
+            lr_axis.plot(
+                series.steps,
+                series.values,
+                color=f"C{index + 1}",
+                linewidth=1.2,
+                linestyle=style,
+                label=label,
+                marker=marker,
+                markevery=every,
+                markersize=4,
+            )
         lr_axis.set_ylabel("learning rate")
         lr_axis.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
         more_handles, more_labels = lr_axis.get_legend_handles_labels()
         handles, labels = handles + more_handles, labels + more_labels
-    axis.legend(handles, labels, loc="upper right", fontsize="small")
-    return _save(figure, out_png, force)
+    # below the axes: inside, the LR axis would draw its lines over the legend, and the legend over the curves
+    figure.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 3), fontsize="small")
+    return figure
+
+
+def _distinct(lrs: dict[str, Series]) -> dict[tuple[str, ...], Series]:
+    """The LR series with identical ones merged under all their names: one line each, none hidden under another."""
+    groups: dict[Series, tuple[str, ...]] = {}
+    for name, series in lrs.items():
+        groups[series] = (*groups.get(series, ()), name)
+    return {names: series for series, names in groups.items()}
 
 
 def _series(values: dict[int, float]) -> Series:
@@ -321,30 +210,91 @@ def plot_kept_effect(
     results: Sequence[FidelityResult], out_png: str | os.PathLike, *, title: str | None = None, force: bool = False
 ) -> Path:
     """Kept effect (function space) and kept weight energy of each LoRA file against its size, one point per file."""
+    return _save(kept_effect_figure(results, title), out_png, force)
+
+
+def kept_effect_figure(results: Sequence[FidelityResult], title: str | None = None) -> Figure:
+    """The figure of :func:`plot_kept_effect`."""
     if not results:
         raise ValueError("plot_kept_effect: no results to plot")
     ordered = sorted(results, key=lambda r: r.file_mb)
     sizes = [r.file_mb for r in ordered]
     effect = [r.kept_effect * 100 for r in ordered]
     energy = [r.kept_energy * 100 for r in ordered]
-    figure = Figure(figsize=(8, 5), layout="constrained")
+    figure = Figure(figsize=(8, 5), dpi=PLOT_DPI, layout="constrained")
     axis = figure.subplots()
     axis.plot(
         sizes, effect, "o-", color="C0", label="kept effect: 1 - ‖ε(base+LoRA) - ε(tuned)‖² / ‖ε(base) - ε(tuned)‖²"
     )
     axis.plot(sizes, energy, "s--", color="C1", label="kept weight energy: 1 - ‖ΔW(LoRA) - ΔW‖² / ‖ΔW‖²")
-    ranks = [r.ranks for r in ordered]
-    for result, x, y in zip(ordered, sizes, effect, strict=True):
-        text = f"rank {result.ranks}" if ranks.count(result.ranks) == 1 else result.lora.stem
-        axis.annotate(text, (x, y), textcoords="offset points", xytext=(4, -12), fontsize="small")
     if len(sizes) > 1 and max(sizes) > 10 * min(sizes) > 0:
         axis.set_xscale("log")
     axis.set_ylim(min(0.0, *effect, *energy) - 2, 102)
     axis.set(xlabel="LoRA file size (MB, 10⁶ bytes)", ylabel="kept (%)")
     axis.set_title(title or "what each LoRA keeps of the finetune")
     axis.grid(True, alpha=0.3)
-    axis.legend(loc="lower right", fontsize="small")
-    return _save(figure, out_png, force)
+    figure.legend(loc="outside lower center", fontsize="small")  # below the axes: it hides no point or label
+    ranks = [r.ranks for r in ordered]
+    labels = [f"rank {r.ranks}" if ranks.count(r.ranks) == 1 else r.lora.stem for r in ordered]
+    _place_labels(figure, axis, labels, list(zip(sizes, effect, strict=True)), [*zip(sizes, energy, strict=True)])
+    return figure
+
+
+LABEL_OFFSETS = tuple((dx, dy) for dy in (-14, 6, -26, 18, -38, 30, -50, 42) for dx in (5, -5))
+"""Where a point's label may go, in points from the point (right of it for dx > 0, left for dx < 0), in order."""
+MARKER_CLEARANCE = 5
+"""Pixels around plotted points and lines that labels keep clear of."""
+
+
+def _place_labels(
+    figure: Figure, axis: Axes, labels: Sequence[str], points: Sequence[tuple[float, float]], others: Sequence
+) -> None:
+    """Label each of ``points`` at the first of ``LABEL_OFFSETS`` that keeps the text inside the axes and clear of
+    the labels placed before it and of both plotted lines (``points`` and ``others``); if none does, inside the axes
+    over the fewest of them."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(figure).get_renderer()
+    figure.draw_without_rendering()  # settle the layout: the axes' final place on the page
+    frame = axis.get_window_extent(renderer)
+    taken = [_around(pixel) for series in (points, others) for pixel in _polyline(axis, series)]
+    for text, point in zip(labels, points, strict=True):
+        note = axis.annotate(text, point, textcoords="offset points", xytext=LABEL_OFFSETS[0], fontsize="small")
+        note.set_in_layout(False)  # placed inside the axes: the layout need not make room for it
+        best: tuple[tuple[bool, int], tuple[float, float]] | None = None
+        for offset in LABEL_OFFSETS:
+            box = _move(note, offset, renderer)
+            inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+            cost = (not inside, sum(box.overlaps(other) for other in taken))
+            if best is None or cost < best[0]:
+                best = (cost, offset)
+            if cost == (False, 0):
+                break
+        box = _move(note, best[1], renderer)
+        taken.append(box)
+
+
+def _move(note: Annotation, offset: tuple[float, float], renderer: object) -> Bbox:
+    """Put ``note`` at ``offset`` points from its point (right of it for dx > 0, else left); its pixel box."""
+    note.xyann = offset
+    note.set_horizontalalignment("left" if offset[0] > 0 else "right")
+    return note.get_window_extent(renderer)
+
+
+def _polyline(axis: Axes, points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Pixel positions along the line through ``points`` (data coordinates), at most MARKER_CLEARANCE apart."""
+    pixels = axis.transData.transform(points)
+    path = [tuple(pixels[0])]
+    for (x0, y0), (x1, y1) in zip(pixels[:-1], pixels[1:], strict=True):
+        n = max(1, math.ceil(math.hypot(x1 - x0, y1 - y0) / MARKER_CLEARANCE))
+        path += [(x0 + (x1 - x0) * i / n, y0 + (y1 - y0) * i / n) for i in range(1, n + 1)]
+    return path
+
+
+def _around(pixel: tuple[float, float]) -> Bbox:
+    """The square of side 2 * MARKER_CLEARANCE around ``pixel``."""
+    x, y = pixel
+    return Bbox.from_extents(x - MARKER_CLEARANCE, y - MARKER_CLEARANCE, x + MARKER_CLEARANCE, y + MARKER_CLEARANCE)
 
 
 def _save(figure: Figure, out_png: str | os.PathLike, force: bool) -> Path:
