@@ -460,7 +460,9 @@ def test_a_second_signal_during_a_long_state_save_ends_the_run_at_once(signals, 
     os.mkfifo(fifo)
     process = subprocess.Popen(
         [sys.executable, "-c", SECOND_SIGNAL_SCRIPT, str(tmp_path / "state"), str(fifo)],
-        stdout=subprocess.PIPE, text=True, env=CHILD_ENV
+        stdout=subprocess.PIPE,
+        text=True,
+        env=CHILD_ENV,
     )
     try:
         assert process.stdout.readline() == "training\n"
