@@ -162,9 +162,8 @@ def test_interrupt_then_resume_is_exact(full_run, tiny_paths, demo_dataset, tmp_
     second = Trainer(cfg, resume="auto")
     second.setup()
     assert (second.state.global_step, second.state.batches_in_epoch, len(second.sampler)) == (2, 4, 8)
-    assert second.state.train_seconds == json.loads((stopped.state_dir / "trainer_state.json").read_text())[
-        "train_seconds"
-    ] > 0  # training time adds up over resumes
+    saved = json.loads((stopped.state_dir / "trainer_state.json").read_text())
+    assert second.state.train_seconds == saved["train_seconds"] > 0  # training time adds up over resumes
     resumed = second.train()
     second.cleanup()
     assert resumed.losses == reference.losses
