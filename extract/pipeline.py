@@ -22,9 +22,10 @@ from tqdm import tqdm
 
 from extract.components import TEXT_ENCODERS, Decision, LayerDiff, component_totals, decide
 from extract.config import ExtractConfig
-from extract.outputs import SAVE_DTYPES, LayerResult, check_outputs, fingerprint, plan_variants, write_variant
+from extract.outputs import SAVE_DTYPES, LayerResult, check_outputs, plan_variants, write_variant
 from xlbake.checkpoint import CheckpointReader, open_checkpoint
 from xlbake.errors import ConfigError, InputError
+from xlbake.fingerprint import fingerprint
 from xlbake.lowrank import Svd, split_factors, svd_exact, svd_randomized, to_matrix
 from xlbake.sdxl_keys import LoraTarget, kohya_targets
 
