@@ -6,7 +6,6 @@ atomically through :mod:`xlbake.lora.io` / :mod:`xlbake.lora.report`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -38,8 +37,6 @@ from xlbake.sdxl.keys import LoraTarget
 from xlbake.sdxl.prediction import EPSILON
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-FINGERPRINT_SCHEME = "xlbake-fp1"
-FINGERPRINT_SAMPLE = 1 << 20
 HEADER_BYTES_PER_TENSOR = 120
 """Upper bound of one tensor's safetensors header entry beyond its name (dtype, shape, offsets, JSON syntax)."""
 HEADER_SLACK = 4096
@@ -91,25 +88,6 @@ def check_outputs(variants: Sequence[Variant], force: bool) -> None:
     for variant in variants:
         for path in (variant.path, *report_paths(variant.path)):
             check_output(path, force)
-
-
-def fingerprint(path: Path) -> str:
-    """A cheap, stable fingerprint of a checkpoint: sha256 over each safetensors file's header, size and 1 MiB
-    samples at the start, middle and end of its data (every .safetensors file of a folder, sorted by path).
-    Not the sha256 of the data (that would read ~14 GB for an fp32 SDXL); it changes whenever the header does."""
-    digest = hashlib.sha256()
-    files = sorted(path.rglob("*.safetensors")) if path.is_dir() else [path]
-    for file in files:
-        size = file.stat().st_size
-        digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode() + size.to_bytes(8, "little"))
-        with open(file, "rb") as handle:
-            header_len = int.from_bytes(handle.read(8), "little")
-            digest.update(handle.read(min(header_len, size)))
-            data_start = 8 + header_len
-            for offset in (data_start, (data_start + size) // 2, size - FINGERPRINT_SAMPLE):
-                handle.seek(max(data_start, offset))
-                digest.update(handle.read(FINGERPRINT_SAMPLE))
-    return f"{FINGERPRINT_SCHEME}:{digest.hexdigest()}"
 
 
 def layer_choices(

@@ -30,11 +30,11 @@ from extract.outputs import (
     budget_in_params,
     check_outputs,
     draft_metadata,
-    fingerprint,
     plan_variants,
     write_variant,
 )
 from xlbake.errors import ConfigError, InputError
+from xlbake.fingerprint import fingerprint
 from xlbake.lora.lowrank import Svd, split_factors, svd_exact, svd_randomized, to_matrix
 from xlbake.sdxl.checkpoint import CheckpointReader, open_checkpoint
 from xlbake.sdxl.keys import LoraTarget, kohya_targets

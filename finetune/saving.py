@@ -292,15 +292,20 @@ class StopRequest:
 
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[StopRequest]:
-    """Catch SIGINT/SIGTERM while training: the first asks for a clean stop, a second one interrupts at once."""
+    """Catch SIGINT/SIGTERM while training: the first asks for a clean stop, a second one ends the process at once.
+
+    After the first signal both go back to the system's default action, so the second kills the process even while
+    the state save is inside a long native call (a multi-GB write or fsync, where no Python handler could run);
+    the previous complete state stays in place (``finetune.state`` renames a finished state folder into place).
+    """
     stop = StopRequest()
     if threading.current_thread() is not threading.main_thread():
         yield stop
         return
 
     def handler(signum: int, _frame: object) -> None:
-        if stop:
-            raise KeyboardInterrupt
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_DFL)
         logger.warning(
             "%s received: saving the training state after this step (again to abort)", signal.Signals(signum).name
         )

@@ -61,6 +61,7 @@ class TrainerState:
     nan_skips: int = 0  # optimizer steps skipped in a row for a non-finite loss
     losses: list[float] = field(default_factory=list)  # mean loss of each optimizer step
     lrs: list[float] = field(default_factory=list)  # first param group's LR at each optimizer step
+    train_seconds: float = 0.0  # wall time spent in Trainer.train over the whole run, resumes included
     config_hash: str = ""
     config: dict[str, Any] = field(default_factory=dict)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,7 @@ class Trainer:
         self.state = TrainerState(config_hash=config_hash(cfg), config=to_dict(cfg))
         self.state_dir: Path | None = None
         self.outputs: list[Path] = []
+        self.clock_start: float | None = None  # time.monotonic() at which this run's training time would be 0
 
     # ------------------------------------------------------------------ setup
 
@@ -215,6 +217,7 @@ class Trainer:
             unit="step",
             disable=not (cfg.log.progress and acc.is_local_main_process),
         )
+        self.clock_start = time.monotonic() - state.train_seconds
         with saving.stop_on_signals() as stop:
             while not self._finished():
                 self.loader.set_epoch(state.epoch)
@@ -389,6 +392,7 @@ class Trainer:
         """
         acc, cfg = self.accelerator, self.cfg
         acc.wait_for_everyone()
+        self._clock()
         written: list[Path] = []
         weights, meta = self.weights(), self._metadata()
         if acc.is_main_process and tag == "final":
@@ -419,6 +423,7 @@ class Trainer:
     def save_state(self) -> Path:
         """Save the training state (weights, optimizer, scheduler, RNG, EMA, data position) for --resume."""
         state, acc = self.state, self.accelerator
+        self._clock()
         saving.check_finite(self.weights()[0])
         state.sampler = self._sampler_state()
         state.generator = encode_generator(self.generator)
@@ -459,7 +464,13 @@ class Trainer:
             "xlbake.base": str(Path(self.inputs.base).absolute()),
             "xlbake.global_step": str(self.state.global_step),
             "xlbake.epoch": str(self.state.epoch),
+            "xlbake.train_seconds": str(self.state.train_seconds),
         }
+
+    def _clock(self) -> None:
+        """Bring the run's training time up to now (it is saved in the state and the outputs' metadata)."""
+        if self.clock_start is not None:
+            self.state.train_seconds = round(time.monotonic() - self.clock_start, 1)
 
     def _result(self, interrupted: bool) -> TrainResult:
         return TrainResult(

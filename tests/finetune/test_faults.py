@@ -19,6 +19,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -501,3 +502,62 @@ def test_resume_auto_without_a_state_never_restarts_over_outputs(tiny_paths, dem
     assert code == 1 and not crash and error.startswith(f"Error: {run}: no training state to resume"), stderr[-3000:]
     assert "--force" in error
     assert run_files(run) == before
+
+
+SECOND_SIGNAL_SCRIPT = """
+import os, sys, time
+from pathlib import Path
+import torch
+from safetensors import safe_open
+from finetune.saving import stop_on_signals
+from finetune.state import TrainerState, write_state
+
+root, fifo = Path(sys.argv[1]), sys.argv[2]
+write_state(root, TrainerState(global_step=1), lambda d: None, {"w": torch.ones(2)}, keep=5)
+with stop_on_signals() as stop:
+    print("training", flush=True)
+    while not stop:
+        time.sleep(0.01)  # the training loop, until the first signal
+    # A save stuck in native code, as a multi-GB write or fsync is: safetensors (Rust) opening a FIFO no one writes
+    # blocks there and retries EINTR itself, so no Python-level signal handler runs until it returns.
+    write_state(root, TrainerState(global_step=2), lambda d: safe_open(fifo, "pt"), {}, keep=5)
+"""
+
+
+def wait_for_fifo_open(process: subprocess.Popen) -> None:
+    """Wait until ``process`` is blocked opening a FIFO (the kernel's wait channel says so)."""
+    wchan = Path(f"/proc/{process.pid}/wchan")
+    if not wchan.exists():
+        pytest.skip("needs Linux /proc/PID/wchan")
+    while process.poll() is None and wchan.read_text() != "wait_for_partner":
+        time.sleep(0.01)
+    assert process.poll() is None, "the child ended before its save"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signals", [(signal.SIGINT, signal.SIGINT), (signal.SIGTERM, signal.SIGTERM)])
+def test_a_second_signal_during_a_long_state_save_ends_the_run_at_once(signals, tmp_path):
+    """First Ctrl-C/SIGTERM: stop and save; a second one while that save is stuck in native code ends the process
+    (no waiting for the save to return), and the previous complete state is the one a resume finds."""
+    from finetune.state import state_dirs
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    process = subprocess.Popen(
+        [sys.executable, "-c", SECOND_SIGNAL_SCRIPT, str(tmp_path / "state"), str(fifo)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=CHILD_ENV,
+    )
+    try:
+        assert process.stdout.readline() == "training\n"
+        process.send_signal(signals[0])
+        wait_for_fifo_open(process)
+        process.send_signal(signals[1])
+        process.wait(timeout=WAIT_SECONDS)  # before the fix it stays blocked in the save until killed
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == -signals[1]
+    assert [p.name for p in state_dirs(tmp_path / "state")] == ["step-00000001"]

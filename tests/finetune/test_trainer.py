@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from collections.abc import Callable
@@ -176,6 +177,7 @@ def test_checkpoint_loads_back_and_differs_from_base(full_run, tiny_paths):
     with open_checkpoint(cfg.run_dir / "tuned.fp32.safetensors") as reader:
         tuned = {key: reader.get(key) for key in reader.keys()}  # noqa: SIM118
         assert reader.metadata["xlbake.weights"] == "ema" and "optim:" in reader.metadata["xlbake.config"]
+        assert float(reader.metadata["xlbake.train_seconds"]) > 0  # the batch summary's "time" of the run
     raw = load_file(str(cfg.run_dir / "tuned-raw.fp32.safetensors"))
     assert tuned.keys() == base.keys() == raw.keys()
     for key in (UNET_KEY, TE1_FIRST, TE2_KEY):
@@ -211,6 +213,8 @@ def test_interrupt_then_resume_is_exact(full_run, tiny_paths, demo_dataset, tmp_
     second = Trainer(cfg, resume="auto")
     second.setup()
     assert (second.state.global_step, second.state.batches_in_epoch, len(second.sampler)) == (2, 4, 8)
+    saved = json.loads((stopped.state_dir / "trainer_state.json").read_text())
+    assert second.state.train_seconds == saved["train_seconds"] > 0  # training time adds up over resumes
     resumed = second.train()
     second.cleanup()
     assert resumed.losses == reference.losses

@@ -2,10 +2,14 @@
 
 Each concept runs as ``make finetune extract resize CONCEPT=<file> RUN=<runs>/<name>`` in the project folder, so
 the Makefile's rules decide what is up to date (a finished concept costs seconds; a changed one reruns only what
-its change touches). A concept that fails (invalid YAML, bad data, a crash) is recorded and the others go on. At
-the end the summary (concept, status, steps, time, output files and sizes, kept energy at each rank) is printed
-and written to ``<runs>/summary.md`` and ``<runs>/summary.json``; each concept's make output is in
-``<runs>/<name>/batch.log``. The exit code is 1 when any concept failed.
+its change touches). A concept that fails (invalid YAML, bad data, a crash) is recorded and the others go on. As
+each concept ends, its row in ``<runs>/summary.md`` and ``<runs>/summary.json`` is replaced (the summary of every
+concept ever run there, see :mod:`xlbake.batch.summary`); at the end this batch's rows are printed. Each concept's
+make output is in ``<runs>/<name>/batch.log``. The exit code is 1 when any concept failed.
+
+Ctrl-C (SIGINT to the terminal's whole process group) or SIGTERM (forwarded to each running make, which passes it
+on, as make does itself) stops the batch: the running finetunes save their state, no further concept starts, the
+summary says at which step each stopped, and the same command resumes them. A second signal aborts the saves.
 
 Several GPUs: ``--gpus 0,1,2,3`` runs four concepts at once, one per GPU, each with ``CUDA_VISIBLE_DEVICES`` set to
 its GPU (a free GPU takes the next concept). ``--gpus 0+1,2+3`` gives each concept two GPUs; train it on both with
@@ -15,7 +19,7 @@ accelerate: ``--make-arg "FINETUNE=.venv/bin/accelerate launch --num_processes 2
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import queue
 import re
@@ -25,55 +29,40 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Literal
+from typing import IO
 
 import click
 
 from xlbake.batch.concepts import Concept, concept_path, list_concepts, load_concept
+from xlbake.batch.summary import (
+    LOG_NAME,
+    SUMMARY_JSON,
+    SUMMARY_MD,
+    ConceptResult,
+    Status,
+    collect_outputs,
+    duration,
+    newest_state,
+    render_markdown,
+    update_summary,
+)
 from xlbake.cli import EXIT_INTERRUPTED, run_guarded
 from xlbake.errors import ConfigError, XlbakeError
-from xlbake.fileio import write_text_atomic
 
 CHAIN = ("finetune", "extract", "resize")
-LOG_NAME = "batch.log"
-SUMMARY_MD = "summary.md"
-SUMMARY_JSON = "summary.json"
-TUNED = "tuned.fp32.safetensors"  # the finetune's output that make tracks (and whose metadata has the step count)
-BYTES_PER_MB = 1_000_000
-MAX_HEADER_BYTES = 100_000_000  # safetensors refuses larger headers too
-# make's last word on a failed recipe: "make: *** [Makefile:151: runs/kafka/lora-dim32.safetensors] Error 1"
-FAILED_TARGET = re.compile(r"\*\*\* \[[^\]]*?:\d+: (?P<target>[^\]]+)\] Error")
+# make's last word on a failed recipe: "make: *** [Makefile:151: runs/kafka/lora-dim32.safetensors] Error 1", or
+# "Interrupt" / "Terminated" when the recipe's command was killed by that signal
+FAILED_TARGET = re.compile(
+    r"\*\*\* \[[^\]]*?:\d+: (?P<target>[^\]]+)\] (?P<end>Error (?P<code>\d+)|Interrupt|Terminated|Killed)"
+)
 INTERRUPTED_CODES = (-signal.SIGINT, -signal.SIGTERM, 128 + signal.SIGINT, 128 + signal.SIGTERM)
-Status = Literal["ok", "failed", "invalid", "interrupted", "skipped"]
-
-
-@dataclass(frozen=True)
-class OutputFile:
-    """One model file of a run, with the share of the finetune's difference it keeps (from its report JSON)."""
-
-    name: str
-    bytes: int
-    kept_energy: float | None  # sum of kept sigma^2 / sum of sigma^2 of tuned - base; None for models/no report
-
-
-@dataclass(frozen=True)
-class ConceptResult:
-    """What one concept's chain did."""
-
-    concept: str
-    status: Status
-    stage: str | None  # the stage that failed ("config", "finetune", "extract", "resize"), None when ok
-    message: str  # the error line ("" when ok)
-    steps: int | None  # optimizer steps of the finetune (from its output's metadata)
-    seconds: float
-    run_dir: str
-    gpu: str | None
-    triggers: tuple[str, ...]
-    outputs: tuple[OutputFile, ...]
+INTERRUPTED_EXITS = ("130", "143")  # a stage's exit code after SIGINT/SIGTERM (xlbake's stages exit 130)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+SIGNAL_POLL_SECONDS = 0.2
 
 
 @dataclass(frozen=True)
@@ -86,41 +75,85 @@ class BatchSettings:
     stream: bool = True  # copy make's output to the terminal (one concept at a time only)
 
 
+class Stop:
+    """The batch's stop request, set by SIGINT/SIGTERM or by an interrupted concept; knows the running makes."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.running: set[subprocess.Popen] = set()
+        self.lock = threading.RLock()  # the handler may run again while it holds it
+
+    def __bool__(self) -> bool:
+        return self.event.is_set()
+
+    def handle(self, signum: int, _frame: object) -> None:
+        """Signal handler: no new concept starts; SIGTERM is passed on to each running make."""
+        if not self.event.is_set():
+            click.echo(
+                f"[batch] {signal.Signals(signum).name}: stopping; running finetunes save their state and no other "
+                "concept starts (again to abort the saves)",
+                err=True,
+            )
+        self.event.set()
+        if signum != signal.SIGINT:  # Ctrl-C reaches the whole foreground process group; SIGTERM only us
+            with self.lock:
+                for process in self.running:
+                    process.send_signal(signum)
+
+    @contextlib.contextmanager
+    def on_signals(self) -> Iterator[Stop]:
+        """Handle SIGINT/SIGTERM with ``handle`` while the batch runs (main thread only; an ignored one stays so)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+        for sig in STOP_SIGNALS:
+            if previous[sig] != signal.SIG_IGN:
+                signal.signal(sig, self.handle)
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
 def run_batch(
     concepts: Sequence[Path], settings: BatchSettings, *, jobs: int = 1, gpus: Sequence[str] = ()
 ) -> list[ConceptResult]:
     """Run every concept's chain, ``jobs`` at a time (each on a slot of ``gpus`` if given); results in order.
+    Each result goes into the runs folder's summary as soon as its concept ends.
 
-    After Ctrl-C (make and the stage get it too: a finetune saves its state) the concepts not started yet are
-    recorded as skipped, so the summary is still written; ``make all`` later resumes where it stopped.
+    After Ctrl-C/SIGTERM, or when a concept's chain was interrupted, the concepts not started yet are recorded as
+    skipped; running the batch again resumes where it stopped.
     """
     slots: queue.Queue[str | None] = queue.Queue()
     for slot in gpus or [None] * jobs:
         slots.put(slot)
-    stop = threading.Event()
+    stop = Stop()
 
     def one(path: Path) -> ConceptResult:
-        if stop.is_set():
-            return _unrun(path, settings, "skipped", "not started: the batch was interrupted", None)
         slot = slots.get()
         try:
-            result = run_concept(path, settings, gpu=slot)
+            if stop:
+                result = _unrun(path, settings, "skipped", "not started: the batch was interrupted", None)
+            else:
+                result = run_concept(path, settings, gpu=slot, stop=stop)
         except Exception as exc:  # an unexpected fault in one concept must not end the night's other runs
             click.echo(f"[{path.stem}] failed: {type(exc).__name__}: {exc}", err=True)
             result = _unrun(path, settings, "failed", f"{type(exc).__name__}: {exc}", slot)
         finally:
             slots.put(slot)
         if result.status == "interrupted":
-            stop.set()
+            stop.event.set()
+        update_summary(result, settings.runs_dir)
         return result
 
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+    with stop.on_signals(), ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         futures = [pool.submit(one, path) for path in concepts]
-        try:
-            return [future.result() for future in futures]
-        except KeyboardInterrupt:
-            stop.set()
-            return [future.result() for future in futures]
+        pending = set(futures)
+        while pending:  # wake up now and then: Python runs signal handlers in this thread only, between waits
+            pending = wait(pending, timeout=SIGNAL_POLL_SECONDS).not_done
+        return [future.result() for future in futures]
 
 
 def _unrun(path: Path, settings: BatchSettings, status: Status, message: str, gpu: str | None) -> ConceptResult:
@@ -128,7 +161,9 @@ def _unrun(path: Path, settings: BatchSettings, status: Status, message: str, gp
     return ConceptResult(path.stem, status, stage, message, None, 0.0, run_dir, gpu, (), ())
 
 
-def run_concept(path: Path, settings: BatchSettings, *, gpu: str | None = None) -> ConceptResult:
+def run_concept(
+    path: Path, settings: BatchSettings, *, gpu: str | None = None, stop: Stop | None = None
+) -> ConceptResult:
     """Load one concept and run ``make finetune extract resize`` for it; never raises for the concept's faults."""
     start, name = time.monotonic(), path.stem
     run_dir = settings.runs_dir / name
@@ -141,28 +176,50 @@ def run_concept(path: Path, settings: BatchSettings, *, gpu: str | None = None) 
     click.echo(f"[{name}] {' -> '.join(CHAIN)} into {run_dir}" + (f" on GPU {gpu}" if gpu is not None else ""))
     run_dir.mkdir(parents=True, exist_ok=True)
     log = run_dir / LOG_NAME
-    code = run_make(concept, settings, run_dir, log, gpu)
-    stage, message = (None, "") if code == 0 else diagnose(log.read_text(encoding="utf-8", errors="replace"))
-    status: Status = "ok" if code == 0 else ("interrupted" if code in INTERRUPTED_CODES else "failed")
-    outputs, steps = collect_outputs(run_dir)
+    code = run_make(concept, settings, run_dir, log, gpu, Stop() if stop is None else stop)
+    log_text = "" if code == 0 else log.read_text(encoding="utf-8", errors="replace")
+    stage, message = (None, "") if code == 0 else diagnose(log_text)
+    interrupted = code != 0 and (code in INTERRUPTED_CODES or bool(stop) or was_interrupted(log_text))
+    status: Status = "ok" if code == 0 else ("interrupted" if interrupted else "failed")
+    if interrupted:
+        message = interruption_note(run_dir, stage)
+    run = collect_outputs(run_dir)
     result = ConceptResult(
         concept=name,
         status=status,
         stage=stage,
         message=message or ("" if code == 0 else f"make exited with {code}"),
-        steps=steps,
+        steps=run.steps,
         seconds=time.monotonic() - start,
         run_dir=str(run_dir),
         gpu=gpu,
         triggers=concept.config.triggers,
-        outputs=outputs,
+        outputs=run.outputs,
+        train_seconds=run.train_seconds,
     )
     failure = f" ({stage}): {result.message}" if stage else ""
-    click.echo(f"[{name}] {result.status}{failure} in {_duration(result.seconds)}; log: {log}")
+    click.echo(f"[{name}] {result.status}{failure} in {duration(result.seconds)}; log: {log}")
     return result
 
 
-def run_make(concept: Concept, settings: BatchSettings, run_dir: Path, log: Path, gpu: str | None) -> int:
+def was_interrupted(log_text: str) -> bool:
+    """Whether make's output says a stage ended by SIGINT/SIGTERM (killed by it, or exited 130/143 after it)."""
+    ends = [m for line in log_text.replace("\r", "\n").splitlines() if (m := FAILED_TARGET.search(line))]
+    return bool(ends) and (ends[-1]["end"] in ("Interrupt", "Terminated") or ends[-1]["code"] in INTERRUPTED_EXITS)
+
+
+def interruption_note(run_dir: Path, stage: str | None) -> str:
+    """Where an interrupted chain stopped and what running the batch again does."""
+    if stage not in (None, "finetune", "config"):
+        return f"interrupted in {stage}: run the same command again to finish"
+    state = newest_state(run_dir)
+    if state is None:
+        return "interrupted before the finetune saved a state: run the same command again to start it over"
+    step = int(state.name.removeprefix("step-"))
+    return f"interrupted at step {step}, resumable: run the same command again"
+
+
+def run_make(concept: Concept, settings: BatchSettings, run_dir: Path, log: Path, gpu: str | None, stop: Stop) -> int:
     """``make finetune extract resize`` for one concept, output to ``log`` (and the terminal when streaming)."""
     make = shutil.which("make")
     if make is None:
@@ -177,10 +234,18 @@ def run_make(concept: Concept, settings: BatchSettings, run_dir: Path, log: Path
     with open(log, "wb") as out:
         out.write(("$ " + " ".join(command) + "\n").encode())
         out.flush()
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-        assert process.stdout is not None
-        _copy(process.stdout, out, sys.stdout.buffer if settings.stream else None)
-        return process.wait()
+        with stop.lock:
+            if stop:  # a signal arrived while this concept was being set up
+                return -signal.SIGINT
+            process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+            stop.running.add(process)
+        try:
+            assert process.stdout is not None
+            _copy(process.stdout, out, sys.stdout.buffer if settings.stream else None)
+            return process.wait()
+        finally:
+            with stop.lock:
+                stop.running.discard(process)
 
 
 def _copy(source: IO[bytes], log: IO[bytes], terminal: IO[bytes] | None) -> None:
@@ -210,92 +275,6 @@ def _stage_of(target: str) -> str:
     if re.fullmatch(r"lora-dim\d+\.safetensors", target):
         return "extract"
     return "resize" if target.startswith("lora-") else "config"
-
-
-def collect_outputs(run_dir: Path) -> tuple[tuple[OutputFile, ...], int | None]:
-    """The run's model files with their sizes and kept energy, and the finetune's step count."""
-    tuned = sorted(run_dir.glob("tuned*.safetensors"), key=lambda p: (p.name != TUNED, p.name))
-    loras = sorted(run_dir.glob("lora-*.safetensors"), key=lambda p: _natural_key(p.stem))
-    reports = {p.name: _read_json(p.with_name(p.stem + ".report.json")) for p in loras}
-    outputs = [OutputFile(p.name, p.stat().st_size, None) for p in tuned]
-    outputs += [OutputFile(p.name, p.stat().st_size, _kept(reports[p.name], reports)) for p in loras]
-    return tuple(outputs), (_global_step(tuned[0]) if tuned else None)
-
-
-def _kept(report: dict | None, reports: dict[str, dict | None]) -> float | None:
-    """Kept share of the finetune difference: extract's total, or resize's (of its input LoRA) times its input's."""
-    if not report:
-        return None
-    kept = report.get("total", {}).get("kept_energy")
-    source = report.get("summary", {}).get("source")
-    if kept is None or source is None:
-        return kept
-    upstream = _kept(reports.get(source), {})
-    return None if upstream is None else kept * upstream
-
-
-def _global_step(path: Path) -> int | None:
-    """``xlbake.global_step`` from a safetensors header (8-byte length, then JSON), without reading tensors."""
-    try:
-        with open(path, "rb") as handle:
-            length = int.from_bytes(handle.read(8), "little")
-            if not 0 < length <= min(MAX_HEADER_BYTES, path.stat().st_size - 8):
-                return None  # not a safetensors file
-            header = json.loads(handle.read(length))
-        return int(header["__metadata__"]["xlbake.global_step"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _natural_key(name: str) -> list[object]:
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
-
-
-def _duration(seconds: float) -> str:
-    minutes, secs = divmod(int(round(seconds)), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else (f"{minutes}m{secs:02d}s" if minutes else f"{secs}s")
-
-
-def render_markdown(results: Sequence[ConceptResult]) -> str:
-    """The summary as a markdown table (readable in a terminal too), failures listed below it."""
-    lines = [
-        "| concept | status | steps | time | outputs (size) | kept energy |",
-        "|---|---|---:|---:|---|---|",
-    ]
-    for r in results:
-        status = r.status if r.stage is None else f"{r.status} ({r.stage})"
-        files = ", ".join(f"{Path(o.name).stem} ({o.bytes / BYTES_PER_MB:.2f} MB)" for o in r.outputs) or "-"
-        kept = ", ".join(
-            f"{Path(o.name).stem.removeprefix('lora-')} {o.kept_energy * 100:.1f} %"
-            for o in r.outputs
-            if o.kept_energy is not None
-        )
-        steps = "-" if r.steps is None else str(r.steps)
-        lines.append(f"| {r.concept} | {status} | {steps} | {_duration(r.seconds)} | {files} | {kept or '-'} |")
-    failures = [r for r in results if r.status != "ok"]
-    if failures:
-        lines += ["", "Failures:"]
-        for r in failures:
-            where = f" ({r.stage})" if r.stage else ""
-            lines.append(f"- {r.concept}{where}: {r.message} (log: {Path(r.run_dir) / LOG_NAME})")
-    return "\n".join(lines) + "\n"
-
-
-def write_summary(results: Sequence[ConceptResult], runs_dir: Path) -> tuple[Path, Path]:
-    """Write ``summary.md`` and ``summary.json`` in ``runs_dir`` atomically (replacing the previous batch's)."""
-    md = write_text_atomic(runs_dir / SUMMARY_MD, render_markdown(results), force=True)
-    document = {"concepts": [asdict(r) for r in results]}
-    js = write_text_atomic(runs_dir / SUMMARY_JSON, json.dumps(document, indent=1) + "\n", force=True)
-    return md, js
 
 
 def parse_gpus(text: str | None) -> list[str]:
@@ -354,8 +333,8 @@ def main(
         raise ConfigError(f"--jobs {jobs} exceeds the {len(slots)} GPU slots of --gpus {gpus}")
     settings = BatchSettings(project, runs_dir, make_args, stream=jobs == 1)
     results = run_batch(paths, settings, jobs=jobs, gpus=slots[:jobs])
-    md, js = write_summary(results, runs_dir)
-    click.echo("\n" + render_markdown(results) + f"\nSummary: {md} and {js}")
+    summary = f"{runs_dir / SUMMARY_MD} and {runs_dir / SUMMARY_JSON}"
+    click.echo("\n" + render_markdown(results) + f"\nSummary of every concept in {runs_dir}: {summary}")
     if any(r.status == "interrupted" for r in results):
         click.echo("Interrupted; run the same command again to continue (finished stages are kept).", err=True)
         raise click.exceptions.Exit(EXIT_INTERRUPTED)
