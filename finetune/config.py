@@ -14,7 +14,8 @@ from typing import Literal
 from finetune.captions import CaptionConfig
 from finetune.data import DataConfig
 from finetune.objective import LossConfig, NoiseConfig
-from xlbake.errors import ConfigError
+from xlbake.errors import ConfigError, InputError
+from xlbake.prompts import parse_prompt_line
 
 CONFIG_VERSION = 1
 SDXL_HUB_ID = "stabilityai/stable-diffusion-xl-base-1.0"
@@ -234,7 +235,9 @@ class SampleConfig:
     """Sample images during training (diffusers StableDiffusionXLPipeline)."""
 
     prompts: tuple[str, ...] = ()
-    """Prompts to render; empty = no sampling."""
+    """Prompts to render; empty = no sampling. A prompt may end with kohya's options, which override the settings
+    below for it: `--n` negative prompt, `--w` width, `--h` height, `--s` steps, `--l` guidance scale, `--d` seed
+    (e.g. `xlbk emblem --n blurry --w 832 --h 1216 --d 7`)."""
     negative_prompt: str = ""
     """Negative prompt for every sample."""
     every_epochs: int = 0
@@ -253,6 +256,11 @@ class SampleConfig:
     def __post_init__(self) -> None:
         if self.width % 8 or self.height % 8 or self.steps < 1 or self.every_epochs < 0:
             raise ConfigError("sample.width/height must be multiples of 8, sample.steps >= 1, every_epochs >= 0")
+        for index, line in enumerate(self.prompts):
+            try:
+                parse_prompt_line(line, where=f"sample.prompts[{index}]")
+            except InputError as err:
+                raise ConfigError(str(err)) from None
 
 
 @dataclass(frozen=True)

@@ -10,10 +10,14 @@ import torch
 
 from finetune.config import SampleConfig
 from xlbake.fileio import write_bytes_atomic
+from xlbake.prompts import PromptDefaults, parse_prompt_line
 
 
 def render_samples(components: Mapping[str, object], cfg: SampleConfig, out_dir: Path, tag: str) -> list[Path]:
     """Render every prompt of ``cfg`` with a fixed seed into ``out_dir/{tag}-{i:02d}.png``; return the files.
+
+    A prompt's own kohya options (``--n --w --h --s --l --d``, see :mod:`xlbake.prompts`) override ``cfg``'s
+    settings; prompt i's seed is ``cfg.seed + i`` unless it sets ``--d``.
 
     ``components``: StableDiffusionXLPipeline keyword arguments (unet, text_encoder, text_encoder_2, vae,
     tokenizer, tokenizer_2, scheduler). Modules are switched to eval mode and back; no gradient is kept.
@@ -30,16 +34,18 @@ def render_samples(components: Mapping[str, object], cfg: SampleConfig, out_dir:
     try:
         for module in modules:
             module.eval()
-        for index, prompt in enumerate(cfg.prompts):
-            generator = torch.Generator().manual_seed(cfg.seed + index)
+        defaults = PromptDefaults(cfg.negative_prompt, cfg.width, cfg.height, cfg.steps, cfg.guidance_scale, cfg.seed)
+        for index, line in enumerate(cfg.prompts):
+            options = parse_prompt_line(line).resolve(defaults, index)
+            generator = torch.Generator().manual_seed(options.seed)
             with torch.no_grad():
                 image = pipe(
-                    prompt,
-                    negative_prompt=cfg.negative_prompt or None,
-                    num_inference_steps=cfg.steps,
-                    guidance_scale=cfg.guidance_scale,
-                    width=cfg.width,
-                    height=cfg.height,
+                    options.prompt,
+                    negative_prompt=options.negative_prompt or None,
+                    num_inference_steps=options.steps,
+                    guidance_scale=options.guidance_scale,
+                    width=options.width,
+                    height=options.height,
                     generator=generator,
                 ).images[0]
             buffer = io.BytesIO()
