@@ -17,7 +17,7 @@ import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from xlbake.checkpoint import CheckpointReader, open_checkpoint
 from xlbake.errors import InputError, OutputError
 from xlbake.fileio import check_output, write_bytes_atomic
 from xlbake.plots import layout_grid
+from xlbake.prompts import PromptDefaults, SampleOptions, resolve_lines
 from xlbake.sdxl_keys import (
     SGM_IGNORED,
     SGM_PREFIX,
@@ -253,22 +254,50 @@ def column_labels(columns: Sequence[GridColumn]) -> list[str]:
 
 
 def render_images(pipe: Any, prompts: Sequence[str], settings: SampleSettings) -> list[Image.Image]:
-    """One image per prompt; prompt i uses a generator seeded ``settings.seed + i`` (same in every column)."""
+    """One image per prompt line; row i uses a generator seeded ``settings.seed + i`` (same in every column).
+
+    A line's kohya options (``--n --w --h --s --l --d``, :mod:`xlbake.prompts`) override ``settings`` for its row;
+    consecutive rows with the same settings are rendered together, ``settings.batch_size`` at a time.
+    """
+    rows = row_options(prompts, settings)
     images: list[Image.Image] = []
-    for start in range(0, len(prompts), settings.batch_size):
-        chunk = list(prompts[start : start + settings.batch_size])
-        generators = [torch.Generator(pipe.device).manual_seed(settings.seed + start + i) for i in range(len(chunk))]
+    start = 0
+    while start < len(rows):
+        end = start + 1
+        while end < min(len(rows), start + settings.batch_size) and _same_call(rows[end], rows[start]):
+            end += 1
+        chunk, first = rows[start:end], rows[start]
         with torch.no_grad():
             images += pipe(
-                prompt=chunk,
-                negative_prompt=[settings.negative_prompt] * len(chunk) if settings.negative_prompt else None,
-                num_inference_steps=settings.steps,
-                guidance_scale=settings.guidance_scale,
-                width=settings.width,
-                height=settings.height,
-                generator=generators,
+                prompt=[row.prompt for row in chunk],
+                negative_prompt=[row.negative_prompt for row in chunk] if first.negative_prompt else None,
+                num_inference_steps=first.steps,
+                guidance_scale=first.guidance_scale,
+                width=first.width,
+                height=first.height,
+                generator=[torch.Generator(pipe.device).manual_seed(row.seed) for row in chunk],
             ).images
+        start = end
     return images
+
+
+def row_options(prompts: Sequence[str], settings: SampleSettings) -> list[SampleOptions]:
+    """Every row's prompt and settings; InputError for a bad option or rows of different sizes (one sheet)."""
+    s = settings
+    defaults = PromptDefaults(s.negative_prompt, s.width, s.height, s.steps, s.guidance_scale, s.seed)
+    rows = resolve_lines(prompts, defaults)
+    for line, row in zip(prompts, rows, strict=True):
+        if (row.width, row.height) != (rows[0].width, rows[0].height):
+            raise InputError(
+                f"prompt {line.strip()!r} is {row.width}x{row.height}, {prompts[0].strip()!r} {rows[0].width}x"
+                f"{rows[0].height}: a grid's rows share one size; set it with --width/--height"
+            )
+    return rows
+
+
+def _same_call(a: SampleOptions, b: SampleOptions) -> bool:
+    """Whether two rows can be rendered in one pipeline call (all but prompt and seed equal)."""
+    return replace(a, prompt="", seed=0) == replace(b, prompt="", seed=0)
 
 
 def render_grid(
@@ -283,6 +312,7 @@ def render_grid(
     """Images[row = prompt][column]; each model is loaded once and each LoRA once per model."""
     if not prompts or not columns:
         raise ValueError("render_grid: need at least one prompt and one column")
+    row_options(prompts, settings)  # bad options and mixed sizes stop before any model loads
     cells: list[list[Any]] = [[None] * len(columns) for _ in prompts]
     for model in dict.fromkeys(c.model for c in columns):
         pipe = load_pipeline(model, components=components, device=device, dtype=dtype)

@@ -12,6 +12,7 @@ being ignored (a typo would otherwise silently render something else); kohya's `
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from xlbake.errors import InputError
@@ -59,6 +60,11 @@ class SampleOptions:
         if self.seed is None:
             filled["seed"] = defaults.seed + index
         return replace(self, **filled)
+
+
+def resolve_lines(lines: Sequence[str], defaults: PromptDefaults) -> list[SampleOptions]:
+    """Every line's prompt and settings, line i seeded ``defaults.seed + i`` unless it sets ``--d``."""
+    return [parse_prompt_line(line).resolve(defaults, index) for index, line in enumerate(lines)]
 
 
 def prompt_text(line: str) -> str:
