@@ -10,7 +10,7 @@ import torch
 
 from finetune.config import SampleConfig
 from xlbake.fileio import write_bytes_atomic
-from xlbake.prompts import PromptDefaults, parse_prompt_line
+from xlbake.prompts import PromptDefaults, resolve_lines
 
 
 def render_samples(components: Mapping[str, object], cfg: SampleConfig, out_dir: Path, tag: str) -> list[Path]:
@@ -35,8 +35,7 @@ def render_samples(components: Mapping[str, object], cfg: SampleConfig, out_dir:
         for module in modules:
             module.eval()
         defaults = PromptDefaults(cfg.negative_prompt, cfg.width, cfg.height, cfg.steps, cfg.guidance_scale, cfg.seed)
-        for index, line in enumerate(cfg.prompts):
-            options = parse_prompt_line(line).resolve(defaults, index)
+        for index, options in enumerate(resolve_lines(cfg.prompts, defaults)):
             generator = torch.Generator().manual_seed(options.seed)
             with torch.no_grad():
                 image = pipe(
