@@ -208,6 +208,9 @@ class CheckpointConfig:
     fp32_copy: bool = True
     """Also write RUN/tuned.fp32.safetensors, the lossless copy extraction reads (an fp16 file rounds away most
     of a low-LR finetune's text-encoder change)."""
+    keep_fp32: bool = False
+    """Also write each intermediate checkpoint in fp32 as RUN/checkpoints/{tag}.fp32.safetensors, the copy
+    `make extract-epochs` extracts a LoRA from (not needed when dtype is fp32)."""
     weights: Literal["raw", "ema", "both"] = "raw"
     """Which weights the outputs hold: raw, ema (needs ema.enabled) or both (EMA in tuned*, raw beside as
     tuned-raw*)."""
