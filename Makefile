@@ -6,6 +6,10 @@
 #   make finetune RUN=runs/x CONFIG=configs/finetune/a100-80gb.yaml SET="train.epochs=50 optim.unet_lr=2e-6"
 #   make extract RUN=runs/x DIM=64               reruns only the extraction (one file per rank: RUN/lora-dim64...)
 #   make resize RUN=runs/x RANK="8 16" SIZE=50MB  RUN/lora-dim128-rank8, -rank16 and -50MB .safetensors
+#   make extract-epochs RUN=runs/x DIM=64         a LoRA from every saved checkpoint (checkpoint.every_epochs with
+#                                                checkpoint.keep_fp32: true): RUN/epochs/lora-<tag>-dim64.safetensors
+#   make grid-epochs RUN=runs/x DIM=64 PROMPTS=prompts.txt [GRID_ARGS="--weight 0.8"]  those LoRAs side by side
+#                                                (and the final one) in RUN/epochs/grid-dim64.png
 # Without CONFIG or CONCEPT a run folder uses its own config (RUN/config.resolved.yaml; SET applies on top of it).
 # extract/resize never train: they need a finished finetune, and one made with the config given, if any.
 # What reruns (make -n shows it, make -q tests it, neither changes anything): the finetune when its resolved config
@@ -51,6 +55,8 @@ SET ?=
 FORCE ?=
 EXTRACT_ARGS ?=
 RESIZE_ARGS ?=
+PROMPTS ?=
+GRID_ARGS ?=
 # How the training runs; several GPUs for one run: FINETUNE="$(VENV)/bin/accelerate launch --config_file F -m finetune"
 FINETUNE ?= $(PY) -m finetune
 # make all: the concepts (default: every concepts/*.yaml), concepts at once, and a GPU pool (one concept per GPU).
@@ -97,7 +103,7 @@ endif
 endif
 shell_quote = '$(subst ','\'',$(1))'
 
-.PHONY: install test test-real lint clean finetune extract resize demo all bench
+.PHONY: install test test-real lint clean finetune extract resize demo all bench extract-epochs grid-epochs
 
 install: $(STAMP)
 
@@ -175,6 +181,34 @@ $(RUN)/lora-dim$(1)-$(2).safetensors: $(RUN)/lora-dim$(1).safetensors $(RS_STAMP
 endef
 $(foreach d,$(DIMS),$(foreach r,$(RANKS),$(eval $(call resize_rule,$(d),rank$(r),--rank $(r)))))
 $(foreach d,$(DIMS),$(foreach s,$(SIZES),$(eval $(call resize_rule,$(d),$(s),--size $(s)))))
+
+# Epoch checkpoints: `python -m finetune.epochs RUN` lists TAG=PATH of every fp32 checkpoint (only for these goals).
+ifneq ($(filter extract-epochs grid-epochs,$(MAKECMDGOALS)),)
+ifneq ($(wildcard $(PY)),)
+EPOCH_SOURCES := $(shell $(PY) -m finetune.epochs $(RUN))
+ifneq ($(.SHELLSTATUS),0)
+$(error $(RUN): no checkpoint to extract a LoRA from (see the message above))
+endif
+endif
+endif
+epoch_tag = $(firstword $(subst =, ,$(1)))
+epoch_loras = $(foreach s,$(EPOCH_SOURCES),$(RUN)/epochs/lora-$(call epoch_tag,$(s))-dim$(1).safetensors)
+define epoch_rule
+$(RUN)/epochs/lora-$(1)-dim$(2).safetensors: $(3) $(EX_STAMP) | $(STAMP)
+	mkdir -p $$(@D) && base="$$$$($(PY) -m xlbake.batch.base_of $(RUN))" && $(PY) -m extract --base "$$$$base" \
+		--tuned $(3) --dim $(2) --conv-dim $(CONV_DIM) --out $$@ --force $$(EXTRACT_ARGS)
+endef
+$(foreach s,$(EPOCH_SOURCES),$(foreach d,$(DIMS),\
+	$(eval $(call epoch_rule,$(call epoch_tag,$(s)),$(d),$(patsubst $(call epoch_tag,$(s))=%,%,$(s))))))
+
+extract-epochs: $(foreach d,$(DIMS),$(call epoch_loras,$(d)))
+
+# One grid per DIM: a column per epoch's LoRA (then the final LoRA, if extracted) on the base, a row per prompt.
+grid-epochs: extract-epochs
+	@test -n "$(PROMPTS)" || { echo "grid-epochs: give PROMPTS=file (one prompt a line, kohya options allowed)" >&2; exit 1; }
+	base="$$($(PY) -m xlbake.batch.base_of $(RUN))" && $(foreach d,$(DIMS),$(VENV)/bin/xlbake grid --model "$$base" \
+		$(foreach l,$(call epoch_loras,$(d)) $(wildcard $(RUN)/lora-dim$(d).safetensors),--lora $(l)) \
+		--prompts-file $(PROMPTS) --out $(RUN)/epochs/grid-dim$(d).png --force $(GRID_ARGS) &&) true
 
 bench: $(STAMP)
 	$(PY) -m benchmarks

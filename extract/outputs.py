@@ -248,6 +248,7 @@ def _metadata(
         "xlbake_sources": json.dumps(info.get("sources", {})),
         "xlbake_components": json.dumps(info.get("components", {})),
         "xlbake_kept_energy": json.dumps({k: round(v, 6) for k, v in kept.items()}),
+        **info.get("dataset", {}),  # type: ignore[dict-item]
     }
     conv_rank = variant.conv_dim if variant.conv_dim > 0 else None
     prediction = str(info.get("prediction", EPSILON))

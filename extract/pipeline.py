@@ -33,6 +33,7 @@ from extract.outputs import (
     plan_variants,
     write_variant,
 )
+from xlbake.data.meta import dataset_keys
 from xlbake.errors import ConfigError, InputError
 from xlbake.fingerprint import fingerprint
 from xlbake.lora.lowrank import Svd, split_factors, svd_exact, svd_randomized, to_matrix
@@ -102,6 +103,7 @@ def run_extract(cfg: ExtractConfig, *, force: bool = False, echo: Callable[[str]
             echo(line)
         sources = {name: {"file": path.name, "fingerprint": fingerprint(path)} for name, path in _inputs(cfg)}
         prediction = lora_prediction(base, tuned, echo)
+        dataset = dataset_keys(tuned.metadata)  # the finetune's tag counts, folders and triggers, as kohya writes them
         echo(f"factoring {len(targets)} layers ({settings.svd} SVD, rank {settings.rank}, on {settings.device})")
         layers, diffs = [], []
         for layer, diff in tqdm(
@@ -127,6 +129,7 @@ def run_extract(cfg: ExtractConfig, *, force: bool = False, echo: Callable[[str]
         "components": {d.component: d.reason.split(": ", 1)[1] for d in decisions},
         "svd": settings.svd,
         "prediction": prediction,
+        "dataset": dataset,
         "factor_seconds": round(time.perf_counter() - start, 2),
     }
     outputs = tuple(

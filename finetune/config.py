@@ -15,7 +15,8 @@ from finetune.captions import CaptionConfig
 from finetune.data import DataConfig
 from finetune.kohya.names import KOHYA_KEY_NAMES
 from finetune.objective import LossConfig, NoiseConfig
-from xlbake.errors import ConfigError
+from xlbake.errors import ConfigError, InputError
+from xlbake.prompts import parse_prompt_line
 
 CONFIG_VERSION = 1
 SDXL_HUB_ID = "stabilityai/stable-diffusion-xl-base-1.0"
@@ -211,6 +212,9 @@ class CheckpointConfig:
     fp32_copy: bool = True
     """Also write RUN/tuned.fp32.safetensors, the lossless copy extraction reads (an fp16 file rounds away most
     of a low-LR finetune's text-encoder change)."""
+    keep_fp32: bool = False
+    """Also write each intermediate checkpoint in fp32 as RUN/checkpoints/{tag}.fp32.safetensors, the copy
+    `make extract-epochs` extracts a LoRA from (not needed when dtype is fp32)."""
     weights: Literal["auto", "raw", "ema", "both"] = "auto"
     """Which weights the outputs (and samples) hold: raw, ema (needs ema.enabled), both (EMA in tuned*, raw beside
     as tuned-raw*), or auto: both with ema.enabled, else raw."""
@@ -238,7 +242,9 @@ class SampleConfig:
     """Sample images during training (diffusers StableDiffusionXLPipeline)."""
 
     prompts: tuple[str, ...] = ()
-    """Prompts to render; empty = no sampling."""
+    """Prompts to render; empty = no sampling. A prompt may end with kohya's options, which override the settings
+    below for it: `--n` negative prompt, `--w` width, `--h` height, `--s` steps, `--l` guidance scale, `--d` seed
+    (e.g. `xlbk emblem --n blurry --w 832 --h 1216 --d 7`)."""
     negative_prompt: str = ""
     """Negative prompt for every sample."""
     every_epochs: int = 0
@@ -257,6 +263,11 @@ class SampleConfig:
     def __post_init__(self) -> None:
         if self.width % 8 or self.height % 8 or self.steps < 1 or self.every_epochs < 0:
             raise ConfigError("sample.width/height must be multiples of 8, sample.steps >= 1, every_epochs >= 0")
+        for index, line in enumerate(self.prompts):
+            try:
+                parse_prompt_line(line, where=f"sample.prompts[{index}]")
+            except InputError as err:
+                raise ConfigError(str(err)) from None
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,9 @@ class DataConfig:
     dataset_toml: Path | None = None
     """A kohya sd-scripts dataset TOML ([[datasets]] / [[datasets.subsets]] with image_dir, num_repeats,
     class_tokens, caption_extension and caption options), used in addition to `roots`."""
+    triggers: tuple[str, ...] = ()
+    """Trigger words of the dataset (a concept sets its own): written with the tag counts into every checkpoint and
+    LoRA as modelspec.trigger_phrase, which UIs and CivitAI show."""
     resolution: int = 1024
     """Training resolution: buckets have at most resolution^2 pixels."""
     min_bucket_reso: int = 256

@@ -13,6 +13,7 @@ import torch
 
 from finetune.config import SampleConfig
 from xlbake.fileio import write_bytes_atomic
+from xlbake.prompts import PromptDefaults, resolve_lines
 
 
 def render_samples(
@@ -23,6 +24,9 @@ def render_samples(
     autocast: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext,
 ) -> list[Path]:
     """Render every prompt of ``cfg`` with a fixed seed into ``out_dir/{tag}-{i:02d}.png``; return the files.
+
+    A prompt's own kohya options (``--n --w --h --s --l --d``, see :mod:`xlbake.prompts`) override ``cfg``'s
+    settings; prompt i's seed is ``cfg.seed + i`` unless it sets ``--d``.
 
     ``components``: StableDiffusionXLPipeline keyword arguments (unet, text_encoder, text_encoder_2, vae,
     tokenizer, tokenizer_2, scheduler), all on one device. Modules are switched to eval mode and back; no gradient
@@ -41,17 +45,18 @@ def render_samples(
     try:
         for module in modules:
             module.eval()
-        for index, prompt in enumerate(cfg.prompts):
-            generator = torch.Generator().manual_seed(cfg.seed + index)
+        defaults = PromptDefaults(cfg.negative_prompt, cfg.width, cfg.height, cfg.steps, cfg.guidance_scale, cfg.seed)
+        for index, options in enumerate(resolve_lines(cfg.prompts, defaults)):
+            generator = torch.Generator().manual_seed(options.seed)
             with torch.no_grad():
                 with autocast():
                     latents = pipe(
-                        prompt,
-                        negative_prompt=cfg.negative_prompt or None,
-                        num_inference_steps=cfg.steps,
-                        guidance_scale=cfg.guidance_scale,
-                        width=cfg.width,
-                        height=cfg.height,
+                        options.prompt,
+                        negative_prompt=options.negative_prompt or None,
+                        num_inference_steps=options.steps,
+                        guidance_scale=options.guidance_scale,
+                        width=options.width,
+                        height=options.height,
                         generator=generator,
                         output_type="latent",
                     ).images

@@ -201,13 +201,23 @@ def save_final(
 
 
 def save_intermediate(
-    run_dir: Path, tag: str, all_weights: Sequence[Weights], dtype: str, keep_last: int, metadata: Mapping[str, str]
+    run_dir: Path,
+    tag: str,
+    all_weights: Sequence[Weights],
+    dtype: str,
+    keep_last: int,
+    metadata: Mapping[str, str],
+    keep_fp32: bool = False,
 ) -> list[Path]:
-    """``RUN/checkpoints/{tag}.safetensors`` (and ``{tag}-raw`` with both); keep the newest ``keep_last`` tags."""
+    """``RUN/checkpoints/{tag}.safetensors`` (and ``{tag}-raw`` with both), with ``keep_fp32`` also
+    ``{tag}.fp32.safetensors`` unless ``dtype`` is fp32 already; keep the newest ``keep_last`` tags."""
     folder = run_dir / CHECKPOINTS
     both = len(all_weights) > 1
+    names = [f"{tag}.safetensors"] + ([f"{tag}.fp32.safetensors"] if keep_fp32 and dtype != "fp32" else [])
     written = [
-        save_sgm(w, folder / output_name(f"{tag}.safetensors", w.kind, both), dtype, metadata) for w in all_weights
+        save_sgm(w, folder / output_name(name, w.kind, both), "fp32" if ".fp32." in name else dtype, metadata)
+        for name in names
+        for w in all_weights
     ]
     if keep_last:
         files = sorted(

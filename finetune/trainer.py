@@ -64,6 +64,7 @@ from finetune.objective import (
 from finetune.optim import build_optimizer, build_scheduler, current_lrs, follow_schedule
 from finetune.state import TrainerState, decode_generator, encode_generator, find_resume, read_state, write_state
 from xlbake.config import config_hash, dump_yaml, to_dict
+from xlbake.data.meta import dataset_metadata
 from xlbake.errors import ConfigError, TrainingError
 
 logger = get_logger(__name__)
@@ -126,6 +127,8 @@ class Trainer:
         dataset = build_dataset(
             data_cfg, cfg.caption, tokenizers, seed=cfg.train.seed, logger=logger, checked=self.checked
         )
+        folders = ((s.image.parent.name, s.repeats, s.caption) for s in dataset.samples)
+        self.dataset_meta = dataset_metadata(folders, cfg.data.triggers)  # kohya's keys, copied into every LoRA
         if cfg.data.cache_latents:
             progress = cfg.log.progress and acc.is_local_main_process
             cache = build_latent_cache(dataset, self.model.vae, self.run_dir / CACHE_DIR, acc, progress=progress)
@@ -402,8 +405,9 @@ class Trainer:
             if cfg.log.loss_plot:
                 saving.write_loss_plot(self.state.losses, self.state.lrs, self.run_dir / saving.LOSS_PNG)
         elif acc.is_main_process:
+            ckpt = cfg.checkpoint
             written = saving.save_intermediate(
-                self.run_dir, tag, weights, cfg.checkpoint.dtype, cfg.checkpoint.keep_last, meta
+                self.run_dir, tag, weights, ckpt.dtype, ckpt.keep_last, meta, keep_fp32=ckpt.keep_fp32
             )
         if tag == "final" and cfg.checkpoint.diffusers:
             emas = self.emas if weights[0].kind == "ema" else {}
@@ -465,6 +469,7 @@ class Trainer:
             "xlbake.global_step": str(self.state.global_step),
             "xlbake.epoch": str(self.state.epoch),
             "xlbake.train_seconds": str(self.state.train_seconds),
+            **self.dataset_meta,
         }
 
     def _clock(self) -> None:

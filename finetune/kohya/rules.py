@@ -14,6 +14,8 @@ from finetune.config import OptimConfig
 from finetune.kohya.names import KOHYA_KEY_NAMES
 from finetune.kohya.readers import clean_value
 from xlbake.data.kohya import REPEATS_PREFIX
+from xlbake.prompts import OPTIONS as PROMPT_OPTIONS
+from xlbake.prompts import SEPARATOR as PROMPT_SEPARATOR
 
 Status = Literal["mapped", "unsupported", "ignored"]
 Out = tuple[Status, dict[str, Any], str]
@@ -277,7 +279,8 @@ def _save_as(v: Any, ctx: Mapping[str, Any]) -> Out:
 
 
 def _samples(v: Any, ctx: Mapping[str, Any]) -> Out:
-    """kohya prompt lines ("prompt --n negative --w 1024 ..."): the prompts; per-prompt options are listed."""
+    """kohya prompt lines ("prompt --n negative --w 1024 ..."): the prompts with the options xlbake reads; the
+    others (e.g. --ss sampler) are dropped and listed."""
     text, path = str(v), Path(str(v))
     if "\n" not in text and path.suffix in (".txt", ".toml", ".json"):
         path = path if path.is_absolute() else Path(ctx[SOURCE]).parent / path
@@ -285,9 +288,15 @@ def _samples(v: Any, ctx: Mapping[str, Any]) -> Out:
             return "unsupported", {}, f"prompt file {path} is not a readable .txt; list the prompts in sample.prompts"
         text = path.read_text(encoding="utf-8")
     lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
-    options = sorted({part.split(" ", 1)[0] for line in lines for part in line.split(" --")[1:]})
-    note = f"prompt options --{', --'.join(options)} not converted: set sample.* once for all" if options else ""
-    return "mapped", {"sample.prompts": [line.split(" --")[0].strip() for line in lines]}, note
+    kept, dropped = [], set()
+    for line in lines:
+        prompt, *pieces = line.split(PROMPT_SEPARATOR)
+        supported = [p for p in pieces if p.strip()[:1].lower() in PROMPT_OPTIONS and p.strip()[1:2] in ("", " ")]
+        dropped |= {p.split(" ", 1)[0] for p in pieces if p not in supported}
+        kept.append(PROMPT_SEPARATOR.join([prompt.strip(), *supported]))
+    names = ", --".join(sorted(dropped))
+    note = f"prompt options --{names} not converted (xlbake's samples do not have them)" if dropped else ""
+    return "mapped", {"sample.prompts": kept}, note
 
 
 DIRECT = KOHYA_KEY_NAMES

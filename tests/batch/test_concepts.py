@@ -53,6 +53,7 @@ def test_load_concept_resolves_paths_and_builds_finetune_args(concept_dir):
     assert concept.finetune_args() == [
         "--config", str(concept.preset),
         "--set", f'data.roots=["{data}"]',
+        "--set", 'data.triggers=["kafka", "kafka woman"]',
         "--set", 'caption.prefix="kafka, kafka woman,"',
         "--set", "train.epochs=50",
         "--set", "optim.unet_lr=2e-6",

@@ -7,6 +7,7 @@ and the overrides, so any change of them changes the "resolved config". The real
 (then ``make -q``: nothing left to do) is the slow test in ``test_batch.py``.
 """
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -210,3 +211,46 @@ def test_a_bad_rank_fails_while_the_makefile_is_read_before_any_stage(make, sett
     assert result.returncode != 0
     assert f"{setting.split('=')[0]}=" in result.stderr and "whole numbers" in result.stderr, result.stderr
     assert make.calls() == []
+
+
+def write_checkpoint(path: Path, dtype: str) -> None:
+    """A one-tensor safetensors file stored in ``dtype`` (what finetune.epochs reads of a checkpoint)."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"w": np.zeros(2, dtype=dtype)}, str(path))
+
+
+def test_extract_epochs_makes_a_lora_per_fp32_checkpoint_and_reruns_only_what_is_missing(make, own_run, tmp_path):
+    folder = own_run / "checkpoints"
+    write_checkpoint(folder / "epoch-0001.safetensors", "float16")
+    write_checkpoint(folder / "epoch-0001.fp32.safetensors", "float32")  # checkpoint.keep_fp32
+    write_checkpoint(folder / "epoch-0002.safetensors", "float32")  # checkpoint.dtype: fp32
+    write_checkpoint(folder / "step-00000003.safetensors", "float16")  # no fp32 copy: left out, with a note
+    result = make("extract-epochs", f"RUN={own_run}", "DIM=16")
+    assert "no fp32 copy of step-00000003" in result.stderr
+    tuned = [json.loads(line)["tuned"] for line in make.log.read_text().splitlines()[-2:]]
+    assert make.calls() == ["extract 16", "extract 16"]
+    assert tuned == [str(folder / "epoch-0001.fp32.safetensors"), str(folder / "epoch-0002.safetensors")]
+    assert sorted(p.name for p in (own_run / "epochs").iterdir()) == [
+        "lora-epoch-0001-dim16.safetensors",
+        "lora-epoch-0002-dim16.safetensors",
+    ]
+    (own_run / "epochs" / "lora-epoch-0002-dim16.safetensors").unlink()
+    make("extract-epochs", f"RUN={own_run}", "DIM=16")
+    assert make.calls() == ["extract 16"]
+
+    refused = make("grid-epochs", f"RUN={own_run}", "DIM=16", check=False)
+    assert refused.returncode != 0 and "give PROMPTS=file" in refused.stderr
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("xlbk emblem --n blurry\n")
+    dry = make("-n", "grid-epochs", f"RUN={own_run}", "DIM=16", f"PROMPTS={prompts}").stdout
+    assert "xlbake grid" in dry and f"--prompts-file {prompts}" in dry and "grid-dim16.png" in dry
+    assert dry.count("--lora ") == 2 and make.calls() == []
+
+
+def test_extract_epochs_without_fp32_checkpoints_says_what_to_set(make, own_run):
+    write_checkpoint(own_run / "checkpoints" / "epoch-0001.safetensors", "float16")
+    result = make("extract-epochs", f"RUN={own_run}", check=False)
+    assert result.returncode == 2 and "checkpoint.keep_fp32: true" in result.stderr and make.calls() == []

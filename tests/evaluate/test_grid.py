@@ -235,3 +235,37 @@ def test_every_line_of_a_column_label_keeps_a_line_when_lines_run_out():
     lines = _fit(draw, "checkpoints/epoch-0012\nlora-dim64-rank16_sv-fro-extra\nweight 0.8", font, 64, 3)
     assert len(lines) == 3 and lines[-1] == "weight 0.8" and lines[0].endswith("...") and lines[1].endswith("...")
     assert _fit(draw, "a b c d e f g h i j k l m n o p q r s t u v w x y z " * 3, font, 64, 2)[-1].endswith("...")
+
+
+def test_prompt_lines_set_their_own_seed_and_guidance(tiny_paths):
+    from dataclasses import replace
+
+    pipe = load_pipeline(tiny_paths.single_file)
+    settings = SampleSettings(steps=1, guidance_scale=3.0, width=16, height=16, seed=0)
+    rows = render_images(pipe, ["a red emblem --d 5", "a blue circle --l 1"], settings)
+    alone = render_images(pipe, ["a red emblem"], replace(settings, seed=5))[0]
+    second = render_images(pipe, ["a blue circle"], replace(settings, guidance_scale=1.0, seed=1))[0]
+    np.testing.assert_array_equal(np.asarray(rows[0]), np.asarray(alone))
+    np.testing.assert_array_equal(np.asarray(rows[1]), np.asarray(second))
+    plain = render_images(pipe, ["a blue circle"], replace(settings, seed=1))[0]
+    assert not np.array_equal(np.asarray(rows[1]), np.asarray(plain))
+
+
+def test_rows_of_different_sizes_and_bad_options_are_refused_before_any_model_loads(tmp_path):
+    from xlbake.errors import InputError
+    from xlbake.evaluate.render import render_grid
+
+    columns = [GridColumn(tmp_path / "missing.safetensors")]
+    settings = SampleSettings(width=64, height=64)
+    with pytest.raises(InputError, match=r"'b --w 32'.*32x64.*64x64"):
+        render_grid(columns, ["a", "b --w 32"], settings)
+    with pytest.raises(InputError, match=r"'b --q 1': unknown option --q"):
+        render_grid(columns, ["a", "b --q 1"], settings)
+
+
+def test_a_prompts_file_skips_comment_lines_and_keeps_options(tmp_path):
+    from xlbake.evaluate.cli import _prompts
+
+    path = tmp_path / "prompts.txt"
+    path.write_text("# epochs to compare\nxlbk emblem --n blurry --d 3\n\n  # indented comment\nxlbk circle\n")
+    assert _prompts((), path, None, 4, 0) == ["xlbk emblem --n blurry --d 3", "xlbk circle"]

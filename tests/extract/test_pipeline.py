@@ -35,6 +35,13 @@ PLANTED = {  # name fragment -> component; the first kohya target whose name con
 }
 
 
+DATASET_META = {  # what the finetune records of its dataset (xlbake.data.meta)
+    "ss_tag_frequency": json.dumps({"2_xlbk emblem": {"xlbk emblem": 2, "red": 1}}),
+    "ss_dataset_dirs": json.dumps({"2_xlbk emblem": {"n_repeats": 2, "img_count": 2}}),
+    "modelspec.trigger_phrase": "xlbk",
+}
+
+
 def _weights(path):
     with open_checkpoint(path) as reader:
         return {key: reader.get(key).clone() for key in reader}
@@ -78,7 +85,8 @@ def planted(tiny_paths, tmp_path_factory):
         target = next(t for t in _targets(weights) if fragment in t.name)
         rel = UNET_REL if component == "unet" else TE_REL
         deltas[target.name] = _add(weights, target, _low_rank(target.shape, RANK, gen), rel)
-    tuned = save_sgm_checkpoint(weights, tmp_path_factory.mktemp("planted") / "tuned.safetensors")
+    folder = tmp_path_factory.mktemp("planted")
+    tuned = save_sgm_checkpoint(weights, folder / "tuned.safetensors", metadata={**DATASET_META, "ss_other": "x"})
     return tuned, deltas, weights
 
 
@@ -158,6 +166,14 @@ def test_text_encoders_extracted_when_changed_a_little_and_skipped_with_a_reason
     options = json.loads(lora.metadata["xlbake_extract"])
     assert options["base"] == "tiny-sdxl.safetensors" and options["dim"] == [RANK, 4], "file names, not folders"
     assert json.loads(lora.metadata["xlbake_kept_energy"])["unet"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_every_lora_carries_the_finetunes_dataset_keys(planted_run):
+    result, _ = planted_run
+    for path in result.outputs:
+        meta = read_lora(path).metadata
+        assert {key: meta.get(key) for key in DATASET_META} == DATASET_META, path.name
+        assert "ss_other" not in meta
 
 
 def test_report_json_and_png_beside_every_output(planted_run):

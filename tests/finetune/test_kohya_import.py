@@ -155,7 +155,8 @@ def test_finetune_tab_preset_and_folder_repeats(tmp_path):
 def test_sd_scripts_toml_with_sections(tmp_path):
     source = tmp_path / "train.toml"
     source.write_text(TOML)
-    (tmp_path / "prompts.txt").write_text("a photo of kafka --n lowres --w 1024\n# note\nkafka in a forest --w 832\n")
+    prompts = "a photo of kafka --n lowres --w 1024 --ss k_euler\n# note\nkafka in a forest --W 832\n"
+    (tmp_path / "prompts.txt").write_text(prompts)
     out = tmp_path / "finetune.yaml"
     assert CliRunner().invoke(main, [str(source), "--out", str(out)]).exit_code == 0
     cfg = load_config(FinetuneConfig, out)
@@ -172,11 +173,12 @@ def test_sd_scripts_toml_with_sections(tmp_path):
     assert (cfg.precision.mixed, cfg.precision.full_bf16, cfg.checkpoint.dtype, cfg.caption.max_token_length) == (
         "bf16", True, "bf16", 150
     )  # fmt: skip
-    assert cfg.sample.prompts == ("a photo of kafka", "kafka in a forest") and cfg.sample.every_epochs == 5
+    assert cfg.sample.prompts == ("a photo of kafka --n lowres --w 1024", "kafka in a forest --W 832")
+    assert cfg.sample.every_epochs == 5
     assert cfg.data.roots == (tmp_path / "datasets" / "kafka",) and (cfg.log.tensorboard, cfg.log.wandb) == (True, True)
     rows = rows_by_key(convert(source))
     assert {k for k, r in rows.items() if r.status == "unsupported"} == {"zero_terminal_snr", "color_aug"}
-    assert "--n, --w" in rows["sample_prompts"].note
+    assert "--ss" in rows["sample_prompts"].note and "--n" not in rows["sample_prompts"].note
 
 
 def test_sd_scripts_defaults_fill_what_a_toml_leaves_out(tmp_path):

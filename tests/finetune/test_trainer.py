@@ -127,6 +127,8 @@ def full_run(tiny_paths, demo_dataset, tmp_path_factory):
         "sample.width=32",
         "sample.height=32",
         "log.tensorboard=true",
+        "data.triggers=[xlbk]",
+        "checkpoint.keep_fp32=true",
     )
     trainer = Trainer(cfg)
     trainer.setup()
@@ -160,6 +162,22 @@ def test_end_to_end_outputs(full_run, tiny_paths):
         assert (run / name).is_file(), name
     assert base_of(run) == tiny_paths.single_file.absolute()
     assert load_file(str(run / "tuned.safetensors"))[UNET_KEY].dtype == torch.float16
+
+
+def test_outputs_carry_the_dataset_keys_and_checkpoints_an_fp32_copy(full_run):
+    from xlbake.sdxl.checkpoint import open_checkpoint
+
+    run = full_run[0].run_dir
+    for name in ("tuned.fp32.safetensors", "checkpoints/epoch-0001.fp32.safetensors"):
+        with open_checkpoint(run / name) as reader:
+            meta = reader.metadata
+            assert reader.dtype(UNET_KEY) == torch.float32, name
+        assert json.loads(meta["ss_dataset_dirs"]) == {"2_xlbk emblem": {"n_repeats": 2, "img_count": 8}}, name
+        frequency = json.loads(meta["ss_tag_frequency"])["2_xlbk emblem"]
+        assert "xlbk emblem" in frequency and sum(frequency.values()) >= 8, name  # every caption has a tag
+        assert meta["modelspec.trigger_phrase"] == "xlbk", name
+    assert (run / "checkpoints/epoch-0001-raw.fp32.safetensors").is_file()
+    assert load_file(str(run / "checkpoints/epoch-0001.safetensors"))[UNET_KEY].dtype == torch.float16
 
 
 def test_loss_decreases_on_the_builtin_concept(full_run):

@@ -188,6 +188,8 @@ def test_metadata_is_kept_updated_and_records_the_resize(tmp_path):
         "ss_network_alpha": "3.0",
         "ss_network_args": json.dumps({"conv_dim": "8", "conv_alpha": "3", "algo": "lora"}),
         "ss_tag_frequency": json.dumps({"1_xlbk": {"xlbk": 3}}),
+        "ss_dataset_dirs": json.dumps({"1_xlbk": {"n_repeats": 1, "img_count": 3}}),
+        "modelspec.trigger_phrase": "xlbk",
         "ss_training_comment": "from the trainer",
         "modelspec.title": "old title",
         "ss_broken": "{not json",
@@ -197,7 +199,8 @@ def test_metadata_is_kept_updated_and_records_the_resize(tmp_path):
     meta = read_lora(result.path).metadata
     assert (meta["ss_network_dim"], meta["ss_network_alpha"]) == ("4", "4.0")
     assert json.loads(meta["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "4.0", "algo": "lora"}
-    assert meta["ss_tag_frequency"] == source_meta["ss_tag_frequency"]
+    for key in ("ss_tag_frequency", "ss_dataset_dirs", "modelspec.trigger_phrase"):  # the training data, as kohya's
+        assert meta[key] == source_meta[key], key
     assert meta["ss_training_comment"] == "from the trainer" and "ss_broken" not in meta
     assert meta["modelspec.title"] == meta["ss_output_name"] == "lora-r4"
     assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"  # SDXL keys filled in

@@ -46,7 +46,11 @@ CONCEPT_SUFFIXES = (".yaml", ".yml")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 SIZE_PATTERN = re.compile(r"^[0-9.]+(e[0-9]+)?[A-Za-z]*$")
 # finetune keys a concept may not override: the chain sets them (run_dir from RUN, data.roots from datasets)
-RESERVED_KEYS = {"run_dir": "the run folder is RUN (runs/<concept>)", "data.roots": "list the folders in datasets"}
+RESERVED_KEYS = {
+    "run_dir": "the run folder is RUN (runs/<concept>)",
+    "data.roots": "list the folders in datasets",
+    "data.triggers": "list the words in triggers",
+}
 # the finetune's names in RUN (finetune/saving.py; importing it would load torch at every make)
 TUNED_FP32, RESOLVED_CONFIG, STATE_DIR = "tuned.fp32.safetensors", "config.resolved.yaml", "state"
 FINETUNE_FLAGS = {"start": "--force", "resume": "--resume auto"}
@@ -71,7 +75,8 @@ class ConceptConfig:
     config_version: int = CONCEPT_VERSION
     """Version of the concept format."""
     triggers: tuple[str, ...] = ()
-    """Trigger words of the concept (e.g. [kafka]); shown in the batch summary."""
+    """Trigger words of the concept (e.g. [kafka]); shown in the batch summary and written into every checkpoint and
+    LoRA (modelspec.trigger_phrase, which UIs and CivitAI show)."""
     add_triggers: bool = False
     """Put the trigger words first in every caption (finetune caption.prefix); for captions that lack them."""
     overrides: tuple[str, ...] = ()
@@ -140,6 +145,8 @@ class Concept:
         """``python -m finetune`` arguments for this concept, before make's own ``--set run_dir=RUN``."""
         cfg = self.config
         args = ["--config", str(self.preset), "--set", "data.roots=" + json.dumps([str(p) for p in cfg.datasets])]
+        if cfg.triggers:  # recorded in every checkpoint and LoRA (modelspec.trigger_phrase)
+            args += ["--set", "data.triggers=" + json.dumps([t.strip() for t in cfg.triggers])]
         if cfg.add_triggers:
             args += ["--set", "caption.prefix=" + json.dumps(", ".join(t.strip() for t in cfg.triggers) + ",")]
         for override in cfg.overrides:

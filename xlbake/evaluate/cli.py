@@ -36,7 +36,8 @@ def prompt_options(fn):
     fn = click.option(
         "--prompts-file",
         type=click.Path(exists=True, dir_okay=False, path_type=Path),
-        help="A text file with one prompt a line.",
+        help="A text file with one prompt a line (# starts a comment line); a line may end with kohya's options "
+        "--n negative, --w/--h size, --s steps, --l guidance, --d seed.",
     )(fn)
     return click.option("--prompt", "prompts", multiple=True, help="A prompt (repeatable).")(fn)
 
@@ -250,7 +251,8 @@ def _prompts(prompts, prompts_file, captions, limit: int, seed: int, required: b
     """The given prompts, then the file's lines, then ``limit`` dataset captions; UsageError if none and required."""
     found = list(prompts)
     if prompts_file is not None:
-        found += [line.strip() for line in prompts_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        lines = [line.strip() for line in prompts_file.read_text(encoding="utf-8").splitlines()]
+        found += [line for line in lines if line and not line.startswith("#")]  # "#": a comment, as in kohya's
     if captions is not None:
         from xlbake.evaluate.fidelity import prompts_from_dataset
 

@@ -8,13 +8,16 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
 from PIL import Image
 from tqdm import tqdm
 
+from xlbake.errors import InputError
 from xlbake.evaluate.grid import ADAPTER, GridColumn, SampleSettings, load_lora, load_pipeline
+from xlbake.prompts import PromptDefaults, SampleOptions, resolve_lines
 
 logger = logging.getLogger(__name__)
 
@@ -44,27 +47,55 @@ def sample_defaults(
 def render_images(
     pipe: Any, prompts: Sequence[str], settings: SampleSettings, progress: GridProgress | None = None
 ) -> list[Image.Image]:
-    """One image per prompt; prompt i uses a generator seeded ``settings.seed + i`` (same in every column)."""
+    """One image per prompt line; row i uses a generator seeded ``settings.seed + i`` (same in every column).
+
+    A line's kohya options (``--n --w --h --s --l --d``, :mod:`xlbake.prompts`) override ``settings`` for its row;
+    consecutive rows with the same settings are rendered together, ``settings.batch_size`` at a time.
+    """
+    rows = row_options(prompts, settings)
     images: list[Image.Image] = []
-    for start in range(0, len(prompts), settings.batch_size):
-        chunk = list(prompts[start : start + settings.batch_size])
-        generators = [torch.Generator(pipe.device).manual_seed(settings.seed + start + i) for i in range(len(chunk))]
+    start = 0
+    while start < len(rows):
+        end = start + 1
+        while end < min(len(rows), start + settings.batch_size) and _same_call(rows[end], rows[start]):
+            end += 1
+        chunk, first = rows[start:end], rows[start]
         if progress is not None:
             progress.start_call()
         with torch.no_grad():
             images += pipe(
-                prompt=chunk,
-                negative_prompt=[settings.negative_prompt] * len(chunk) if settings.negative_prompt else None,
-                num_inference_steps=settings.steps,
-                guidance_scale=settings.guidance_scale,
-                width=settings.width,
-                height=settings.height,
-                generator=generators,
+                prompt=[row.prompt for row in chunk],
+                negative_prompt=[row.negative_prompt for row in chunk] if first.negative_prompt else None,
+                num_inference_steps=first.steps,
+                guidance_scale=first.guidance_scale,
+                width=first.width,
+                height=first.height,
+                generator=[torch.Generator(pipe.device).manual_seed(row.seed) for row in chunk],
                 callback_on_step_end=progress.on_step_end if progress is not None else None,
             ).images
         if progress is not None:
-            progress.images_done([f"prompt {start + i + 1}: {prompt[:60]}" for i, prompt in enumerate(chunk)])
+            progress.images_done([f"prompt {start + i + 1}: {row.prompt[:60]}" for i, row in enumerate(chunk)])
+        start = end
     return images
+
+
+def row_options(prompts: Sequence[str], settings: SampleSettings) -> list[SampleOptions]:
+    """Every row's prompt and settings; InputError for a bad option or rows of different sizes (one sheet)."""
+    s = settings
+    defaults = PromptDefaults(s.negative_prompt, s.width, s.height, s.steps, s.guidance_scale, s.seed)
+    rows = resolve_lines(prompts, defaults)
+    for line, row in zip(prompts, rows, strict=True):
+        if (row.width, row.height) != (rows[0].width, rows[0].height):
+            raise InputError(
+                f"prompt {line.strip()!r} is {row.width}x{row.height}, {prompts[0].strip()!r} {rows[0].width}x"
+                f"{rows[0].height}: a grid's rows share one size; set it with --width/--height"
+            )
+    return rows
+
+
+def _same_call(a: SampleOptions, b: SampleOptions) -> bool:
+    """Whether two rows can be rendered in one pipeline call (all but prompt and seed equal)."""
+    return replace(a, prompt="", seed=0) == replace(b, prompt="", seed=0)
 
 
 def render_grid(
@@ -80,6 +111,7 @@ def render_grid(
     (a bar on a terminal, else a log line per image) and a time estimate from the first step."""
     if not prompts or not columns:
         raise ValueError("render_grid: need at least one prompt and one column")
+    row_options(prompts, settings)  # bad options and mixed sizes stop before any model loads
     cells: list[list[Any]] = [[None] * len(columns) for _ in prompts]
     calls = len(columns) * -(-len(prompts) // settings.batch_size)
     progress = GridProgress(steps=settings.steps, calls=calls, images=len(columns) * len(prompts))
