@@ -27,6 +27,7 @@ from finetune.state import flatten
 from xlbake.batch.base_of import BASE_TXT
 from xlbake.errors import OutputError, TrainingError
 from xlbake.fileio import TEMP_PREFIX, atomic_path, write_text_atomic
+from xlbake.lora.io import SAVE_DTYPES
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,6 @@ DIFFUSERS_DIR = "tuned-diffusers"
 BUILTIN = "builtin"
 SMOOTHING = 0.9
 """Exponential smoothing factor of the loss curve."""
-SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 @dataclass(frozen=True)
