@@ -1,5 +1,6 @@
-"""``python -m extract``: see :mod:`extract.cli`."""
+"""``python -m extract``: the extract stage command (see ``extract.cli``)."""
 
 from extract.cli import main
 
-main()
+if __name__ == "__main__":
+    main(prog_name="python -m extract")

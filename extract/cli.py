@@ -92,5 +92,5 @@ def main(config: Path | None, overrides: tuple[str, ...], dry_run: bool, force: 
     """Extract a kohya LoRA from BASE and TUNED SDXL checkpoints by SVD, streaming one layer at a time."""
     from extract.pipeline import run_extract  # torch and the models load only when there is work to do
 
-    cfg = resolve_config(ExtractConfig, config, [*overrides, *flag_overrides(flags)], dry_run)
+    cfg = resolve_config(ExtractConfig, config, overrides, dry_run, flags=flag_overrides(flags))
     run_extract(cfg, force=force, echo=click.echo)

@@ -8,38 +8,9 @@ from pathlib import Path
 from typing import Literal
 
 from xlbake.errors import ConfigError
+from xlbake.lora.budget import parse_size
 
-BYTE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
-COUNT_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)(?:e([+-]?\d+))?\s*([a-z]*)\s*$", re.IGNORECASE)
 DEVICE_PATTERN = re.compile(r"^(cpu|cuda(:\d+)?)$")
-
-
-@dataclass(frozen=True)
-class SizeBudget:
-    """A global budget: a file size in bytes, or a number of LoRA parameters."""
-
-    amount: int
-    unit: Literal["bytes", "params"]
-    text: str  # as the user wrote it
-
-
-def parse_size(text: str) -> SizeBudget:
-    """``100MB``, ``1.5GB``, ``64MiB`` (bytes; MB = 10^6) or ``50M``, ``12500000`` (parameters)."""
-    match = _SIZE.match(str(text))
-    if not match:
-        raise ValueError(f"cannot read {text!r}; write a file size like 100MB or a parameter count like 50M")
-    number = float(match.group(1)) * 10 ** int(match.group(2) or 0)
-    unit = match.group(3).lower()
-    if unit in BYTE_UNITS:
-        amount, kind = number * BYTE_UNITS[unit], "bytes"
-    elif unit in COUNT_UNITS:
-        amount, kind = number * COUNT_UNITS[unit], "params"
-    else:
-        raise ValueError(f"unknown unit {match.group(3)!r} in {text!r}; use B, KB, MB, GB, KiB, MiB, GiB or K, M, G")
-    if amount < 1:
-        raise ValueError(f"{text!r} is not a positive size")
-    return SizeBudget(int(amount), kind, str(text))
 
 
 @dataclass(frozen=True)

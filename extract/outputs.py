@@ -16,13 +16,13 @@ import torch
 from torch import Tensor
 
 from extract.components import TEXT_ENCODERS
-from extract.config import ExtractConfig, SizeBudget, parse_size
-from extract.ranks import LayerChoice, budget_ranks, criterion_ranks, fixed_ranks, kept_fraction
+from extract.config import ExtractConfig
 from xlbake import __version__
 from xlbake.config import to_dict
 from xlbake.errors import ConfigError
 from xlbake.fileio import check_output
-from xlbake.lora.io import lora_metadata, write_lora
+from xlbake.lora.budget import LayerChoice, SizeBudget, choose_ranks, fixed_ranks, kept_fraction, parse_size
+from xlbake.lora.io import SAVE_DTYPES, lora_metadata, write_lora
 from xlbake.lora.lowrank import clamp_quantile, reshape_factors
 from xlbake.lora.report import (
     Coverage,
@@ -36,7 +36,6 @@ from xlbake.lora.report import (
 from xlbake.sdxl.keys import LoraTarget
 from xlbake.sdxl.prediction import EPSILON
 
-SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 HEADER_BYTES_PER_TENSOR = 120
 """Upper bound of one tensor's safetensors header entry beyond its name (dtype, shape, offsets, JSON syntax)."""
 HEADER_SLACK = 4096
@@ -110,14 +109,6 @@ def layer_choices(
     return chosen
 
 
-def choose_ranks(choices: Sequence[LayerChoice], cfg: ExtractConfig, budget_params: int | None) -> list[int]:
-    if budget_params is not None:
-        return budget_ranks(choices, budget_params)
-    if cfg.rank_method != "fixed":
-        return criterion_ranks(choices, cfg.rank_method, float(cfg.rank_value or 0))
-    return fixed_ranks(choices)
-
-
 def budget_in_params(variant: Variant, names: Sequence[str], metadata: Mapping[str, str], save_bytes: int) -> int:
     """A size budget as LoRA parameters, after the header and alpha tensors (estimated from above)."""
     assert variant.budget is not None
@@ -174,7 +165,7 @@ def write_variant(
     if variant.budget is not None:
         names = [layer.target.name for layer, _ in chosen]
         budget = budget_in_params(variant, names, draft, save_dtype.itemsize)
-    ranks = choose_ranks(choices, cfg, budget)
+    ranks = choose_ranks(choices, cfg.rank_method, cfg.rank_value, budget)
     kept = [(layer, choice, rank) for (layer, choice), rank in zip(chosen, ranks, strict=True) if rank > 0]
     if not kept:
         raise ConfigError(f"{variant.path}: no layer gets a rank (size {variant.label} too small?); raise --size/--dim")

@@ -24,7 +24,6 @@ from extract.components import TEXT_ENCODERS, Decision, LayerDiff, component_tot
 from extract.config import ExtractConfig
 from extract.coverage import budget_notes, cap_notes, check_order, left_out_energies, variant_coverage
 from extract.outputs import (
-    SAVE_DTYPES,
     LayerResult,
     Variant,
     budget_in_params,
@@ -36,6 +35,7 @@ from extract.outputs import (
 from xlbake.data.meta import dataset_keys
 from xlbake.errors import ConfigError, InputError
 from xlbake.fingerprint import fingerprint
+from xlbake.lora.io import SAVE_DTYPES
 from xlbake.lora.lowrank import Svd, split_factors, svd_exact, svd_randomized, to_matrix
 from xlbake.sdxl.checkpoint import CheckpointReader, open_checkpoint
 from xlbake.sdxl.keys import LoraTarget, kohya_targets

@@ -1,5 +1,6 @@
-"""`python -m finetune`: the finetune stage command."""
+"""``python -m finetune``: the finetune stage command (see ``finetune.cli``)."""
 
 from finetune.cli import main
 
-main(prog_name="python -m finetune")
+if __name__ == "__main__":
+    main(prog_name="python -m finetune")

@@ -27,6 +27,7 @@ from finetune.state import flatten
 from xlbake.batch.base_of import BASE_TXT
 from xlbake.errors import OutputError, TrainingError
 from xlbake.fileio import TEMP_PREFIX, write_text_atomic
+from xlbake.lora.io import SAVE_DTYPES
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,6 @@ LOGS = "logs"
 LOSS_PNG = "loss.png"
 DIFFUSERS_DIR = "tuned-diffusers"
 BUILTIN = "builtin"
-SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 @dataclass(frozen=True)

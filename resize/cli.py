@@ -52,7 +52,7 @@ _LIST_OPTIONS = {"rank": "rank", "size": "size"}
 @run_guarded
 def main(config: Path | None, overrides: tuple[str, ...], dry_run: bool, force: bool, **options: object) -> None:
     """Resize a LoRA's ranks in factor space (fixed, per-layer criterion or size budget), one file per target."""
-    cfg = resolve_config(ResizeConfig, config, [*option_overrides(options), *overrides], dry_run)
+    cfg = resolve_config(ResizeConfig, config, overrides, dry_run, flags=option_overrides(options))
     from resize.pipeline import run_resize  # torch only once the arguments are known to be good
     from xlbake.lora.report import BYTES_PER_MB, group_stat, print_summary
 

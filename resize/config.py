@@ -1,4 +1,4 @@
-"""Settings of the resize stage, validated once at the edge, and the parser of ``--size`` budgets."""
+"""Settings of the resize stage, validated once at the edge."""
 
 from __future__ import annotations
 
@@ -8,47 +8,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from xlbake.lora.budget import SizeBudget, parse_size
+
 Method = Literal["fixed", "sv_ratio", "sv_fro", "sv_cumulative"]
 Precision = Literal["fp16", "bf16", "fp32"]
 DYNAMIC_METHODS = ("sv_ratio", "sv_fro", "sv_cumulative")
 CONFIG_VERSION = 1
 
-_BYTE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
-_COUNT_PREFIXES = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}
-_BUDGET = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmg]?i?b|[kmg]?\s*(?:params?)?)\s*$", re.IGNORECASE)
 _DEVICE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
 _EXAMPLE_VALUES = {"sv_ratio": "--value 4", "sv_fro": "--value 0.9", "sv_cumulative": "--value 0.6"}
-
-
-@dataclass(frozen=True)
-class Budget:
-    """A global size target for one output: a file size in bytes or a number of factor parameters."""
-
-    text: str  # as given, e.g. "50MB" or "20M params"
-    bytes: int | None  # file size target, or None for a parameter budget
-    params: int | None  # parameter budget, or None for a file size target
-
-    @property
-    def label(self) -> str:
-        """The budget as a file-name part: "50MB", "20Mparams"."""
-        return re.sub(r"\s+", "", self.text)
-
-
-def parse_budget(text: str) -> Budget:
-    """Parse "50MB", "1.5GB", "800KiB" (file size; KB/MB/GB are powers of 1000) or "20M", "20M params",
-    "12500000" (parameter count, as extract's --size reads it)."""
-    match = _BUDGET.match(text)
-    if not match:
-        raise ValueError(f"size {text!r}: expected a file size like 50MB, 1.5GB, 800KiB or a parameter count like 20M")
-    number, unit = float(match.group(1)), re.sub(r"\s+", "", match.group(2).lower())
-    if not unit.endswith("b"):
-        amount, field = number * _COUNT_PREFIXES[unit.removesuffix("s").removesuffix("param")], "params"
-    else:
-        amount, field = number * _BYTE_UNITS[unit], "bytes"
-    if amount < 1:
-        raise ValueError(f"size {text!r}: must be positive")
-    value = int(amount)
-    return Budget(text.strip(), value if field == "bytes" else None, value if field == "params" else None)
 
 
 @dataclass(frozen=True)
@@ -127,7 +95,7 @@ class ResizeConfig:
         problems = []
         for text in self.size:
             try:
-                parse_budget(text)
+                parse_size(text)
             except ValueError as exc:
                 problems.append(f"size: {exc}")
         if self.method != "fixed":
@@ -139,5 +107,5 @@ class ResizeConfig:
         return problems
 
     @property
-    def budgets(self) -> tuple[Budget, ...]:
-        return tuple(parse_budget(text) for text in self.size)
+    def budgets(self) -> tuple[SizeBudget, ...]:
+        return tuple(parse_size(text) for text in self.size)

@@ -26,10 +26,12 @@ from resize.plan import OutputPlan, keep_for, plan_outputs
 from xlbake import __version__
 from xlbake.errors import ConfigError, InputError
 from xlbake.fileio import check_output
+from xlbake.lora.budget import LayerChoice, choose_ranks, reserved_params
 from xlbake.lora.io import (
     ALPHA,
     DOWN,
     HASH_KEY,
+    SAVE_DTYPES,
     UP,
     LoraFile,
     LoraModule,
@@ -38,10 +40,9 @@ from xlbake.lora.io import (
     safetensors_data_hash,
     write_lora,
 )
-from xlbake.lora.lowrank import Svd, allocate_ranks, factor_svd, kept_energy, select_rank, split_factors
+from xlbake.lora.lowrank import Svd, factor_svd, kept_energy, split_factors
 from xlbake.lora.report import Coverage, LayerStat, group_stat, report_paths, write_report
 
-SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 COMPUTE_DTYPE = torch.float32
 BYTES_PER_MB = 1_000_000
 # A safetensors header entry is "KEY":{"dtype":"F16","shape":[SHAPE],"data_offsets":[A,B]}, : at most this much
@@ -173,36 +174,14 @@ def layer_svd(module: LoraModule, device: torch.device) -> Svd:
     return factor_svd(up, down)
 
 
-def choose_ranks(
-    layers: Sequence[LayerSpectrum], plan: OutputPlan, cfg: ResizeConfig, *, budget_params: int | None = None
-) -> list[int]:
-    """Each layer's new rank: ``plan``'s fixed rank, the method's minimal rank, or the budget's allocation."""
-    if plan.budget is not None:
-        if budget_params is None:
-            raise ValueError("choose_ranks: a budget plan needs budget_params")
-        return budget_ranks(layers, plan, budget_params)
-    ranks = []
+def layer_choices(layers: Sequence[LayerSpectrum], plan: OutputPlan) -> list[LayerChoice]:
+    """What rank choice needs of each layer: its whole spectrum, its cap under ``plan``, and rank 1 at least."""
+    choices = []
     for layer in layers:
         cap = plan.cap(layer.kind)
         limit = layer.rank if cap is None else min(cap, layer.rank)
-        if cfg.method == "fixed":
-            ranks.append(limit)
-        else:
-            ranks.append(select_rank(layer.spectrum, cfg.method, float(cfg.value), limit))
-    return ranks
-
-
-def budget_ranks(layers: Sequence[LayerSpectrum], plan: OutputPlan, budget_params: int) -> list[int]:
-    """Ranks that keep the most energy within ``budget_params`` factor parameters; every layer keeps rank >= 1."""
-    costs = [layer.cost_per_rank for layer in layers]
-    caps = [layer.rank if plan.cap(layer.kind) is None else min(plan.cap(layer.kind), layer.rank) for layer in layers]
-    floor = sum(costs)
-    if budget_params < floor:
-        raise ValueError(f"budget_ranks: {budget_params} parameters cannot hold rank 1 everywhere ({floor})")
-    extra = allocate_ranks(
-        [layer.spectrum[1:] for layer in layers], costs, budget_params - floor, [c - 1 for c in caps]
-    )
-    return [1 + int(e) for e in extra]
+        choices.append(LayerChoice(layer.spectrum, layer.energy, layer.cost_per_rank, limit, floor=1, full=True))
+    return choices
 
 
 def params_within(
@@ -273,7 +252,7 @@ def write_output(
     """
     save_dtype = SAVE_DTYPES[cfg.save_precision]
     budget_params = plan_budget(cfg, plan, layers, source, source_hash)
-    ranks = choose_ranks(layers, plan, cfg, budget_params=budget_params)
+    ranks = choose_ranks(layer_choices(layers, plan), cfg.method, cfg.value, budget_params)
     metadata, summary, stats = describe_output(cfg, plan, layers, ranks, source, source_hash)
     low = kept_as_is(layers, ranks, plan)
     if low:
@@ -291,7 +270,8 @@ def write_output(
     if cfg.report:
         title = f"{plan.path.name}: {summary['target']}"
         reports = write_report(plan.path, stats, summary, title=title, force=force, coverage=coverage)
-    if plan.budget is not None and plan.budget.bytes is not None and plan.path.stat().st_size > plan.budget.bytes:
+    over = plan.budget is not None and plan.budget.unit == "bytes" and plan.path.stat().st_size > plan.budget.amount
+    if over:
         logger.warning("%s: %d bytes, over the %s budget", plan.path, plan.path.stat().st_size, plan.budget.text)
     return ResizeResult(plan.path, tuple(stats), len(low), reports, coverage)
 
@@ -302,17 +282,17 @@ def plan_budget(
     """Factor parameters ``plan``'s budget allows (None without one); refuse a budget below rank 1 everywhere."""
     if plan.budget is None:
         return None
-    floor = sum(layer.cost_per_rank for layer in layers)
+    floor = reserved_params(layer_choices(layers, plan))
     too_small = f"size {plan.budget.text}: too small for this LoRA; rank 1 in each of its {len(layers)} layers needs"
-    if plan.budget.params is not None:
-        if plan.budget.params < floor:
+    if plan.budget.unit == "params":
+        if plan.budget.amount < floor:
             raise InputError(f"{too_small} {floor} parameters; ask for more")
-        return plan.budget.params
+        return plan.budget.amount
     save_dtype = SAVE_DTYPES[cfg.save_precision]
     rough, _, _ = describe_output(cfg, plan, layers, [1] * len(layers), source, source_hash)
-    params = params_within(plan.budget.bytes, layers, rough, save_dtype)
+    params = params_within(plan.budget.amount, layers, rough, save_dtype)
     if params < floor:
-        need = plan.budget.bytes + (floor - params) * torch.tensor([], dtype=save_dtype).element_size()
+        need = plan.budget.amount + (floor - params) * torch.tensor([], dtype=save_dtype).element_size()
         raise InputError(f"{too_small} a file of about {need / BYTES_PER_MB:.3g} MB ({need} bytes); ask for more")
     return params
 

@@ -7,8 +7,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from resize.config import Budget, ResizeConfig
+from resize.config import ResizeConfig
 from xlbake.errors import ConfigError
+from xlbake.lora.budget import SizeBudget
 
 SUFFIX = ".safetensors"
 _PLACEHOLDER = re.compile(r"\{(rank|size)\}")
@@ -21,7 +22,7 @@ class OutputPlan:
     path: Path
     rank: int | None  # Linear/1x1 rank (fixed) or per-layer cap (dynamic, budget); None: no cap
     conv_rank: int | None  # the same for 3x3 convs
-    budget: Budget | None  # global size budget, or None
+    budget: SizeBudget | None  # global size budget, or None
 
     def cap(self, kind: str) -> int | None:
         return self.conv_rank if kind == "conv3x3" else self.rank

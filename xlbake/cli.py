@@ -167,9 +167,16 @@ def force_option(fn: F) -> F:
     return click.option("--force", is_flag=True, help="Overwrite existing outputs.")(fn)
 
 
-def resolve_config(cls: type[T], config: Path | None, overrides: Sequence[str], dry_run: bool) -> T:
-    """Load and validate the command's config; with ``--dry-run`` print it as YAML and exit 0."""
-    cfg = load_config(cls, config, overrides)
+def resolve_config(
+    cls: type[T], config: Path | None, overrides: Sequence[str], dry_run: bool, *, flags: Sequence[str] = ()
+) -> T:
+    """Load and validate the command's config; with ``--dry-run`` print it as YAML and exit 0.
+
+    ``flags``: the command's own options as ``key=value`` overrides. Every stage resolves a key the same way: a
+    flag wins over ``--set`` (``overrides``), which wins over the ``--config`` file, so that a caller's explicit
+    flag (the Makefile's ``--dim``/``--rank``/``--out``) is never undone by a ``--set`` passed along with it.
+    """
+    cfg = load_config(cls, config, [*overrides, *flags])
     if dry_run:
         click.echo(dump_yaml(cfg), nl=False)
         raise click.exceptions.Exit(0)

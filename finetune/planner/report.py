@@ -35,19 +35,21 @@ from finetune.planner.memory import (
 from finetune.planner.speed import SDXL_IMAGES_PER_SECOND
 from xlbake.errors import ConfigError, InputError, TrainingError, XlbakeError
 
-UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
-"""GPU sizes are binary whatever the spelling: an "80GB" A100 has 80 GiB (nvidia-smi: 81920 MiB)."""
-SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
+GPU_UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+"""GPU sizes are binary whatever the spelling: an "80GB" A100 has 80 GiB (nvidia-smi: 81920 MiB). LoRA file sizes
+(``--size``) are decimal instead: ``xlbake.lora.budget.parse_size``."""
+GPU_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
 LABEL_WIDTH, NUMBER_WIDTH = 52, 11
 DEFAULT_GPU = "80GB"
 
 
-def parse_size(text: str) -> int:
-    """Bytes of a size such as "80GB", "80 GiB", "48G", "24576MiB" or "85899345920"; ConfigError otherwise."""
-    match = SIZE.match(str(text))
+def parse_gib(text: str) -> int:
+    """Bytes of a GPU memory size, binary whatever the spelling: "80GB" = "80 GiB" = "81920MiB" = 80 * 2**30,
+    "48G" = 48 GiB; a bare number is bytes ("85899345920"). ConfigError otherwise."""
+    match = GPU_SIZE.match(str(text))
     if not match:
         raise ConfigError(f"--gpu-memory: cannot read {text!r} as a size; write e.g. 80GB, 48GiB or 24576MiB")
-    return int(float(match.group(1)) * UNITS[match.group(2).lower()])
+    return int(float(match.group(1)) * GPU_UNITS[match.group(2).lower()])
 
 
 def deepspeed_from_accelerate_config(path: str | Path) -> tuple[int, DeepSpeedSetup | None]:
@@ -128,10 +130,10 @@ def plan_text(
     device, else an 80 GB one), launched per ``accelerate_config``; steps when the dataset can be read."""
     processes, deepspeed = deepspeed_from_accelerate_config(accelerate_config) if accelerate_config else (1, None)
     notes = []
-    capacity = parse_size(gpu_memory) if gpu_memory else _cuda_memory()
+    capacity = parse_gib(gpu_memory) if gpu_memory else _cuda_memory()
     name = _cuda_name() if not gpu_memory else None
     if capacity is None:
-        capacity = parse_size(DEFAULT_GPU)
+        capacity = parse_gib(DEFAULT_GPU)
         notes.append(f"no --gpu-memory and no CUDA device here: planned for {DEFAULT_GPU}")
     try:
         stats = dataset_stats(cfg)
@@ -178,7 +180,7 @@ def check_before_training(
     """At the start of training: plan the running launch (the CUDA device's size unless ``gpu_memory``, WORLD_SIZE
     processes, accelerate's DeepSpeed variables), ``echo`` the table from the first process and raise TrainingError
     if the plan does not fit (unless ``force``). Without CUDA and ``gpu_memory`` nothing is planned: None."""
-    capacity = parse_size(gpu_memory) if gpu_memory else _cuda_memory()
+    capacity = parse_gib(gpu_memory) if gpu_memory else _cuda_memory()
     if capacity is None:
         return None
     gpus = int(os.environ.get("WORLD_SIZE", "1"))

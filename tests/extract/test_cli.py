@@ -97,6 +97,18 @@ def test_config_file_keys_and_flags_resolve_together(tmp_path):
     assert resolved["base"] == str(tmp_path / "models" / "base.safetensors"), "relative to the config file"
 
 
+def test_flags_win_over_set_which_wins_over_the_config_file(tmp_path):
+    """The rule of every stage (docs/architecture.md): a flag beats ``--set``, which beats the config file."""
+    config = tmp_path / "extract.yaml"
+    config.write_text("dim: [8]\nsave_precision: bf16\nseed: 3\n")
+    paths = ("--tuned", "t.safetensors", "--base", "b.safetensors", "--out", "o.safetensors")
+    overrides = ("--set", "dim=[16]", "--set", "save_precision=fp32")
+    result = run("--config", config, *overrides, "--dim", "4", *paths, "--dry-run")
+    assert result.exit_code == 0, result.output
+    resolved = yaml.safe_load(result.output)
+    assert (resolved["dim"], resolved["save_precision"], resolved["seed"]) == ([4], "fp32", 3)
+
+
 def test_shipped_config_has_every_option_with_its_default_and_every_option_is_documented():
     shipped = yaml.safe_load(SHIPPED.read_text())
     docs = describe(ExtractConfig)

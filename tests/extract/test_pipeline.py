@@ -10,10 +10,9 @@ import pytest
 import torch
 
 from extract.components import ComponentDiff, decide, rounding_floor
-from extract.config import ExtractConfig, parse_size
+from extract.config import ExtractConfig
 from extract.pipeline import run_extract
-from extract.ranks import LayerChoice, budget_ranks, criterion_ranks, total_kept
-from xlbake.errors import ConfigError, InputError
+from xlbake.errors import InputError
 from xlbake.lora.io import read_lora
 from xlbake.sdxl.checkpoint import open_checkpoint, save_sgm_checkpoint
 from xlbake.sdxl.keys import kohya_targets
@@ -298,34 +297,6 @@ def test_clamp_quantile_clamps_the_factors_and_1_leaves_them_alone():
     assert not torch.equal(clamped_down.flatten(1), down[:3])
 
 
-def test_budget_ranks_respect_floors_and_beat_uniform():
-    gen = torch.Generator().manual_seed(0)
-    layers = [
-        LayerChoice(torch.sort(torch.rand(8, generator=gen) * scale, descending=True).values, 0.0, cost, 8, floor)
-        for scale, cost, floor in [(10, 100, 0), (1, 40, 1), (3, 300, 0), (0.1, 40, 1)]
-    ]
-    layers = [LayerChoice(x.spectrum, float(x.spectrum.square().sum()), x.cost, x.cap, x.floor) for x in layers]
-    for budget in (80, 500, 1500, 4000):
-        ranks = budget_ranks(layers, budget)
-        assert sum(r * x.cost for r, x in zip(ranks, layers, strict=True)) <= budget
-        assert all(r >= x.floor for r, x in zip(ranks, layers, strict=True))
-        for uniform in range(1, 9):
-            if sum(max(uniform, x.floor) * x.cost for x in layers) <= budget:
-                assert total_kept(layers, ranks) >= total_kept(layers, [max(uniform, x.floor) for x in layers])
-    with pytest.raises(ConfigError, match="text-encoder"):
-        budget_ranks(layers, 79)
-
-
-def test_sv_fro_counts_the_energy_beyond_the_known_singular_values():
-    spectrum = torch.tensor([3.0, 2.0, 1.0])
-    known_only = LayerChoice(spectrum, 14.0, 10, 3, full=True)
-    with_tail = LayerChoice(spectrum, 14.0 + 86.0, 10, 3)  # the rest of the spectrum holds 86 of the energy
-    assert [criterion_ranks([known_only], "sv_fro", v)[0] for v in (0.97, 0.9, 0.8)] == [3, 2, 1]
-    assert criterion_ranks([known_only], "sv_fro", 0.35) == [1]
-    assert criterion_ranks([with_tail], "sv_fro", 0.35) == [2], "rank 2 keeps sqrt(13 / 100) = 0.36 of the norm"
-    assert criterion_ranks([with_tail], "sv_fro", 0.5) == [3], "even rank 3 keeps only 0.37: the cap"
-
-
 def test_decisions_explain_min_diff_and_the_rounding_floor():
     def stat(rel, dtype=torch.float32, max_abs=1e-5):
         floor = 1e4 * rounding_floor(dtype) ** 2
@@ -340,13 +311,3 @@ def test_decisions_explain_min_diff_and_the_rounding_floor():
     noisy = decide(stat(3e-4, torch.float16), 1e-6)
     assert noisy.extract and "rounding noise" in noisy.warning and "fp32" in noisy.warning
     assert decide(stat(0.0), 1e-6).reason == "te1: skipped: unchanged (difference exactly zero in all 12 layers)"
-
-
-def test_size_parsing():
-    assert parse_size("100MB").amount == 100_000_000 and parse_size("100MB").unit == "bytes"
-    assert parse_size("64MiB").amount == 64 * 2**20
-    assert (parse_size("50M").amount, parse_size("50M").unit) == (50_000_000, "params")
-    assert parse_size("1.5e3").amount == 1500
-    for bad in ("100 parsecs", "MB", "-3MB", "0"):
-        with pytest.raises(ValueError):
-            parse_size(bad)

@@ -25,12 +25,13 @@ from finetune.planner.report import (
     deepspeed_from_accelerate_config,
     deepspeed_from_env,
     format_plan,
-    parse_size,
+    parse_gib,
     plan_text,
 )
 from finetune.text import encode_prompt
 from xlbake.config import load_config
 from xlbake.errors import ConfigError, TrainingError
+from xlbake.lora.budget import parse_size
 from xlbake.sdxl.tiny import build_tiny_components, build_tokenizers, tiny_configs
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -243,10 +244,11 @@ def test_steps_match_the_trainers_sampler(tiny_paths, demo_dataset):
 
 
 def test_sizes_and_launch_settings():
-    assert parse_size("80GB") == parse_size("80 GiB") == parse_size("81920MiB") == 80 * GIB
-    assert parse_size("48G") == 48 * GIB and parse_size("1024") == 1024
+    assert parse_gib("80GB") == parse_gib("80 GiB") == parse_gib("81920MiB") == 80 * GIB
+    assert parse_gib("48G") == 48 * GIB and parse_gib("1024") == 1024
+    assert parse_size("80GB").amount == 80 * 10**9, "a LoRA file's GB is decimal, a GPU's binary"
     with pytest.raises(ConfigError, match="--gpu-memory"):
-        parse_size("lots")
+        parse_gib("lots")
     accelerate = ROOT / "configs" / "accelerate"
     assert deepspeed_from_accelerate_config(accelerate / "single-gpu.yaml") == (1, None)
     processes, ds = deepspeed_from_accelerate_config(accelerate / "deepspeed-zero2.yaml")

@@ -11,7 +11,7 @@ from accelerate.commands.config.config_args import load_config_from_file
 
 from finetune.config import FinetuneConfig
 from finetune.planner.memory import plan
-from finetune.planner.report import deepspeed_from_accelerate_config, parse_size
+from finetune.planner.report import deepspeed_from_accelerate_config, parse_gib
 from xlbake.config import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,7 +44,7 @@ def test_preset_passes_the_planner_for_its_gpu(name):
     memory, launch = TARGETS[name]
     cfg = load_config(FinetuneConfig, PRESETS / name)
     gpus, deepspeed = deepspeed_from_accelerate_config(LAUNCH / launch) if launch else (1, None)
-    result = plan(cfg, gpu_memory_bytes=parse_size(memory), gpus=gpus, deepspeed=deepspeed, suggest=False)
+    result = plan(cfg, gpu_memory_bytes=parse_gib(memory), gpus=gpus, deepspeed=deepspeed, suggest=False)
     assert result.verdict != "does not fit", f"{name}: {result.gpu_total / 2**30:.1f} GiB on {memory}"
     if name in OURS:
         assert result.verdict == "fits"
@@ -55,7 +55,7 @@ def test_24gb_alternative_without_deepspeed_fits_and_is_documented():
     documented = re.findall(r"--set (\S+)", text)
     assert list(NO_DEEPSPEED_24GB) == [s for s in documented if s in NO_DEEPSPEED_24GB]
     cfg = load_config(FinetuneConfig, PRESETS / "24gb.yaml", NO_DEEPSPEED_24GB)
-    assert plan(cfg, gpu_memory_bytes=parse_size("24GB"), suggest=False).verdict == "fits"
+    assert plan(cfg, gpu_memory_bytes=parse_gib("24GB"), suggest=False).verdict == "fits"
 
 
 @pytest.mark.parametrize("path", sorted(LAUNCH.glob("*.yaml")), ids=lambda p: p.name)

@@ -93,6 +93,19 @@ def test_umbrella_command_config_file_and_overrides(tmp_path, lora):
     assert not (tmp_path / "u.report.json").exists()
 
 
+def test_flags_win_over_set_which_wins_over_the_config_file(tmp_path, lora):
+    """The rule of every stage (docs/architecture.md): a flag beats ``--set``, which beats the config file; the
+    Makefile's --rank/--out thus decide the file even when RESIZE_ARGS holds a --set."""
+    config = tmp_path / "r.yaml"
+    config.write_text("rank: [6]\nsave_precision: bf16\nalpha: 3\n")
+    out = tmp_path / "o.safetensors"
+    overrides = ("--set", "rank=[4]", "--set", "save_precision=fp32")
+    result = invoke("--config", config, *overrides, "--rank", "2", "--lora", lora, "--out", out, "--dry-run")
+    assert result.exit_code == 0, result.output
+    resolved = yaml.safe_load(result.stdout)
+    assert (resolved["rank"], resolved["save_precision"], resolved["alpha"]) == ([2], "fp32", 3.0)
+
+
 def test_dry_run_prints_the_resolved_config(tmp_path, lora):
     result = invoke("--lora", lora, "--out", tmp_path / "o.safetensors", "--size", "1MB,2MB", "--dry-run")
     assert result.exit_code == 0, result.output

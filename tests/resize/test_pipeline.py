@@ -11,7 +11,7 @@ from diffusers import StableDiffusionXLPipeline
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from resize.config import ResizeConfig, parse_budget
+from resize.config import ResizeConfig
 from resize.metadata import RECORD_KEY
 from resize.pipeline import run_resize
 from xlbake.config import load_config
@@ -329,23 +329,6 @@ def test_output_names_are_checked_before_any_work(tmp_path):
         resize(tmp_path, lora, rank=[2], out=tmp_path / "x-{size}.safetensors")
     with pytest.raises(ConfigError, match=".safetensors"):
         resize(tmp_path, lora, rank=[2], out=tmp_path / "x.ckpt")
-
-
-@pytest.mark.parametrize(
-    ("text", "nbytes", "params"),
-    [
-        ("50MB", 50_000_000, None),
-        ("1.5GB", 1_500_000_000, None),
-        ("800KiB", 819_200, None),
-        ("20M params", None, 20_000_000),
-        ("1000param", None, 1000),
-        ("50M", None, 50_000_000),
-        ("12500000", None, 12_500_000),
-    ],
-)
-def test_parse_budget(text, nbytes, params):
-    budget = parse_budget(text)
-    assert (budget.bytes, budget.params) == (nbytes, params)
 
 
 def test_resized_tiny_lora_loads_in_diffusers_with_every_module_applied(tmp_path, tiny_paths):

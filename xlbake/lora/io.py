@@ -34,7 +34,8 @@ UP = ".lora_up.weight"
 ALPHA = ".alpha"
 COMPONENT_PREFIXES = {"lora_unet_": "unet", "lora_te1_": "te1", "lora_te2_": "te2", "lora_te_": "te1"}
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-SAVE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+"""Precision name (``save_precision`` in every stage's config) -> dtype of the tensors written."""
 HASH_KEY = "sshs_model_hash"
 # Keys never written: diffusers raises on lora_adapter_metadata next to .alpha tensors; the others would be stale.
 DROPPED_KEYS = ("lora_adapter_metadata", "sshs_legacy_hash", "modelspec.hash_sha256", HASH_KEY)
@@ -181,8 +182,8 @@ def write_lora(
     existing file without ``force``.
     """
     path = check_output(path, force)
-    if dtype not in SAVE_DTYPES:
-        raise ValueError(f"write_lora: dtype must be one of {SAVE_DTYPES}, got {dtype}")
+    if dtype not in SAVE_DTYPES.values():
+        raise ValueError(f"write_lora: dtype must be one of {tuple(SAVE_DTYPES.values())}, got {dtype}")
     if not factors:
         raise ValueError("write_lora: no modules to write")
     shaped = {name: _checked_factors(name, up, down) for name, (up, down) in factors.items()}
