@@ -10,7 +10,7 @@ from finetune.config import FinetuneConfig, builtin_name
 from xlbake.config import describe, dump_yaml, load_config
 from xlbake.errors import ConfigError
 
-PRESETS = sorted((Path(__file__).parent.parent / "configs" / "finetune").glob("*.yaml"))
+PRESETS = sorted((Path(__file__).parents[2] / "configs" / "finetune").glob("*.yaml"))
 
 
 def test_presets_exist():

@@ -45,7 +45,7 @@ from safetensors.torch import save_file
 UNET_KEY = "model.diffusion_model.input_blocks.4.1.proj_in.weight"  # a LoRA target of the tiny SDXL
 TE2_LAST_BLOCK = "conditioner.embedders.1.model.transformer.resblocks.2."
 LORA_DOWN = "lora_unet_input_blocks_4_1_proj_in.lora_down.weight"
-DOCS = Path(__file__).parent.parent / "docs" / "bad-input.md"
+DOCS = Path(__file__).parents[2] / "docs" / "bad-input.md"
 
 
 @dataclass(frozen=True)
