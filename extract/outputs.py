@@ -25,6 +25,7 @@ from xlbake.errors import ConfigError
 from xlbake.fileio import check_output
 from xlbake.lora.io import lora_metadata, write_lora
 from xlbake.lora.lowrank import clamp_quantile, reshape_factors
+from xlbake.lora.names import LoraTarget
 from xlbake.lora.report import (
     Coverage,
     LayerStat,
@@ -34,7 +35,6 @@ from xlbake.lora.report import (
     report_paths,
     write_report,
 )
-from xlbake.sdxl.keys import LoraTarget
 from xlbake.sdxl.prediction import EPSILON
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}

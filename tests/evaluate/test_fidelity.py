@@ -20,8 +20,8 @@ from xlbake.evaluate.fidelity import (
     weight_energies,
 )
 from xlbake.lora.io import LoraFile, LoraModule, lora_metadata, read_lora, write_lora
+from xlbake.lora.names import kohya_targets
 from xlbake.sdxl.checkpoint import open_checkpoint, save_sgm_checkpoint
-from xlbake.sdxl.keys import kohya_targets
 
 SPECTRUM = torch.tensor([1.0, 0.5, 0.25, 0.125])
 """Relative singular values of every layer's difference: kept energy at rank r is the same everywhere."""

@@ -21,7 +21,7 @@ from xlbake.evaluate.grid import (
 )
 from xlbake.evaluate.plots import _fit, _font, grid_geometry, layout_grid
 from xlbake.lora.io import lora_metadata, write_lora
-from xlbake.sdxl.keys import kohya_targets
+from xlbake.lora.names import kohya_targets
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 
 from xlbake.errors import InputError, OutputError
 from xlbake.fileio import atomic_path, check_output
+from xlbake.lora.names import module_kind
 from xlbake.sdxl.prediction import EPSILON, MODELSPEC_KEY, modelspec_value
 
 DOWN = ".lora_down.weight"
@@ -85,9 +86,7 @@ class LoraModule:
     @property
     def kind(self) -> str:
         """``linear``, ``conv1x1`` or ``conv3x3`` (any kernel larger than 1x1)."""
-        if self.down.ndim == 2:
-            return "linear"
-        return "conv1x1" if tuple(self.down.shape[2:]) == (1, 1) else "conv3x3"
+        return module_kind(self.down.shape)
 
     @property
     def params(self) -> int:
