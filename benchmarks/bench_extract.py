@@ -104,7 +104,7 @@ def true_difference(key: str, shape: tuple[int, ...]) -> torch.Tensor:
 
 def write_pair(folder: Path, keys: list[str], shapes: dict, dtype: torch.dtype) -> tuple[Path, Path]:
     """base.safetensors and tuned.safetensors holding ``keys`` (+ detection tensors), one tensor at a time."""
-    from xlbake.sdxl.checkpoint import write_safetensors
+    from xlbake.sdxl.tensorfile import write_safetensors
 
     specs = {key: (dtype, shapes[key]) for key in [*keys, *DETECTION_KEYS]}
 

@@ -29,12 +29,12 @@ from xlbake.errors import InputError, OutputError
 from xlbake.fileio import atomic_path, check_output
 from xlbake.lora.names import module_kind
 from xlbake.sdxl.prediction import EPSILON, MODELSPEC_KEY, modelspec_value
+from xlbake.sdxl.tensorfile import PICKLE_SUFFIXES
 
 DOWN = ".lora_down.weight"
 UP = ".lora_up.weight"
 ALPHA = ".alpha"
 COMPONENT_PREFIXES = {"lora_unet_": "unet", "lora_te1_": "te1", "lora_te2_": "te2", "lora_te_": "te1"}
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 SAVE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 HASH_KEY = "sshs_model_hash"
 # Keys never written: diffusers raises on lora_adapter_metadata next to .alpha tensors; the others would be stale.
