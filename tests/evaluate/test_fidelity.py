@@ -33,15 +33,6 @@ def kept_at(rank: int) -> float:
     return float(SPECTRUM[:rank].square().sum() / SPECTRUM.square().sum())
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: tiny models gain nothing from two, and the test machine's cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def lowrank_run(tiny_paths, tmp_path_factory):
     """(tuned file, {name: LoRA file}): LoRAs "r1", "r2", "r4" (exact) and "unet" (rank 4, UNet modules only)."""

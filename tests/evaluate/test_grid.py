@@ -23,16 +23,6 @@ from xlbake.evaluate.plots import _fit, _font, grid_geometry, layout_grid
 from xlbake.lora.io import lora_metadata, write_lora
 from xlbake.lora.names import kohya_targets
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: tiny models gain nothing from two, and the test machine's cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 COLORS = [[(255, 0, 0), (0, 255, 0), (0, 0, 255)], [(255, 255, 0), (0, 255, 255), (255, 0, 255)]]
 
 

@@ -30,15 +30,6 @@ TE2 = "lora_te2_text_model_encoder_layers_0_self_attn_q_proj"
 SHAPES = {LINEAR: (24, 16, 0), CONV3: (12, 10, 3), CONV1: (20, 12, 1), TE1: (32, 16, 0), TE2: (16, 16, 0)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The many small QR/SVDs here run fastest on one thread, most of all on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def factor_shapes(out: int, inp: int, kernel: int, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     if kernel == 0:
         return (out, rank), (rank, inp)
