@@ -104,7 +104,7 @@ def true_difference(key: str, shape: tuple[int, ...]) -> torch.Tensor:
 
 def write_pair(folder: Path, keys: list[str], shapes: dict, dtype: torch.dtype) -> tuple[Path, Path]:
     """base.safetensors and tuned.safetensors holding ``keys`` (+ detection tensors), one tensor at a time."""
-    from xlbake.sdxl.checkpoint import write_safetensors
+    from xlbake.sdxl.tensorfile import write_safetensors
 
     specs = {key: (dtype, shapes[key]) for key in [*keys, *DETECTION_KEYS]}
 
@@ -189,7 +189,7 @@ def run_kohya(args: argparse.Namespace, result: dict) -> None:
     from safetensors.torch import load_file
 
     from xlbake.lora.io import lora_metadata, write_lora
-    from xlbake.sdxl.keys import kohya_targets
+    from xlbake.lora.names import kohya_targets
 
     start = time.process_time()
     models = [{k: v.float() for k, v in load_file(path).items()} for path in (args.base, args.tuned)]
@@ -333,8 +333,8 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     if args.worker:
         return worker(args)
+    from xlbake.lora.names import kohya_targets
     from xlbake.sdxl.configs import real_sdxl_sgm_shapes
-    from xlbake.sdxl.keys import kohya_targets
 
     torch.set_num_threads(args.threads)
     methods = [m for m in METHODS if m in args.methods.split(",")]

@@ -4,7 +4,7 @@
     python -m benchmarks.bench_resize           # kohya's method on all 1052 layers (a long while on a CPU)
 
 Data: a deterministic synthetic kohya LoRA with every module of kohya's SDXL set with a conv dim (1052, names and
-shapes from xlbake.sdxl.keys.kohya_targets on the real SDXL key set of xlbake.sdxl.configs), dim 128 everywhere,
+shapes from xlbake.lora.names.kohya_targets on the real SDXL key set of xlbake.sdxl.configs), dim 128 everywhere,
 alpha 64, fp16: up, down ~ N(0, 1) with down's rows decaying as exp(-j / 32), so each layer's spectrum spans
 about two decades, like a trained LoRA's.
 
@@ -58,8 +58,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def sdxl_modules() -> list[tuple[str, tuple[int, ...]]]:
     """(kohya name, weight shape) of the 1052 modules kohya trains on SDXL with a conv dim."""
+    from xlbake.lora.names import kohya_targets
     from xlbake.sdxl.configs import real_sdxl_sgm_shapes
-    from xlbake.sdxl.keys import kohya_targets
 
     return [(target.name, target.shape) for target in kohya_targets(real_sdxl_sgm_shapes(), conv=True)]
 

@@ -95,7 +95,7 @@ class ExtractConfig:
         if self.out is not None and self.out.suffix.lower() != ".safetensors":
             problems.append(f"out: {self.out} must end in .safetensors")
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ConfigError("; ".join(problems))
 
     def _rank_problems(self) -> list[str]:
         problems = []

@@ -15,9 +15,10 @@ from pathlib import Path
 
 from extract.outputs import LayerResult, Variant
 from xlbake.errors import InputError
+from xlbake.lora.names import LoraTarget
 from xlbake.lora.report import Coverage, left_out_kind
 from xlbake.sdxl.checkpoint import CheckpointReader
-from xlbake.sdxl.keys import SGM_PREFIX, LoraTarget
+from xlbake.sdxl.keys import SGM_PREFIX
 
 MODEL_PREFIXES = tuple(SGM_PREFIX[part] for part in ("unet", "text_encoder", "text_encoder_2"))
 """The tensors a finetune changes and a LoRA applies to (the VAE is neither trained nor in a LoRA)."""

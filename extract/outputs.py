@@ -24,6 +24,7 @@ from xlbake.fileio import check_output
 from xlbake.lora.budget import LayerChoice, SizeBudget, choose_ranks, fixed_ranks, kept_fraction, parse_size
 from xlbake.lora.io import SAVE_DTYPES, lora_metadata, write_lora
 from xlbake.lora.lowrank import clamp_quantile, reshape_factors
+from xlbake.lora.names import LoraTarget
 from xlbake.lora.report import (
     Coverage,
     LayerStat,
@@ -33,7 +34,6 @@ from xlbake.lora.report import (
     report_paths,
     write_report,
 )
-from xlbake.sdxl.keys import LoraTarget
 from xlbake.sdxl.prediction import EPSILON
 
 HEADER_BYTES_PER_TENSOR = 120

@@ -37,8 +37,8 @@ from xlbake.errors import ConfigError, InputError
 from xlbake.fingerprint import fingerprint
 from xlbake.lora.io import SAVE_DTYPES
 from xlbake.lora.lowrank import Svd, split_factors, svd_exact, svd_randomized, to_matrix
+from xlbake.lora.names import LoraTarget, kohya_targets
 from xlbake.sdxl.checkpoint import CheckpointReader, open_checkpoint
-from xlbake.sdxl.keys import LoraTarget, kohya_targets
 from xlbake.sdxl.prediction import EPSILON, declared_prediction
 
 LOG = logging.getLogger(__name__)

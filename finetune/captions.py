@@ -7,6 +7,8 @@ import random
 from dataclasses import dataclass
 from typing import Literal
 
+from xlbake.errors import ConfigError
+
 CHUNK_TOKENS = 75
 """Text tokens per 77-token CLIP window (the other two are the begin and end tokens)."""
 
@@ -47,7 +49,7 @@ class CaptionConfig:
         if self.max_token_length % CHUNK_TOKENS:
             errors.append(f"caption.max_token_length must be 75, 150 or 225, got {self.max_token_length}")
         if errors:
-            raise ValueError("; ".join(errors))
+            raise ConfigError("; ".join(errors))
 
 
 def process_caption(caption: str, cfg: CaptionConfig, epoch: int, rng: random.Random) -> str:

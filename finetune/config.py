@@ -328,8 +328,6 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         errors: list[str] = []
-        if self.config_version != CONFIG_VERSION:
-            errors.append(f"config_version: {self.config_version} is not supported (this version reads 1)")
         if self.checkpoint.weights in ("ema", "both") and not self.ema.enabled:
             errors.append(f"checkpoint.weights: {self.checkpoint.weights} needs ema.enabled: true")
         if self.precision.vae == "fp16" and self.model.vae is None:

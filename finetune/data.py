@@ -35,7 +35,7 @@ from xlbake.data.kohya import (
     open_image,
     read_dataset,
 )
-from xlbake.errors import InputError, TrainingError
+from xlbake.errors import ConfigError, InputError, TrainingError
 
 EMPTY_REASONS = ("no_repeats", "outside_subset", "unsupported_subset", "empty_subset", "unsupported_file")
 """Scan findings that explain a dataset without usable image, most telling first."""
@@ -102,7 +102,7 @@ class DataConfig:
         if not self.image_extensions or not self.caption_extension:
             errors.append("data.image_extensions and data.caption_extension must not be empty")
         if errors:
-            raise ValueError("; ".join(errors))
+            raise ConfigError("; ".join(errors))
 
     def bucket_grid(self) -> BucketGrid:
         return BucketGrid(
@@ -423,7 +423,7 @@ def _subset_caption_cfg(base: CaptionConfig, options: tuple[tuple[str, Any], ...
         return base
     try:
         return replace(base, **dict(options))
-    except (TypeError, ValueError) as err:
+    except (TypeError, ConfigError) as err:
         raise InputError(f"dataset TOML subset {where}: invalid caption option ({err}); fix the TOML") from err
 
 

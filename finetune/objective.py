@@ -14,6 +14,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from xlbake.errors import ConfigError
+
 Prediction = Literal["epsilon", "v_prediction"]
 LossType = Literal["l2", "l1", "huber", "smooth_l1"]
 HuberSchedule = Literal["constant", "exponential", "snr"]
@@ -47,7 +49,7 @@ class NoiseConfig:
         if not 0 <= self.min_timestep < self.max_timestep:
             errors.append(f"noise: need 0 <= min_timestep < max_timestep, got {self.min_timestep}, {self.max_timestep}")
         if errors:
-            raise ValueError("; ".join(errors))
+            raise ConfigError("; ".join(errors))
 
 
 @dataclass(frozen=True)
@@ -87,7 +89,7 @@ class LossConfig:
             if self.huber_c <= 0 or self.huber_scale <= 0:
                 errors.append("loss.huber_c and loss.huber_scale must be > 0")
         if errors:
-            raise ValueError("; ".join(errors))
+            raise ConfigError("; ".join(errors))
 
 
 def sample_timesteps(

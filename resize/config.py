@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from xlbake.errors import ConfigError
 from xlbake.lora.budget import SizeBudget, parse_size
 
 Method = Literal["fixed", "sv_ratio", "sv_fro", "sv_cumulative"]
@@ -69,7 +70,7 @@ class ResizeConfig:
         if not _DEVICE.match(self.device):
             problems.append(f"device: got {self.device!r}; expected cpu, cuda, cuda:N or mps")
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ConfigError("; ".join(problems))
 
     def _method_problems(self) -> list[str]:
         if self.method == "fixed":

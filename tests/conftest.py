@@ -17,6 +17,18 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 import pytest  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """One torch intra-op thread in every test, even when OMP_NUM_THREADS is set otherwise: the tiny models and small
+    QR/SVDs gain nothing from more, and extra threads spin and oversubscribe a shared 2-core machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_paths(tmp_path_factory):
     """The tiny SDXL model as a diffusers folder and a single-file SGM checkpoint."""

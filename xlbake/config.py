@@ -12,40 +12,47 @@ Supported field types: ``bool``, ``int``, ``float`` (numeric strings such as ``1
 as strings), ``str``, ``Path`` (relative paths resolved against the config file's folder, or the working folder
 for ``--set`` overrides), ``X | None``, ``Literal[...]``, ``Enum``, ``tuple[X, ...]`` / ``list[X]`` (a scalar is
 taken as a one-item list), fixed ``tuple[X, Y]``, ``dict[str, X]``, ``Any`` and nested dataclasses. Cross-field
-checks live in each class's ``__post_init__`` (raise ``ValueError``); their messages are collected too.
+checks live in each class's ``__post_init__`` (raise ``ConfigError``); their messages are collected too.
 Only ``yaml.SafeLoader`` is used, so a config cannot build Python objects or run code.
 """
 
 from __future__ import annotations
 
 import ast
-import contextlib
 import dataclasses
-import difflib
 import hashlib
 import inspect
 import json
 import logging
 import os
 import textwrap
-import types
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union
+from typing import Any, TypeVar
 
 import yaml
 
+from xlbake.config_values import (
+    INVALID,
+    OVERRIDE_SOURCE,
+    Context,
+    KeyPath,
+    convert,
+    dotted,
+    show,
+    to_dict,
+    type_name,
+    unknown_key,
+    unwrap_optional,
+)
 from xlbake.errors import ConfigError
+
+__all__ = ["FieldDoc", "config_hash", "describe", "dotted", "dump_yaml", "load_config", "to_dict", "type_name"]
 
 T = TypeVar("T")
 VERSION_KEY = "config_version"
-OVERRIDE_SOURCE = "--set"
-_YAML_BOOL_WORDS = {True: {"yes", "on", "true", "y"}, False: {"no", "off", "false", "n"}}
-_INVALID = object()  # marks a value that failed validation (its problem is already recorded)
-_KeyPath = tuple[str | int, ...]
 
 
 @dataclass(frozen=True)
@@ -58,35 +65,6 @@ class FieldDoc:
     doc: str  # the attribute docstring under the field ("" when missing)
 
 
-@dataclass
-class _Context:
-    """Where values come from, and the problems found so far."""
-
-    source: str  # config file name as given, or "<config>"
-    base: Path  # folder that relative paths from the file are resolved against
-    lines: dict[_KeyPath, int]  # key path -> 1-based line in the file
-    overridden: set[_KeyPath]
-    defaulted: set[_KeyPath] = dataclasses.field(default_factory=set)  # filled in from the dataclass defaults
-    problems: list[str] = dataclasses.field(default_factory=list)
-
-    def from_override(self, path: _KeyPath) -> bool:
-        return any(path[:i] in self.overridden for i in range(len(path) + 1))
-
-    def base_for(self, path: _KeyPath) -> Path:
-        """Overrides and defaults are relative to the working folder, file values to the file's folder."""
-        from_cwd = self.from_override(path) or any(path[:i] in self.defaulted for i in range(len(path) + 1))
-        return Path.cwd() if from_cwd else self.base
-
-    def error(self, path: _KeyPath, message: str) -> None:
-        if self.from_override(path):
-            where = OVERRIDE_SOURCE
-        else:
-            line = next((self.lines[path[:i]] for i in range(len(path), 0, -1) if path[:i] in self.lines), None)
-            where = self.source if line is None else f"{self.source}:{line}"
-        key = dotted(path)
-        self.problems.append(f"{where}: {key}: {message}" if key else f"{where}: {message}")
-
-
 def load_config(
     cls: type[T], path: str | os.PathLike | None = None, overrides: Sequence[str] = (), *, data: Mapping | None = None
 ) -> T:
@@ -97,7 +75,7 @@ def load_config(
     """
     file = Path(path) if path is not None else None
     source = str(file) if file is not None else "<config>"
-    lines: dict[_KeyPath, int] = {}
+    lines: dict[KeyPath, int] = {}
     if data is not None:
         raw = _plain_copy(data)
     elif file is not None:
@@ -105,34 +83,19 @@ def load_config(
     else:
         raw = {}
     base = file.absolute().parent if file is not None else Path.cwd()
-    ctx = _Context(source, base, lines, set())
+    ctx = Context(source, base, lines, set())
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: the top level must be a mapping of keys, got {_show(raw)}")
+        raise ConfigError(f"{source}: the top level must be a mapping of keys, got {show(raw)}")
     for override in overrides:
         _apply_override(cls, raw, override, ctx)
     _apply_aliases(cls, raw, ctx)
     _check_version(cls, raw, ctx)
-    result = _convert(raw, cls, (), ctx)
-    if ctx.problems or result is _INVALID:
+    result = convert(raw, cls, (), ctx)
+    if ctx.problems or result is INVALID:
         raise ConfigError(_join(ctx.problems))
     return typing.cast(T, result)
-
-
-def to_dict(cfg: Any) -> Any:
-    """A config (or any value inside one) as plain YAML data: Paths as strings, tuples as lists, enums as values."""
-    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
-        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.init}
-    if isinstance(cfg, Path):
-        return str(cfg)
-    if isinstance(cfg, Enum):
-        return cfg.value
-    if isinstance(cfg, (list, tuple)):
-        return [to_dict(item) for item in cfg]
-    if isinstance(cfg, Mapping):
-        return {key: to_dict(value) for key, value in cfg.items()}
-    return cfg
 
 
 def dump_yaml(cfg: Any) -> str:
@@ -163,42 +126,10 @@ def describe(cls: type, prefix: str = "") -> list[FieldDoc]:
     return out
 
 
-def type_name(tp: Any) -> str:
-    """A short readable name of a field type, as shown in the README and in errors."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if tp is type(None):
-        return "null"
-    if origin in (Union, types.UnionType):
-        return " | ".join(type_name(a) for a in args)
-    if origin is Literal:
-        return " | ".join(json.dumps(to_dict(a)) for a in args)
-    if origin in (tuple, list):
-        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
-            return "[" + ", ".join(type_name(a) for a in args) + "]"
-        return f"list[{type_name(args[0])}]" if args else "list"
-    if origin in (dict, Mapping):
-        return f"dict[{type_name(args[0])}, {type_name(args[1])}]" if args else "dict"
-    if isinstance(tp, type) and issubclass(tp, Enum):
-        return " | ".join(json.dumps(m.value) for m in tp)
-    if tp is Path:
-        return "path"
-    if tp is Any:
-        return "any"
-    return getattr(tp, "__name__", str(tp))
-
-
-def dotted(path: _KeyPath) -> str:
-    """("train", "buckets", 0) -> "train.buckets[0]"."""
-    text = ""
-    for part in path:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
-    return text
-
-
 # ---------------------------------------------------------------- reading and overriding
 
 
-def _read_yaml(file: Path) -> tuple[Any, dict[_KeyPath, int]]:
+def _read_yaml(file: Path) -> tuple[Any, dict[KeyPath, int]]:
     try:
         text = file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -220,15 +151,15 @@ def _read_yaml(file: Path) -> tuple[Any, dict[_KeyPath, int]]:
         loader.dispose()
 
 
-def _key_lines(root: yaml.Node, file: Path) -> dict[_KeyPath, int]:
+def _key_lines(root: yaml.Node, file: Path) -> dict[KeyPath, int]:
     """Map each key path to the line it is written on; refuse duplicate keys (PyYAML keeps the last silently).
 
     An aliased node is walked once, so recursive or exponentially nested aliases cannot hang the loader.
     """
-    lines: dict[_KeyPath, int] = {}
+    lines: dict[KeyPath, int] = {}
     seen: set[int] = set()
 
-    def walk(node: yaml.Node, path: _KeyPath) -> None:
+    def walk(node: yaml.Node, path: KeyPath) -> None:
         if id(node) in seen:
             return
         seen.add(id(node))
@@ -250,23 +181,29 @@ def _key_lines(root: yaml.Node, file: Path) -> dict[_KeyPath, int]:
     return lines
 
 
-def _check_version(cls: type, raw: dict, ctx: _Context) -> None:
-    """A config written for a newer xlbake is refused alone: its other "problems" are likely new options."""
+def _check_version(cls: type, raw: dict, ctx: Context) -> None:
+    """The one check of ``config_version``: versions 1 up to the class's default are read. A newer one is refused
+    alone (its other "problems" are likely options added since); one below 1 is reported with the other problems."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     given = raw.get(VERSION_KEY)
     if VERSION_KEY not in fields or not isinstance(given, int) or isinstance(given, bool):
-        return
+        return  # no version field, or a wrong type, which the conversion reports
     current = fields[VERSION_KEY].default
-    if isinstance(current, int) and given > current:
+    if not isinstance(current, int):
+        return
+    if given > current:
         alone = dataclasses.replace(ctx, problems=[])
         alone.error(
             (VERSION_KEY,),
             f"{given} is newer than this xlbake understands ({current}); upgrade xlbake or rewrite the config",
         )
         raise ConfigError(alone.problems[0])
+    if given < 1:
+        readable = "1" if current == 1 else f"1 to {current}"
+        ctx.error((VERSION_KEY,), f"{given} is not supported (this xlbake reads {readable})")
 
 
-def _apply_aliases(cls: type, raw: dict, ctx: _Context) -> None:
+def _apply_aliases(cls: type, raw: dict, ctx: Context) -> None:
     """Read the top-level keys a config class lists in ``KEY_ALIASES`` (another tool's names, e.g. kohya's
     learning_rate) as the dotted keys they stand for, with a warning naming ours; an alias of a key also set is an
     error."""
@@ -288,12 +225,12 @@ def _apply_aliases(cls: type, raw: dict, ctx: _Context) -> None:
                 ctx.lines[(*sections, leaf)] = ctx.lines[(key,)]
 
 
-def _read_as(key: str, target: str, source: str) -> _KeyPath:
+def _read_as(key: str, target: str, source: str) -> KeyPath:
     logging.getLogger(__name__).warning("%s: %s is read as %s (xlbake's name; write that)", source, key, target)
     return tuple(target.split("."))
 
 
-def _apply_override(cls: type, raw: dict, override: str, ctx: _Context) -> None:
+def _apply_override(cls: type, raw: dict, override: str, ctx: Context) -> None:
     """Set one ``a.b.c=value`` override into the raw mapping, after checking the key against the schema."""
     key, sep, text = override.partition("=")
     parts = tuple(key.strip().split("."))
@@ -304,11 +241,11 @@ def _apply_override(cls: type, raw: dict, override: str, ctx: _Context) -> None:
         parts, problem = (override,), "expected KEY=VALUE with a dotted key, e.g. optim.lr=1e-5"
     tp: Any = cls
     for depth, part in enumerate(parts if problem is None else ()):
-        tp = _unwrap_optional(tp)
+        tp = unwrap_optional(tp)
         if dataclasses.is_dataclass(tp):
             names = [f.name for f in dataclasses.fields(tp) if f.init]
             if part not in names:
-                parts, problem = parts[: depth + 1], _unknown_key(part, names)
+                parts, problem = parts[: depth + 1], unknown_key(part, names)
                 break
             tp = typing.get_type_hints(tp)[part]
         elif typing.get_origin(tp) in (dict, Mapping):
@@ -332,185 +269,11 @@ def _apply_override(cls: type, raw: dict, override: str, ctx: _Context) -> None:
     node[parts[-1]] = value
 
 
-# ---------------------------------------------------------------- validation
-
-
-def _convert(value: Any, tp: Any, path: _KeyPath, ctx: _Context) -> Any:
-    """Validate ``value`` against ``tp``; return the typed value, or ``_INVALID`` after recording the problem."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        return _convert_union(value, args, path, ctx)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, {} if value is None else value, path, ctx)
-    if value is None:
-        ctx.error(path, f"expected {type_name(tp)}, got null")
-        return _INVALID
-    if origin is Literal or (isinstance(tp, type) and issubclass(tp, Enum)):
-        return _convert_choice(value, tp, path, ctx)
-    if origin in (tuple, list) or tp in (tuple, list):
-        return _convert_sequence(value, origin or tp, args, path, ctx)
-    if origin in (dict, Mapping) or tp is dict:
-        return _convert_mapping(value, args or (str, Any), path, ctx)
-    if tp not in _SCALARS:
-        raise TypeError(f"config field {dotted(path)} has an unsupported type {tp!r}")
-    try:
-        return _convert_scalar(value, tp, ctx.base_for(path))
-    except ValueError as exc:
-        ctx.error(path, str(exc))
-        return _INVALID
-
-
-def _build(cls: type, value: Any, path: _KeyPath, ctx: _Context) -> Any:
-    """Build one dataclass section: unknown keys, missing keys, field values, then its ``__post_init__`` checks."""
-    if not isinstance(value, Mapping):
-        ctx.error(path, f"expected a section of keys ({cls.__name__}), got {_show(value)}")
-        return _INVALID
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    ok = True
-    for key in value:
-        if key not in fields:
-            ctx.error((*path, key), _unknown_key(key, list(fields)))
-            ok = False
-    kwargs = {}
-    for name, f in fields.items():
-        if name in value:
-            kwargs[name] = _convert(value[name], hints[name], (*path, name), ctx)
-        elif f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
-            # defaults go through the same conversion, so relative Path defaults come out absolute like the rest
-            ctx.defaulted.add((*path, name))
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            kwargs[name] = _convert(to_dict(default), hints[name], (*path, name), ctx)
-        else:
-            ctx.error((*path, name), f"missing required key ({type_name(hints[name])})")
-            kwargs[name] = _INVALID
-        ok = ok and kwargs[name] is not _INVALID
-    if not ok:
-        return _INVALID
-    try:
-        return cls(**kwargs)
-    except (ValueError, ConfigError) as exc:
-        ctx.error(path, str(exc))
-        return _INVALID
-
-
-def _convert_union(value: Any, args: tuple, path: _KeyPath, ctx: _Context) -> Any:
-    if value is None and type(None) in args:
-        return None
-    members = [a for a in args if a is not type(None)]
-    if len(members) == 1:
-        return _convert(value, members[0], path, ctx)
-    # 3 stays an int under ``float | int``; strings go by the declared order ("1e-6" is a float under float | str)
-    members.sort(key=lambda member: not (member is type(value) and not isinstance(value, str)))
-    for member in members:  # first member that takes the value without complaint
-        trial = dataclasses.replace(ctx, problems=[])
-        out = _convert(value, member, path, trial)
-        if not trial.problems:
-            return out
-    ctx.error(path, f"expected {' | '.join(type_name(a) for a in args)}, got {_show(value)}")
-    return _INVALID
-
-
-def _convert_choice(value: Any, tp: Any, path: _KeyPath, ctx: _Context) -> Any:
-    if typing.get_origin(tp) is Literal:
-        choices = {json.dumps(a): a for a in typing.get_args(tp)}
-    else:
-        choices = {json.dumps(m.value): m for m in tp}
-    for text, choice in choices.items():
-        if json.dumps(value, default=str) == text:
-            return choice
-    if isinstance(value, bool):  # YAML 1.1 reads an unquoted no/off/yes/on as a bool
-        spelled = [c for c in choices.values() if isinstance(c, str) and c.lower() in _YAML_BOOL_WORDS[value]]
-        if len(spelled) == 1:
-            return spelled[0]
-    allowed = ", ".join(choices)
-    hint = difflib.get_close_matches(json.dumps(value), list(choices), n=1) if isinstance(value, str) else []
-    tail = f"; did you mean {hint[0]}?" if hint else ""
-    ctx.error(path, f"{_show(value)} is not one of {allowed}{tail}")
-    return _INVALID
-
-
-def _convert_sequence(value: Any, kind: type, args: tuple, path: _KeyPath, ctx: _Context) -> Any:
-    variadic = kind is list or not args or (len(args) == 2 and args[1] is Ellipsis)
-    if not isinstance(value, (list, tuple, Mapping)) and (variadic or len(args) == 1):
-        value = [value]  # a scalar where a list is expected: a one-item list
-    if not isinstance(value, (list, tuple)):
-        ctx.error(path, f"expected a list, got {_show(value)}")
-        return _INVALID
-    if not variadic and len(value) != len(args):
-        ctx.error(path, f"expected a list of {len(args)} items ({type_name(tuple[args])}), got {len(value)}")
-        return _INVALID
-    item_types = [args[0] if args else Any] * len(value) if variadic else list(args)
-    items = [_convert(v, t, (*path, i), ctx) for i, (v, t) in enumerate(zip(value, item_types, strict=True))]
-    if any(item is _INVALID for item in items):
-        return _INVALID
-    return list(items) if kind is list else tuple(items)
-
-
-def _convert_mapping(value: Any, args: tuple, path: _KeyPath, ctx: _Context) -> Any:
-    if not isinstance(value, Mapping):
-        ctx.error(path, f"expected a mapping, got {_show(value)}")
-        return _INVALID
-    pairs = [
-        (_convert(key, args[0], (*path, str(key)), ctx), _convert(item, args[1], (*path, str(key)), ctx))
-        for key, item in value.items()
-    ]
-    return _INVALID if any(k is _INVALID or v is _INVALID for k, v in pairs) else dict(pairs)
-
-
-def _convert_scalar(value: Any, tp: type, base: Path) -> Any:
-    """bool, int, float, str or Path from a YAML scalar; ``ValueError`` names what was expected."""
-    number = value if not isinstance(value, str) else _parse_number(value)
-    if tp is bool and isinstance(value, bool):
-        return value
-    if tp is int and isinstance(number, int) and not isinstance(number, bool):
-        return number
-    if tp is int and isinstance(number, float) and number.is_integer():
-        return int(number)
-    if tp is float and isinstance(number, (int, float)) and not isinstance(number, bool):
-        return float(number)
-    if tp is str and isinstance(value, str):
-        return value
-    if tp is Path and isinstance(value, (str, os.PathLike)) and str(value).strip():
-        return Path(os.path.normpath(base / Path(value).expanduser()))
-    expected = {bool: "true or false", int: "an integer", float: "a number", str: "a string", Path: "a path"}[tp]
-    hint = "; quote it in YAML" if tp is str else ""
-    raise ValueError(f"expected {expected}, got {_show(value)}{hint}")
-
-
-def _parse_number(text: str) -> int | float | None:
-    """int("12") or float("1e-6"), else None (PyYAML leaves 1e-6 and 1e3 as strings)."""
-    for parse in (int, float):
-        with contextlib.suppress(ValueError):
-            return parse(text.strip())
-    return None
-
-
-_SCALARS = (bool, int, float, str, Path)
-
-
-# ---------------------------------------------------------------- helpers
-
-
-def _unknown_key(key: Any, names: list[str]) -> str:
-    match = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
-    if match:
-        return f"unknown key; did you mean {match[0]!r}?"
-    return f"unknown key; valid keys: {', '.join(names)}"
-
-
-def _unwrap_optional(tp: Any) -> Any:
-    if typing.get_origin(tp) in (Union, types.UnionType):
-        members = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(members) == 1:
-            return members[0]
-    return tp
+# ---------------------------------------------------------------- describing
 
 
 def _section_class(tp: Any) -> type | None:
-    inner = _unwrap_optional(tp)
+    inner = unwrap_optional(tp)
     return inner if dataclasses.is_dataclass(inner) and isinstance(inner, type) else None
 
 
@@ -551,17 +314,6 @@ def _plain_copy(data: Any) -> Any:
     if isinstance(data, (list, tuple)):
         return [_plain_copy(item) for item in data]
     return data
-
-
-def _show(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, Mapping):
-        return "a mapping"
-    if isinstance(value, (list, tuple)):
-        return "a list"
-    text = json.dumps(value) if isinstance(value, (bool, str)) else repr(value)
-    return f"{type(value).__name__} {text[:60]}"
 
 
 def _join(problems: list[str]) -> str:

@@ -20,8 +20,8 @@ from xlbake.evaluate.fidelity import (
     weight_energies,
 )
 from xlbake.lora.io import LoraFile, LoraModule, lora_metadata, read_lora, write_lora
+from xlbake.lora.names import kohya_targets
 from xlbake.sdxl.checkpoint import open_checkpoint, save_sgm_checkpoint
-from xlbake.sdxl.keys import kohya_targets
 
 SPECTRUM = torch.tensor([1.0, 0.5, 0.25, 0.125])
 """Relative singular values of every layer's difference: kept energy at rank r is the same everywhere."""
@@ -31,15 +31,6 @@ RELATIVE_SIZE = 0.05
 
 def kept_at(rank: int) -> float:
     return float(SPECTRUM[:rank].square().sum() / SPECTRUM.square().sum())
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: tiny models gain nothing from two, and the test machine's cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

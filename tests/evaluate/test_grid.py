@@ -14,17 +14,7 @@ from xlbake.evaluate.grid import GridColumn, SampleSettings, column_labels, grid
 from xlbake.evaluate.render import render_images
 from xlbake.evaluate.sheet import _fit, _font, grid_geometry, layout_grid
 from xlbake.lora.io import lora_metadata, write_lora
-from xlbake.sdxl.keys import kohya_targets
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: tiny models gain nothing from two, and the test machine's cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+from xlbake.lora.names import kohya_targets
 
 COLORS = [[(255, 0, 0), (0, 255, 0), (0, 0, 255)], [(255, 255, 0), (0, 255, 255), (255, 0, 255)]]
 

@@ -10,8 +10,9 @@ from extract.config import ExtractConfig
 from extract.pipeline import run_extract
 from xlbake.errors import ConfigError, InputError
 from xlbake.lora.io import read_lora
+from xlbake.lora.names import kohya_targets
 from xlbake.sdxl.checkpoint import open_checkpoint, save_sgm_checkpoint
-from xlbake.sdxl.keys import SGM_PREFIX, kohya_targets
+from xlbake.sdxl.keys import SGM_PREFIX
 
 MODEL = tuple(SGM_PREFIX[part] for part in ("unet", "text_encoder", "text_encoder_2"))
 

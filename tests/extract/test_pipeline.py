@@ -14,8 +14,8 @@ from extract.config import ExtractConfig
 from extract.pipeline import run_extract
 from xlbake.errors import InputError
 from xlbake.lora.io import read_lora
+from xlbake.lora.names import kohya_targets
 from xlbake.sdxl.checkpoint import open_checkpoint, save_sgm_checkpoint
-from xlbake.sdxl.keys import kohya_targets
 
 RANK = 2
 UNET_REL, TE_REL = 1e-3, 1e-4  # a 1e-6-LR finetune's difference relative to the weights
@@ -282,7 +282,7 @@ def test_cuda_gives_the_cpu_result(tiny_paths, planted, planted_run, tmp_path):
 
 def test_clamp_quantile_clamps_the_factors_and_1_leaves_them_alone():
     from extract.outputs import LayerResult, module_factors
-    from xlbake.sdxl.keys import LoraTarget
+    from xlbake.lora.names import LoraTarget
 
     gen = torch.Generator().manual_seed(0)
     target = LoraTarget("lora_unet_x", "unet", "model.diffusion_model.x.weight", None, "conv3x3", (8, 4, 3, 3))

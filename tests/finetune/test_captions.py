@@ -5,6 +5,7 @@ import random
 import pytest
 
 from finetune.captions import CaptionConfig, process_caption
+from xlbake.errors import ConfigError
 
 CAPTION = "xlbk emblem, red background, striped, small"
 
@@ -63,9 +64,9 @@ def test_separator_and_empty_tags():
 
 
 def test_config_checks():
-    with pytest.raises(ValueError, match="dropout_rate"):
+    with pytest.raises(ConfigError, match="dropout_rate"):
         CaptionConfig(dropout_rate=1.5)
-    with pytest.raises(ValueError, match="keep_tokens"):
+    with pytest.raises(ConfigError, match="keep_tokens"):
         CaptionConfig(keep_tokens=-1)
-    with pytest.raises(ValueError, match="max_token_length"):
+    with pytest.raises(ConfigError, match="max_token_length"):
         CaptionConfig(max_token_length=100)

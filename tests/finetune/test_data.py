@@ -20,7 +20,7 @@ from finetune.data import (
     steps_per_epoch,
     window_size,
 )
-from xlbake.errors import InputError, TrainingError
+from xlbake.errors import ConfigError, InputError, TrainingError
 
 TINY = {"resolution": 64, "min_bucket_reso": 32, "max_bucket_reso": 128, "bucket_step": 8}
 SIZES = [(64, 64), (96, 64), (64, 96), (80, 80), (128, 64), (100, 60), (60, 100), (70, 70)]
@@ -113,6 +113,16 @@ def test_subset_caption_options_from_a_toml(tmp_path, tokenizers):
     assert ds[0]["caption"] == "xlbk"
 
 
+def test_out_of_range_subset_caption_option_is_an_input_error(tmp_path, tokenizers):
+    """The TOML is an input file: its caption option failing CaptionConfig's check names the subset."""
+    noise_image(tmp_path / "imgs" / "a.png", (64, 64), 0)
+    toml = '[[datasets]]\n[[datasets.subsets]]\nimage_dir = "imgs"\ncaption_dropout_rate = 1.5\n'
+    (tmp_path / "d.toml").write_text(toml)
+    cfg = DataConfig(dataset_toml=tmp_path / "d.toml", **TINY)
+    with pytest.raises(InputError, match=r"dataset TOML subset .*imgs: invalid caption option \(caption.dropout_rate"):
+        build_dataset(cfg, CaptionConfig(), tokenizers)
+
+
 def test_bad_data_stops_with_a_clear_error(root, tokenizers):
     (root / "2_xlbk emblem" / "zz_corrupt.png").write_bytes(b"garbage")
     (root / "2_xlbk emblem" / "zz_corrupt.txt").write_text("x")
@@ -146,11 +156,11 @@ def test_empty_dataset_is_an_error(tmp_path, tokenizers):
 
 
 def test_data_config_checks():
-    with pytest.raises(ValueError, match="cache_latents"):
+    with pytest.raises(ConfigError, match="cache_latents"):
         DataConfig(cache_latents=True, random_crop=True)
-    with pytest.raises(ValueError, match="bucket_step"):
+    with pytest.raises(ConfigError, match="bucket_step"):
         DataConfig(bucket_step=12)
-    with pytest.raises(ValueError, match="multiples"):
+    with pytest.raises(ConfigError, match="multiples"):
         DataConfig(resolution=1000)
     assert DataConfig(cache_latents=True).cache_latents
 

@@ -51,15 +51,6 @@ from xlbake.fileio import save_safetensors_atomic, write_text_atomic
 HELPERS = Path(__file__).resolve().parent.parent / "reliability_helpers.py"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread, as the subprocesses (OMP_NUM_THREADS=1): equal numerics, no oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------- kill -9 mid-save
 
 

@@ -24,15 +24,6 @@ from xlbake.config import load_config
 TINY_DATA = {"resolution": 32, "min_bucket_reso": 16, "max_bucket_reso": 64, "bucket_step": 8}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model gains nothing from intra-op threads, and they spin badly on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny():
     from xlbake.sdxl.tiny import build_tiny_components

@@ -22,6 +22,7 @@ from finetune.objective import (
     snr_weights,
     target_for,
 )
+from xlbake.errors import ConfigError
 
 
 def sdxl_scheduler() -> DDPMScheduler:
@@ -144,10 +145,10 @@ def test_input_perturbation_adds_gamma_scaled_noise():
 
 
 def test_config_checks():
-    with pytest.raises(ValueError, match="min_timestep"):
+    with pytest.raises(ConfigError, match="min_timestep"):
         NoiseConfig(min_timestep=500, max_timestep=500)
-    with pytest.raises(ValueError, match="min_snr_gamma"):
+    with pytest.raises(ConfigError, match="min_snr_gamma"):
         LossConfig(min_snr_gamma=0)
-    with pytest.raises(ValueError, match="huber_c"):
+    with pytest.raises(ConfigError, match="huber_c"):
         LossConfig(loss_type="huber", huber_c=2.0, huber_schedule="snr")
     assert LossConfig(loss_type="huber", huber_c=2.0, huber_schedule="constant").huber_c == 2.0

@@ -27,14 +27,6 @@ from xlbake.lora.io import read_lora
 LABELS = {"epsilon": "epsilon", "v_prediction": "v"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_config(tiny_paths, demo_dataset, run_dir: Path, *overrides: str) -> FinetuneConfig:
     """Two optimizer steps of batch 1, a checkpoint after the first, the diffusers folder and one 32 px sample."""
     data = {

@@ -27,13 +27,10 @@ def trainer(tiny_paths, demo_dataset, tmp_path_factory):
         "sample": {"prompts": ["xlbk emblem"], "steps": 2, "width": 32, "height": 32},
         "log": {"progress": False, "tensorboard": False, "loss_plot": False},
     }
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     trainer = Trainer(load_config(FinetuneConfig, data=data))
     trainer.setup()
     yield trainer
     trainer.cleanup()
-    torch.set_num_threads(threads)
 
 
 def conv_output_dtypes(module: torch.nn.Module, record: list[torch.dtype]) -> list:

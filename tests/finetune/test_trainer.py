@@ -45,15 +45,6 @@ TE2_KEY = "conditioner.embedders.1.model.transformer.resblocks.2.attn.in_proj_we
 UNET_KEY = "model.diffusion_model.input_blocks.4.1.proj_in.weight"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model gains nothing from intra-op threads, and they spin badly on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_config(tiny_paths, demo_dataset, run_dir: Path, *overrides: str) -> FinetuneConfig:
     """A tiny, fast run: 32 px buckets, batch 2 x accumulation 2 (4 steps an epoch), stopped by max_steps in the
     second epoch, EMA on (copies at steps 1 and 3, averages at step 5), both weights saved."""

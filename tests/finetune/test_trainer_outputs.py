@@ -21,14 +21,6 @@ TE2_PREFIX = "conditioner.embedders.1."
 TE2_DIFFUSERS = Path("text_encoder_2") / "model.safetensors"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_config(tiny_paths, demo_dataset, run_dir: Path, *overrides: str) -> FinetuneConfig:
     """Two optimizer steps of batch 2, a checkpoint after the first, no samples, no logs."""
     data = {

@@ -306,7 +306,8 @@ def test_written_lora_loads_into_diffusers_with_exact_deltas(tiny_paths, tmp_pat
     """Varying ranks, one alpha: diffusers applies every module's delta exactly (per-layer alphas would not)."""
     from diffusers import StableDiffusionXLPipeline
 
-    from xlbake.sdxl.keys import kohya_targets, sgm_state_dict
+    from xlbake.lora.names import kohya_targets
+    from xlbake.sdxl.keys import sgm_state_dict
 
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_paths.diffusers_dir)
     models = {"unet": pipe.unet, "text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2}

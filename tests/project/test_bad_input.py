@@ -371,15 +371,6 @@ def assets(tiny_paths, demo_dataset, tmp_path_factory) -> Assets:
     return Assets(tiny_paths.single_file, tiny_paths.diffusers_dir, tuned, lora, images)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared 2-core box, torch's default oversubscribes and extraction crawls."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def restore_logging():
     """Stage commands configure logging onto CliRunner's streams; give the next test the logging it had."""

@@ -28,15 +28,6 @@ LINEAR = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
 CONV3 = "lora_unet_input_blocks_1_0_in_layers_2"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The many small QR/SVDs here run fastest on one thread, most of all on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(autouse=True)
 def restore_logging():
     """The command sets up logging on the root logger; put it back for the other tests."""

@@ -17,8 +17,9 @@ from resize.pipeline import run_resize
 from xlbake.config import load_config
 from xlbake.errors import ConfigError, InputError, OutputError
 from xlbake.lora.io import HASH_KEY, read_lora, safetensors_data_hash
+from xlbake.lora.names import kohya_targets
 from xlbake.lora.report import report_paths
-from xlbake.sdxl.keys import kohya_targets, sgm_state_dict
+from xlbake.sdxl.keys import sgm_state_dict
 
 LINEAR = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
 CONV3 = "lora_unet_input_blocks_1_0_in_layers_2"
@@ -27,15 +28,6 @@ TE1 = "lora_te1_text_model_encoder_layers_0_mlp_fc1"
 TE2 = "lora_te2_text_model_encoder_layers_0_self_attn_q_proj"
 # name -> (out, in, kernel): kernel 0 is a Linear
 SHAPES = {LINEAR: (24, 16, 0), CONV3: (12, 10, 3), CONV1: (20, 12, 1), TE1: (32, 16, 0), TE2: (16, 16, 0)}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The many small QR/SVDs here run fastest on one thread, most of all on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def factor_shapes(out: int, inp: int, kernel: int, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:

@@ -13,9 +13,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from xlbake.errors import InputError, OutputError
-from xlbake.sdxl.checkpoint import convert_diffusers_folder, open_checkpoint, save_sgm_checkpoint, write_safetensors
+from xlbake.sdxl.checkpoint import convert_diffusers_folder, open_checkpoint, save_sgm_checkpoint
 from xlbake.sdxl.keys import SGM_PREFIX
 from xlbake.sdxl.prediction import declared_prediction
+from xlbake.sdxl.tensorfile import write_safetensors
 
 TE1 = SGM_PREFIX["text_encoder"]
 TE2 = SGM_PREFIX["text_encoder_2"]

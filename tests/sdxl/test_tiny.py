@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 
 from xlbake.data.demo import CAPTION_WORDS
 from xlbake.errors import OutputError
+from xlbake.lora.names import kohya_targets
 from xlbake.sdxl.configs import sdxl_config
-from xlbake.sdxl.keys import kohya_targets
 from xlbake.sdxl.tiny import (
     COMMON_WORDS,
     DEFAULT_WORDS,

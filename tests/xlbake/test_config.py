@@ -32,7 +32,7 @@ class OptimSection:
 
     def __post_init__(self) -> None:
         if self.warmup_steps < 0:
-            raise ValueError("warmup_steps must be >= 0")
+            raise ConfigError("warmup_steps must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ class RootConfig:
 
     def __post_init__(self) -> None:
         if self.use_ema and self.steps < 10:
-            raise ValueError("use_ema needs steps >= 10")
+            raise ConfigError("use_ema needs steps >= 10")
 
 
 def write(folder: Path, text: str, name: str = "cfg.yaml") -> Path:
@@ -272,6 +272,61 @@ def test_config_version_newer_than_code_is_refused_alone(tmp_path):
         f"{path}:1: config_version: 3 is newer than this xlbake understands (2); upgrade xlbake or rewrite the config"
     )
     assert load_config(RootConfig, data={"config_version": 1, "data": {"folder": "d"}}).config_version == 1
+
+
+@pytest.mark.parametrize("version", [0, -1])
+def test_config_version_below_one_is_refused_with_the_other_problems(version):
+    with pytest.raises(ConfigError) as exc:
+        load_config(RootConfig, data={"config_version": version, "stepz": 1})
+    assert problems(exc) == [
+        f"<config>: config_version: {version} is not supported (this xlbake reads 1 to 2)",
+        "<config>: stepz: unknown key; did you mean 'steps'?",
+        "<config>: data: missing required key (DataSection)",
+    ]
+
+
+def _stage_config_cases() -> list[tuple[type, dict]]:
+    from extract.config import ExtractConfig
+    from finetune.captions import CaptionConfig
+    from finetune.config import FinetuneConfig, LogConfig, OptimConfig, PrecisionConfig, SampleConfig, TrainConfig
+    from finetune.data import DataConfig
+    from finetune.objective import LossConfig, NoiseConfig
+    from resize.config import ResizeConfig
+    from xlbake.batch.concepts import ConceptConfig
+
+    return [
+        (CaptionConfig, {"dropout_rate": 2.0}),
+        (DataConfig, {"bucket_step": 7}),
+        (NoiseConfig, {"min_timestep": 5, "max_timestep": 5}),
+        (LossConfig, {"min_snr_gamma": 0.0}),
+        (TrainConfig, {"epochs": 0}),
+        (OptimConfig, {"unet_lr": -1.0}),
+        (SampleConfig, {"width": 7}),
+        (LogConfig, {"every_steps": 0}),
+        (FinetuneConfig, {"precision": PrecisionConfig(vae="fp16")}),
+        (ExtractConfig, {"dim": (0,)}),
+        (ResizeConfig, {"rank": (0,)}),
+        (ConceptConfig, {"datasets": (), "preset": "x"}),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("cls", "kwargs"), _stage_config_cases(), ids=lambda v: v.__name__ if isinstance(v, type) else "bad"
+)
+def test_every_stage_config_check_raises_config_error(cls, kwargs):
+    """Not ValueError: only XlbakeErrors become one CLI line, and load_config collects exactly those."""
+    with pytest.raises(ConfigError):
+        cls(**kwargs)
+
+
+@pytest.mark.parametrize("module", ["extract.config:ExtractConfig", "resize.config:ResizeConfig"])
+def test_stage_config_version_is_checked_by_the_loader(module):
+    import importlib
+
+    path, name = module.split(":")
+    cls = getattr(importlib.import_module(path), name)
+    with pytest.raises(ConfigError, match=r"config_version: 0 is not supported \(this xlbake reads 1\)"):
+        load_config(cls, data={"config_version": 0})
 
 
 def test_union_keeps_exact_types_and_reads_numeric_strings_in_declared_order():

@@ -97,8 +97,6 @@ class ConceptConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        if self.config_version != CONCEPT_VERSION:
-            problems.append(f"config_version: {self.config_version} is not supported (this xlbake reads 1)")
         if not self.datasets:
             problems.append("datasets: give at least one dataset folder")
         if not self.preset.strip():
@@ -119,7 +117,7 @@ class ConceptConfig:
                     problems.append(f"{key}: {arg.split('=')[0]!r} is set by the chain; use the concept's keys")
         problems = [p for p in problems if p]
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ConfigError("; ".join(problems))
 
 
 def _override_problem(index: int, text: str) -> str:

@@ -31,9 +31,10 @@ from torch import Tensor
 from xlbake.errors import InputError
 from xlbake.evaluate.grid import ModelWeights
 from xlbake.lora.io import LoraFile, LoraModule, read_lora
+from xlbake.lora.names import LoraTarget, kohya_targets
 from xlbake.lora.report import BYTES_PER_MB, left_out_kind
 from xlbake.sdxl.checkpoint import CheckpointReader, open_checkpoint
-from xlbake.sdxl.keys import SGM_PREFIX, LoraTarget, kohya_targets
+from xlbake.sdxl.keys import SGM_PREFIX
 from xlbake.sdxl.models import MODEL_PARTS, Architecture, resolve_architecture
 
 logger = logging.getLogger(__name__)

@@ -27,13 +27,14 @@ from safetensors.torch import save_file
 
 from xlbake.errors import InputError, OutputError
 from xlbake.fileio import atomic_path, check_output
+from xlbake.lora.names import module_kind
 from xlbake.sdxl.prediction import EPSILON, MODELSPEC_KEY, modelspec_value
+from xlbake.sdxl.tensorfile import PICKLE_SUFFIXES
 
 DOWN = ".lora_down.weight"
 UP = ".lora_up.weight"
 ALPHA = ".alpha"
 COMPONENT_PREFIXES = {"lora_unet_": "unet", "lora_te1_": "te1", "lora_te2_": "te2", "lora_te_": "te1"}
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 """Precision name (``save_precision`` in every stage's config) -> dtype of the tensors written."""
 HASH_KEY = "sshs_model_hash"
@@ -86,9 +87,7 @@ class LoraModule:
     @property
     def kind(self) -> str:
         """``linear``, ``conv1x1`` or ``conv3x3`` (any kernel larger than 1x1)."""
-        if self.down.ndim == 2:
-            return "linear"
-        return "conv1x1" if tuple(self.down.shape[2:]) == (1, 1) else "conv3x3"
+        return module_kind(self.down.shape)
 
     @property
     def params(self) -> int:

@@ -2,9 +2,8 @@
 
 :func:`open_checkpoint` gives an SGM-keyed view (the original single-file names, see :mod:`xlbake.sdxl.keys`) of
 a single-file ``.safetensors`` or a diffusers folder (``unet/``, ``text_encoder/``, ``text_encoder_2/``, ``vae/``,
-possibly sharded). Tensors are read with positioned file reads into a fresh buffer, not through a memory map: pages
-of a mapped file stay counted in the process's resident memory once touched, which would make reading a 7 GB
-checkpoint look like a 7 GB peak. Only SDXL-architecture models are accepted, told apart by structure, not size.
+possibly sharded), reading one tensor at a time through :mod:`xlbake.sdxl.tensorfile`. Only SDXL-architecture
+models are accepted, told apart by structure, not size.
 
 :func:`save_sgm_checkpoint` and :func:`convert_diffusers_folder` write single-file SGM safetensors atomically
 (temp + rename via :mod:`xlbake.fileio`), with modelspec metadata, streaming tensor by tensor. The prediction type
@@ -15,19 +14,19 @@ prediction type; readers hide the label keys from the tensor view and list them 
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from xlbake.errors import InputError, OutputError
-from xlbake.fileio import atomic_path, check_output
+from xlbake.errors import InputError
+from xlbake.fileio import check_output
 from xlbake.sdxl.keys import (
+    COMPONENTS,
     SGM_PREFIX,
     KeyEntry,
     diffusers_state_dicts,
@@ -45,6 +44,7 @@ from xlbake.sdxl.prediction import (
     marker_tensors,
     modelspec_value,
 )
+from xlbake.sdxl.tensorfile import PICKLE_SUFFIXES, PickleFile, SafetensorsFile, Spec, write_safetensors
 
 __all__ = [
     "CheckpointReader",
@@ -54,124 +54,14 @@ __all__ = [
     "open_checkpoint",
     "save_sgm_checkpoint",
     "sgm_state_dict",
-    "write_safetensors",
 ]
 
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-DIFFUSERS_COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "vae")
-MAX_HEADER_BYTES = 100 << 20
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 MODELSPEC = {
     "modelspec.sai_model_spec": "1.0.0",
     "modelspec.architecture": "stable-diffusion-xl-v1-base",
     "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
     "modelspec.resolution": "1024x1024",
 }
-
-Spec = tuple[torch.dtype, tuple[int, ...]]
-
-
-class _TensorFile:
-    """A safetensors file read tensor by tensor (header parsed and checked against the file size once)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.specs, self.offsets, self.metadata = _read_header(path)
-        self._handle: BinaryIO | None = None
-
-    def read(self, name: str) -> Tensor:
-        dtype, shape = self.specs[name]
-        start, end = self.offsets[name]
-        if self._handle is None:
-            self._handle = open(self.path, "rb")  # noqa: SIM115 (kept open across reads, closed by close())
-        buffer = torch.empty(end - start, dtype=torch.uint8)
-        self._handle.seek(start)
-        if end > start and self._handle.readinto(memoryview(buffer.numpy())) != end - start:
-            raise InputError(f"{self.path}: file ended while reading {name}; the file is truncated, re-download it")
-        return buffer.view(dtype).reshape(shape)
-
-    def close(self) -> None:
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
-
-
-class _PickleFile:
-    """A pickle checkpoint loaded with ``torch.load(weights_only=True)`` (explicit opt-in only)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        try:
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # torch raises many types for a bad pickle; all mean "cannot use this file"
-            raise InputError(
-                f"{path}: cannot load as a weights-only pickle ({type(exc).__name__}); use safetensors"
-            ) from exc
-        state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else None
-        if not isinstance(state, dict):
-            raise InputError(f"{path}: pickle holds no state dict; use a safetensors checkpoint")
-        self.tensors = {k: v for k, v in state.items() if isinstance(v, Tensor)}
-        self.specs = {k: (v.dtype, tuple(v.shape)) for k, v in self.tensors.items()}
-        self.metadata: dict[str, str] = {}
-
-    def read(self, name: str) -> Tensor:
-        return self.tensors[name]
-
-    def close(self) -> None:
-        self.tensors = {}
-
-
-def _read_header(path: Path) -> tuple[dict[str, Spec], dict[str, tuple[int, int]], dict[str, str]]:
-    """Parse and check a safetensors header: (name -> (dtype, shape), name -> absolute byte range, metadata)."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as handle:
-            prefix = handle.read(8)
-            length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
-            raw = handle.read(length) if 2 <= length <= min(MAX_HEADER_BYTES, size - 8) else None
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read ({exc.strerror}); check the path and its permissions") from exc
-    if raw is None:
-        raise InputError(f"{path}: not a safetensors file (bad header length); is it truncated or another format?")
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{path}: not a safetensors file (header is not JSON); is it truncated?") from exc
-    if not isinstance(header, dict):
-        raise InputError(f"{path}: not a safetensors file (header is not a JSON object)")
-    metadata = header.pop("__metadata__", None) or {}
-    specs, offsets, data_end = {}, {}, 0
-    for name, info in header.items():
-        try:
-            dtype = SAFETENSORS_DTYPES[info["dtype"]]
-            shape = tuple(int(d) for d in info["shape"])
-            start, end = (int(o) for o in info["data_offsets"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise InputError(f"{path}: tensor {name} has an invalid or unsupported header entry ({exc})") from exc
-        if min(shape, default=0) < 0 or not 0 <= start <= end or end - start != math.prod(shape) * dtype.itemsize:
-            raise InputError(f"{path}: tensor {name} has inconsistent offsets in the header; the file is corrupt")
-        specs[name], offsets[name] = (dtype, shape), (8 + length + start, 8 + length + end)
-        data_end = max(data_end, end)
-    if 8 + length + data_end > size:
-        raise InputError(
-            f"{path}: truncated safetensors file ({size} bytes, header needs {8 + length + data_end}); "
-            "re-download or re-save it"
-        )
-    return specs, offsets, {str(k): str(v) for k, v in metadata.items()}
 
 
 class CheckpointReader:
@@ -203,7 +93,7 @@ class CheckpointReader:
         return list(self._specs)
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
-        """SGM key -> shape of every tensor (what :func:`xlbake.sdxl.keys.kohya_targets` takes)."""
+        """SGM key -> shape of every tensor (what :func:`xlbake.lora.names.kohya_targets` takes)."""
         return {k: spec[1] for k, spec in self._specs.items()}
 
     def shape(self, key: str) -> tuple[int, ...]:
@@ -258,9 +148,9 @@ def open_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False) -> C
     if path.suffix.lower() in PICKLE_SUFFIXES:
         if not allow_pickle:
             raise InputError(f"{path}: pickle checkpoints can run code when loaded; convert it to .safetensors first")
-        file: _TensorFile | _PickleFile = _PickleFile(path)
+        file: SafetensorsFile | PickleFile = PickleFile(path)
     else:
-        file = _TensorFile(path)
+        file = SafetensorsFile(path)
     sources, specs = {}, {}
     te1 = SGM_PREFIX["text_encoder"]
     markers = frozenset(name for name in file.specs if name in MARKER_KEYS)
@@ -270,7 +160,7 @@ def open_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False) -> C
         # a TE1 saved from a transformers 5 CLIPTextModel lacks "text_model."; present the canonical SGM name
         key = te1 + with_text_model(name[len(te1) :]) if name.startswith(te1) else name
         sources[key], specs[key] = (None, [(file, name)]), spec
-    source = "pickle" if isinstance(file, _PickleFile) else "single_file"
+    source = "pickle" if isinstance(file, PickleFile) else "single_file"
     return CheckpointReader(path, source, sources, specs, [file], markers)
 
 
@@ -283,8 +173,8 @@ def _open_folder(path: Path, allow_pickle: bool) -> CheckpointReader:
         class_name = str(_read_json(index).get("_class_name", ""))
         if class_name and "XL" not in class_name:
             raise InputError(f"{path}: diffusers {class_name} folder, not SDXL; xlbake works on SDXL models only")
-    files: dict[str, dict[str, _TensorFile]] = {}  # component -> stored name -> file
-    for component in DIFFUSERS_COMPONENTS:
+    files: dict[str, dict[str, SafetensorsFile]] = {}  # component -> stored name -> file
+    for component in COMPONENTS:
         if (path / component).is_dir():
             files[component] = _component_files(path / component, allow_pickle)
     if "unet" not in files:
@@ -331,12 +221,12 @@ def _component_files(folder: Path, allow_pickle: bool) -> dict[str, Any]:
             raise InputError(
                 f"{pickles[0]}: pickle weights can run code when loaded; re-save the folder as safetensors"
             )
-        opened: list[Any] = [_PickleFile(p) for p in pickles]
+        opened: list[Any] = [PickleFile(p) for p in pickles]
     else:
         missing = [p for p in paths if not p.exists()]
         if missing:
             raise InputError(f"{missing[0]}: shard listed in the index is missing; re-download the folder")
-        opened = [_TensorFile(p) for p in paths]
+        opened = [SafetensorsFile(p) for p in paths]
     return {name: file for file in opened for name in file.specs}
 
 
@@ -398,41 +288,6 @@ def _metadata(path: Path, metadata: Mapping[str, Any] | None, prediction: str) -
     return out
 
 
-def write_safetensors(
-    path: str | os.PathLike,
-    specs: Mapping[str, Spec],
-    fetch: Callable[[str], Tensor],
-    *,
-    metadata: Mapping[str, str],
-    force: bool = False,
-) -> Path:
-    """Write a safetensors file from ``specs`` (name -> (dtype, shape)), calling ``fetch(name)`` one tensor at a time.
-
-    The header is written first, then each tensor (cast to its spec dtype) in name order: memory stays at one
-    tensor. Atomic (temp + rename); OutputError if a fetched tensor's shape differs from its spec.
-    """
-    path = Path(path)
-    header: dict[str, Any] = {"__metadata__": dict(metadata)}
-    offset = 0
-    for name in sorted(specs):
-        dtype, shape = specs[name]
-        nbytes = dtype.itemsize * int(torch.Size(shape).numel())
-        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)
-    with atomic_path(path, force) as tmp, open(tmp, "wb") as out:
-        out.write(len(encoded).to_bytes(8, "little") + encoded)
-        for name in sorted(specs):
-            dtype, shape = specs[name]
-            tensor = fetch(name).detach().to("cpu", dtype).contiguous()
-            if tuple(tensor.shape) != tuple(shape):
-                raise OutputError(f"{path}: tensor {name} changed shape while writing; nothing was written")
-            if tensor.numel():
-                out.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
-    return path
-
-
 def _cast(dtype: torch.dtype, target: torch.dtype | None) -> torch.dtype:
     return target if target is not None and dtype.is_floating_point else dtype
 
@@ -482,7 +337,7 @@ def convert_diffusers_folder(
     if not src_dir.is_dir():
         raise InputError(f"{src_dir}: not a folder; convert_diffusers_folder takes a diffusers SDXL folder")
     with open_checkpoint(src_dir) as reader:
-        for component in DIFFUSERS_COMPONENTS:
+        for component in COMPONENTS:
             if not any(k.startswith(SGM_PREFIX[component]) for k in reader):
                 raise InputError(f"{src_dir}: no {component}/ weights; a single-file SDXL checkpoint needs all four")
         declared = declared_prediction(reader)
