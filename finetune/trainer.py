@@ -41,7 +41,6 @@ from finetune.distributed import (
 from finetune.ema_reach import ema_warning
 from finetune.latent_cache import CACHE_DIR, build_latent_cache
 from finetune.model import (
-    PART_ATTRS,
     SdxlModel,
     frozen_base_weights,
     load_model,
@@ -66,6 +65,7 @@ from finetune.state import TrainerState, decode_generator, encode_generator, fin
 from xlbake.config import config_hash, dump_yaml, to_dict
 from xlbake.data.meta import dataset_metadata
 from xlbake.errors import ConfigError, TrainingError
+from xlbake.sdxl.parts import PART_ATTRS
 
 logger = get_logger(__name__)
 

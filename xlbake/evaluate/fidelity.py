@@ -35,7 +35,8 @@ from xlbake.lora.names import LoraTarget, kohya_targets
 from xlbake.lora.report import BYTES_PER_MB, left_out_kind
 from xlbake.sdxl.checkpoint import CheckpointReader, open_checkpoint
 from xlbake.sdxl.keys import SGM_PREFIX
-from xlbake.sdxl.models import MODEL_PARTS, Architecture, resolve_architecture
+from xlbake.sdxl.models import Architecture, resolve_architecture
+from xlbake.sdxl.parts import MODEL_PARTS
 
 logger = logging.getLogger(__name__)
 
