@@ -3,7 +3,7 @@
     python docs/config_reference.py           # print the markdown
     python docs/config_reference.py --write   # replace the section between the markers in README.md
 
-tests/test_docs.py fails when README.md is out of date with the code.
+tests/project/test_docs.py fails when README.md is out of date with the code.
 """
 
 from __future__ import annotations

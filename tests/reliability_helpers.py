@@ -1,4 +1,4 @@
-"""Shared pieces of the reliability suites (tests/test_bad_input.py, tests/test_faults.py).
+"""Shared pieces of the reliability suites (tests/project/test_bad_input.py, tests/finetune/test_faults.py).
 
 Builders of broken inputs (truncated, re-typed, NaN, pickled files; fake SD 1.5 checkpoints), on-disk snapshots to
 prove a failed command wrote nothing, the lines a terminal would show of a captured stream, a disk-full simulation,
