@@ -172,8 +172,8 @@ def finetune(base: Path, run: Path, env: Mapping[str, str]) -> Path:
 def extract_and_check(base: Path, tuned: Path, env: Mapping[str, str]) -> list[str]:
     """Extract a LoRA and return the failed checks (empty: all passed)."""
     from xlbake.lora.io import read_lora
-    from xlbake.sdxl.checkpoint import open_checkpoint
     from xlbake.lora.names import kohya_targets
+    from xlbake.sdxl.checkpoint import open_checkpoint
 
     lora_path = tuned.with_name(f"lora-dim{LORA_DIM}.safetensors")
     _run([sys.executable, "-m", "extract", "--base", str(base), "--tuned", str(tuned), "--dim", str(LORA_DIM),
