@@ -106,7 +106,8 @@ def epoch_rate(dataset, cfg: FinetuneConfig, workers: int) -> float:
     """Images per second over one epoch of the trainer's DataLoader (worker start-up included)."""
     from torch.utils.data import DataLoader
 
-    from finetune.data import BucketBatchSampler, collate
+    from finetune.data import collate
+    from finetune.sampler import BucketBatchSampler
 
     sampler = BucketBatchSampler(dataset, cfg.train.batch_size, cfg.train.seed)
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers)

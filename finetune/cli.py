@@ -105,7 +105,7 @@ def check_start(cfg: FinetuneConfig, resume: str | None, force: bool) -> Checked
     Returns the checked dataset for the trainer, or None with the builtin demo dataset (drawn in setup).
     """
     from finetune.config import builtin_name
-    from finetune.data import check_dataset
+    from finetune.data import read_training_data
     from finetune.model import single_file_architecture
     from finetune.saving import check_run_dir
     from xlbake.errors import InputError
@@ -129,7 +129,7 @@ def check_start(cfg: FinetuneConfig, resume: str | None, force: bool) -> Checked
             single_file_architecture(Path(base), cfg.model.components)
     if any(builtin_name(root) is not None for root in cfg.data.roots):
         return None
-    return check_dataset(cfg.data, cfg.caption)
+    return read_training_data(cfg.data, cfg.caption)
 
 
 def check_base_prediction(loss: LossConfig, reader: CheckpointReader) -> None:

@@ -364,13 +364,18 @@ def _state_bytes(name: str, n: int, factored: int | None, dtype_bytes: int, args
 def steps_for(cfg: FinetuneConfig, stats: DatasetStats, gpus: int, kind: str | None = "A100") -> Steps:
     """Optimizer steps as finetune.data's sampler makes them: per-bucket batches, split over GPUs, accumulated;
     the time on GPUs of ``kind`` (assumed, ``step_seconds``)."""
-    from finetune.data import steps_per_epoch
+    from xlbake.data.steps import count_steps
 
-    batches = sum(math.ceil(count / cfg.train.batch_size) for _, count in stats.buckets)
-    per_epoch = steps_per_epoch(batches, cfg.train.grad_accum, gpus)
-    total = cfg.train.epochs * per_epoch
-    if cfg.train.max_steps:
-        total = min(total, cfg.train.max_steps)
+    train = cfg.train
+    counted = count_steps(
+        (count for _, count in stats.buckets),
+        batch=train.batch_size,
+        grad_accum=train.grad_accum,
+        processes=gpus,
+        epochs=train.epochs,
+        max_steps=train.max_steps,
+    )
+    batches, per_epoch, total = counted.batches_per_epoch, counted.steps_per_epoch, counted.total_steps
     area = sum(w * h * count for (w, h), count in stats.buckets) / max(stats.samples, 1) / 1024**2
     seconds = step_seconds(cfg, kind, area)
     hours = total * step_seconds(cfg, "A100", area) / 3600

@@ -14,7 +14,7 @@ from ema_pytorch import EMA
 
 import finetune.planner.memory as plan_module
 from finetune.config import FinetuneConfig, ModelConfig
-from finetune.data import BucketBatchSampler, build_dataset, steps_per_epoch
+from finetune.data import build_dataset
 from finetune.model import load_model, setup_trainable
 from finetune.optim import build_optimizer
 from finetune.planner.measure import measure_sdxl, model_parts
@@ -28,8 +28,10 @@ from finetune.planner.report import (
     parse_gib,
     plan_text,
 )
+from finetune.sampler import BucketBatchSampler
 from finetune.text import encode_prompt
 from xlbake.config import load_config
+from xlbake.data.steps import steps_per_epoch
 from xlbake.errors import ConfigError, TrainingError
 from xlbake.lora.budget import parse_size
 from xlbake.sdxl.tiny import build_tiny_components, build_tokenizers, tiny_configs
