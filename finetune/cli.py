@@ -70,7 +70,8 @@ def main(
         click.echo(plan_text(cfg, gpu_memory=gpu_memory, gpus=gpus, accelerate_config=accelerate_config))
         return
     check_before_training(cfg, gpu_memory=gpu_memory, force=force, echo=click.echo)
-    from finetune.distributed import check_launch, prepare_run_dir_once
+    from finetune.distributed import prepare_run_dir_once
+    from finetune.launch import check_launch
     from finetune.trainer import run
 
     check_launch(cfg)  # e.g. EMA under DeepSpeed ZeRO-3, refused before anything is loaded or written
