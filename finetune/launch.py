@@ -50,23 +50,20 @@ class ZeroSettings:
 
 def settings_of_config(ds: Mapping[str, Any], default_stage: int = 0) -> ZeroSettings:
     """The settings of a DeepSpeed config (the JSON's structure; ``"auto"`` values are None)."""
-
-    def number(value: Any) -> float | None:
-        return None if value in (None, "auto") else float(value)
-
     zero = ds.get("zero_optimization", {})
-    clipping, accum, micro = (
-        number(ds.get(k))
-        for k in ("gradient_clipping", "gradient_accumulation_steps", "train_micro_batch_size_per_gpu")
-    )
     return ZeroSettings(
         stage=int(zero.get("stage", default_stage)),
         offload_optimizer=str((zero.get("offload_optimizer") or {}).get("device", "none")),
-        gradient_clipping=clipping,
-        grad_accum=None if accum is None else int(accum),
-        micro_batch=None if micro is None else int(micro),
+        gradient_clipping=_number(ds.get("gradient_clipping"), float),
+        grad_accum=_number(ds.get("gradient_accumulation_steps"), int),
+        micro_batch=_number(ds.get("train_micro_batch_size_per_gpu"), int),
         offload_params=str((zero.get("offload_param") or {}).get("device", "none")),
     )
+
+
+def _number(value: Any, kind: type[int] | type[float]) -> Any:
+    """``value`` as ``kind``; None for a value DeepSpeed fills itself ("auto") or one not given."""
+    return None if value in (None, "auto") else kind(float(value))
 
 
 def zero_settings(plugin: Any) -> ZeroSettings:
@@ -111,12 +108,11 @@ def read_accelerate_config(path: str | Path) -> tuple[int, ZeroSettings | None]:
     ds = data.get("deepspeed_config") or {}
     if ds.get("deepspeed_config_file"):
         return processes, read_deepspeed_json(path.parent / ds["deepspeed_config_file"])
-    accum, clipping = ds.get("gradient_accumulation_steps"), ds.get("gradient_clipping")
     return processes, ZeroSettings(
         stage=int(ds.get("zero_stage", DEFAULT_STAGE)),
         offload_optimizer=str(ds.get("offload_optimizer_device", "none")),
-        gradient_clipping=None if clipping in (None, "auto") else float(clipping),
-        grad_accum=None if accum in (None, "auto") else int(accum),
+        gradient_clipping=_number(ds.get("gradient_clipping"), float),
+        grad_accum=_number(ds.get("gradient_accumulation_steps"), int),
         offload_params=str(ds.get("offload_param_device", "none")),
     )
 
