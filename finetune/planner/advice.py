@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from finetune.config import FinetuneConfig
-from finetune.launch import ZeroSettings
+from finetune.launch import ZeroSettings, zero_problems
 from finetune.planner.memory import Verdict, memory_lines, part_lr, totals, verdict_for
 from finetune.planner.parts import model_parts
 
@@ -132,7 +132,8 @@ def suggest_changes(
     cfg: FinetuneConfig, gpu_memory: int, gpus: int, deepspeed: ZeroSettings | None
 ) -> list[Suggestion]:
     """Greedy, cheapest first: apply the first of ``CHANGES`` that lowers the peak, then look again from the top
-    (a change that did not help may help once another phase is the peak), until the plan fits."""
+    (a change that did not help may help once another phase is the peak), until the plan fits. A change after
+    which the DeepSpeed launch would refuse the config (``finetune.launch.zero_problems``) is never advised."""
     _, parts, _ = model_parts(cfg.model)
     suggestions: list[Suggestion] = []
     best = totals(memory_lines(cfg, parts, gpus, deepspeed))
@@ -142,6 +143,8 @@ def suggest_changes(
             if not change.when(cfg, deepspeed, gpus):
                 continue
             changed_cfg, changed_ds = change.apply(cfg, deepspeed)
+            if _refused(changed_cfg, changed_ds) - _refused(cfg, deepspeed):
+                continue
             total = totals(memory_lines(changed_cfg, parts, gpus, changed_ds))
             if total[0] < best[0]:
                 verdict = verdict_for(total[0], gpu_memory)
@@ -152,3 +155,7 @@ def suggest_changes(
         else:
             break  # nothing left lowers the peak
     return suggestions
+
+
+def _refused(cfg: FinetuneConfig, deepspeed: ZeroSettings | None) -> set[str]:
+    return set(zero_problems(cfg, deepspeed)) if deepspeed is not None else set()

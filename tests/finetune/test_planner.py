@@ -364,3 +364,18 @@ def test_the_printed_plan_names_files_that_exist(tiny_paths):
     text += plan_text(tiny_cfg(tiny_paths, "data.roots=[builtin:demo]"), gpu_memory="80GB")
     named = set(re.findall(r"[\w/]+\.py", text))
     assert named and all((ROOT / path).is_file() for path in named), named
+
+
+@pytest.mark.parametrize("overrides", [("ema.enabled=true",), ("optim.name=lion",)])
+def test_suggestions_never_lead_to_a_launch_that_refuses_the_config(tiny_paths, monkeypatch, overrides):
+    """EMA over DeepSpeed's 16-bit weights, and lion under optimizer offload, are refused at launch: not advised."""
+    monkeypatch.setattr(memory_module, "CUDA_CONTEXT_BYTES", 0)  # let the tiny model's own bytes decide
+    cfg = tiny_cfg(tiny_paths, "precision.mixed=fp16", *overrides)
+    full = plan(cfg, gpu_memory_bytes=BIG, gpus=2)
+    changes = [s.change for s in plan(cfg, gpu_memory_bytes=int(full.gpu_total * 0.3), gpus=2).suggestions]
+    launches = [change for change in changes if change.startswith("accelerate launch")]
+    assert changes and "--set model.gradient_checkpointing=true" in changes
+    if cfg.ema.enabled:
+        assert not launches, changes
+    else:  # ZeRO-2 without offload keeps lion
+        assert launches and all(change.endswith("--offload_optimizer_device none") for change in launches), changes
