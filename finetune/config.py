@@ -128,6 +128,11 @@ class OptimConfig:
     power: float = 1.0
     """Power of the polynomial schedule."""
 
+    @property
+    def part_lrs(self) -> dict[str, float]:
+        """The learning rate of each part by its short name (``xlbake.sdxl.parts.PARTS``); 0 = frozen."""
+        return {"unet": self.unet_lr, "te1": self.te1_lr, "te2": self.te2_lr}
+
     def __post_init__(self) -> None:
         errors: list[str] = []
         lrs = (self.unet_lr, self.te1_lr, self.te2_lr)

@@ -24,6 +24,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 from finetune.config import SDXL_HUB_ID, EmaConfig, ModelConfig, OptimConfig, PrecisionConfig, builtin_name
 from finetune.optim import ParamGroup
 from xlbake.errors import ConfigError, InputError
+from xlbake.sdxl.parts import PART_ATTRS
 
 if TYPE_CHECKING:
     from xlbake.sdxl.models import Architecture
@@ -35,8 +36,6 @@ NO_WARMUP_INV_GAMMA = 1e-9
 """ema-pytorch's decay is 1 - (1 + n / inv_gamma) ** -power (capped at beta): a tiny inv_gamma gives beta at once."""
 DEMO_DONE = ".complete"
 """Marker written after the builtin demo dataset is fully drawn."""
-PART_ATTRS = {"unet": "unet", "te1": "text_encoder", "te2": "text_encoder_2"}
-"""Trainable part name -> attribute of ``SdxlModel`` (and key of ``diffusers_state_dicts``)."""
 
 
 @dataclass(frozen=True)
@@ -176,13 +175,12 @@ def setup_trainable(
     Trained parts keep fp32 master weights (bf16 with full_bf16); frozen parts run in the mixed-precision dtype;
     the VAE is always frozen, in fp32 unless an fp16-fixed VAE is configured.
     """
-    lrs = {"unet": optim.unet_lr, "te1": optim.te1_lr, "te2": optim.te2_lr}
     train_dtype = torch.bfloat16 if precision.full_bf16 else torch.float32
     frozen_dtype = DTYPES[precision.mixed]
     _cast(model.vae.requires_grad_(False).eval(), DTYPES[precision.vae])
     dead = unreachable_parameters(model)
     groups = []
-    for name, lr in lrs.items():
+    for name, lr in optim.part_lrs.items():
         module = model.part(name)
         module.requires_grad_(lr > 0)
         module.train(lr > 0)
@@ -208,8 +206,7 @@ def frozen_base_weights(model: SdxlModel, optim: OptimConfig) -> dict[str, dict[
     16-bit copy, the rounding would differ from the base and extraction would take it for a finetune. Call before
     ``setup_trainable``: its cast gives the modules new tensors, so these are kept without a copy (host RAM).
     """
-    lrs = {"unet": optim.unet_lr, "te1": optim.te1_lr, "te2": optim.te2_lr}
-    return {name: model.part(name).state_dict() for name, lr in lrs.items() if lr == 0}
+    return {name: model.part(name).state_dict() for name, lr in optim.part_lrs.items() if lr == 0}
 
 
 def _cast(module: torch.nn.Module, dtype: torch.dtype) -> None:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from diffusers import DDPMScheduler
+from diffusers.training_utils import compute_snr
 from torch import Tensor
 
 from xlbake.errors import ConfigError
@@ -129,38 +131,41 @@ def perturb_noise(
     return noise + extra.to(device=noise.device, dtype=noise.dtype)
 
 
-def _abar(alphas_cumprod: Tensor, timesteps: Tensor, like: Tensor) -> Tensor:
-    """alphas_cumprod[t] as (B, 1, ..., 1) broadcastable against ``like``, in fp32 on like's device."""
-    abar = alphas_cumprod.to(device=timesteps.device, dtype=torch.float32)[timesteps]
-    return abar.to(like.device).view(-1, *([1] * (like.ndim - 1)))
+class _Schedule:
+    """``alphas_cumprod`` (T,) as the scheduler object diffusers' noise functions take: ``add_noise``,
+    ``get_velocity`` and ``compute_snr`` read only this attribute, so the functions here stay functions of tensors.
+    The first two compute in the sample's dtype, where 16 bits round abar_0 = 0.99915 to 1 (no noise at t = 0):
+    callers here pass fp32 samples and round only the result."""
+
+    def __init__(self, alphas_cumprod: Tensor) -> None:
+        self.alphas_cumprod = alphas_cumprod
 
 
 def add_noise(latents: Tensor, noise: Tensor, timesteps: Tensor, alphas_cumprod: Tensor) -> Tensor:
-    """Forward diffusion x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise, the same as ``DDPMScheduler.add_noise``.
+    """Forward diffusion x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise: ``DDPMScheduler.add_noise``.
     latents, noise: (B, C, H, W); timesteps: (B,) long; alphas_cumprod: (T,). Returns (B, C, H, W) in the
-    latents' dtype."""
-    abar = _abar(alphas_cumprod, timesteps, latents)
-    noisy = abar.sqrt() * latents.float() + (1 - abar).sqrt() * noise.float()
+    latents' dtype, computed in fp32 (see ``_Schedule``)."""
+    noisy = DDPMScheduler.add_noise(_Schedule(alphas_cumprod), latents.float(), noise.float(), timesteps)
     return noisy.to(latents.dtype)
 
 
 def target_for(
     prediction: Prediction, latents: Tensor, noise: Tensor, timesteps: Tensor, alphas_cumprod: Tensor
 ) -> Tensor:
-    """Training target (B, C, H, W): the noise for epsilon, v = sqrt(abar_t) noise - sqrt(1 - abar_t) x_0 for
-    v-prediction (``DDPMScheduler.get_velocity``)."""
+    """Training target (B, C, H, W) in the noise's dtype: the noise for epsilon, v = sqrt(abar_t) noise -
+    sqrt(1 - abar_t) x_0 for v-prediction (``DDPMScheduler.get_velocity``, computed in fp32)."""
     if prediction == "epsilon":
         return noise
     if prediction == "v_prediction":
-        abar = _abar(alphas_cumprod, timesteps, latents)
-        return (abar.sqrt() * noise.float() - (1 - abar).sqrt() * latents.float()).to(noise.dtype)
+        velocity = DDPMScheduler.get_velocity(_Schedule(alphas_cumprod), latents.float(), noise.float(), timesteps)
+        return velocity.to(noise.dtype)
     raise ValueError(f"unknown prediction type {prediction!r}: use 'epsilon' or 'v_prediction'")
 
 
 def snr(alphas_cumprod: Tensor, timesteps: Tensor) -> Tensor:
-    """Signal-to-noise ratio abar_t / (1 - abar_t) of each timestep: (B,) fp32."""
-    abar = alphas_cumprod.to(device=timesteps.device, dtype=torch.float32)[timesteps]
-    return abar / (1 - abar)
+    """Signal-to-noise ratio (sqrt(abar_t) / sqrt(1 - abar_t))^2 of each timestep: (B,) fp32, diffusers'
+    ``compute_snr`` (kohya computes it the same way)."""
+    return compute_snr(_Schedule(alphas_cumprod), timesteps)
 
 
 def min_snr_weights(snr_t: Tensor, gamma: float, prediction: Prediction) -> Tensor:

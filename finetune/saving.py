@@ -22,12 +22,13 @@ from typing import Any
 
 import torch
 
-from finetune.model import PART_ATTRS, SdxlModel
+from finetune.model import SdxlModel
 from finetune.state import flatten
 from xlbake.batch.base_of import BASE_TXT
 from xlbake.errors import OutputError, TrainingError
 from xlbake.fileio import TEMP_PREFIX, write_text_atomic
 from xlbake.lora.io import SAVE_DTYPES
+from xlbake.sdxl.parts import PART_ATTRS
 
 logger = logging.getLogger(__name__)
 

@@ -41,7 +41,6 @@ from finetune.distributed import (
 from finetune.ema_reach import ema_warning
 from finetune.latent_cache import CACHE_DIR, build_latent_cache
 from finetune.model import (
-    PART_ATTRS,
     SdxlModel,
     frozen_base_weights,
     load_model,
@@ -68,6 +67,7 @@ from xlbake.config import config_hash, dump_yaml, to_dict
 from xlbake.data.meta import dataset_metadata
 from xlbake.data.steps import steps_per_epoch
 from xlbake.errors import ConfigError, TrainingError
+from xlbake.sdxl.parts import PART_ATTRS
 
 logger = get_logger(__name__)
 

@@ -40,6 +40,7 @@ from finetune.state import STATE_FILE, TrainerState, read_trainer_state, state_d
 from xlbake.config import dump_yaml, load_config
 from xlbake.errors import ConfigError
 from xlbake.fileio import TEMP_PREFIX
+from xlbake.sdxl.parts import PART_ATTRS
 
 REPO = Path(__file__).resolve().parents[2]
 ACCELERATE = Path(sys.executable).with_name("accelerate")
@@ -54,7 +55,6 @@ the biases and time-embedding projections feeding them get a gradient that is ex
 which Adam turns into steps of up to the LR, different in every implementation: the UNet's drift is ~6e-4 of its
 change for ZeRO-2 (max 1e-3 measured). A lost step, LR, clipping or part moves a component by O(1) of its change."""
 LAUNCH_TIMEOUT = 900  # seconds; a hung collective must fail the test, not the CI job
-PART_ATTRS = {"unet": "unet", "te1": "text_encoder", "te2": "text_encoder_2"}
 GPU_COMMAND = (
     "on a GPU box: accelerate launch --config_file configs/accelerate/deepspeed-zero2.yaml --num_processes 2 "
     "-m finetune --config configs/finetune/tiny-cpu.yaml --set precision.mixed=fp16 --set ema.enabled=false"

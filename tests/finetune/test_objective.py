@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 from diffusers import DDPMScheduler
+from diffusers.training_utils import compute_snr
 
 from finetune.objective import (
     LossConfig,
@@ -61,15 +62,41 @@ def test_v_target_formula():
         target_for("sample", latents, noise, torch.tensor([1]), alphas_cumprod)
 
 
-def test_add_noise_and_v_target_match_diffusers_ddpm():
+def test_add_noise_v_target_and_snr_are_diffusers_on_random_inputs():
+    """Bit for bit diffusers' DDPMScheduler.add_noise / get_velocity and training_utils.compute_snr, and (up to fp32
+    rounding of the SNR) the formulas written out."""
     scheduler = sdxl_scheduler()
+    abar_all = scheduler.alphas_cumprod
     gen = torch.Generator().manual_seed(0)
-    latents, noise = torch.randn(3, 4, 8, 8, generator=gen), torch.randn(3, 4, 8, 8, generator=gen)
-    t = torch.tensor([0, 499, 999])
-    ours = add_noise(latents, noise, t, scheduler.alphas_cumprod)
-    assert torch.allclose(ours, scheduler.add_noise(latents, noise, t), atol=1e-6)
-    v = target_for("v_prediction", latents, noise, t, scheduler.alphas_cumprod)
-    assert torch.allclose(v, scheduler.get_velocity(latents, noise, t), atol=1e-6)
+    latents, noise = torch.randn(64, 4, 8, 8, generator=gen), torch.randn(64, 4, 8, 8, generator=gen)
+    t = torch.cat([torch.tensor([0, 999]), torch.randint(0, 1000, (62,), generator=gen)])
+    abar = abar_all[t].view(-1, 1, 1, 1)
+    noisy = add_noise(latents, noise, t, abar_all)
+    assert torch.equal(noisy, scheduler.add_noise(latents, noise, t))
+    assert torch.equal(noisy, abar.sqrt() * latents + (1 - abar).sqrt() * noise)
+    v = target_for("v_prediction", latents, noise, t, abar_all)
+    assert torch.equal(v, scheduler.get_velocity(latents, noise, t))
+    assert torch.equal(v, abar.sqrt() * noise - (1 - abar).sqrt() * latents)
+    every_t = torch.arange(1000)
+    assert torch.equal(snr(abar_all, every_t), compute_snr(scheduler, every_t))
+    assert torch.allclose(snr(abar_all, every_t), abar_all / (1 - abar_all), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_add_noise_and_v_target_compute_in_fp32_for_16bit_latents(dtype):
+    """In 16 bits abar_0 = 0.99915 rounds to 1 (diffusers computes in the sample's dtype), so t = 0 would add no
+    noise at all; ours computes in fp32 and rounds only the result."""
+    scheduler = sdxl_scheduler()
+    gen = torch.Generator().manual_seed(1)
+    latents, noise = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 4, 8, 8, generator=gen)
+    latents, noise, t, abar = latents.to(dtype), noise.to(dtype), torch.tensor([0, 1]), scheduler.alphas_cumprod
+    noisy = add_noise(latents, noise, t, abar)
+    assert noisy.dtype == dtype
+    assert not torch.equal(noisy, latents)
+    assert torch.equal(noisy, add_noise(latents.float(), noise.float(), t, abar).to(dtype))
+    v = target_for("v_prediction", latents, noise, t, abar)
+    assert v.dtype == dtype
+    assert torch.equal(v, target_for("v_prediction", latents.float(), noise.float(), t, abar).to(dtype))
 
 
 def test_huber_loss_is_quadratic_for_small_and_linear_for_large_residuals():

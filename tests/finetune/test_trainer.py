@@ -17,7 +17,7 @@ from tiny_run import tiny_run_sections
 
 from finetune.config import EmaConfig, FinetuneConfig
 from finetune.data import collate
-from finetune.model import PART_ATTRS, load_model, setup_trainable, unreachable_parameters
+from finetune.model import load_model, setup_trainable, unreachable_parameters
 from finetune.objective import (
     add_noise,
     compute_time_ids,
@@ -38,6 +38,7 @@ from xlbake.batch.base_of import base_of
 from xlbake.config import config_hash, load_config, to_dict
 from xlbake.errors import TrainingError
 from xlbake.sdxl.keys import sgm_state_dict
+from xlbake.sdxl.parts import PART_ATTRS
 
 TE1_LAST = "conditioner.embedders.0.transformer.text_model.encoder.layers.2."
 TE1_FIRST = "conditioner.embedders.0.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"

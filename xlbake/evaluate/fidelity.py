@@ -34,7 +34,8 @@ from xlbake.lora.names import kohya_targets
 from xlbake.lora.report import BYTES_PER_MB
 from xlbake.sdxl.checkpoint import CheckpointReader, open_checkpoint
 from xlbake.sdxl.keys import SGM_PREFIX
-from xlbake.sdxl.models import MODEL_PARTS, Architecture, resolve_architecture
+from xlbake.sdxl.models import Architecture, resolve_architecture
+from xlbake.sdxl.parts import MODEL_PARTS
 
 logger = logging.getLogger(__name__)
 

@@ -29,7 +29,8 @@ from xlbake.evaluate.sheet import layout_grid
 from xlbake.fileio import check_output, write_bytes_atomic
 from xlbake.sdxl.checkpoint import CheckpointReader, open_checkpoint
 from xlbake.sdxl.keys import plan_from_sgm, to_diffusers, with_text_model
-from xlbake.sdxl.models import MODEL_PARTS, TEXT_PARTS, Architecture, build_models, resolve_architecture
+from xlbake.sdxl.models import Architecture, build_models, resolve_architecture
+from xlbake.sdxl.parts import MODEL_PARTS, TEXT_PARTS
 
 logger = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FormatStrFormatter
 
 from xlbake.fileio import atomic_path, check_output, write_text_atomic
+from xlbake.sdxl.parts import PARTS
 
-COMPONENT_ORDER = ("unet", "te1", "te2")
 BYTES_PER_MB = 1_000_000
 DEFAULT_BYTES_PER_PARAM = 2.0  # fp16, the default save precision
 _DTYPE_BYTES = {"fp16": 2.0, "float16": 2.0, "bf16": 2.0, "bfloat16": 2.0, "fp32": 4.0, "float32": 4.0, "float": 4.0}
@@ -148,7 +148,7 @@ def by_component(layers: Sequence[LayerStat]) -> dict[str, list[LayerStat]]:
     groups: dict[str, list[LayerStat]] = {}
     for layer in layers:
         groups.setdefault(layer.component, []).append(layer)
-    order = [c for c in COMPONENT_ORDER if c in groups] + sorted(set(groups) - set(COMPONENT_ORDER))
+    order = [c for c in PARTS if c in groups] + sorted(set(groups) - set(PARTS))
     return {component: groups[component] for component in order}
 
 

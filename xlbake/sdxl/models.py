@@ -23,14 +23,13 @@ from huggingface_hub import snapshot_download
 from xlbake.errors import InputError
 from xlbake.sdxl.checkpoint import open_checkpoint
 from xlbake.sdxl.keys import SGM_IGNORED, SGM_PREFIX, plan_from_diffusers, sgm_shape
+from xlbake.sdxl.parts import MODEL_PARTS, TEXT_PARTS
 
 SDXL_HUB_ID = "stabilityai/stable-diffusion-xl-base-1.0"
 """The hub repo whose tokenizers a real SDXL single file uses (the one kohya and diffusers use)."""
 TOKENIZER_FILES = ("tokenizer/*", "tokenizer_2/*")
 COMPONENT_FILES = (*TOKENIZER_FILES, "*/config.json", "scheduler/scheduler_config.json")
 """What a hub id as components supplies (configs, tokenizers, schedule), never the weights."""
-TEXT_PARTS = ("text_encoder", "text_encoder_2")
-MODEL_PARTS = ("unet", *TEXT_PARTS)
 
 
 @dataclass(frozen=True)
