@@ -11,7 +11,7 @@ from typing import Any
 
 from finetune.config import FinetuneConfig
 from finetune.launch import ZeroSettings, zero_problems
-from finetune.planner.memory import Verdict, memory_lines, part_lr, totals, verdict_for
+from finetune.planner.memory import Verdict, memory_lines, totals, verdict_for
 from finetune.planner.parts import model_parts
 
 
@@ -65,7 +65,7 @@ def _with(node: Any, keys: Sequence[str], value: Any) -> Any:
 
 def _trains(cfg: FinetuneConfig, part: str) -> bool:
     """Whether text encoder ``part`` trains beside the UNet (freezing it is offered only while the UNet trains)."""
-    return part_lr(cfg, part) > 0 and part_lr(cfg, "unet") > 0
+    return cfg.optim.part_lrs[part] > 0 and cfg.optim.unet_lr > 0
 
 
 CHANGES: tuple[Change, ...] = (

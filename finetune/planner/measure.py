@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from finetune.planner.parts import PART_MODULES, build_part
+from finetune.planner.parts import build_part
+from xlbake.sdxl.parts import PART_ATTRS
 
 LOW_PRECISION_OPS = frozenset(
     {
@@ -222,7 +223,7 @@ def measure_sdxl(
     """
     total = ActivationBytes(0, 0, 0, 0)
     text_grad = bool(trained.get("te1") or trained.get("te2"))
-    for part, name in PART_MODULES.items():
+    for part, name in PART_ATTRS.items():
         if not trained.get(part) and not (part == "unet" and text_grad):
             continue  # a frozen text encoder saves nothing: its input (token ids) needs no gradient
         trains = bool(trained.get(part))
@@ -256,7 +257,7 @@ def _measure_part(key: str) -> ActivationBytes:
     spec = json.loads(key)
     part, trained, low = spec["part"], spec["trained"], torch.float16 if spec["low"] else None
     with init_empty_weights():
-        module = build_part(PART_MODULES[part], spec["config"])
+        module = build_part(PART_ATTRS[part], spec["config"])
     dtype = torch.float32 if trained or low is None else low
     torch.nn.Module.to(module, dtype)  # the plain Module.to: diffusers' own warns about fp32 modules on every cast
     module.requires_grad_(trained).train(trained)

@@ -21,8 +21,9 @@ from typing import Literal
 from finetune.config import FinetuneConfig
 from finetune.launch import ZERO3, ZeroSettings
 from finetune.planner.measure import measure_sdxl
-from finetune.planner.parts import PART_MODULES, Part
+from finetune.planner.parts import Part
 from finetune.planner.speed import GIB
+from xlbake.sdxl.parts import PART_ATTRS
 
 HEADROOM = 0.05
 """A plan "fits" below 95 % of the GPU: allocator fragmentation and cuDNN/cuBLAS workspaces take the rest."""
@@ -70,19 +71,14 @@ def totals(lines: Sequence[Line]) -> tuple[int, int]:
     return resident + max(phases), max(load, training)
 
 
-def part_lr(cfg: FinetuneConfig, part: str) -> float:
-    """The learning rate of "unet", "te1" or "te2" (0: frozen)."""
-    return {"unet": cfg.optim.unet_lr, "te1": cfg.optim.te1_lr, "te2": cfg.optim.te2_lr}[part]
-
-
 def memory_lines(cfg: FinetuneConfig, parts: Sequence[Part], gpus: int, deepspeed: ZeroSettings | None) -> list[Line]:
     """Every memory line of the plan (see the module docstring for how they add up)."""
     p = cfg.precision
     train_bytes = 2 if p.full_bf16 else 4
     low_bytes = 2 if p.mixed != "no" else 4
     by_name = {part.name: part for part in parts}
-    trained = [by_name[n] for n in ("unet", "te1", "te2") if part_lr(cfg, n) > 0]
-    frozen = [by_name[n] for n in ("unet", "te1", "te2") if part_lr(cfg, n) == 0]
+    trained = [by_name[n] for n, lr in cfg.optim.part_lrs.items() if lr > 0]
+    frozen = [by_name[n] for n, lr in cfg.optim.part_lrs.items() if lr == 0]
     shapes = [s for part in trained for s in part.trained_shapes]
     weights = sum(part.params for part in trained) * train_bytes + sum(part.buffer_bytes for part in trained)
     vae_bytes = by_name["vae"].params * (2 if p.vae == "fp16" else 4)
@@ -91,7 +87,7 @@ def memory_lines(cfg: FinetuneConfig, parts: Sequence[Part], gpus: int, deepspee
     state_bytes = optimizer_state_bytes(cfg.optim.name, shapes, train_bytes, cfg.optim.args)
     vae_scale = 2 ** (len(by_name["vae"].config["block_out_channels"]) - 1)
     activations = measure_sdxl(
-        {PART_MODULES[part.name]: part.config for part in parts if part.name != "vae"},
+        {PART_ATTRS[part.name]: part.config for part in parts if part.name != "vae"},
         trained={part.name: True for part in trained},
         mixed=p.mixed,
         full_bf16=p.full_bf16 or deepspeed is not None,
@@ -176,7 +172,7 @@ def _host_lines(cfg: FinetuneConfig, parts: Sequence[Part], gpus: int) -> list[L
     """Host RAM: each process reads the whole checkpoint and builds fp32 models at load; then per-process overhead,
     DataLoader workers, and the fp32 base weights of frozen parts (what the outputs hold for them)."""
     n_all = sum(part.params for part in parts)
-    frozen = sum(p.params * 4 for p in parts if p.name in PART_MODULES and not part_lr(cfg, p.name))
+    frozen = sum(p.params * 4 for p in parts if p.name in PART_ATTRS and not cfg.optim.part_lrs[p.name])
     single_file = cfg.model.base.suffix == ".safetensors"
     load = (n_all * 4 + (n_all * 2 if single_file else 0)) * gpus
     note = "fp16 single file read whole + fp32 models, per process" if single_file else "fp32 models, per process"

@@ -16,10 +16,12 @@ from typing import Any
 
 import torch
 
-PART_MODULES = {"te1": "text_encoder", "te2": "text_encoder_2", "unet": "unet"}
-"""Planner part name -> diffusers component name (and key of the architecture configs)."""
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "vae")
-PART_NAMES = {"unet": "unet", "text_encoder": "te1", "text_encoder_2": "te2", "vae": "vae"}
+from xlbake.sdxl.parts import MODEL_PARTS, PART_ATTRS
+
+COMPONENTS = (*MODEL_PARTS, "vae")
+"""The diffusers components the planner builds (the keys of the architecture configs)."""
+PART_NAMES = {**{component: part for part, component in PART_ATTRS.items()}, "vae": "vae"}
+"""Diffusers component -> the planner's part name (``xlbake.sdxl.parts``' short names, and "vae")."""
 
 
 @dataclass(frozen=True)

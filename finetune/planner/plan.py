@@ -11,7 +11,7 @@ from finetune.config import FinetuneConfig
 from finetune.ema_reach import ema_warning
 from finetune.launch import ZeroSettings, zero_problems
 from finetune.planner.advice import Suggestion, suggest_changes
-from finetune.planner.memory import Line, Verdict, memory_lines, part_lr, totals, verdict_for
+from finetune.planner.memory import Line, Verdict, memory_lines, totals, verdict_for
 from finetune.planner.parts import Part, model_parts
 from finetune.planner.speed import StepTime, gpu_kind, step_seconds
 from xlbake.data.steps import Steps, count_steps
@@ -84,7 +84,7 @@ def plan(
         suggestions = tuple(suggest_changes(cfg, gpu_memory_bytes, gpus, deepspeed))
     if deepspeed is not None:
         notes = (*notes, *(f"the DeepSpeed launch refuses this config: {p}" for p in zero_problems(cfg, deepspeed)))
-    trained = tuple(name for name in ("unet", "te1", "te2") if part_lr(cfg, name) > 0)
+    trained = tuple(name for name, lr in cfg.optim.part_lrs.items() if lr > 0)
     kind = gpu_kind(gpu_name, gpu_memory_bytes)
     steps = run_steps(cfg, dataset_stats, gpus) if dataset_stats is not None else None
     area = dataset_stats.mean_area if dataset_stats is not None else 1.0
