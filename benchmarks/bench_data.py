@@ -106,7 +106,8 @@ def epoch_rate(dataset, cfg: FinetuneConfig, workers: int) -> float:
     """Images per second over one epoch of the trainer's DataLoader (worker start-up included)."""
     from torch.utils.data import DataLoader
 
-    from finetune.data import BucketBatchSampler, collate
+    from finetune.data import collate
+    from finetune.sampler import BucketBatchSampler
 
     sampler = BucketBatchSampler(dataset, cfg.train.batch_size, cfg.train.seed)
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers)
@@ -168,7 +169,7 @@ def main(argv: list[str]) -> int:
             verdict = "keeps up with" if rate >= need else "is SLOWER than"
             print(f"workers={count}: {rate:6.2f} images/s beside training, {verdict} the {need:g} images/s needed")
     print(
-        f"need: {need:g} images/s per GPU (ASSUMED A100 rate, see finetune/plan_time.py); one process "
+        f"need: {need:g} images/s per GPU (ASSUMED A100 rate, see finetune/planner/speed.py); one process "
         f"loads {single:.2f} images/s here, so >= {math.ceil(need / single)} worker(s) per GPU keep up (more on a "
         f"slower CPU); configured: train.num_workers={cfg.train.num_workers}"
     )

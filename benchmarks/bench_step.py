@@ -98,9 +98,10 @@ def bare_step_times(cfg: FinetuneConfig, builtin_dir: Path) -> list[Stamp]:
     """The same training in a plain loop: no accelerate, schedule, checks, bookkeeping or logging."""
     from torch.utils.data import DataLoader
 
-    from finetune.data import BucketBatchSampler, build_dataset, collate
+    from finetune.data import build_dataset, collate
     from finetune.model import load_model, resolve_inputs, setup_trainable
     from finetune.optim import build_optimizer
+    from finetune.sampler import BucketBatchSampler
     from finetune.text import encode_prompt
 
     torch.manual_seed(cfg.train.seed)

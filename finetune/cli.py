@@ -70,7 +70,8 @@ def main(
         click.echo(plan_text(cfg, gpu_memory=gpu_memory, gpus=gpus, accelerate_config=accelerate_config))
         return
     check_before_training(cfg, gpu_memory=gpu_memory, force=force, echo=click.echo)
-    from finetune.distributed import check_launch, prepare_run_dir_once
+    from finetune.distributed import prepare_run_dir_once
+    from finetune.launch import check_launch
     from finetune.trainer import run
 
     check_launch(cfg)  # e.g. EMA under DeepSpeed ZeRO-3, refused before anything is loaded or written
@@ -105,7 +106,7 @@ def check_start(cfg: FinetuneConfig, resume: str | None, force: bool) -> Checked
     Returns the checked dataset for the trainer, or None with the builtin demo dataset (drawn in setup).
     """
     from finetune.config import builtin_name
-    from finetune.data import check_dataset
+    from finetune.data import read_training_data
     from finetune.model import single_file_architecture
     from finetune.saving import check_run_dir
     from xlbake.errors import InputError
@@ -129,7 +130,7 @@ def check_start(cfg: FinetuneConfig, resume: str | None, force: bool) -> Checked
             single_file_architecture(Path(base), cfg.model.components)
     if any(builtin_name(root) is not None for root in cfg.data.roots):
         return None
-    return check_dataset(cfg.data, cfg.caption)
+    return read_training_data(cfg.data, cfg.caption)
 
 
 def check_base_prediction(loss: LossConfig, reader: CheckpointReader) -> None:

@@ -1,16 +1,14 @@
-"""Training data: kohya-layout images in aspect-ratio buckets, re-cropped and re-captioned every epoch, and a
-bucket-aware, resumable, multi-process batch sampler.
+"""Training data: kohya-layout images in aspect-ratio buckets, re-cropped and re-captioned every epoch (the batches
+they are drawn in: ``finetune.sampler``).
 
 Reproducibility: every random draw of a sample (flip, crop offset, caption shuffle/dropout) comes from a
-generator seeded by (seed, epoch, index), and the batch order from (seed, epoch), so a run and a resumed run see
-the same batches whatever the number of DataLoader workers.
+generator seeded by (seed, epoch, index), so a run and a resumed run see the same samples whatever the number of
+DataLoader workers.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -21,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torch import Tensor
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 
 from finetune.buckets import BucketGrid, CropGeometry, Size, crop_geometry
 from finetune.captions import CaptionConfig, process_caption
@@ -35,7 +33,7 @@ from xlbake.data.kohya import (
     open_image,
     read_dataset,
 )
-from xlbake.errors import ConfigError, InputError, TrainingError
+from xlbake.errors import ConfigError, InputError
 
 EMPTY_REASONS = ("no_repeats", "outside_subset", "unsupported_subset", "empty_subset", "unsupported_file")
 """Scan findings that explain a dataset without usable image, most telling first."""
@@ -210,114 +208,6 @@ def collate(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-class BucketBatchSampler(Sampler):
-    """Batches of one bucket each, shuffled per epoch from (seed, epoch), split between processes, resumable.
-
-    Each epoch: every bucket's indices are shuffled and cut into batches (a last smaller batch is kept unless
-    ``drop_last``), then the batches are shuffled. With several processes, rank r takes batches r, r + R, ...;
-    the list is padded by repeating its first batches (or cut, with ``drop_last``) so that ranks get equal counts.
-    Yields lists of (epoch, index) pairs for ``TrainDataset``. ``total_batches``: batches in one epoch over all
-    processes, before padding or cutting.
-    """
-
-    def __init__(
-        self,
-        dataset: TrainDataset,
-        batch_size: int,
-        seed: int,
-        num_replicas: int = 1,
-        rank: int = 0,
-        drop_last: bool = False,
-    ):
-        if batch_size < 1 or not 0 <= rank < num_replicas:
-            raise ValueError(
-                f"need batch_size >= 1 and 0 <= rank < num_replicas, got {batch_size}, {rank}, {num_replicas}"
-            )
-        self.groups = list(dataset.bucket_groups().values())
-        self.batch_size, self.seed, self.drop_last = batch_size, seed, drop_last
-        self.num_replicas, self.rank = num_replicas, rank
-        rounding = math.floor if drop_last else math.ceil
-        self.total_batches = sum(rounding(len(g) / batch_size) for g in self.groups)
-        self.dataset_hash = _fingerprint(dataset)
-        if len(self) == 0:
-            raise InputError(
-                f"the dataset makes {self.total_batches} batches of {batch_size} per epoch, fewer than the "
-                f"{num_replicas} processes; add images or lower the batch size"
-            )
-        self.epoch, self._start, self._yielded = 0, 0, 0
-
-    def __len__(self) -> int:
-        """Batches per epoch for this rank."""
-        rounding = math.floor if self.drop_last else math.ceil
-        return rounding(self.total_batches / self.num_replicas)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch to iterate; a position restored by ``load_state_dict`` is kept for its own epoch."""
-        if epoch != self.epoch:
-            self.epoch, self._start, self._yielded = epoch, 0, 0
-
-    def epoch_batches(self, epoch: int) -> list[list[int]]:
-        """This rank's batches of ``epoch`` (dataset indices), in order."""
-        rng = np.random.default_rng([self.seed, epoch])
-        batches = []
-        for group in self.groups:
-            shuffled = [group[i] for i in rng.permutation(len(group))]
-            for start in range(0, len(shuffled), self.batch_size):
-                batch = shuffled[start : start + self.batch_size]
-                if len(batch) == self.batch_size or not self.drop_last:
-                    batches.append(batch)
-        batches = [batches[i] for i in rng.permutation(len(batches))]
-        per_rank = len(self)
-        batches = (batches * math.ceil(per_rank * self.num_replicas / len(batches)))[: per_rank * self.num_replicas]
-        return batches[self.rank :: self.num_replicas]
-
-    def __iter__(self):
-        epoch, start = self.epoch, self._start
-        self._start, self._yielded = 0, start
-        for batch in self.epoch_batches(epoch)[start:]:
-            self._yielded += 1
-            yield [(epoch, index) for index in batch]
-
-    def state_dict(self, consumed: int | None = None) -> dict[str, int]:
-        """Epoch and position in it. The position is the number of batches yielded this epoch, exact when the
-        DataLoader does not prefetch (num_workers=0); with workers pass ``consumed``, the batches of this epoch
-        actually trained on (including any before a resume)."""
-        position = self._yielded if consumed is None else consumed
-        return {
-            "epoch": self.epoch,
-            "position": position,
-            "seed": self.seed,
-            "batch_size": self.batch_size,
-            "num_replicas": self.num_replicas,
-            "total_batches": self.total_batches,
-            "dataset_hash": self.dataset_hash,
-        }
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Continue at the saved epoch and position; refuse if the seed, batch size, process count or dataset
-        changed (the batch order would differ)."""
-        for key in ("seed", "batch_size", "num_replicas", "total_batches", "dataset_hash"):
-            if state[key] != getattr(self, key):
-                raise TrainingError(
-                    f"cannot resume the data order: {key} was {state[key]}, now {getattr(self, key)}; restore the "
-                    f"dataset and settings of the interrupted run or start a new run"
-                )
-        self.epoch, self._start, self._yielded = state["epoch"], state["position"], state["position"]
-
-
-def steps_per_epoch(n_batches: int, grad_accum: int, num_processes: int) -> int:
-    """Optimizer steps per epoch: ceil(n_batches / (grad_accum * num_processes)), with n_batches the batches of
-    one epoch over all processes (``BucketBatchSampler.total_batches``)."""
-    return math.ceil(n_batches / (grad_accum * num_processes))
-
-
-def window_size(position: int, n_batches: int, grad_accum: int) -> int:
-    """Batches in the accumulation window of the epoch's batch ``position`` (0-based) out of ``n_batches``:
-    ``grad_accum``, or fewer in the epoch's last window (accelerate steps at the end of the dataloader)."""
-    start = position - position % grad_accum
-    return min(grad_accum, n_batches - start)
-
-
 @dataclass(frozen=True)
 class CheckedData:
     """A scanned and checked dataset: the samples that train, and what the user should be told about."""
@@ -329,7 +219,7 @@ class CheckedData:
     """(path, reason) of the bad files left out (data.on_bad_image=skip)."""
 
 
-def check_dataset(cfg: DataConfig, caption_cfg: CaptionConfig) -> CheckedData:
+def read_training_data(cfg: DataConfig, caption_cfg: CaptionConfig) -> CheckedData:
     """Read the dataset (``xlbake.data.kohya.read_dataset``, as the dataset tools do: decodes every image once),
     without logging (call it before anything heavy).
 
@@ -368,12 +258,12 @@ def build_dataset(
     logger: logging.Logger | logging.LoggerAdapter | None = None,
     checked: CheckedData | None = None,
 ) -> TrainDataset:
-    """The training dataset of ``cfg``, checked by ``check_dataset`` (pass ``checked`` if that was done already).
+    """The training dataset of ``cfg``, read by ``read_training_data`` (pass ``checked`` if that was done already).
 
     Logs one warning for the notes, one for the skipped bad files, and the bucket summary.
     """
     log = logger or logging.getLogger(__name__)
-    checked = checked or check_dataset(cfg, caption_cfg)
+    checked = checked or read_training_data(cfg, caption_cfg)
     if checked.notes:
         log.warning("dataset notes (%d):\n%s", len(checked.notes), _listing(checked.notes))
     if checked.skipped:
@@ -432,12 +322,6 @@ def _listing(entries: Sequence[tuple[Path, str]]) -> str:
     if len(entries) > LISTED_FILES:
         lines.append(f"  ... and {len(entries) - LISTED_FILES} more")
     return "\n".join(lines)
-
-
-def _fingerprint(dataset: TrainDataset) -> str:
-    """A short hash of the images, their repeats and buckets: what the batch order depends on."""
-    text = "\n".join(f"{s.image}|{s.repeats}|{s.bucket}" for s in dataset.samples)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _seed_for(seed: int, epoch: int, index: int) -> int:

@@ -1,4 +1,5 @@
-"""Several processes and DeepSpeed ZeRO: launch checks, one module for the engine, collective weight gathering.
+"""Several processes and DeepSpeed ZeRO: one module for the engine, collective weight gathering (the launch's
+settings and what they refuse: ``finetune.launch``).
 
 Under ``accelerate launch --num_processes N`` every process runs the whole trainer; files in RUN/ are written by the
 main process only. DeepSpeed wraps exactly one module per Accelerator, so the trained parts go into one
@@ -12,7 +13,6 @@ import contextlib
 import os
 import sys
 from collections.abc import Collection, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,111 +21,16 @@ import torch
 from torch import Tensor, nn
 
 from finetune.config import FinetuneConfig
+from finetune.launch import ZERO3, ZeroSettings, check_zero, env_flag, zero_settings
 from finetune.text import encode_prompt
 from xlbake.errors import ConfigError
 from xlbake.fileio import save_safetensors_atomic
 
-ZERO3 = 3
-OFFLOAD_OPTIMIZERS = ("adamw",)
-"""Optimizers accelerate turns into DeepSpeed's CPU optimizer with the same update rule (DeepSpeedCPUAdam in AdamW
-mode); it would silently turn any other into CPU Adam."""
 TRACE_ENV = "XLBAKE_TRACE_DIR"
 """Debug hook for multi-process tests: each process records its batches, final weights and writes in this folder."""
 WRITE_EVENTS = ("os.rename", "os.mkdir", "os.remove", "os.rmdir", "shutil.rmtree")
 """Audit events (besides opening for writing) that change the file system; the path is the last str argument."""
 _AUDITED: list[int] = []  # ranks whose writes this process already records (audit hooks cannot be removed)
-
-
-@dataclass(frozen=True)
-class ZeroSettings:
-    """The DeepSpeed settings of a launch that the finetune config must agree with."""
-
-    stage: int  # ZeRO stage 0-3
-    offload_optimizer: str  # "none" | "cpu" | "nvme"
-    gradient_clipping: float | None  # None: "auto" (filled from optim.max_grad_norm)
-    grad_accum: int | None  # None: "auto" (filled from train.grad_accum)
-    micro_batch: int | None  # None: "auto" (filled from train.batch_size)
-
-
-def zero_settings(plugin: Any) -> ZeroSettings:
-    """The settings of an accelerate ``DeepSpeedPlugin`` (from launch flags, a YAML or a DeepSpeed JSON)."""
-    ds = plugin.deepspeed_config
-
-    def number(value: Any) -> float | None:
-        return None if value in (None, "auto") else float(value)
-
-    zero = ds.get("zero_optimization", {})
-    clipping, accum, micro = (
-        number(ds.get(k))
-        for k in ("gradient_clipping", "gradient_accumulation_steps", "train_micro_batch_size_per_gpu")
-    )
-    return ZeroSettings(
-        stage=int(zero.get("stage", plugin.zero_stage)),
-        offload_optimizer=str(zero.get("offload_optimizer", {}).get("device", "none")),
-        gradient_clipping=clipping,
-        grad_accum=None if accum is None else int(accum),
-        micro_batch=None if micro is None else int(micro),
-    )
-
-
-def launch_zero_settings() -> ZeroSettings | None:
-    """The DeepSpeed settings ``accelerate launch`` passed to this process, or None without DeepSpeed."""
-    if not _flag("ACCELERATE_USE_DEEPSPEED"):
-        return None
-    from accelerate.utils import DeepSpeedPlugin
-
-    return zero_settings(DeepSpeedPlugin())
-
-
-def _flag(name: str) -> bool:
-    return os.environ.get(name, "false").lower() in ("1", "true", "yes")
-
-
-def check_zero(cfg: FinetuneConfig, zero: ZeroSettings) -> None:
-    """ConfigError listing every setting of ``cfg`` that cannot run under the DeepSpeed settings ``zero``."""
-    errors = []
-    if zero.stage == ZERO3 and cfg.ema.enabled:
-        errors.append(
-            "ema.enabled: EMA cannot follow DeepSpeed ZeRO-3, which splits every weight over the processes "
-            "(ema-pytorch would average empty slices); train EMA runs with plain DDP "
-            "(configs/accelerate/multi-gpu.yaml) "
-            "or set ema.enabled: false"
-        )
-    elif cfg.ema.enabled and cfg.precision.mixed != "no":
-        errors.append(
-            f"ema.enabled: under DeepSpeed with precision.mixed: {cfg.precision.mixed} the model holds only 16-bit "
-            "copies of the weights (the fp32 masters are split over the processes) and EMA would average their "
-            "rounding; train EMA runs with plain DDP (configs/accelerate/multi-gpu.yaml) or precision.mixed: no"
-        )
-    if zero.offload_optimizer != "none" and cfg.optim.name not in OFFLOAD_OPTIMIZERS:
-        errors.append(
-            f"optim.name: {cfg.optim.name} cannot run with DeepSpeed optimizer offload (accelerate would replace "
-            "it with DeepSpeed's CPU Adam); use adamw, or offload_optimizer_device: none"
-        )
-    if zero.gradient_clipping is not None and zero.gradient_clipping != cfg.optim.max_grad_norm:
-        errors.append(
-            f"optim.max_grad_norm: {cfg.optim.max_grad_norm} but DeepSpeed clips at {zero.gradient_clipping} "
-            "(it clips inside its own step); make gradient_clipping in the accelerate config equal, or auto"
-        )
-    if zero.grad_accum is not None and zero.grad_accum != cfg.train.grad_accum:
-        errors.append(
-            f"train.grad_accum: {cfg.train.grad_accum} but DeepSpeed accumulates {zero.grad_accum} batches; "
-            "make gradient_accumulation_steps in the accelerate config equal, or auto"
-        )
-    if zero.micro_batch is not None and zero.micro_batch != cfg.train.batch_size:
-        errors.append(
-            f"train.batch_size: {cfg.train.batch_size} but DeepSpeed's train_micro_batch_size_per_gpu is "
-            f"{zero.micro_batch}; make them equal, or auto"
-        )
-    if errors:
-        raise ConfigError("; ".join(errors))
-
-
-def check_launch(cfg: FinetuneConfig) -> None:
-    """Refuse, before anything is loaded or written, a config the DeepSpeed launch of this process cannot run."""
-    zero = launch_zero_settings()
-    if zero is not None:
-        check_zero(cfg, zero)
 
 
 def setup_zero(accelerator: Any, cfg: FinetuneConfig) -> ZeroSettings | None:
@@ -257,7 +162,7 @@ def start_processes() -> Any:
     from accelerate import PartialState
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    deepspeed, cpu = _flag("ACCELERATE_USE_DEEPSPEED"), _flag("ACCELERATE_USE_CPU")
+    deepspeed, cpu = env_flag("ACCELERATE_USE_DEEPSPEED"), env_flag("ACCELERATE_USE_CPU")
     if world > 1 and deepspeed and cpu:
         raise ConfigError(
             "ACCELERATE_USE_CPU=true makes accelerate skip DeepSpeed; unset it (without GPUs DeepSpeed runs on the CPU)"

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from finetune import saving
 from finetune.config import FinetuneConfig
-from finetune.data import BucketBatchSampler, CheckedData, build_dataset, collate, steps_per_epoch, window_size
+from finetune.data import CheckedData, build_dataset, collate
 from finetune.distributed import (
     ZERO3,
     Denoiser,
@@ -61,9 +61,11 @@ from finetune.objective import (
     target_for,
 )
 from finetune.optim import build_optimizer, build_scheduler, current_lrs, follow_schedule
+from finetune.sampler import BucketBatchSampler, window_size
 from finetune.state import TrainerState, decode_generator, encode_generator, find_resume, read_state, write_state
 from xlbake.config import config_hash, dump_yaml, to_dict
 from xlbake.data.meta import dataset_metadata
+from xlbake.data.steps import steps_per_epoch
 from xlbake.errors import ConfigError, TrainingError
 from xlbake.sdxl.parts import PART_ATTRS
 
@@ -88,7 +90,7 @@ class Trainer:
     """Full SDXL finetune of the UNet and text encoders, with optional EMA, resumable exactly."""
 
     def __init__(self, cfg: FinetuneConfig, resume: str | None = None, checked: CheckedData | None = None) -> None:
-        """``checked``: the dataset as ``check_dataset`` found it before the run started (else checked in setup)."""
+        """``checked``: the dataset as ``read_training_data`` read it before the run started (else read in setup)."""
         self.cfg, self.resume, self.run_dir, self.checked = cfg, resume, Path(cfg.run_dir), checked
         self.state = TrainerState(config_hash=config_hash(cfg), config=to_dict(cfg))
         self.state_dir: Path | None = None

@@ -22,7 +22,8 @@ import yaml
 
 from finetune.config import FinetuneConfig
 from finetune.kohya.readers import GUI, read_kohya
-from finetune.kohya.rules import FINETUNE_RATES, LORA, SECRET_KEYS, SOURCE, Status, lora_evidence, rule_for
+from finetune.kohya.rule_kinds import Status
+from finetune.kohya.rules import FINETUNE_RATES, LORA, SECRET_KEYS, SOURCE, lora_evidence, rule_for
 from xlbake.cli import force_option, run_guarded
 from xlbake.config import load_config
 from xlbake.errors import ConfigError, InputError

@@ -1,6 +1,5 @@
 """How each kohya key becomes finetune YAML settings: one rule per key (mapped, unsupported or ignored, with the
-reason), in tables by kind. A rule is ``(value, ctx) -> (status, {dotted YAML key: value}, note)``; ``ctx`` holds
-every key of the source, so a rule can look at the others.
+reason), in tables by kind, made of the rule kinds of ``finetune.kohya.rule_kinds``.
 """
 
 from __future__ import annotations
@@ -8,18 +7,16 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from finetune.config import OptimConfig
 from finetune.kohya.names import KOHYA_KEY_NAMES
 from finetune.kohya.readers import clean_value
+from finetune.kohya.rule_kinds import Out, Rule, ignored, is_off, to, to_bool, to_float, to_int, unsupported, when
 from xlbake.data.kohya import REPEATS_PREFIX
 from xlbake.prompts import OPTIONS as PROMPT_OPTIONS
 from xlbake.prompts import SEPARATOR as PROMPT_SEPARATOR
 
-Status = Literal["mapped", "unsupported", "ignored"]
-Out = tuple[Status, dict[str, Any], str]
-Rule = Callable[[Any, Mapping[str, Any]], Out]
 SOURCE = "_source"
 """Context key holding the source file's path (not a kohya key)."""
 OPTIMIZERS = ("adamw", "adamw8bit", "lion", "lion8bit", "adafactor", "prodigy", "came")
@@ -52,55 +49,6 @@ LORA_NETWORK_KEYS = (
 """LoRA network settings: xlbake trains the whole model; the LoRA is extracted from it afterwards."""
 
 
-# ---------------------------------------------------------------- values and rule factories
-
-
-def _is_off(value: Any, neutral: tuple = ()) -> bool:
-    return value in (None, False, 0, "", [], "none", "None", "no", *neutral)
-
-
-def _int(v: Any) -> int:
-    if isinstance(v, bool) or not float(v).is_integer():
-        raise ValueError(f"expected an integer, got {v!r}")
-    return int(float(v))
-
-
-def _float(v: Any) -> float:
-    if isinstance(v, bool):
-        raise ValueError(f"expected a number, got {v!r}")
-    return float(v)
-
-
-def _bool(v: Any) -> bool:
-    if not isinstance(v, (bool, int)):
-        raise ValueError(f"expected true or false, got {v!r}")
-    return bool(v)
-
-
-def to(key: str | None, convert: Callable[[Any], Any] = str, note: str = "", off: bool = False) -> Rule:
-    """Map to ``key`` (or, with key None, to the dict ``convert`` returns); with ``off``, an off value is ignored."""
-
-    def rule(v: Any, ctx: Mapping[str, Any]) -> Out:
-        if off and _is_off(v):
-            return "ignored", {}, "off"
-        return "mapped", convert(v) if key is None else {key: convert(v)}, note
-
-    return rule
-
-
-def unsupported(why: str, *neutral: Any) -> Rule:
-    return lambda v, ctx: ("ignored", {}, "off") if _is_off(v, neutral) else ("unsupported", {}, why)
-
-
-def ignored(why: str) -> Rule:
-    return lambda v, ctx: ("ignored", {}, why)
-
-
-def when(condition: Callable[[Any, Mapping[str, Any]], bool], why: str, rule: Rule) -> Rule:
-    """``rule`` unless ``condition(value, ctx)``, in which case the key is ignored for reason ``why``."""
-    return lambda v, ctx: ("ignored", {}, why) if condition(v, ctx) else rule(v, ctx)
-
-
 # ---------------------------------------------------------------- rules that look at other keys
 
 
@@ -123,14 +71,14 @@ def _dataset_repeats(v: Any, ctx: Mapping[str, Any]) -> Out:
         return "ignored", {}, "no image_folder: repeats come from the N_name folder names"
     folder = Path(str(ctx["image_folder"]).rstrip("/\\")).name
     match = REPEATS_PREFIX.match(folder)
-    if match and int(match.group(1)) == _int(v):
+    if match and int(match.group(1)) == to_int(v):
         return "ignored", {}, "the image folder's N_ prefix says the same"
     name = match.group(2) if match else folder
-    return "unsupported", {}, f"repeats come from the folder name here: rename {folder} to {_int(v)}_{name}"
+    return "unsupported", {}, f"repeats come from the folder name here: rename {folder} to {to_int(v)}_{name}"
 
 
 def _resolution(v: Any, ctx: Mapping[str, Any]) -> Out:
-    sides = [_int(s) for s in str(v).replace("x", ",").split(",") if s.strip()]
+    sides = [to_int(s) for s in str(v).replace("x", ",").split(",") if s.strip()]
     if len(set(sides)) != 1:
         side = round((sides[0] * sides[-1]) ** 0.5)
         return "unsupported", {}, f"non-square; xlbake buckets by area: set data.resolution ≈ {side}"
@@ -144,18 +92,18 @@ def _te_lr(index: int) -> Rule:
     def rule(v: Any, ctx: Mapping[str, Any]) -> Out:
         if ctx.get("train_text_encoder") is False:
             return "mapped", {f"optim.te{index}_lr": 0.0}, "train_text_encoder is off: frozen"
-        lr = _float(v) if v is not None else _float(ctx.get("learning_rate") or 0)
+        lr = to_float(v) if v is not None else to_float(ctx.get("learning_rate") or 0)
         return "mapped", {f"optim.te{index}_lr": lr}, "0 freezes it" if lr == 0 else ""
 
     return rule
 
 
 def _train_te(v: Any, ctx: Mapping[str, Any]) -> Out:
-    if not _bool(v):
+    if not to_bool(v):
         return "mapped", {"optim.te1_lr": 0.0, "optim.te2_lr": 0.0}, "text encoders frozen"
     if ctx.get(LORA):
         return "ignored", {}, f"on: the encoders train at xlbake's finetune rates ({FINETUNE_RATES})"
-    lr = _float(ctx.get("learning_rate") or 0)
+    lr = to_float(ctx.get("learning_rate") or 0)
     settings = {f"optim.te{i}_lr": lr for i in (1, 2) if ctx.get(f"learning_rate_te{i}") is None}
     if not settings:
         return "ignored", {}, "on: learning_rate_te1/te2 set the encoders' learning rates"
@@ -165,7 +113,7 @@ def _train_te(v: Any, ctx: Mapping[str, Any]) -> Out:
 def lora_evidence(ctx: Mapping[str, Any]) -> str | None:
     """Why the source trains a LoRA, or None: network_module is set (sd-scripts' LoRA trainer), or LoRA-tab keys come
     with a LoRA-sized learning rate (>= LORA_LR, with an optimizer whose rate is not a multiplier around 1)."""
-    if not _is_off(ctx.get("network_module")):
+    if not is_off(ctx.get("network_module")):
         return f"network_module = {ctx['network_module']}"
     marker = next((key for key in LORA_TAB_KEYS if key in ctx), None)
     optimizer = str(ctx.get("optimizer_type") or ctx.get("optimizer") or "").lower()
@@ -173,7 +121,7 @@ def lora_evidence(ctx: Mapping[str, Any]) -> str | None:
         return None
     for key in ("learning_rate", "unet_lr", "text_encoder_lr"):
         try:
-            if _float(ctx.get(key)) >= LORA_LR:
+            if to_float(ctx.get(key)) >= LORA_LR:
                 return f"{key} {ctx[key]}, a LoRA rate, with the LoRA tab's {marker}"
         except (TypeError, ValueError):
             continue
@@ -229,9 +177,9 @@ def _optimizer(v: Any, ctx: Mapping[str, Any]) -> Out:
 
 def _optimizer_args_rule(v: Any, ctx: Mapping[str, Any]) -> Out:
     args = _optimizer_args(v)
-    settings = {f"optim.{key}": _float(args.pop(key)) for key in ("weight_decay", "eps") if key in args}
+    settings = {f"optim.{key}": to_float(args.pop(key)) for key in ("weight_decay", "eps") if key in args}
     if isinstance(args.get("betas"), list) and len(args["betas"]) == 2:
-        settings["optim.betas"] = [_float(b) for b in args.pop("betas")]
+        settings["optim.betas"] = [to_float(b) for b in args.pop("betas")]
     lists = sorted(k for k, a in args.items() if isinstance(a, list))
     if lists:
         return "unsupported", {}, f"list-valued optimizer arguments {lists} cannot be passed"
@@ -242,7 +190,7 @@ def _warmup(value_of: Callable[[Any], float | int]) -> Rule:
     """A warmup: a float is a ratio of all steps (sd-scripts reads lr_warmup_steps < 1 so), an int is steps."""
 
     def rule(v: Any, ctx: Mapping[str, Any]) -> Out:
-        if _is_off(v):
+        if is_off(v):
             return "ignored", {}, "off"
         if str(ctx.get("lr_scheduler") or "constant") == "constant":
             return "ignored", {}, "kohya refuses a warmup with the constant scheduler"
@@ -253,11 +201,11 @@ def _warmup(value_of: Callable[[Any], float | int]) -> Rule:
 
 
 def _epoch_set(v: Any, ctx: Mapping[str, Any]) -> bool:
-    return not _is_off(ctx.get("max_train_epochs"))
+    return not is_off(ctx.get("max_train_epochs"))
 
 
 def _steps_overridden(v: Any, ctx: Mapping[str, Any]) -> bool:
-    return not (_is_off(ctx.get("max_train_epochs")) and _is_off(ctx.get("epoch")))
+    return not (is_off(ctx.get("max_train_epochs")) and is_off(ctx.get("epoch")))
 
 
 def _scheduler_is_not(name: str) -> Callable[[Any, Mapping[str, Any]], bool]:
@@ -361,28 +309,29 @@ SPECIAL: dict[str, Rule] = {
     "pretrained_model_name_or_path": _base_model, "image_folder": _image_folder, "dataset_repeats": _dataset_repeats,
     **dict.fromkeys(("xformers", "sdpa", "mem_eff_attn"), to("model.attention", lambda v: "sdpa", "torch SDPA", True)),
     "dynamo_backend": to("model.compile", lambda v: True, "torch.compile", off=True),
-    "v_parameterization": to("loss.prediction", lambda v: "v_prediction" if _bool(v) else "epsilon"),
+    "v_parameterization": to("loss.prediction", lambda v: "v_prediction" if to_bool(v) else "epsilon"),
     "train_data_dir": to("data.roots", lambda v: [str(v)]), "resolution": _resolution, "max_resolution": _resolution,
-    "seed": when(lambda v, ctx: _is_off(v), "kohya: random seed; xlbake seeds train.seed (0)", to("train.seed", _int)),
-    "max_train_epochs": to("train.epochs", _int, off=True),
-    "epoch": when(_epoch_set, "max_train_epochs wins (the guide: use it)", to("train.epochs", _int, off=True)),
+    "seed": when(lambda v, ctx: is_off(v), "kohya: random seed; xlbake seeds train.seed (0)", to("train.seed", to_int)),
+    "max_train_epochs": to("train.epochs", to_int, off=True),
+    "epoch": when(_epoch_set, "max_train_epochs wins (the guide: use it)", to("train.epochs", to_int, off=True)),
     "max_train_steps": when(_steps_overridden, "sd-scripts lets the epoch count override it",
-                            to("train.max_steps", _int, "xlbake also stops after train.epochs", off=True)),
-    "learning_rate": _rate(lambda v, ctx: ("mapped", {"optim.unet_lr": _float(v)}, "0: UNet frozen" if v == 0 else "")),
+                            to("train.max_steps", to_int, "xlbake also stops after train.epochs", off=True)),
+    "learning_rate": _rate(lambda v, ctx: ("mapped", {"optim.unet_lr": to_float(v)},
+                                           "0: UNet frozen" if v == 0 else "")),
     "learning_rate_te1": _rate(_te_lr(1)), "learning_rate_te2": _rate(_te_lr(2)), "train_text_encoder": _train_te,
     **dict.fromkeys(LORA_ONLY_RATES, _rate(_lora_only_rate)),
     "optimizer": _optimizer, "optimizer_type": _optimizer, "optimizer_args": _optimizer_args_rule,
-    "lr_warmup": _warmup(lambda v: _float(v) / 100),
-    "lr_warmup_steps": _warmup(lambda v: _float(v) if _float(v) < 1 else _int(v)),
+    "lr_warmup": _warmup(lambda v: to_float(v) / 100),
+    "lr_warmup_steps": _warmup(lambda v: to_float(v) if to_float(v) < 1 else to_int(v)),
     "lr_scheduler_num_cycles": when(_scheduler_is_not("cosine_with_restarts"), "only used by cosine_with_restarts",
-                                    to("optim.cycles", _int)),
+                                    to("optim.cycles", to_int)),
     "lr_scheduler_power": when(_scheduler_is_not("polynomial"), "only used by polynomial", to("optim.power")),
     **dict.fromkeys(("no_half_vae", "sdxl_no_half_vae"), when(
-        lambda v, ctx: not _bool(v), "xlbake keeps SDXL's VAE in fp32 (in fp16 it overflows)",
+        lambda v, ctx: not to_bool(v), "xlbake keeps SDXL's VAE in fp32 (in fp16 it overflows)",
         to("precision.vae", lambda v: "fp32"))),
     "save_precision": to("checkpoint.dtype", lambda v: {"float": "fp32"}.get(str(v), str(v))),
-    "max_timestep": to("noise.max_timestep", lambda v: _int(v) or 1000),
-    "min_snr_gamma": to("loss.min_snr_gamma", lambda v: _float(v) or None),
+    "max_timestep": to("noise.max_timestep", lambda v: to_int(v) or 1000),
+    "min_snr_gamma": to("loss.min_snr_gamma", lambda v: to_float(v) or None),
     "enable_ema": to(None, lambda v: {"ema.enabled": True, "checkpoint.weights": "ema"},
                      "the EMA weights are the output (as configs/finetune/a100-80gb-ema.yaml)", off=True),
     "output_dir": _run_dir, "save_model_as": _save_as, "sample_prompts": _samples,

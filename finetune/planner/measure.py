@@ -1,7 +1,4 @@
-"""The model as the planner sees it: built on the meta device (shapes only: no memory, no weights).
-
-``model_parts``: the configured architecture (real SDXL, a diffusers folder's configs, or the builtin tiny model)
-with exact parameter counts per part and the shapes of the parameters that train.
+"""Activation memory of the training forward, measured on the meta device (shapes only: no memory, no weights).
 
 ``measure_sdxl``: activation memory of one training forward. Each part is set up as
 ``finetune.model.setup_trainable`` does (trained parts in the master dtype, frozen ones in the mixed-precision
@@ -25,13 +22,14 @@ import functools
 import json
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
+
+from finetune.planner.parts import build_part
+from xlbake.sdxl.parts import PART_ATTRS
 
 LOW_PRECISION_OPS = frozenset(
     {
@@ -66,107 +64,6 @@ FP32_OPS = frozenset(
     }
 )
 """Calls that CUDA autocast runs in fp32."""
-PART_MODULES = {"te1": "text_encoder", "te2": "text_encoder_2", "unet": "unet"}
-"""Planner part name -> diffusers component name (and key of the architecture configs)."""
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "vae")
-PART_NAMES = {"unet": "unet", "text_encoder": "te1", "text_encoder_2": "te2", "vae": "vae"}
-
-
-@dataclass(frozen=True)
-class Part:
-    """One SDXL component, counted on the meta device."""
-
-    name: str
-    """"unet", "te1", "te2" or "vae"."""
-    config: Mapping[str, Any]
-    """Its constructor config."""
-    params: int
-    buffer_bytes: int
-    """Buffers (e.g. the text encoders' position ids): copied by EMA."""
-    trained_shapes: tuple[tuple[int, ...], ...]
-    """Shapes of the parameters that get gradients when this part trains (TE1's unreachable last layer and final
-    norm stay frozen, see ``finetune.model.unreachable_parameters``)."""
-
-
-def model_parts(model_cfg: Any) -> tuple[str, tuple[Part, ...], tuple[str, ...]]:
-    """(where the architecture came from, the four parts, notes) for a ``ModelConfig``. Nothing is downloaded."""
-    configs, source, notes = architecture(model_cfg)
-    return source, _parts(json.dumps(configs, sort_keys=True)), notes
-
-
-def architecture(model_cfg: Any) -> tuple[dict[str, dict[str, Any]], str, tuple[str, ...]]:
-    """The component configs the trainer would build: builtin tiny, a diffusers folder's (the base, else
-    ``model.components``), the locally cached hub id's, or SDXL base 1.0's (``xlbake.sdxl.configs``)."""
-    from finetune.config import SDXL_HUB_ID, builtin_name
-    from xlbake.errors import ConfigError
-    from xlbake.sdxl.configs import SDXL_CONFIGS
-    from xlbake.sdxl.models import single_file_kind
-
-    name = builtin_name(model_cfg.base)
-    if name is not None:
-        if name != "tiny":
-            raise ConfigError(f"model.base: unknown builtin model {name!r}; the builtin model is builtin:tiny")
-        return _tiny_configs(), "builtin tiny model", ()
-    base, components = Path(model_cfg.base), str(model_cfg.components)
-    folder = base if base.is_dir() else Path(components) if Path(components).is_dir() else None
-    if folder is not None:
-        return {c: _read_json(folder / c / "config.json") for c in COMPONENTS}, f"{folder} (config.json files)", ()
-    sdxl = {c: dict(SDXL_CONFIGS[c]) for c in COMPONENTS}
-    if components == SDXL_HUB_ID:  # as the trainer: the file's shapes say which (InputError for other sizes)
-        if base.is_file() and single_file_kind(base) == "tiny":
-            return _tiny_configs(), f"the builtin tiny model (recognised in {base})", ()
-        return sdxl, "SDXL base 1.0 (xlbake.sdxl.configs)", ()
-    cached = _cached_hub_configs(components)
-    if cached is not None:
-        return cached, f"{components} (local hub cache)", ()
-    return sdxl, "SDXL base 1.0 (assumed)", (f"model.components {components} is not cached here: assumed SDXL",)
-
-
-def _tiny_configs() -> dict[str, dict[str, Any]]:
-    from xlbake.sdxl.tiny import build_tokenizers, tiny_configs
-
-    return tiny_configs(*build_tokenizers())
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    from xlbake.errors import InputError
-
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise InputError(
-            f"{path}: cannot read the component config ({exc}); point model.base/components at a diffusers folder"
-        ) from exc
-
-
-def _cached_hub_configs(repo: str) -> dict[str, dict[str, Any]] | None:
-    from huggingface_hub import try_to_load_from_cache
-
-    paths = {c: try_to_load_from_cache(repo, f"{c}/config.json") for c in COMPONENTS}
-    if not all(isinstance(p, str) for p in paths.values()):
-        return None
-    return {c: _read_json(Path(p)) for c, p in paths.items()}
-
-
-@functools.lru_cache(maxsize=8)
-def _parts(key: str) -> tuple[Part, ...]:
-    from accelerate import init_empty_weights
-
-    from finetune.model import unreachable_parameters
-
-    configs = json.loads(key)
-    with init_empty_weights():
-        modules = {c: _build(c, configs[c]) for c in COMPONENTS}
-    dead = set(unreachable_parameters(SimpleNamespace(text_encoder=modules["text_encoder"]))["te1"])
-    parts = []
-    for component, module in modules.items():
-        name = PART_NAMES[component]
-        frozen = dead if name == "te1" else set()
-        shapes = tuple(tuple(p.shape) for n, p in module.named_parameters() if n not in frozen)
-        params = sum(p.numel() for p in module.parameters())
-        buffers = sum(b.numel() * b.element_size() for b in module.buffers())
-        parts.append(Part(name, configs[component], params, buffers, shapes))
-    return tuple(parts)
 
 
 @dataclass(frozen=True)
@@ -326,7 +223,7 @@ def measure_sdxl(
     """
     total = ActivationBytes(0, 0, 0, 0)
     text_grad = bool(trained.get("te1") or trained.get("te2"))
-    for part, name in PART_MODULES.items():
+    for part, name in PART_ATTRS.items():
         if not trained.get(part) and not (part == "unet" and text_grad):
             continue  # a frozen text encoder saves nothing: its input (token ids) needs no gradient
         trains = bool(trained.get(part))
@@ -360,7 +257,7 @@ def _measure_part(key: str) -> ActivationBytes:
     spec = json.loads(key)
     part, trained, low = spec["part"], spec["trained"], torch.float16 if spec["low"] else None
     with init_empty_weights():
-        module = _build(PART_MODULES[part], spec["config"])
+        module = build_part(PART_ATTRS[part], spec["config"])
     dtype = torch.float32 if trained or low is None else low
     torch.nn.Module.to(module, dtype)  # the plain Module.to: diffusers' own warns about fp32 modules on every cast
     module.requires_grad_(trained).train(trained)
@@ -386,18 +283,6 @@ def _measure_part(key: str) -> ActivationBytes:
             module(ids, output_hidden_states=True)
 
     return measure_forward({part: module}, run, low=low, checkpointing=trained)
-
-
-def _build(component: str, config: Mapping[str, Any]) -> torch.nn.Module:
-    """unet / text_encoder / text_encoder_2 / vae from its config (constructor kwargs or a config.json)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    if component in ("unet", "vae"):
-        cls = UNet2DConditionModel if component == "unet" else AutoencoderKL
-        return cls.from_config(dict(config))
-    cls = CLIPTextModel if component == "text_encoder" else CLIPTextModelWithProjection
-    return cls(CLIPTextConfig(**config))
 
 
 def _set_attention(module: torch.nn.Module, attention: str) -> None:

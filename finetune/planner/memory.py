@@ -1,4 +1,4 @@
-"""Memory and time planner: does a finetune config fit a GPU, and if not, what to change.
+"""The memory a finetune config takes per GPU and in host RAM, line by line (the plan around it: ``plan``).
 
 The model parts are built on the meta device (no weights) from the configured architecture: parameters are counted
 exactly, per part and trained or not. Weights, gradients, optimizer states and EMA follow from them and from the
@@ -19,8 +19,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 from finetune.config import FinetuneConfig
-from finetune.planner.measure import PART_MODULES, Part, model_parts
-from finetune.planner.speed import GIB, StepTime, gpu_kind, step_seconds
+from finetune.launch import ZERO3, ZeroSettings
+from finetune.planner.measure import measure_sdxl
+from finetune.planner.parts import Part
+from finetune.planner.speed import GIB
+from xlbake.sdxl.parts import PART_ATTRS
 
 HEADROOM = 0.05
 """A plan "fits" below 95 % of the GPU: allocator fragmentation and cuDNN/cuBLAS workspaces take the rest."""
@@ -42,27 +45,6 @@ Verdict = Literal["fits", "tight", "does not fit"]
 
 
 @dataclass(frozen=True)
-class DeepSpeedSetup:
-    """The DeepSpeed ZeRO settings of the launch (``configs/accelerate/deepspeed-*.yaml``)."""
-
-    stage: int = 2
-    offload_optimizer: bool = False
-    offload_params: bool = False
-
-
-@dataclass(frozen=True)
-class DatasetStats:
-    """What the step count depends on: training samples per bucket (each image times its folder's repeats)."""
-
-    images: int
-    buckets: tuple[tuple[tuple[int, int], int], ...]  # ((width, height), samples)
-
-    @property
-    def samples(self) -> int:
-        return sum(count for _, count in self.buckets)
-
-
-@dataclass(frozen=True)
 class Line:
     """One row of the memory table: bytes on each GPU and in host RAM."""
 
@@ -71,110 +53,6 @@ class Line:
     host: int = 0
     phase: Literal["resident", "forward", "step", "load"] = "resident"
     note: str = ""
-
-
-@dataclass(frozen=True)
-class Steps:
-    """Steps and time from the dataset."""
-
-    samples_per_epoch: int
-    batches_per_epoch: int
-    steps_per_epoch: int
-    total_steps: int
-    hours: float  # on A100-class GPUs, from plan_time.A100_SDXL_IMAGES_PER_SECOND (an assumption)
-    step_seconds: float | None = None  # per optimizer step on ``gpu`` (an assumption), None for an unknown GPU
-    gpu: str | None = None  # the kind of GPU the time is estimated for (SDXL_IMAGES_PER_SECOND)
-
-
-@dataclass(frozen=True)
-class Suggestion:
-    """A config or launch change and the peak per GPU with it (and every suggestion above it)."""
-
-    change: str
-    cost: str
-    gpu_total: int
-    host_total: int
-    verdict: Verdict
-
-
-@dataclass(frozen=True)
-class Plan:
-    """The memory and time plan of one config on one kind of GPU."""
-
-    architecture: str
-    parts: tuple[Part, ...]
-    trained: tuple[str, ...]
-    lines: tuple[Line, ...]
-    gpu_total: int
-    host_total: int
-    gpu_memory: int
-    gpus: int
-    deepspeed: DeepSpeedSetup | None
-    verdict: Verdict
-    steps: Steps | None
-    suggestions: tuple[Suggestion, ...]
-    notes: tuple[str, ...]
-    warnings: tuple[str, ...] = ()
-    step_time: StepTime | None = None  # without a counted dataset: the time of one optimizer step
-
-    def line(self, label_start: str) -> Line:
-        """The line whose label starts with ``label_start``; a zero line if none (e.g. EMA when it is off)."""
-        for line in self.lines:
-            if line.label.startswith(label_start):
-                return line
-        return Line(label_start, 0)
-
-
-def plan(
-    cfg: FinetuneConfig,
-    *,
-    gpu_memory_bytes: int,
-    gpus: int = 1,
-    dataset_stats: DatasetStats | None = None,
-    deepspeed: DeepSpeedSetup | None = None,
-    suggest: bool = True,
-    gpu_name: str | None = None,
-) -> Plan:
-    """Plan ``cfg`` on ``gpus`` GPUs of ``gpu_memory_bytes`` each (``gpu_name``: their CUDA name, if known), launched
-    plainly (DDP if gpus > 1) or with ``deepspeed``; with ``dataset_stats``, also the step count and time (assumed
-    throughput, ``SDXL_IMAGES_PER_SECOND``). ``suggest``: list changes when it does not fit."""
-    from finetune.ema_reach import ema_warning
-
-    arch, parts, notes = model_parts(cfg.model)
-    lines = memory_lines(cfg, parts, gpus, deepspeed)
-    gpu_total, host_total = totals(lines)
-    verdict = verdict_for(gpu_total, gpu_memory_bytes)
-    suggestions: tuple[Suggestion, ...] = ()
-    if suggest and verdict != "fits":
-        from finetune.planner.report import suggest_changes  # the advice re-plans through this module
-
-        suggestions = tuple(suggest_changes(cfg, gpu_memory_bytes, gpus, deepspeed))
-    if deepspeed is not None and deepspeed.stage == 3 and cfg.ema.enabled:
-        notes = (*notes, "EMA cannot follow ZeRO-3-partitioned parameters: use ZeRO-2 or disable ema")
-    if deepspeed is not None and deepspeed.offload_optimizer and cfg.optim.name != "adamw":
-        notes = (*notes, f"with optimizer offload accelerate replaces {cfg.optim.name} by DeepSpeed's CPU Adam")
-    trained = tuple(name for name in ("unet", "te1", "te2") if _lr(cfg, name) > 0)
-    kind = gpu_kind(gpu_name, gpu_memory_bytes)
-    steps = steps_for(cfg, dataset_stats, gpus, kind) if dataset_stats is not None else None
-    step_time = StepTime(kind, step_seconds(cfg, kind, 1.0)) if steps is None else None
-    warning = ema_warning(cfg.ema, steps.total_steps) if steps is not None else None
-    return Plan(
-        arch,
-        parts,
-        trained,
-        tuple(lines),
-        gpu_total,
-        host_total,
-        gpu_memory_bytes,
-        gpus,
-        deepspeed,
-        verdict,
-        steps,
-        suggestions,
-        tuple(notes),
-        (warning,) if warning else (),
-        step_time,
-    )
 
 
 def verdict_for(total: int, capacity: int) -> Verdict:
@@ -193,20 +71,14 @@ def totals(lines: Sequence[Line]) -> tuple[int, int]:
     return resident + max(phases), max(load, training)
 
 
-def _lr(cfg: FinetuneConfig, part: str) -> float:
-    return {"unet": cfg.optim.unet_lr, "te1": cfg.optim.te1_lr, "te2": cfg.optim.te2_lr}[part]
-
-
-def memory_lines(cfg: FinetuneConfig, parts: Sequence[Part], gpus: int, deepspeed: DeepSpeedSetup | None) -> list[Line]:
+def memory_lines(cfg: FinetuneConfig, parts: Sequence[Part], gpus: int, deepspeed: ZeroSettings | None) -> list[Line]:
     """Every memory line of the plan (see the module docstring for how they add up)."""
-    from finetune.planner.measure import measure_sdxl
-
     p = cfg.precision
     train_bytes = 2 if p.full_bf16 else 4
     low_bytes = 2 if p.mixed != "no" else 4
     by_name = {part.name: part for part in parts}
-    trained = [by_name[n] for n in ("unet", "te1", "te2") if _lr(cfg, n) > 0]
-    frozen = [by_name[n] for n in ("unet", "te1", "te2") if _lr(cfg, n) == 0]
+    trained = [by_name[n] for n, lr in cfg.optim.part_lrs.items() if lr > 0]
+    frozen = [by_name[n] for n, lr in cfg.optim.part_lrs.items() if lr == 0]
     shapes = [s for part in trained for s in part.trained_shapes]
     weights = sum(part.params for part in trained) * train_bytes + sum(part.buffer_bytes for part in trained)
     vae_bytes = by_name["vae"].params * (2 if p.vae == "fp16" else 4)
@@ -215,7 +87,7 @@ def memory_lines(cfg: FinetuneConfig, parts: Sequence[Part], gpus: int, deepspee
     state_bytes = optimizer_state_bytes(cfg.optim.name, shapes, train_bytes, cfg.optim.args)
     vae_scale = 2 ** (len(by_name["vae"].config["block_out_channels"]) - 1)
     activations = measure_sdxl(
-        {PART_MODULES[part.name]: part.config for part in parts if part.name != "vae"},
+        {PART_ATTRS[part.name]: part.config for part in parts if part.name != "vae"},
         trained={part.name: True for part in trained},
         mixed=p.mixed,
         full_bf16=p.full_bf16 or deepspeed is not None,
@@ -264,9 +136,7 @@ def _plain_lines(
     return lines
 
 
-def _zero_lines(
-    cfg: FinetuneConfig, trained: Sequence[Part], shapes: list, gpus: int, ds: DeepSpeedSetup
-) -> list[Line]:
+def _zero_lines(cfg: FinetuneConfig, trained: Sequence[Part], shapes: list, gpus: int, ds: ZeroSettings) -> list[Line]:
     """ZeRO: the engine holds 16-bit weights and gradients, fp32 master weights and fp32 optimizer states,
     partitioned over the GPUs (stage 1: states; 2: + gradients; 3: + weights), optionally offloaded to the CPU.
     Host figures are for all ranks of the node."""
@@ -274,11 +144,11 @@ def _zero_lines(
     n_trained = sum(math.prod(s) for s in shapes)
     n_weights = sum(part.params for part in trained)
     weights, host_weights = n_weights * half + sum(part.buffer_bytes for part in trained), 0
-    if ds.stage == 3:
+    if ds.stage == ZERO3:
         live = min(n_weights, ZERO3_LIVE_PARAMETERS) * half
-        weights, host_weights = (live, weights) if ds.offload_params else (live + weights // gpus, 0)
+        weights, host_weights = (live, weights) if ds.params_on_cpu else (live + weights // gpus, 0)
     master = n_trained * 4 if half == 2 else 0  # in fp32 the engine updates the weights themselves
-    offload = ds.offload_optimizer
+    offload = ds.optimizer_on_cpu
     kind = "adamw" if offload else cfg.optim.name  # accelerate swaps in DeepSpeed's CPU Adam with offload
     sharded = master + optimizer_state_bytes(kind, shapes, 4, {} if offload else cfg.optim.args)
     # gradients: a 16-bit partition on the GPU (all of them below stage 2); with offload they are reduced straight
@@ -302,7 +172,7 @@ def _host_lines(cfg: FinetuneConfig, parts: Sequence[Part], gpus: int) -> list[L
     """Host RAM: each process reads the whole checkpoint and builds fp32 models at load; then per-process overhead,
     DataLoader workers, and the fp32 base weights of frozen parts (what the outputs hold for them)."""
     n_all = sum(part.params for part in parts)
-    frozen = sum(p.params * 4 for p in parts if p.name in PART_MODULES and not _lr(cfg, p.name))
+    frozen = sum(p.params * 4 for p in parts if p.name in PART_ATTRS and not cfg.optim.part_lrs[p.name])
     single_file = cfg.model.base.suffix == ".safetensors"
     load = (n_all * 4 + (n_all * 2 if single_file else 0)) * gpus
     note = "fp16 single file read whole + fp32 models, per process" if single_file else "fp32 models, per process"
@@ -359,19 +229,3 @@ def _state_bytes(name: str, n: int, factored: int | None, dtype_bytes: int, args
         beta1 = float(args.get("betas", (0.9, 0.999))[0])
         return (2 * sliced + (2 if beta1 > 0 else 1) * n) * dtype_bytes
     raise ValueError(f"unknown optimizer {name!r}")
-
-
-def steps_for(cfg: FinetuneConfig, stats: DatasetStats, gpus: int, kind: str | None = "A100") -> Steps:
-    """Optimizer steps as finetune.data's sampler makes them: per-bucket batches, split over GPUs, accumulated;
-    the time on GPUs of ``kind`` (assumed, ``step_seconds``)."""
-    from finetune.data import steps_per_epoch
-
-    batches = sum(math.ceil(count / cfg.train.batch_size) for _, count in stats.buckets)
-    per_epoch = steps_per_epoch(batches, cfg.train.grad_accum, gpus)
-    total = cfg.train.epochs * per_epoch
-    if cfg.train.max_steps:
-        total = min(total, cfg.train.max_steps)
-    area = sum(w * h * count for (w, h), count in stats.buckets) / max(stats.samples, 1) / 1024**2
-    seconds = step_seconds(cfg, kind, area)
-    hours = total * step_seconds(cfg, "A100", area) / 3600
-    return Steps(stats.samples, batches, per_epoch, total, hours, seconds, kind)

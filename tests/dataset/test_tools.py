@@ -25,7 +25,6 @@ from xlbake.dataset.tools import (
     edit_tags,
     near_duplicates,
     phash,
-    plan_steps,
     suggest_repeats,
     tag_frequencies,
     token_counter,
@@ -200,27 +199,6 @@ def test_tags_edit_folder_dry_run_and_frequencies(tmp_path):
     assert runner.invoke(dataset, ["tags", str(tmp_path)]).exit_code == 2  # nothing asked
 
 
-@pytest.mark.parametrize(
-    ("images", "repeats", "epochs", "batch", "steps"),
-    [  # the guides' tables: images x repeats x epochs / batch = steps
-        (20, 10, 10, 2, 1000), (100, 3, 10, 2, 1500), (400, 1, 10, 2, 2000),
-        (20, 2, 10, 2, 200), (40, 2, 7, 2, 280), (60, 2, 5, 2, 300), (100, 2, 4, 2, 400),
-        (200, 2, 3, 2, 600), (600, 2, 2, 2, 1200), (200, 1, 17, 2, 1700), (300, 1, 12, 2, 1800),
-        (100, 1, 8, 2, 400), (200, 1, 7, 2, 700), (300, 1, 5, 2, 750), (600, 1, 5, 2, 1500),
-        (1000, 1, 10, 3, 3340),  # the guide rounds 3333 to 3300; sd-scripts rounds each epoch's 333.3 up to 334
-    ],
-)  # fmt: skip
-def test_plan_steps_reproduces_the_guides_tables(images, repeats, epochs, batch, steps):
-    assert plan_steps(images * repeats, epochs=epochs, batch=batch).total_steps == steps
-
-
-def test_plan_steps_with_accumulation_and_gpus():
-    plan = plan_steps(399, epochs=100, batch=1, grad_accum=3, gpus=2)
-    assert (plan.batches_per_epoch, plan.steps_per_epoch, plan.total_steps) == (200, 67, 6700)
-    with pytest.raises(ValueError):
-        plan_steps(10, epochs=0)
-
-
 def test_t_method_golden():
     """The guide's outfits: 20, 33, 100, 50 images at 5, 3, 1, 2 repeats = 399 = T, about 100 per outfit."""
     picked = [suggest_repeats(n, 100)[0] for n in (20, 33, 100, 50)]
@@ -265,8 +243,7 @@ def emma(tmp_path):
 
 def test_check_plan_and_trainer_count_the_same_images(emma, tmp_path):
     from finetune.captions import CaptionConfig
-    from finetune.data import DataConfig
-    from finetune.data import check_dataset as trainer_check
+    from finetune.data import DataConfig, read_training_data
 
     report = check_dataset([emma], counter=APPROX, min_pixels=1)
     assert (report.n_images, report.n_train, report.n_folders) == (11, 5, 1)
@@ -279,22 +256,21 @@ def test_check_plan_and_trainer_count_the_same_images(emma, tmp_path):
     assert "4 image(s) left out" in planned.output
     cfg = DataConfig(roots=(emma,), resolution=64, min_bucket_reso=32, max_bucket_reso=128, bucket_step=8,
                      on_bad_image="skip")  # fmt: skip
-    trained = trainer_check(cfg, CaptionConfig())
+    trained = read_training_data(cfg, CaptionConfig())
     assert (len(trained.samples), len(trained.skipped)) == (5, 4)
     assert any(path.name == "misc" for path, _ in trained.notes)
 
 
 def test_a_concept_folder_as_root_is_refused_alike_by_check_plan_and_trainer(emma):
     from finetune.captions import CaptionConfig
-    from finetune.data import DataConfig
-    from finetune.data import check_dataset as trainer_check
+    from finetune.data import DataConfig, read_training_data
 
     concept = emma / "10_ohwx woman"
     for args in (["check", str(concept)], ["plan", str(concept)]):
         result = CliRunner().invoke(dataset, args)
         assert result.exit_code == 1 and f"pass its parent {emma}" in result.output, result.output
     with pytest.raises(InputError, match=f"pass its parent {emma}"):
-        trainer_check(DataConfig(roots=(concept,)), CaptionConfig())
+        read_training_data(DataConfig(roots=(concept,)), CaptionConfig())
 
 
 def test_caption_and_tag_tools_write_only_where_the_trainer_reads(emma):

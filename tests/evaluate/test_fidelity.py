@@ -9,16 +9,8 @@ import torch
 from click.testing import CliRunner
 
 from xlbake.errors import InputError
-from xlbake.evaluate.fidelity import (
-    FidelityResult,
-    fidelity_table,
-    kept_effect,
-    lora_updates,
-    make_inputs,
-    measure_fidelity,
-    merged,
-    weight_energies,
-)
+from xlbake.evaluate.fidelity import FidelityResult, fidelity_table, kept_effect, make_inputs, measure_fidelity
+from xlbake.evaluate.weight_kept import lora_updates, merged, weight_energies
 from xlbake.lora.io import LoraFile, LoraModule, lora_metadata, read_lora, write_lora
 from xlbake.lora.names import kohya_targets
 from xlbake.sdxl.checkpoint import open_checkpoint, save_sgm_checkpoint

@@ -11,15 +11,8 @@ from torch.utils.data import DataLoader
 
 from finetune.buckets import crop_geometry
 from finetune.captions import CaptionConfig
-from finetune.data import (
-    BucketBatchSampler,
-    DataConfig,
-    build_dataset,
-    collate,
-    load_pixels,
-    steps_per_epoch,
-    window_size,
-)
+from finetune.data import DataConfig, build_dataset, collate, load_pixels
+from finetune.sampler import BucketBatchSampler, window_size
 from xlbake.errors import ConfigError, InputError, TrainingError
 
 TINY = {"resolution": 64, "min_bucket_reso": 32, "max_bucket_reso": 128, "bucket_step": 8}
@@ -236,12 +229,6 @@ def test_builtin_demo_dataset(demo_dataset, tokenizers, caplog):
     assert not caplog.records  # nothing to complain about
     assert len(ds.samples) == 8 and len(ds) == 16 and all("xlbk emblem" in s.caption for s in ds.samples)
     assert len(ds.bucket_groups()) > 1
-
-
-def test_steps_per_epoch():
-    assert steps_per_epoch(10, 3, 1) == 4
-    assert steps_per_epoch(10, 1, 4) == 3
-    assert steps_per_epoch(12, 3, 2) == 2
 
 
 def test_window_size_is_short_only_in_the_last_window_of_an_epoch():

@@ -33,11 +33,9 @@ from finetune.config import FinetuneConfig
 from finetune.distributed import (
     TRACE_ENV,
     Denoiser,
-    ZeroSettings,
-    check_zero,
-    launch_zero_settings,
     rank_seed,
 )
+from finetune.launch import ZeroSettings, check_zero, launch_zero_settings
 from finetune.state import STATE_FILE, TrainerState, read_trainer_state, state_dirs, write_state
 from xlbake.config import dump_yaml, load_config
 from xlbake.errors import ConfigError

@@ -12,24 +12,21 @@ import pytest
 import torch
 from ema_pytorch import EMA
 
-import finetune.planner.memory as plan_module
+import finetune.planner.memory as memory_module
 from finetune.config import FinetuneConfig, ModelConfig
-from finetune.data import BucketBatchSampler, build_dataset, steps_per_epoch
+from finetune.data import build_dataset
+from finetune.launch import ZeroSettings, launch_zero_settings, read_accelerate_config
 from finetune.model import load_model, setup_trainable
 from finetune.optim import build_optimizer
-from finetune.planner.measure import measure_sdxl, model_parts
-from finetune.planner.memory import GIB, DeepSpeedSetup, optimizer_state_bytes, plan
-from finetune.planner.report import (
-    check_before_training,
-    dataset_stats,
-    deepspeed_from_accelerate_config,
-    deepspeed_from_env,
-    format_plan,
-    parse_gib,
-    plan_text,
-)
+from finetune.planner.measure import measure_sdxl
+from finetune.planner.memory import GIB, optimizer_state_bytes
+from finetune.planner.parts import model_parts
+from finetune.planner.plan import plan
+from finetune.planner.report import check_before_training, dataset_stats, format_plan, parse_gib, plan_text
+from finetune.sampler import BucketBatchSampler
 from finetune.text import encode_prompt
 from xlbake.config import load_config
+from xlbake.data.steps import steps_per_epoch
 from xlbake.errors import ConfigError, TrainingError
 from xlbake.lora.budget import parse_size
 from xlbake.sdxl.tiny import build_tiny_components, build_tokenizers, tiny_configs
@@ -171,7 +168,7 @@ def run_overrides(change: str) -> list[str]:
 
 
 def test_suggestions_are_ordered_shrink_the_peak_and_reproduce(tiny_paths, monkeypatch):
-    monkeypatch.setattr(plan_module, "CUDA_CONTEXT_BYTES", 0)  # let the tiny model's own bytes decide
+    monkeypatch.setattr(memory_module, "CUDA_CONTEXT_BYTES", 0)  # let the tiny model's own bytes decide
     cfg = tiny_cfg(tiny_paths, "ema.enabled=true", "train.batch_size=2", "precision.mixed=fp16")
     full = plan(cfg, gpu_memory_bytes=BIG)
     result = plan(cfg, gpu_memory_bytes=int(full.gpu_total * 0.6))
@@ -203,9 +200,9 @@ def tiny_overrides(tiny_paths, cfg: FinetuneConfig) -> list[str]:
 
 def test_zero_partitions_and_offload(tiny_paths):
     cfg = tiny_cfg(tiny_paths, "precision.mixed=fp16")
-    one = plan(cfg, gpu_memory_bytes=BIG, gpus=1, deepspeed=DeepSpeedSetup(stage=2))
-    four = plan(cfg, gpu_memory_bytes=BIG, gpus=4, deepspeed=DeepSpeedSetup(stage=2))
-    offload = plan(cfg, gpu_memory_bytes=BIG, gpus=4, deepspeed=DeepSpeedSetup(stage=2, offload_optimizer=True))
+    one = plan(cfg, gpu_memory_bytes=BIG, gpus=1, deepspeed=ZeroSettings(stage=2))
+    four = plan(cfg, gpu_memory_bytes=BIG, gpus=4, deepspeed=ZeroSettings(stage=2))
+    offload = plan(cfg, gpu_memory_bytes=BIG, gpus=4, deepspeed=ZeroSettings(stage=2, offload_optimizer="cpu"))
     label = "fp32 master + adamw states"
     assert four.line(label).gpu == one.line(label).gpu // 4
     on_cpu = offload.line("fp32 master + CPU Adam states")
@@ -219,7 +216,7 @@ def test_zero_partitions_and_offload(tiny_paths):
         replace(cfg, ema=replace(cfg.ema, enabled=True)),
         gpu_memory_bytes=BIG,
         gpus=4,
-        deepspeed=DeepSpeedSetup(stage=3),
+        deepspeed=ZeroSettings(stage=3),
     )
     assert any("ZeRO-3" in note for note in zero3.notes)
 
@@ -243,20 +240,23 @@ def test_steps_match_the_trainers_sampler(tiny_paths, demo_dataset):
     assert f"{expected} optimizer steps/epoch, {3 * expected} in total" in text and "FITS" in text
 
 
-def test_sizes_and_launch_settings():
+def test_sizes_and_launch_settings(monkeypatch):
     assert parse_gib("80GB") == parse_gib("80 GiB") == parse_gib("81920MiB") == 80 * GIB
     assert parse_gib("48G") == 48 * GIB and parse_gib("1024") == 1024
     assert parse_size("80GB").amount == 80 * 10**9, "a LoRA file's GB is decimal, a GPU's binary"
     with pytest.raises(ConfigError, match="--gpu-memory"):
         parse_gib("lots")
     accelerate = ROOT / "configs" / "accelerate"
-    assert deepspeed_from_accelerate_config(accelerate / "single-gpu.yaml") == (1, None)
-    processes, ds = deepspeed_from_accelerate_config(accelerate / "deepspeed-zero2.yaml")
-    assert ds == DeepSpeedSetup(stage=2, offload_optimizer=True)
-    assert deepspeed_from_accelerate_config(accelerate / "deepspeed-zero3.yaml")[1].stage == 3
-    assert deepspeed_from_accelerate_config(accelerate / "multi-gpu.yaml")[0] > 1
-    env = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}
-    assert deepspeed_from_env(env) == DeepSpeedSetup(stage=3) and deepspeed_from_env({}) is None
+    assert read_accelerate_config(accelerate / "single-gpu.yaml") == (1, None)
+    processes, ds = read_accelerate_config(accelerate / "deepspeed-zero2.yaml")
+    assert ds == ZeroSettings(stage=2, offload_optimizer="cpu", gradient_clipping=1.0)
+    assert read_accelerate_config(accelerate / "deepspeed-zero3.yaml")[1].stage == 3
+    assert read_accelerate_config(accelerate / "multi-gpu.yaml")[0] > 1
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    assert launch_zero_settings() is None
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    assert launch_zero_settings() == ZeroSettings(stage=3)
 
 
 def test_training_check_refuses_a_plan_that_cannot_fit(tiny_paths):
@@ -328,3 +328,54 @@ def test_the_plan_and_dry_run_warn_of_an_ema_that_cannot_move(tiny_paths, demo_d
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert "beta: 0.9995" in result.stdout and "ema.beta 0.9995 averages over" in result.stderr
+
+
+def test_planner_modules_import_only_downwards():
+    """parts/speed < measure < memory < advice < plan < report: advice re-plans memory, memory never asks advice."""
+    import ast
+
+    order = ["parts", "speed", "measure", "memory", "advice", "plan", "report"]
+    folder = ROOT / "finetune" / "planner"
+    assert sorted(p.stem for p in folder.glob("*.py")) == sorted([*order, "__init__"])
+    for name in order:
+        tree = ast.parse((folder / f"{name}.py").read_text())
+        modules = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
+        imported = {m.removeprefix("finetune.planner.") for m in modules if m.startswith("finetune.planner.")}
+        above = set(order[order.index(name) :]) & imported
+        assert not above, f"finetune/planner/{name}.py imports {above}, which build on it"
+
+
+def test_the_plan_notes_what_the_deepspeed_launch_refuses(tiny_paths):
+    """One rule (finetune.launch.zero_problems) for the launch's refusal and the planner's notes."""
+    from finetune.launch import ZeroSettings, zero_problems
+
+    cfg = tiny_cfg(tiny_paths, "ema.enabled=true", "precision.mixed=bf16", "optim.name=lion")
+    zero = ZeroSettings(stage=2, offload_optimizer="cpu")
+    problems = zero_problems(cfg, zero)
+    assert len(problems) == 2  # EMA over 16-bit DeepSpeed weights; lion under optimizer offload
+    notes = plan(cfg, gpu_memory_bytes=BIG, gpus=2, deepspeed=zero).notes
+    assert all(any(problem in note for note in notes) for problem in problems)
+
+
+def test_the_printed_plan_names_files_that_exist(tiny_paths):
+    import re
+
+    text = format_plan(plan(tiny_cfg(tiny_paths), gpu_memory_bytes=BIG, dataset_stats=None))
+    text += plan_text(tiny_cfg(tiny_paths, "data.roots=[builtin:demo]"), gpu_memory="80GB")
+    named = set(re.findall(r"[\w/]+\.py", text))
+    assert named and all((ROOT / path).is_file() for path in named), named
+
+
+@pytest.mark.parametrize("overrides", [("ema.enabled=true",), ("optim.name=lion",)])
+def test_suggestions_never_lead_to_a_launch_that_refuses_the_config(tiny_paths, monkeypatch, overrides):
+    """EMA over DeepSpeed's 16-bit weights, and lion under optimizer offload, are refused at launch: not advised."""
+    monkeypatch.setattr(memory_module, "CUDA_CONTEXT_BYTES", 0)  # let the tiny model's own bytes decide
+    cfg = tiny_cfg(tiny_paths, "precision.mixed=fp16", *overrides)
+    full = plan(cfg, gpu_memory_bytes=BIG, gpus=2)
+    changes = [s.change for s in plan(cfg, gpu_memory_bytes=int(full.gpu_total * 0.3), gpus=2).suggestions]
+    launches = [change for change in changes if change.startswith("accelerate launch")]
+    assert changes and "--set model.gradient_checkpointing=true" in changes
+    if cfg.ema.enabled:
+        assert not launches, changes
+    else:  # ZeRO-2 without offload keeps lion
+        assert launches and all(change.endswith("--offload_optimizer_device none") for change in launches), changes

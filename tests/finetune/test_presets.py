@@ -10,8 +10,9 @@ import pytest
 from accelerate.commands.config.config_args import load_config_from_file
 
 from finetune.config import FinetuneConfig
-from finetune.planner.memory import plan
-from finetune.planner.report import deepspeed_from_accelerate_config, parse_gib
+from finetune.launch import read_accelerate_config
+from finetune.planner.plan import plan
+from finetune.planner.report import parse_gib
 from xlbake.config import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,7 +44,7 @@ def test_every_preset_has_a_target():
 def test_preset_passes_the_planner_for_its_gpu(name):
     memory, launch = TARGETS[name]
     cfg = load_config(FinetuneConfig, PRESETS / name)
-    gpus, deepspeed = deepspeed_from_accelerate_config(LAUNCH / launch) if launch else (1, None)
+    gpus, deepspeed = read_accelerate_config(LAUNCH / launch) if launch else (1, None)
     result = plan(cfg, gpu_memory_bytes=parse_gib(memory), gpus=gpus, deepspeed=deepspeed, suggest=False)
     assert result.verdict != "does not fit", f"{name}: {result.gpu_total / 2**30:.1f} GiB on {memory}"
     if name in OURS:

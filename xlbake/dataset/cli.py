@@ -15,6 +15,7 @@ import click
 
 from xlbake.cli import force_option, run_guarded
 from xlbake.data.kohya import LEFT_OUT_KINDS, PROBLEM_KINDS, read_dataset
+from xlbake.data.steps import count_steps
 from xlbake.dataset.tools import (
     DEFAULT_EXPOSURE,
     MAX_HASH_DISTANCE,
@@ -23,7 +24,6 @@ from xlbake.dataset.tools import (
     check_dataset,
     edit_tags,
     plan_folders,
-    plan_steps,
     split_tags,
     tag_frequencies,
     token_counter,
@@ -239,12 +239,13 @@ def plan(
         rows.append(row + ((f"{f.suggested_repeats} (= {f.images * f.suggested_repeats})", trim) if suggest else ()))
     click.echo(format_table(headers, rows))
     setup = f"{epochs} epochs, batch {batch}, grad accum {grad_accum}, {gpus} GPU(s)"
-    steps = plan_steps(sum(f.exposure for f in folders), epochs=epochs, batch=batch, grad_accum=grad_accum, gpus=gpus)
+    run = {"batch": batch, "grad_accum": grad_accum, "processes": gpus, "epochs": epochs}
+    steps = count_steps([sum(f.exposure for f in folders)], **run)
     click.echo(f"T = {steps.samples_per_epoch} images x repeats per epoch; {setup}:")
     click.echo(f"  {steps.steps_per_epoch} optimizer steps per epoch, {steps.total_steps} in total.")
     if suggest:
         balanced = sum(f.images * f.suggested_repeats for f in folders)
-        total = plan_steps(balanced, epochs=epochs, batch=batch, grad_accum=grad_accum, gpus=gpus).total_steps
+        total = count_steps([balanced], **run).total_steps
         click.echo(f"With the suggested repeats: T = {balanced}, {total} steps in total (rename folders to N_name).")
     left_out = [p for p in scan.problems if p.kind in LEFT_OUT_KINDS]
     if left_out:

@@ -1,5 +1,5 @@
 """Dataset preparation as the guides do it: check a kohya-layout dataset, captions from file names, trigger word and
-tag edits, and the repeats/epochs/steps arithmetic with per-folder repeats that balance several concepts.
+tag edits, and per-folder repeats that balance several concepts (the steps they make: ``xlbake.data.steps``).
 
 The checks cover what the guides do by hand or with other tools: broken and too small images ("upscale them
 first"), missing or empty captions, captions longer than the text encoders read, near-duplicate images (the
@@ -328,19 +328,6 @@ def _read_caption(path: Path) -> str:
 
 
 @dataclass(frozen=True)
-class Steps:
-    """The guides' arithmetic: images x repeats x epochs / batch (/ accumulation / GPUs) = optimizer steps."""
-
-    samples_per_epoch: int
-    """Images x repeats, summed over folders (the guide's T)."""
-    batches_per_epoch: int
-    """Batches per GPU and epoch, rounded up (aspect-ratio buckets can add up to one partial batch each)."""
-    steps_per_epoch: int
-    """Optimizer steps per epoch: batches / accumulation, rounded up."""
-    total_steps: int
-
-
-@dataclass(frozen=True)
 class FolderPlan:
     """One concept folder and the repeats that bring its images x repeats near the target exposure."""
 
@@ -356,15 +343,6 @@ class FolderPlan:
     @property
     def exposure(self) -> int:
         return self.images * self.repeats
-
-
-def plan_steps(samples_per_epoch: int, *, epochs: int, batch: int = 1, grad_accum: int = 1, gpus: int = 1) -> Steps:
-    """Optimizer steps as sd-scripts counts them: ceil(ceil(T / (batch x gpus)) / accumulation) per epoch."""
-    if min(epochs, batch, grad_accum, gpus) < 1 or samples_per_epoch < 0:
-        raise ValueError("epochs, batch, grad_accum and gpus must be >= 1 and samples_per_epoch >= 0")
-    batches = math.ceil(samples_per_epoch / (batch * gpus))
-    per_epoch = math.ceil(batches / grad_accum)
-    return Steps(samples_per_epoch, batches, per_epoch, per_epoch * epochs)
 
 
 def suggest_repeats(images: int, target: int = DEFAULT_EXPOSURE) -> tuple[int, int, int]:

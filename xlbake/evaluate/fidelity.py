@@ -7,10 +7,8 @@ UNet predicts with the base, the tuned model and base + each LoRA; the kept effe
 
 (1: the LoRA does exactly what the finetune did; 0: no better than the base; below 0: worse than the base). A LoRA
 is applied by adding its deltas to the base weights in SGM key space (TE2's fused ``in_proj`` by row block), text
-encoders included, since a LoRA on the text encoders changes the conditioning. Beside it, the weights say the same in
-the words of extract's and resize's reports: "covered", the share of the finetune's ‖ΔW‖² (every UNet and text
-encoder tensor) in the tensors the LoRA changes; what it leaves out, by kind; "kept of finetune",
-``1 - sum ‖ΔW_lora - ΔW‖² / sum ‖ΔW‖²`` over all those tensors; "kept of covered", the same over its own.
+encoders included, since a LoRA on the text encoders changes the conditioning. Beside it, what the weights say
+(``xlbake.evaluate.weight_kept``).
 
 One set of modules is built and its weights are swapped in place, tensor by tensor from the checkpoint readers:
 one UNet on the device at any time, predictions kept on the CPU.
@@ -30,9 +28,10 @@ from torch import Tensor
 
 from xlbake.errors import InputError
 from xlbake.evaluate.grid import ModelWeights
-from xlbake.lora.io import LoraFile, LoraModule, read_lora
-from xlbake.lora.names import LoraTarget, kohya_targets
-from xlbake.lora.report import BYTES_PER_MB, left_out_kind
+from xlbake.evaluate.weight_kept import Update, WeightKept, lora_updates, merged, weight_energies
+from xlbake.lora.io import LoraFile, read_lora
+from xlbake.lora.names import kohya_targets
+from xlbake.lora.report import BYTES_PER_MB
 from xlbake.sdxl.checkpoint import CheckpointReader, open_checkpoint
 from xlbake.sdxl.keys import SGM_PREFIX
 from xlbake.sdxl.models import Architecture, resolve_architecture
@@ -42,22 +41,6 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_PROMPTS = ("a photo of a person", "a landscape painting", "a simple emblem on a plain background", "")
 """Prompts used when none are given (better: the dataset's captions)."""
-
-
-@dataclass(frozen=True)
-class Update:
-    """One LoRA module's change to an SGM weight: to all of it, or to rows ``rows`` of a fused TE2 ``in_proj``.
-
-    Holds the factors, not the delta: a full-size delta per layer would not fit in memory for several LoRAs.
-    """
-
-    rows: tuple[int, int] | None
-    module: LoraModule
-    shape: tuple[int, ...]  # the (sliced) weight's shape
-
-    def delta(self) -> Tensor:
-        """The change in fp32: ``shape``."""
-        return self.module.delta().reshape(self.shape)
 
 
 @dataclass(frozen=True)
@@ -104,15 +87,6 @@ class FidelityResult:
             "left_out": dict(self.left_out),
             "kept_of_covered": self.kept_of_covered,
         }
-
-
-@dataclass(frozen=True)
-class WeightKept:
-    """What one LoRA keeps of the finetune's weight difference ‖ΔW‖² (UNet and text encoders)."""
-
-    kept_of_finetune: float  # 1 - Σ‖ΔW_lora - ΔW‖² / Σ‖ΔW‖²
-    covered: float  # share of Σ‖ΔW‖² in the tensors the LoRA changes
-    left_out: dict[str, float]  # kind -> share of Σ‖ΔW‖² in tensors it does not change
 
 
 def kept_effect(pred: Tensor, tuned: Tensor, base: Tensor) -> float:
@@ -200,78 +174,6 @@ def predict(arch: Architecture, models: dict[str, torch.nn.Module], inputs: Fide
         ).sample
         out.append(sample.float().cpu())
     return torch.cat(out)
-
-
-def lora_updates(lora: LoraFile, targets: dict[str, LoraTarget]) -> dict[str, list[Update]]:
-    """SGM key -> the updates ``lora`` makes to it; InputError for modules that fit no layer of ``targets``."""
-    updates: dict[str, list[Update]] = {}
-    unknown = []
-    for name, module in lora.modules.items():
-        target = targets.get("lora_te1_" + name[len("lora_te_") :] if name.startswith("lora_te_") else name)
-        if target is None:
-            unknown.append(name)
-            continue
-        shape = (module.up.shape[0], *module.down.shape[1:])
-        if torch.Size(shape).numel() != torch.Size(target.shape).numel():
-            raise InputError(
-                f"{lora.path}: module {name} changes a {shape} weight but {target.key} is "
-                f"{target.shape}; the LoRA was made for another model"
-            )
-        updates.setdefault(target.key, []).append(Update(target.rows, module, target.shape))
-    if unknown:
-        raise InputError(
-            f"{lora.path}: {len(unknown)} module(s) match no layer of the base model, e.g. {unknown[:3]}; "
-            "the LoRA was made for another architecture"
-        )
-    return updates
-
-
-def merged(weight: Tensor, updates: Sequence[Update]) -> Tensor:
-    """``weight`` (SGM shape) in fp32 with every update added (to its row block where it has one)."""
-    out = weight.float().clone()
-    for update in updates:
-        rows = slice(*update.rows) if update.rows else slice(None)
-        out[rows] += update.delta()
-    return out
-
-
-def weight_energies(
-    base: CheckpointReader,
-    tuned: CheckpointReader,
-    keys: Sequence[str],
-    updates: Sequence[dict[str, list[Update]]],
-    targets: Sequence[LoraTarget],
-) -> list[WeightKept]:
-    """What each LoRA keeps of ‖tuned - base‖² over the float tensors of ``keys`` (1.0 each if nothing changed).
-
-    A tensor no LoRA module changes is left out under its kind: LoRA layers as "3x3 convs" or "<component> layers",
-    others by :func:`xlbake.lora.report.left_out_kind`.
-    """
-    components = {t.key: ("3x3 convs" if t.kind == "conv3x3" else f"{t.component} layers") for t in targets}
-    total, errors = 0.0, [0.0] * len(updates)
-    covered = [0.0] * len(updates)
-    left_out: list[dict[str, float]] = [{} for _ in updates]
-    for key in keys:
-        if not base.dtype(key).is_floating_point:
-            continue
-        difference = tuned.get(key).float() - base.get(key).float()
-        energy = difference.double().square().sum().item()
-        total += energy
-        for index, lora in enumerate(updates):
-            if key in lora:
-                covered[index] += energy
-                change = merged(torch.zeros_like(difference), lora[key])
-                errors[index] += (difference - change).double().square().sum().item()
-            else:
-                errors[index] += energy
-                kind = components.get(key) or left_out_kind(key, tuple(difference.shape))
-                left_out[index][kind] = left_out[index].get(kind, 0.0) + energy
-    if total <= 0:
-        return [WeightKept(1.0, 1.0, {}) for _ in updates]
-    return [
-        WeightKept(1.0 - error / total, part / total, {k: v / total for k, v in out.items() if v > 0})
-        for error, part, out in zip(errors, covered, left_out, strict=True)
-    ]
 
 
 def measure_fidelity(
