@@ -12,6 +12,7 @@ from xlbake.lora.whiten import (
     DAMPING,
     unwhiten,
     whiten,
+    whiten_scaled,
     whitened_error,
     whitened_factors,
     whitened_resize,
@@ -130,3 +131,15 @@ def test_unwhiten_inverts_the_factor():
     factor = whitening_factor(c)
     down = torch.randn(3, 6, generator=gen(15), dtype=F64)
     torch.testing.assert_close(unwhiten(down @ factor, factor), down)
+
+
+def test_scaled_whitening_keeps_the_weight_energy_and_the_optimum():
+    delta = torch.randn(10, 7, generator=gen(16), dtype=F64)
+    c = 50 * second_moment(anisotropic_inputs(30, 7, seed=17))
+    whitened, scaled = whiten_scaled(delta, whitening_factor(c))
+    assert float(whitened.square().sum()) == pytest.approx(float(delta.square().sum()), rel=1e-12)
+    up, down = split_factors(svd_exact(whitened, 3), 3)
+    ref_up, ref_down, _ = whitened_factors(delta, c, 3)
+    torch.testing.assert_close(up @ unwhiten(down, scaled), ref_up @ ref_down)
+    zero, same = whiten_scaled(torch.zeros(3, 7, dtype=F64), whitening_factor(c))
+    assert not zero.any() and torch.equal(same, whitening_factor(c))

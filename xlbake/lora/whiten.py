@@ -60,6 +60,22 @@ def whiten(delta: Tensor, factor: Tensor) -> Tensor:
     return m @ factor.to(m.dtype)
 
 
+def whiten_scaled(delta: Tensor, factor: Tensor) -> tuple[Tensor, Tensor]:
+    """(ΔW S', S') with S' = S·‖ΔW‖_F / ‖ΔW S‖_F: the whitened difference at the weight difference's own size.
+
+    A scalar on the metric does not change which rank-r factors are optimal, but it puts the whitened spectrum on
+    the same scale as ΔW's: Σσ² = ‖ΔW‖², so kept-energy fractions, energy-based rank criteria and budgets across
+    layers (some whitened, some not) stay comparable: a layer's weight energy decides its share, its inputs decide
+    which directions within it are kept. A zero difference is returned with S unchanged.
+    """
+    whitened = whiten(delta, factor)
+    norm, whitened_norm = float(torch.linalg.vector_norm(to_matrix(delta))), float(torch.linalg.vector_norm(whitened))
+    if not whitened_norm > 0:
+        return whitened, factor
+    scale = norm / whitened_norm
+    return whitened * scale, factor * scale
+
+
 def unwhiten(down: Tensor, factor: Tensor) -> Tensor:
     """down S⁻¹ for a whitened down factor (r, in), by a triangular solve (no explicit inverse), in down's dtype."""
     solved = torch.linalg.solve_triangular(factor, down.to(torch.float64), upper=False, left=False)
