@@ -34,6 +34,7 @@ from xlbake.evaluate.grid import ModelWeights
 from xlbake.fileio import save_safetensors_atomic
 from xlbake.fingerprint import fingerprint
 from xlbake.lora.names import LoraTarget, kohya_targets
+from xlbake.lora.whiten import DAMPING, whitening_factor
 from xlbake.sdxl.checkpoint import open_checkpoint
 from xlbake.sdxl.keys import plan_from_sgm, with_text_model
 from xlbake.sdxl.models import Architecture, resolve_architecture
@@ -287,3 +288,36 @@ def calibrate_run(
     result = compute_calibration(base, items, data, components=components, seed=seed, device=torch.device(device))
     save_safetensors_atomic(result.moments, path, {**result.metadata, "run": str(run)})
     return path
+
+
+def extract_calibration(
+    calibration: Path | None, calibrate: Path | None, base: Path, device: str, echo: Callable[[str], None]
+) -> Calibration | None:
+    """The statistics ``extract --calibration FILE`` / ``--calibrate RUN`` asks for (None: plain SVD); InputError
+    when they were computed from another base model."""
+    if calibrate is not None:
+        calibration = calibrate_run(calibrate, base, device=device, echo=echo)
+    if calibration is None:
+        return None
+    found = read_calibration(calibration)
+    if found.metadata.get("base_fingerprint") != fingerprint(base):
+        raise InputError(f"{calibration}: computed from {found.metadata.get('base')}, not from --base {base}")
+    echo(f"calibrated extraction: whitening by {calibration.name} ({summary(found.metadata)})")
+    return found
+
+
+def whitening_for(calibration: Calibration | None, target: LoraTarget) -> Tensor | None:
+    """The whitening factor S (in, in) of ``target``, or None when it is factored plainly (no calibration, no
+    statistics for it, or a 3x3 conv)."""
+    if calibration is None or target.kind == "conv3x3" or target.name not in calibration.moments:
+        return None
+    moment = calibration.moments[target.name]
+    if moment.shape[0] != target.shape[1]:
+        raise InputError(f"calibration: {target.name} has {moment.shape[0]} inputs, the model {target.shape[1]}")
+    return whitening_factor(moment)
+
+
+def calibration_info(calibration: Calibration) -> dict[str, str]:
+    """What a calibrated LoRA records of its calibration (``xlbake_calibration`` metadata)."""
+    keep = ("base", "base_fingerprint", "images", "timesteps_per_image", "seed")
+    return {**{key: calibration.metadata[key] for key in keep if key in calibration.metadata}, "damping": str(DAMPING)}
