@@ -33,8 +33,9 @@ from xlbake.evaluate.fidelity import encode_prompts
 from xlbake.evaluate.grid import ModelWeights
 from xlbake.fileio import save_safetensors_atomic
 from xlbake.fingerprint import fingerprint
+from xlbake.lora.calibration import FORMAT, Calibration, read_calibration, summary
 from xlbake.lora.names import LoraTarget, kohya_targets
-from xlbake.lora.whiten import DAMPING, whitening_factor
+from xlbake.lora.whiten import whitening_factor
 from xlbake.sdxl.checkpoint import open_checkpoint
 from xlbake.sdxl.keys import plan_from_sgm, with_text_model
 from xlbake.sdxl.models import Architecture, resolve_architecture
@@ -42,7 +43,6 @@ from xlbake.sdxl.parts import MODEL_PARTS, TEXT_PARTS
 
 LOG = logging.getLogger(__name__)
 CALIBRATION_NAME = "calibration.safetensors"
-FORMAT = "xlbake-calibration/1"
 CALIBRATION_IMAGES = 16
 """Images of the run used by default: a few suffice for the dominant input directions of each layer."""
 TIMESTEPS_PER_IMAGE = 4
@@ -62,12 +62,6 @@ class RunData:
     bucket_step: int
     min_bucket: int
     max_bucket: int
-
-
-@dataclass(frozen=True)
-class Calibration:
-    moments: dict[str, Tensor]  # kohya module name -> E[x xᵀ] (in, in), fp32
-    metadata: dict[str, str]
 
 
 def read_run(run: Path) -> RunData:
@@ -216,29 +210,9 @@ def moment_hooks(modules: Mapping[str, torch.nn.Module]) -> Iterator[dict[str, l
             handle.remove()
 
 
-def read_calibration(path: Path) -> Calibration:
-    """The moments and metadata of a calibration file; InputError if it is not one."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = dict(f.metadata() or {})
-            moments = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise InputError(f"{path}: unreadable calibration file ({exc})") from exc
-    if metadata.get("format") != FORMAT:
-        raise InputError(f"{path}: not an xlbake calibration file (format {metadata.get('format')!r})")
-    return Calibration(moments, metadata)
-
-
 def calibrated_targets(shapes: Mapping[str, Sequence[int]]) -> list[LoraTarget]:
     """The LoRA layers statistics are collected for: every kohya module (conv and extra sets too) but 3x3 convs."""
     return [t for t in kohya_targets(shapes, conv=True, extra=True) if t.kind != "conv3x3"]
-
-
-def summary(metadata: Mapping[str, str]) -> str:
-    """One line saying what a calibration was computed from, for messages and the LoRA's metadata."""
-    return f"{metadata.get('images')} images x {metadata.get('timesteps_per_image')} timesteps of {metadata.get('run')}"
 
 
 def compute_calibration(
@@ -315,9 +289,3 @@ def whitening_for(calibration: Calibration | None, target: LoraTarget) -> Tensor
     if moment.shape[0] != target.shape[1]:
         raise InputError(f"calibration: {target.name} has {moment.shape[0]} inputs, the model {target.shape[1]}")
     return whitening_factor(moment)
-
-
-def calibration_info(calibration: Calibration) -> dict[str, str]:
-    """What a calibrated LoRA records of its calibration (``xlbake_calibration`` metadata)."""
-    keep = ("base", "base_fingerprint", "images", "timesteps_per_image", "seed")
-    return {**{key: calibration.metadata[key] for key in keep if key in calibration.metadata}, "damping": str(DAMPING)}

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from extract.calibrate import Calibration, calibration_info, extract_calibration, whitening_for
+from extract.calibrate import extract_calibration, whitening_for
 from extract.components import TEXT_ENCODERS, Decision, LayerDiff, component_totals, decide
 from extract.config import ExtractConfig
 from extract.coverage import budget_notes, cap_notes, check_order, left_out_energies, variant_coverage
@@ -36,6 +36,7 @@ from extract.outputs import (
 from xlbake.data.meta import dataset_keys
 from xlbake.errors import ConfigError, InputError
 from xlbake.fingerprint import fingerprint
+from xlbake.lora.calibration import Calibration, calibration_info
 from xlbake.lora.io import SAVE_DTYPES
 from xlbake.lora.lowrank import Svd, split_factors, svd_exact, svd_randomized, to_matrix
 from xlbake.lora.names import LoraTarget, kohya_targets

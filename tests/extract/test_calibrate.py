@@ -6,12 +6,13 @@ import pytest
 import torch
 import yaml
 
-from extract.calibrate import CALIBRATION_NAME, FORMAT, calibrate_run, calibrated_targets, read_calibration
+from extract.calibrate import CALIBRATION_NAME, calibrate_run, calibrated_targets
 from extract.config import ExtractConfig
 from extract.pipeline import run_extract
 from xlbake.errors import ConfigError, InputError
 from xlbake.fileio import save_safetensors_atomic
 from xlbake.fingerprint import fingerprint
+from xlbake.lora.calibration import FORMAT, read_calibration
 from xlbake.lora.io import read_lora
 from xlbake.lora.lowrank import to_matrix
 from xlbake.lora.names import kohya_targets
