@@ -14,6 +14,7 @@ from xlbake.lora.whiten import (
     whiten,
     whiten_scaled,
     whitened_error,
+    whitened_factor_svd,
     whitened_factors,
     whitened_resize,
     whitening_factor,
@@ -143,3 +144,14 @@ def test_scaled_whitening_keeps_the_weight_energy_and_the_optimum():
     torch.testing.assert_close(up @ unwhiten(down, scaled), ref_up @ ref_down)
     zero, same = whiten_scaled(torch.zeros(3, 7, dtype=F64), whitening_factor(c))
     assert not zero.any() and torch.equal(same, whitening_factor(c))
+
+
+def test_factor_svd_in_the_scaled_metric_gives_the_whitened_resize():
+    g = gen(18)
+    up, down = torch.randn(12, 6, generator=g, dtype=F64), torch.randn(6, 9, generator=g, dtype=F64)
+    c = second_moment(anisotropic_inputs(40, 9, seed=19))
+    svd = whitened_factor_svd(up, down, whitening_factor(c))
+    assert float(svd.s.square().sum()) == pytest.approx(float((up @ down).square().sum()), rel=1e-10)
+    small_up, small_down = split_factors(svd, 2)
+    ref_up, ref_down, _ = whitened_resize(up, down, c, 2)
+    torch.testing.assert_close(small_up @ small_down, ref_up @ ref_down, rtol=1e-6, atol=1e-8)

@@ -107,6 +107,26 @@ def whitened_resize(
     return new_up, unwhiten(new_down, factor), svd
 
 
+def whitened_factor_svd(up: Tensor, down: Tensor, factor: Tensor) -> Svd:
+    """The SVD of up (out, r) @ down (r, in) in the scaled whitened metric of :func:`whiten_scaled`, from the
+    factors only, with vh mapped back to the weight's input space.
+
+    u (out, k) and s (k,) as :func:`factor_svd` of (up, down S'); vh (k, in) = vh_w S'⁻¹, no longer orthonormal,
+    so :func:`split_factors` at rank r gives factors whose product is the whitened rank-r optimum. Σσ² = ‖up down‖²
+    (Frobenius norms from r×r Gram matrices, never the product). In up's dtype.
+    """
+    up, down = to_matrix(up), to_matrix(down)
+    whitened = whiten(down, factor)
+    gram_up = up.mT @ up
+    norm = float(torch.sum(gram_up * (down @ down.mT)).clamp(min=0)) ** 0.5
+    whitened_norm = float(torch.sum(gram_up * (whitened @ whitened.mT)).clamp(min=0)) ** 0.5
+    if whitened_norm > 0:
+        factor = factor * (norm / whitened_norm)
+        whitened = whitened * (norm / whitened_norm)
+    svd = factor_svd(up, whitened)
+    return Svd(u=svd.u, s=svd.s, vh=unwhiten(svd.vh, factor))
+
+
 def whitened_error(delta: Tensor, up: Tensor, down: Tensor, c: Tensor) -> float:
     """‖(ΔW − up down) C^½‖_F = sqrt(tr(E C Eᵀ)): the RMS output error over the inputs C was measured on."""
     error = to_matrix(delta).double() - to_matrix(up).double() @ to_matrix(down).double()
