@@ -46,9 +46,10 @@ def train_run(folder: Path, steps: int) -> Path:
     """A short tiny finetune in ``folder`` (the demo config with max_steps)."""
     command = [sys.executable, "-m", "finetune", "--config", str(ROOT / "configs/finetune/tiny-cpu.yaml"),
                "--set", f"run_dir={folder}", "--set", f"train.max_steps={steps}"]  # fmt: skip
-    subprocess.run(
-        command, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(ROOT)}
-    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env)
+    if done.returncode:
+        raise SystemExit(f"the tiny finetune failed:\n{done.stderr[-2000:]}")
     return folder
 
 
