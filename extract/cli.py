@@ -61,6 +61,14 @@ FLAGS = {  # flag -> (config key, click option keyword arguments)
         "allow_swapped",
         {"default": None, "help": "Extract even if --base's metadata says it is a finetune of --tuned."},
     ),
+    "--calibration": (
+        "calibration",
+        {"type": click.Path(path_type=Path), "help": "Activation statistics file: calibrated (activation-aware) SVD."},
+    ),
+    "--calibrate": (
+        "calibrate",
+        {"type": click.Path(path_type=Path), "help": "Finetune run folder: compute/reuse RUN/calibration.safetensors."},
+    ),
     "--device": ("device", {"metavar": "DEVICE", "help": "cpu, cuda or cuda:N."}),
 }
 

@@ -70,6 +70,13 @@ class ExtractConfig:
     allow_swapped: bool = False
     """Extract even when ``base``'s metadata says it is a finetune of ``tuned`` (the files look swapped: the LoRA
     would undo the finetune)."""
+    calibration: Path | None = None
+    """Activation statistics (a ``calibration.safetensors``) for calibrated extraction: each Linear / 1x1 conv
+    difference is factored to keep the most of its effect on the layer's real inputs, ``||(dW - BA) C^1/2||``
+    with ``C = E[x x^T]``, instead of the most weight energy. Off by default (see benchmarks/bench_calibrate.py)."""
+    calibrate: Path | None = None
+    """A finetune run folder: compute ``RUN/calibration.safetensors`` with one pass of ``base`` over a few of the
+    run's images and captions (reused when present), and extract calibrated with it."""
     device: str = "cpu"
     """Where the SVDs run: cpu, cuda or cuda:N. Tensors are read one at a time either way."""
     config_version: int = 1
@@ -92,6 +99,8 @@ class ExtractConfig:
             problems.append(f"min_diff: must be >= 0, got {self.min_diff}")
         if not DEVICE_PATTERN.match(self.device):
             problems.append(f"device: expected cpu, cuda or cuda:N, got {self.device!r}")
+        if self.calibration is not None and self.calibrate is not None:
+            problems.append("calibration: give a calibration file or a run to calibrate on (calibrate), not both")
         if self.out is not None and self.out.suffix.lower() != ".safetensors":
             problems.append(f"out: {self.out} must end in .safetensors")
         if problems:

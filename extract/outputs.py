@@ -228,8 +228,8 @@ def _metadata(
     rank_map = {name: rank for name, rank in zip(names, ranks, strict=True) if name not in zero_names}
     rank_map = rank_map or {"none": variant.dim}
     options = to_dict(cfg)
-    for key in ("base", "tuned", "out"):  # file names only: a shared LoRA should not carry the user's folders
-        options[key] = Path(options[key]).name
+    for key in ("base", "tuned", "out", "calibration", "calibrate"):  # names only: not the user's folders
+        options[key] = Path(options[key]).name if options.get(key) else options.get(key)
     kept = {name: group_stat(group).kept for name, group in by_component(stats).items()}
     if stats:
         kept["total"] = group_stat(stats).kept
@@ -241,6 +241,8 @@ def _metadata(
         "xlbake_kept_energy": json.dumps({k: round(v, 6) for k, v in kept.items()}),
         **info.get("dataset", {}),  # type: ignore[dict-item]
     }
+    if info.get("calibration"):
+        extra["xlbake_calibration"] = json.dumps(info["calibration"])
     conv_rank = variant.conv_dim if variant.conv_dim > 0 else None
     prediction = str(info.get("prediction", EPSILON))
     return lora_metadata(

@@ -13,13 +13,14 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from extract.calibrate import extract_calibration, whitening_for
 from extract.components import TEXT_ENCODERS, Decision, LayerDiff, component_totals, decide
 from extract.config import ExtractConfig
 from extract.coverage import budget_notes, cap_notes, check_order, left_out_energies, variant_coverage
@@ -35,9 +36,11 @@ from extract.outputs import (
 from xlbake.data.meta import dataset_keys
 from xlbake.errors import ConfigError, InputError
 from xlbake.fingerprint import fingerprint
+from xlbake.lora.calibration import Calibration, calibration_info
 from xlbake.lora.io import SAVE_DTYPES
 from xlbake.lora.lowrank import Svd, split_factors, svd_exact, svd_randomized, to_matrix
 from xlbake.lora.names import LoraTarget, kohya_targets
+from xlbake.lora.whiten import unwhiten, whiten_scaled
 from xlbake.sdxl.checkpoint import CheckpointReader, open_checkpoint
 from xlbake.sdxl.prediction import EPSILON, declared_prediction
 
@@ -59,6 +62,7 @@ class FactorSettings:
     oversample: int
     seed: int
     full_spectrum: bool  # every singular value is needed (sv_cumulative)
+    calibration: Calibration | None = None  # input statistics: whitened (activation-aware) factorization
 
     @classmethod
     def from_config(cls, cfg: ExtractConfig) -> FactorSettings:
@@ -94,7 +98,8 @@ def run_extract(cfg: ExtractConfig, *, force: bool = False, echo: Callable[[str]
     check_outputs(variants, force)
     if cfg.base.resolve() == cfg.tuned.resolve():
         raise InputError(f"{cfg.tuned}: is the same file as --base; pass the finetuned model as --tuned")
-    settings = FactorSettings.from_config(cfg)
+    calibration = extract_calibration(cfg.calibration, cfg.calibrate, cfg.base, cfg.device, echo)
+    settings = replace(FactorSettings.from_config(cfg), calibration=calibration)
     with open_checkpoint(cfg.base) as base, open_checkpoint(cfg.tuned) as tuned:
         if not cfg.allow_swapped:
             check_order(base, tuned)
@@ -131,6 +136,7 @@ def run_extract(cfg: ExtractConfig, *, force: bool = False, echo: Callable[[str]
         "prediction": prediction,
         "dataset": dataset,
         "factor_seconds": round(time.perf_counter() - start, 2),
+        "calibration": calibration_info(calibration) if calibration else None,
     }
     outputs = tuple(
         write_variant(
@@ -261,11 +267,15 @@ def factor_layer(target: LoraTarget, diff: Tensor, energy: float, settings: Fact
         empty = torch.zeros(0, dtype=settings.hold_dtype)
         return LayerResult(target, empty.reshape(diff.shape[0], 0), empty.reshape(0, diff.shape[1]), empty, 0.0, True)
     rank = min(settings.conv_rank if target.kind == "conv3x3" else settings.rank, *diff.shape)
+    whitening = whitening_for(settings.calibration, target)
+    if whitening is not None:  # factor ΔW S' (same energy as ΔW: see whiten_scaled), then map down back
+        diff, whitening = whiten_scaled(diff, whitening.to(diff.device))
     svd = truncated_svd(diff, rank, settings)
     spectrum, full = svd.s, svd.s.numel() == min(diff.shape)
     if settings.full_spectrum and not full:
         spectrum, full = torch.linalg.svdvals(diff), True
     up, down = split_factors(svd, rank)
+    down = down if whitening is None else unwhiten(down, whitening)
     hold = settings.hold_dtype
     return LayerResult(
         target, up.to("cpu", hold), down.to("cpu", hold), spectrum.to("cpu", torch.float32), energy, full

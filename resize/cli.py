@@ -27,6 +27,7 @@ _SCALAR_OPTIONS = {
     "alpha": "alpha",
     "save_precision": "save_precision",
     "device": "device",
+    "calibration": "calibration",
 }
 _LIST_OPTIONS = {"rank": "rank", "size": "size"}
 
@@ -46,6 +47,7 @@ _LIST_OPTIONS = {"rank": "rank", "size": "size"}
 @click.option("--alpha", metavar="A", help="The one alpha written for every module; default: the largest rank.")
 @click.option("--save-precision", metavar="P", help="fp16 (default), bf16 or fp32.")
 @click.option("--device", metavar="D", help="cpu (default), cuda, cuda:N or mps.")
+@click.option("--calibration", metavar="FILE", help="Input statistics (extract --calibrate): whitened resize.")
 @click.option("--no-report", is_flag=True, help="Do not write the .report.json/.report.png beside each output.")
 @config_options
 @force_option

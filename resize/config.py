@@ -51,6 +51,10 @@ class ResizeConfig:
     """Precision of the written factors (the math runs in fp32)."""
     device: str = "cpu"
     """Where the small QR/SVD run: cpu, cuda, cuda:N or mps."""
+    calibration: Path | None = None
+    """Input statistics (a ``calibration.safetensors`` from ``extract --calibrate``): resize each Linear / 1x1 layer
+    to keep the most of its effect on its real inputs rather than the most weight energy, as calibrated extraction
+    does; layers without statistics and 3x3 convs are resized plainly."""
     report: bool = True
     """Write <out stem>.report.json and .report.png (kept energy per layer and component) beside each output."""
     config_version: int = CONFIG_VERSION

@@ -27,6 +27,7 @@ from xlbake import __version__
 from xlbake.errors import ConfigError, InputError
 from xlbake.fileio import check_output
 from xlbake.lora.budget import LayerChoice, choose_ranks, reserved_params
+from xlbake.lora.calibration import Calibration, moment_for, read_calibration
 from xlbake.lora.io import (
     ALPHA,
     DOWN,
@@ -42,6 +43,7 @@ from xlbake.lora.io import (
 )
 from xlbake.lora.lowrank import Svd, factor_svd, kept_energy, split_factors
 from xlbake.lora.report import Coverage, LayerStat, group_stat, report_paths, write_report
+from xlbake.lora.whiten import DAMPING, whitened_factor_svd, whitening_factor
 
 COMPUTE_DTYPE = torch.float32
 BYTES_PER_MB = 1_000_000
@@ -106,7 +108,8 @@ def run_resize(cfg: ResizeConfig, *, force: bool = False, progress: bool = False
     lora = read_lora(cfg.lora)
     source_hash = safetensors_data_hash(lora.path)
     start = time.perf_counter()
-    layers = factorize(lora.modules, keep_for(plans), device, progress=progress)  # empties lora.modules
+    calibration = read_calibration(cfg.calibration) if cfg.calibration else None
+    layers = factorize(lora.modules, keep_for(plans), device, progress=progress, calibration=calibration)
     logger.info("factor-space SVD of %d layers: %.2f s", len(layers), time.perf_counter() - start)
     return [write_output(cfg, plan, layers, lora, source_hash, force=force) for plan in plans]
 
@@ -128,6 +131,7 @@ def factorize(
     device: torch.device,
     *,
     progress: bool = False,
+    calibration: Calibration | None = None,
 ) -> list[LayerSpectrum]:
     """The factor-space SVD of every module's delta, in the modules' order.
 
@@ -141,7 +145,8 @@ def factorize(
     # disable=None: a bar only on a terminal, so logs and pipes stay clean
     for name in tqdm(list(modules), desc="factor SVD", unit="layer", disable=None if progress else True, leave=False):
         module = modules.pop(name)
-        svd = layer_svd(module, device)
+        moment = moment_for(calibration, name) if calibration and module.kind != "conv3x3" else None
+        svd = layer_svd(module, device, None if moment is None else whitening_factor(moment.to(device)))
         (out, rank), width = svd.u.shape, svd.vh.shape[1]
         top = (sizes[name] - rank) // (out + width)
         block = arena[offset : offset + sizes[name]]
@@ -164,14 +169,16 @@ def _kept_size(module: LoraModule, keep: int | None) -> int:
     return rank + top * (out + width)
 
 
-def layer_svd(module: LoraModule, device: torch.device) -> Svd:
+def layer_svd(module: LoraModule, device: torch.device, whitening: torch.Tensor | None = None) -> Svd:
     """SVD of ``module``'s delta (alpha / r) * up @ down in fp32 on ``device``, from its factors only.
 
     u (out, k), s (k,), vh (k, in * kh * kw); conv kernels are flattened like ``xlbake.lora.lowrank.to_matrix``.
+    With a ``whitening`` factor S (in, in), the SVD in the input-weighted metric (``whitened_factor_svd``: same
+    total energy, vh mapped back so the truncations are the whitened optima).
     """
     up = module.up.to(device=device, dtype=COMPUTE_DTYPE).flatten(1) * module.scale
     down = module.down.to(device=device, dtype=COMPUTE_DTYPE).flatten(1)
-    return factor_svd(up, down)
+    return factor_svd(up, down) if whitening is None else whitened_factor_svd(up, down, whitening)
 
 
 def layer_choices(layers: Sequence[LayerSpectrum], plan: OutputPlan) -> list[LayerChoice]:
@@ -265,6 +272,8 @@ def write_output(
     coverage = input_coverage(source)
     if coverage is not None:  # a resize of this file multiplies on from what this one keeps
         metadata[COVERAGE_KEY] = json.dumps(coverage.as_dict(stats))
+    if cfg.calibration is not None:  # which statistics weighted the resize (their file; its header says the rest)
+        metadata["xlbake_resize_calibration"] = json.dumps({"file": cfg.calibration.name, "damping": DAMPING})
     write_lora(plan.path, resized_factors(layers, ranks), metadata=metadata, dtype=save_dtype, alpha=alpha, force=force)
     reports: tuple[Path, ...] = ()
     if cfg.report:

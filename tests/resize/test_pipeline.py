@@ -389,3 +389,33 @@ def test_the_extract_coverage_is_carried_forward(tmp_path):
     assert carried["kept_of_covered"] == pytest.approx(0.9 * kept, abs=1e-6)  # a resize of the resize goes on
     [plain] = resize(tmp_path, random_lora(tmp_path / "plain.safetensors"), rank=[3], out=tmp_path / "p.safetensors")
     assert "finetune" not in json.loads(report_paths(plain.path)[0].read_text())
+
+
+def test_calibrated_resize_is_the_whitened_optimum_and_plain_where_there_are_no_statistics(tmp_path):
+    from xlbake.fileio import save_safetensors_atomic
+    from xlbake.lora.calibration import FORMAT
+    from xlbake.lora.whiten import whitened_factors
+
+    lora = random_lora(tmp_path / "in.safetensors", rank=8, alpha=3.0)
+    source = load_file(str(lora))
+    gen = torch.Generator().manual_seed(5)
+    moments = {}
+    for name in (LINEAR, CONV1, TE1, CONV3):  # TE2 has none: resized plainly; 3x3 convs are never whitened
+        inp = SHAPES[name][1]
+        basis = torch.linalg.qr(torch.randn(inp, inp, generator=gen, dtype=torch.float64)).Q
+        moments[name] = ((basis * torch.logspace(1, -3, inp, dtype=torch.float64)) @ basis.T).float()
+    calibration = save_safetensors_atomic(moments, tmp_path / "calibration.safetensors", {"format": FORMAT})
+    [result] = resize(
+        tmp_path, lora, rank=[3], conv_rank=2, save_precision="fp32", report=False, calibration=calibration
+    )
+    written = read_lora(result.path).modules
+    for name in SHAPES:
+        up, down = source[f"{name}.lora_up.weight"], source[f"{name}.lora_down.weight"]
+        delta, rank = delta64(up, down, 3.0), 2 if name == CONV3 else 3
+        if name in moments and name != CONV3:
+            ref_up, ref_down, _ = whitened_factors(delta, moments[name].double(), rank)
+            expected = ref_up @ ref_down
+        else:
+            expected = truncated64(delta, rank)
+        assert rel_err(out_matrix(written[name]), expected) < 1e-4, name
+    assert json.loads(read_lora(result.path).metadata["xlbake_resize_calibration"])["file"] == "calibration.safetensors"

@@ -1,0 +1,295 @@
+"""Input statistics for calibrated (activation-aware) extraction: C = E[x xᵀ] of every LoRA layer's inputs.
+
+One pass of the *base* model over a few of the finetune's own images and captions: each image is encoded by the
+VAE, noised at timesteps spread over the schedule (fixed seeds), and the UNet and both text encoders run on it with
+a forward pre-hook on every Linear / 1x1 conv that extract may factor, each summing x xᵀ over its input rows in
+fp64 (one (in, in) accumulator per layer, nothing else kept). The moments are written to RUN/calibration.safetensors
+(one fp32 tensor per kohya module name, metadata saying what they were computed from) and reused when present.
+
+What it reads of the run is its ``config.resolved.yaml`` (dataset roots or TOML, caption settings, resolution and
+bucket limits), through the core dataset reader; it never imports the finetune stage. Captions are used raw (no
+prefix, trigger or shuffle handling) and each image is resized to the bucket of its aspect ratio nearest to
+``resolution``² pixels. 3x3 convs get no statistics (see :mod:`xlbake.lora.whiten`).
+
+Size: one dense (in, in) moment per module. Fine for the tiny model; on the real SDXL (1018 modules, the ff.net.2
+inputs 5120 wide) that is 17 GB as the fp32 file and twice that in fp64 accumulators, so before real use the
+modules sharing one input (q/k/v, attn2 k/v) should share one moment and the widest layers need a cheaper form.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from torch import Tensor
+
+from xlbake.data.kohya import Item, open_image, scan_dataset
+from xlbake.errors import InputError
+from xlbake.evaluate.fidelity import encode_prompts
+from xlbake.evaluate.grid import ModelWeights
+from xlbake.fileio import save_safetensors_atomic
+from xlbake.fingerprint import fingerprint
+from xlbake.lora.calibration import FORMAT, Calibration, read_calibration, summary
+from xlbake.lora.names import LoraTarget, kohya_targets
+from xlbake.lora.whiten import whitening_factor
+from xlbake.sdxl.checkpoint import open_checkpoint
+from xlbake.sdxl.keys import plan_from_sgm, with_text_model
+from xlbake.sdxl.models import Architecture, resolve_architecture
+from xlbake.sdxl.parts import MODEL_PARTS, TEXT_PARTS
+
+LOG = logging.getLogger(__name__)
+CALIBRATION_NAME = "calibration.safetensors"
+CALIBRATION_IMAGES = 16
+"""Images of the run used by default: a few suffice for the dominant input directions of each layer."""
+TIMESTEPS_PER_IMAGE = 4
+BUILTIN = "builtin:"
+
+
+@dataclass(frozen=True)
+class RunData:
+    """What calibration reads from a finetune run's resolved config."""
+
+    roots: tuple[Path, ...]
+    toml: Path | None
+    caption_extension: str
+    caption_source: str
+    image_extensions: tuple[str, ...]
+    resolution: int
+    bucket_step: int
+    min_bucket: int
+    max_bucket: int
+
+
+def read_run(run: Path) -> RunData:
+    """The dataset settings of finetune run ``run`` (its ``config.resolved.yaml``); builtin roots map to RUN/builtin."""
+    path = run / "config.resolved.yaml"
+    if not path.is_file():
+        raise InputError(f"{run}: no config.resolved.yaml; --calibrate takes a finetune run folder")
+    data = (yaml.safe_load(path.read_text()) or {}).get("data") or {}
+
+    def root(value: str) -> Path:
+        name = Path(value).name
+        return run / "builtin" / name[len(BUILTIN) :] if name.startswith(BUILTIN) else Path(value)
+
+    try:
+        return RunData(
+            roots=tuple(root(r) for r in data.get("roots") or ()),
+            toml=Path(data["dataset_toml"]) if data.get("dataset_toml") else None,
+            caption_extension=data.get("caption_extension", ".txt"),
+            caption_source=data.get("caption_source", "file"),
+            image_extensions=tuple(data.get("image_extensions") or (".png", ".jpg", ".jpeg", ".webp")),
+            resolution=int(data["resolution"]),
+            bucket_step=int(data.get("bucket_step", 64)),
+            min_bucket=int(data.get("min_bucket_reso", 256)),
+            max_bucket=int(data.get("max_bucket_reso", 2048)),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputError(f"{path}: unreadable data section ({exc})") from exc
+
+
+def run_items(data: RunData, seed: int) -> list[Item]:
+    """Every captioned image of the run, in a fixed order shuffled by ``seed``."""
+    scan = scan_dataset(
+        data.roots, data.toml, caption_extension=data.caption_extension, caption_source=data.caption_source,
+        image_extensions=data.image_extensions,
+    )  # fmt: skip
+    items = sorted((item for subset in scan.subsets for item in subset.items), key=lambda item: str(item.image))
+    if not items:
+        raise InputError(f"{', '.join(map(str, data.roots))}: no captioned images to calibrate on")
+    random.Random(seed).shuffle(items)
+    return items
+
+
+def bucket_size(width: int, height: int, data: RunData) -> tuple[int, int]:
+    """(w, h): the image's aspect at about ``resolution``² pixels, sides multiples of bucket_step within the limits."""
+    step, area = data.bucket_step, data.resolution**2
+
+    def side(value: float) -> int:
+        return int(min(max(round(value / step) * step, data.min_bucket, step), data.max_bucket))
+
+    w = side((area * width / height) ** 0.5)
+    return w, side(area / w)
+
+
+def load_pixels(path: Path, size: tuple[int, int]) -> Tensor:
+    """(1, 3, h, w) in [-1, 1]: the image scaled to cover ``size`` (w, h) and center-cropped."""
+    image = open_image(path)
+    scale = max(size[0] / image.width, size[1] / image.height)
+    scaled = image.resize((max(size[0], round(image.width * scale)), max(size[1], round(image.height * scale))))
+    left, top = (scaled.width - size[0]) // 2, (scaled.height - size[1]) // 2
+    crop = scaled.crop((left, top, left + size[0], top + size[1]))
+    array = np.asarray(crop, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1)[None]
+
+
+def hooked_modules(
+    models: Mapping[str, torch.nn.Module], shapes: Mapping[str, Sequence[int]]
+) -> dict[str, torch.nn.Module]:
+    """kohya module name -> the Linear / 1x1 Conv2d of ``models`` whose input that LoRA layer sees, for every
+    non-3x3 LoRA layer of a checkpoint with SGM ``shapes`` (TE2's q, k and v: their own projections)."""
+    plan = plan_from_sgm(shapes)
+    names = {
+        part: {with_text_model(n) if part in TEXT_PARTS else n: n for n, _ in model.named_parameters()}
+        for part, model in models.items()
+    }
+    found = {}
+    for target in calibrated_targets(shapes):
+        entry = plan[target.key]
+        if entry.component not in models:
+            continue
+        index = 0 if target.rows is None else target.rows[0] // (target.rows[1] - target.rows[0])
+        actual = names[entry.component].get(entry.diffusers[index])
+        if actual is None:
+            raise InputError(f"{target.key}: the {entry.component} has no weight {entry.diffusers[index]}")
+        found[target.name] = models[entry.component].get_submodule(actual.removesuffix(".weight"))
+    return found
+
+
+def collect_moments(
+    arch: Architecture,
+    models: Mapping[str, torch.nn.Module],
+    modules: Mapping[str, torch.nn.Module],
+    samples: Sequence[tuple[Tensor, str]],
+    *,
+    timesteps: int,
+    seed: int,
+) -> dict[str, Tensor]:
+    """E[x xᵀ] (fp32) of the inputs of ``modules`` over ``samples`` (pixels (1, 3, h, w), caption), each image at
+    ``timesteps`` noise levels spread over the schedule, noise and timestep order from ``seed``."""
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler.from_config(arch.scheduler)
+    steps = scheduler.config.num_train_timesteps
+    gen = torch.Generator().manual_seed(seed)
+    total = len(samples) * timesteps
+    strata = ((torch.arange(total) + 0.5) * steps / total).long().clamp(0, steps - 1)
+    order = strata[torch.randperm(total, generator=gen)].view(len(samples), timesteps)
+    unet, vae = models["unet"], models["vae"]
+    device, dtype = next(unet.parameters()).device, next(unet.parameters()).dtype
+    with moment_hooks(modules) as sums, torch.no_grad():
+        for (pixels, caption), ts in zip(samples, order, strict=True):
+            embeds, pooled = encode_prompts(arch, models, [caption])
+            latents = vae.encode(pixels.to(device, dtype)).latent_dist.mean * arch.vae["scaling_factor"]
+            latents = latents.repeat(timesteps, 1, 1, 1)
+            noise = torch.randn(latents.shape, generator=gen).to(device, dtype)
+            noisy = scheduler.add_noise(latents, noise, ts.to(device))
+            height, width = pixels.shape[-2:]
+            time_ids = torch.tensor([[height, width, 0, 0, height, width]], device=device, dtype=dtype)
+            added = {"text_embeds": pooled.repeat(timesteps, 1), "time_ids": time_ids.repeat(timesteps, 1)}
+            unet(noisy, ts.to(device), encoder_hidden_states=embeds.repeat(timesteps, 1, 1), added_cond_kwargs=added)
+    return {name: (acc / max(count, 1)).float().cpu() for name, (acc, count) in sums.items()}
+
+
+@contextmanager
+def moment_hooks(modules: Mapping[str, torch.nn.Module]) -> Iterator[dict[str, list]]:
+    """Forward pre-hooks summing x xᵀ (fp64) and the row count of each module's input; removed on exit."""
+    sums: dict[str, list] = {}
+
+    def hook_for(name: str) -> Callable:
+        def hook(module: torch.nn.Module, args: tuple) -> None:
+            x = args[0]
+            if isinstance(module, torch.nn.Conv2d):
+                x = x.movedim(1, -1)  # a 1x1 conv: each pixel's channels are one input row
+            rows = x.reshape(-1, x.shape[-1]).double()
+            entry = sums.setdefault(name, [torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float64,
+                                                       device=rows.device), 0])  # fmt: skip
+            entry[0].addmm_(rows.mT, rows)
+            entry[1] += rows.shape[0]
+
+        return hook
+
+    handles = [module.register_forward_pre_hook(hook_for(name)) for name, module in modules.items()]
+    try:
+        yield sums
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def calibrated_targets(shapes: Mapping[str, Sequence[int]]) -> list[LoraTarget]:
+    """The LoRA layers statistics are collected for: every kohya module (conv and extra sets too) but 3x3 convs."""
+    return [t for t in kohya_targets(shapes, conv=True, extra=True) if t.kind != "conv3x3"]
+
+
+def compute_calibration(
+    base: Path, items: Sequence[Item], data: RunData, *, components: str | None, seed: int, device: torch.device
+) -> Calibration:
+    """Moments of the base model's LoRA layer inputs over ``items`` (see :func:`collect_moments`), with metadata."""
+    arch = resolve_architecture(base, components)
+    with open_checkpoint(base) as reader:
+        weights = ModelWeights.load(reader, arch, (*MODEL_PARTS, "vae"), device=device, dtype=torch.float32)
+        modules = hooked_modules(weights.models, reader.shapes())
+    samples = [(load_pixels(item.image, bucket_size(*item.size, data)), item.caption) for item in items]
+    moments = collect_moments(arch, weights.models, modules, samples, timesteps=TIMESTEPS_PER_IMAGE, seed=seed)
+    metadata = {
+        "format": FORMAT,
+        "base": base.name,
+        "base_fingerprint": fingerprint(base),
+        "images": str(len(items)),
+        "timesteps_per_image": str(TIMESTEPS_PER_IMAGE),
+        "seed": str(seed),
+        "image_files": json.dumps([item.image.name for item in items]),
+    }
+    return Calibration(moments, metadata)
+
+
+def calibrate_run(
+    run: Path,
+    base: Path,
+    *,
+    images: int = CALIBRATION_IMAGES,
+    seed: int = 0,
+    components: str | None = None,
+    device: torch.device | str = "cpu",
+    echo: Callable[[str], None] = LOG.info,
+) -> Path:
+    """RUN/calibration.safetensors for ``base``: computed on ``images`` of the run's images, or reused when
+    present and computed from this base (InputError when it was computed from another base)."""
+    path = run / CALIBRATION_NAME
+    if path.exists():
+        found = read_calibration(path).metadata
+        if found.get("base_fingerprint") != fingerprint(base):
+            raise InputError(f"{path}: computed from {found.get('base')}, not {base}; delete it to recompute")
+        echo(f"calibration: reusing {path} ({summary(found)})")
+        return path
+    data = read_run(run)
+    items = run_items(data, seed)[:images]
+    echo(f"calibration: base model over {len(items)} images x {TIMESTEPS_PER_IMAGE} timesteps of {run}")
+    result = compute_calibration(base, items, data, components=components, seed=seed, device=torch.device(device))
+    save_safetensors_atomic(result.moments, path, {**result.metadata, "run": str(run)})
+    return path
+
+
+def extract_calibration(
+    calibration: Path | None, calibrate: Path | None, base: Path, device: str, echo: Callable[[str], None]
+) -> Calibration | None:
+    """The statistics ``extract --calibration FILE`` / ``--calibrate RUN`` asks for (None: plain SVD); InputError
+    when they were computed from another base model."""
+    if calibrate is not None:
+        calibration = calibrate_run(calibrate, base, device=device, echo=echo)
+    if calibration is None:
+        return None
+    found = read_calibration(calibration)
+    if found.metadata.get("base_fingerprint") != fingerprint(base):
+        raise InputError(f"{calibration}: computed from {found.metadata.get('base')}, not from --base {base}")
+    echo(f"calibrated extraction: whitening by {calibration.name} ({summary(found.metadata)})")
+    return found
+
+
+def whitening_for(calibration: Calibration | None, target: LoraTarget) -> Tensor | None:
+    """The whitening factor S (in, in) of ``target``, or None when it is factored plainly (no calibration, no
+    statistics for it, or a 3x3 conv)."""
+    if calibration is None or target.kind == "conv3x3" or target.name not in calibration.moments:
+        return None
+    moment = calibration.moments[target.name]
+    if moment.shape[0] != target.shape[1]:
+        raise InputError(f"calibration: {target.name} has {moment.shape[0]} inputs, the model {target.shape[1]}")
+    return whitening_factor(moment)
