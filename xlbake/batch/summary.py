@@ -32,7 +32,7 @@ SOURCES_KEY = "xlbake_sources"  # extract's header record: each input's file nam
 RESIZE_KEY = "xlbake_resize"  # resize's header record: its input file name and that file's data hash
 BYTES_PER_MB = 1_000_000
 MAX_HEADER_BYTES = 100_000_000  # safetensors refuses larger headers too
-Status = Literal["ok", "failed", "invalid", "interrupted", "skipped"]
+Status = Literal["ok", "failed", "invalid", "interrupted", "skipped", "queued", "running"]  # last two: SLURM
 
 
 @dataclass(frozen=True)
