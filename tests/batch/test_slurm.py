@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from xlbake.batch.concepts import load_concept
 from xlbake.batch.runner import BatchSettings, main, make_command
 from xlbake.batch.slurm import JOB_NAME, SlurmSettings, job_script
-from xlbake.batch.summary import read_summary
+from xlbake.batch.summary import ConceptResult, read_summary, render_markdown
 
 WAIT_SECONDS = 900  # liveness bound for a job on a loaded 2-core machine (not a measurement)
 TINY = """\
@@ -130,3 +130,11 @@ def test_slurm_batch_requeued_job_resumes_exactly_and_a_broken_concept_fails_alo
     tuned = [load_file(runs / n / "tuned.fp32.safetensors") for n in ("one", "two")]
     assert tuned[0].keys() == tuned[1].keys()
     assert all(torch.equal(tuned[0][k], tuned[1][k]) for k in tuned[0])
+
+
+def test_queued_and_running_jobs_are_not_listed_as_failures():
+    rows = [ConceptResult(name, status, None, f"SLURM job {i}", None, 0.0, f"runs/{name}", None, (), ())
+            for i, (name, status) in enumerate((("a", "queued"), ("b", "running")))]  # fmt: skip
+    text = render_markdown(rows)
+    assert "| a | - | queued |" in text and "| b | - | running |" in text
+    assert "Failures" not in text

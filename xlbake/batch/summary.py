@@ -207,7 +207,7 @@ def render_markdown(results: Sequence[ConceptResult]) -> str:
         time = "-" if r.train_seconds is None else duration(r.train_seconds)
         triggers = ", ".join(r.triggers) or "-"
         lines.append(f"| {r.concept} | {triggers} | {status} | {steps} | {time} | {files or '-'} | {kept or '-'} |")
-    notes = [r for r in results if r.status != "ok"]
+    notes = [r for r in results if r.status not in ("ok", "queued", "running")]  # the last two: not ended yet
     if notes:
         lines += ["", "Failures:"]
         for r in notes:
