@@ -15,6 +15,9 @@ Several GPUs: ``--gpus 0,1,2,3`` runs four concepts at once, one per GPU, each w
 its GPU (a free GPU takes the next concept). ``--gpus 0+1,2+3`` gives each concept two GPUs; train it on both with
 accelerate: ``--make-arg "FINETUNE=.venv/bin/accelerate launch --num_processes 2 -m finetune"``. Without GPUs,
 ``--jobs N`` runs N concepts at once on the CPU.
+
+On a cluster, ``--slurm`` submits one SLURM job per concept instead, running the same make chain (see
+:mod:`xlbake.batch.slurm`); ``--slurm --status`` puts the jobs' results into the same summary.
 """
 
 from __future__ import annotations
