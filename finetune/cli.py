@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,6 +21,25 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+class GpuCount(click.ParamType):
+    """``8`` -> 8; ``2x8`` (nodes x GPUs per node) -> 16: every process of the launch shares the batch and the
+    ZeRO partitions, so the plan counts them all."""
+
+    name = "N|NODESxGPUS"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        match = re.fullmatch(r"(?:(\d+)x)?(\d+)", str(value).strip().lower())
+        count = int(match[1] or 1) * int(match[2]) if match else 0
+        if count < 1:
+            self.fail(f"{value!r} is not a GPU count N or NODESxGPUS like 2x8", param, ctx)
+        return count
+
+
+GPU_COUNT = GpuCount()
+
+
 @click.command(name="finetune", context_settings={"help_option_names": ["-h", "--help"]})
 @config_options
 @click.option(
@@ -31,7 +51,8 @@ logger = logging.getLogger(__name__)
 )
 @click.option("--plan", "plan_only", is_flag=True, help="Print the memory/steps plan (no weights loaded) and exit.")
 @click.option("--gpu-memory", metavar="SIZE", default=None, help="GPU size for the plan, e.g. 80GB, 48GB, 24GB.")
-@click.option("--gpus", type=click.IntRange(min=1), default=None, help="Number of GPUs for the plan.")
+@click.option("--gpus", type=GPU_COUNT, default=None, metavar="N|NODESxGPUS",
+              help="GPUs for the plan: N, or NODESxGPUS (e.g. 2x8) for a multi-node launch.")  # fmt: skip
 @click.option(
     "--accelerate-config",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),

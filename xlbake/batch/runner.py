@@ -15,6 +15,9 @@ Several GPUs: ``--gpus 0,1,2,3`` runs four concepts at once, one per GPU, each w
 its GPU (a free GPU takes the next concept). ``--gpus 0+1,2+3`` gives each concept two GPUs; train it on both with
 accelerate: ``--make-arg "FINETUNE=.venv/bin/accelerate launch --num_processes 2 -m finetune"``. Without GPUs,
 ``--jobs N`` runs N concepts at once on the CPU.
+
+On a cluster, ``--slurm`` submits one SLURM job per concept instead, running the same make chain (see
+:mod:`xlbake.batch.slurm`); ``--slurm --status`` puts the jobs' results into the same summary.
 """
 
 from __future__ import annotations
@@ -177,29 +180,37 @@ def run_concept(
     run_dir.mkdir(parents=True, exist_ok=True)
     log = run_dir / LOG_NAME
     code = run_make(concept, settings, run_dir, log, gpu, Stop() if stop is None else stop)
-    log_text = "" if code == 0 else log.read_text(encoding="utf-8", errors="replace")
+    result = chain_result(concept, run_dir, code, time.monotonic() - start, gpu=gpu, stopped=bool(stop))
+    failure = f" ({result.stage}): {result.message}" if result.stage else ""
+    click.echo(f"[{name}] {result.status}{failure} in {duration(result.seconds)}; log: {log}")
+    return result
+
+
+def chain_result(
+    concept: Concept, run_dir: Path, code: int, seconds: float, *, gpu: str | None = None, stopped: bool = False
+) -> ConceptResult:
+    """The summary row of a concept's ended make chain (exit ``code``), from its log and run folder.
+    Shared by the local pool and ``--slurm --status``."""
+    log_text = "" if code == 0 else (run_dir / LOG_NAME).read_text(encoding="utf-8", errors="replace")
     stage, message = (None, "") if code == 0 else diagnose(log_text)
-    interrupted = code != 0 and (code in INTERRUPTED_CODES or bool(stop) or was_interrupted(log_text))
+    interrupted = code != 0 and (code in INTERRUPTED_CODES or stopped or was_interrupted(log_text))
     status: Status = "ok" if code == 0 else ("interrupted" if interrupted else "failed")
     if interrupted:
         message = interruption_note(run_dir, stage)
     run = collect_outputs(run_dir)
-    result = ConceptResult(
-        concept=name,
+    return ConceptResult(
+        concept=concept.name,
         status=status,
         stage=stage,
         message=message or ("" if code == 0 else f"make exited with {code}"),
         steps=run.steps,
-        seconds=time.monotonic() - start,
+        seconds=seconds,
         run_dir=str(run_dir),
         gpu=gpu,
         triggers=concept.config.triggers,
         outputs=run.outputs,
         train_seconds=run.train_seconds,
     )
-    failure = f" ({stage}): {result.message}" if stage else ""
-    click.echo(f"[{name}] {result.status}{failure} in {duration(result.seconds)}; log: {log}")
-    return result
 
 
 def was_interrupted(log_text: str) -> bool:
@@ -219,15 +230,20 @@ def interruption_note(run_dir: Path, stage: str | None) -> str:
     return f"interrupted at step {step}, resumable: run the same command again"
 
 
+def make_command(make: str, concept: Concept, settings: BatchSettings, run_dir: Path) -> list[str]:
+    """The concept's ``make finetune extract resize`` command line (the local pool's and each SLURM job's)."""
+    return [
+        make, "-C", str(settings.project), "--no-print-directory", *CHAIN,
+        f"CONCEPT={concept.path.absolute()}", f"RUNS={settings.runs_dir}", f"RUN={run_dir}", *settings.make_args,
+    ]  # fmt: skip
+
+
 def run_make(concept: Concept, settings: BatchSettings, run_dir: Path, log: Path, gpu: str | None, stop: Stop) -> int:
     """``make finetune extract resize`` for one concept, output to ``log`` (and the terminal when streaming)."""
     make = shutil.which("make")
     if make is None:
         raise ConfigError("make: not found on PATH; install GNU make (xlbake batch runs each chain through it)")
-    command = [
-        make, "-C", str(settings.project), "--no-print-directory", *CHAIN,
-        f"CONCEPT={concept.path.absolute()}", f"RUNS={settings.runs_dir}", f"RUN={run_dir}", *settings.make_args,
-    ]  # fmt: skip
+    command = make_command(make, concept, settings, run_dir)
     env = dict(os.environ)
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
@@ -315,10 +331,20 @@ def select_concepts(specs: Sequence[str], all_concepts: bool, concepts_dir: Path
 @click.option("--runs-dir", type=click.Path(file_okay=False, path_type=Path), help="Default: PROJECT/runs.")
 @click.option("--make-arg", "make_args", multiple=True, metavar="ARG",
               help="Extra argument for each concept's make, e.g. DIM=64 or -k. Repeatable.")  # fmt: skip
+@click.option("--slurm", is_flag=True, help="Submit one SLURM job per concept (sbatch) instead of running here.")
+@click.option("--status", is_flag=True, help="With --slurm: the submitted jobs' states into the summary.")
+@click.option("--partition", help="--slurm: the jobs' partition.")
+@click.option("--gpus-per-job", type=click.IntRange(min=1), help="--slurm: GPUs per job (--gres=gpu:N).")
+@click.option("--time", "time_limit", metavar="D-HH:MM:SS", help="--slurm: each job's time limit.")
+@click.option("--account", help="--slurm: the account charged.")
+@click.option("--sbatch", "sbatch_lines", multiple=True, metavar="OPTION",
+              help="--slurm: another #SBATCH line, e.g. --mem=64G. Repeatable.")  # fmt: skip
 @run_guarded
 def main(
     concepts: tuple[str, ...], all_concepts: bool, jobs: int | None, gpus: str | None, project: Path,
-    concepts_dir: Path | None, runs_dir: Path | None, make_args: tuple[str, ...],
+    concepts_dir: Path | None, runs_dir: Path | None, make_args: tuple[str, ...], slurm: bool, status: bool,
+    partition: str | None, gpus_per_job: int | None, time_limit: str | None, account: str | None,
+    sbatch_lines: tuple[str, ...],
 ) -> None:  # fmt: skip
     """Run the finetune -> extract -> resize chain of each CONCEPT (names in concepts/ or YAML paths)."""
     project = project.absolute()
@@ -326,6 +352,12 @@ def main(
         raise ConfigError(f"{project}: no Makefile; run xlbake batch in the project folder or pass -C PROJECT")
     concepts_dir = (concepts_dir or project / "concepts").absolute()
     runs_dir = (runs_dir or project / "runs").absolute()
+    if slurm or status:
+        from xlbake.batch import slurm as cluster  # imports this module: loaded only when asked for
+
+        options = cluster.SlurmSettings(partition, gpus_per_job, time_limit, account, extra=sbatch_lines)
+        cluster.main(concepts, all_concepts, status, concepts_dir, BatchSettings(project, runs_dir, make_args), options)
+        return
     paths = select_concepts(concepts, all_concepts, concepts_dir)
     slots = parse_gpus(gpus)
     jobs = jobs or max(1, len(slots))

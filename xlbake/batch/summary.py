@@ -32,7 +32,7 @@ SOURCES_KEY = "xlbake_sources"  # extract's header record: each input's file nam
 RESIZE_KEY = "xlbake_resize"  # resize's header record: its input file name and that file's data hash
 BYTES_PER_MB = 1_000_000
 MAX_HEADER_BYTES = 100_000_000  # safetensors refuses larger headers too
-Status = Literal["ok", "failed", "invalid", "interrupted", "skipped"]
+Status = Literal["ok", "failed", "invalid", "interrupted", "skipped", "queued", "running"]  # last two: SLURM
 
 
 @dataclass(frozen=True)
@@ -207,7 +207,7 @@ def render_markdown(results: Sequence[ConceptResult]) -> str:
         time = "-" if r.train_seconds is None else duration(r.train_seconds)
         triggers = ", ".join(r.triggers) or "-"
         lines.append(f"| {r.concept} | {triggers} | {status} | {steps} | {time} | {files or '-'} | {kept or '-'} |")
-    notes = [r for r in results if r.status != "ok"]
+    notes = [r for r in results if r.status not in ("ok", "queued", "running")]  # the last two: not ended yet
     if notes:
         lines += ["", "Failures:"]
         for r in notes:
