@@ -139,7 +139,7 @@ demo: finetune extract resize
 	@echo "Kept-energy reports beside each LoRA (*.report.json, *.report.png); the finetune's loss curve: $(RUN)/loss.png"
 
 all: | $(STAMP)
-	$(PY) -m xlbake.batch.runner $(or $(CONCEPTS),--all) --runs-dir $(RUNS) $(if $(JOBS),--jobs $(JOBS)) $(if $(GPUS),--gpus $(GPUS))
+	$(PY) -m xlbake.batch.cli $(or $(CONCEPTS),--all) --runs-dir $(RUNS) $(if $(JOBS),--jobs $(JOBS)) $(if $(GPUS),--gpus $(GPUS))
 
 ifdef CONCEPT_FILE
 $(CONCEPT_MK): | $(STAMP)

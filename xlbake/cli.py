@@ -61,7 +61,7 @@ STAGES: dict[str, Stage] = {
     "loss-plot": Stage("xlbake.evaluate.cli:loss_plot", "Loss curve of a run (raw, smoothed, LR) as a PNG."),
     "dataset": Stage("xlbake.dataset.cli:main", "Dataset tools: check, captions-from-filenames, tags, steps plan."),
     "import-kohya": Stage("finetune.kohya.importer:main", "kohya_ss GUI JSON / sd-scripts TOML -> finetune YAML."),
-    "batch": Stage("xlbake.batch.runner:main", "Run many concepts' finetune -> extract -> resize chains, one summary."),
+    "batch": Stage("xlbake.batch.cli:main", "Run many concepts' finetune -> extract -> resize chains, one summary."),
 }
 
 

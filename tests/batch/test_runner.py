@@ -18,7 +18,8 @@ from fake_make import REPO, make_fake_venv
 from safetensors.torch import save_file
 
 from xlbake.batch import runner as batch
-from xlbake.batch.runner import diagnose, main, parse_gpus, select_concepts
+from xlbake.batch.cli import main
+from xlbake.batch.runner import diagnose, parse_gpus, select_concepts
 from xlbake.batch.summary import (
     ConceptResult,
     OutputFile,
@@ -325,7 +326,7 @@ WAIT_SECONDS = 300  # upper bound for a process to react on a loaded machine (a 
 
 
 def batch_with_a_hanging_finetune(tmp_path: Path) -> tuple[list[str], dict[str, str]]:
-    """``python -m xlbake.batch.runner a b`` through the real Makefile; a's fresh (not resumed) finetune trains until a
+    """``python -m xlbake.batch.cli a b`` through the real Makefile; a's fresh (not resumed) finetune trains until a
     signal."""
     venv = make_fake_venv(tmp_path / "venv")
     python = venv / "bin" / "python"
@@ -337,7 +338,7 @@ def batch_with_a_hanging_finetune(tmp_path: Path) -> tuple[list[str], dict[str, 
     for name in "ab":
         (tmp_path / name).mkdir()
         (concepts / f"{name}.yaml").write_text(f"datasets: [../{name}]\npreset: ../preset.yaml\ndim: 16\nrank: 4\n")
-    command = [sys.executable, "-m", "xlbake.batch.runner", "a", "b", "-C", str(REPO), "--concepts-dir", str(concepts)]
+    command = [sys.executable, "-m", "xlbake.batch.cli", "a", "b", "-C", str(REPO), "--concepts-dir", str(concepts)]
     command += ["--runs-dir", str(tmp_path / "runs"), f"--make-arg=VENV={venv}", "--make-arg=-o"]
     command += [f"--make-arg={venv}/.installed"]
     env = {**os.environ, "FAKE_CALLS": str(tmp_path / "calls.jsonl"), "FAKE_FAIL": ""}
