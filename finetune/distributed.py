@@ -275,11 +275,11 @@ def start_processes() -> Any:
 
 
 def prepare_run_dir_once(cfg: FinetuneConfig, resume: bool, force: bool) -> Path:
-    """``saving.prepare_run_dir`` on the main process only, the others waiting (no process sees another's files).
+    """``run_dir.prepare_run_dir`` on the main process only, the others waiting (no process sees another's files).
 
     If the main process refuses the folder it exits, and the launcher stops the others.
     """
-    from finetune.saving import prepare_run_dir
+    from finetune.run_dir import prepare_run_dir
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return prepare_run_dir(cfg, resume=resume, force=force)

@@ -24,7 +24,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from finetune import saving
+from finetune import outputs
 from finetune.config import FinetuneConfig
 from finetune.data import BucketBatchSampler, CheckedData, build_dataset, collate, steps_per_epoch, window_size
 from finetune.distributed import (
@@ -62,7 +62,10 @@ from finetune.objective import (
     target_for,
 )
 from finetune.optim import build_optimizer, build_scheduler, current_lrs, follow_schedule
+from finetune.progress import DataTimer, tracker_config
+from finetune.signals import stop_on_signals
 from finetune.state import TrainerState, decode_generator, encode_generator, find_resume, read_state, write_state
+from xlbake.batch import run_folder
 from xlbake.config import config_hash, dump_yaml, to_dict
 from xlbake.data.meta import dataset_metadata
 from xlbake.errors import ConfigError, TrainingError
@@ -105,7 +108,7 @@ class Trainer:
             gradient_accumulation_steps=cfg.train.grad_accum,
             mixed_precision=cfg.precision.mixed,
             log_with=[t for t, on in (("tensorboard", cfg.log.tensorboard), ("wandb", cfg.log.wandb)) if on] or None,
-            project_dir=str(self.run_dir / saving.LOGS),
+            project_dir=str(self.run_dir / run_folder.LOGS),
             dynamo_backend="inductor" if cfg.model.compile else "no",
         )
         self.zero = setup_zero(acc, cfg)  # DeepSpeed's settings (checked against cfg), None without DeepSpeed
@@ -116,7 +119,8 @@ class Trainer:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.precision.tf32
         set_seed(cfg.train.seed)
         with acc.main_process_first():
-            inputs = resolve_inputs(cfg.model.base, cfg.model.components, cfg.data.roots, self.run_dir / saving.BUILTIN)
+            builtin = self.run_dir / run_folder.BUILTIN
+            inputs = resolve_inputs(cfg.model.base, cfg.model.components, cfg.data.roots, builtin)
         self.model: SdxlModel = load_model(inputs.base, inputs.components, cfg.model.vae, cfg.loss.prediction)
         self.base_weights = frozen_base_weights(self.model, cfg.optim)  # saved as loaded, not as they run
         groups = setup_trainable(self.model, cfg.model, cfg.optim, cfg.precision)
@@ -146,7 +150,7 @@ class Trainer:
         self.emas = (
             {n: make_ema(self.model.part(n), cfg.ema, ema_device) for n in self.parts} if cfg.ema.enabled else {}
         )
-        if cfg.ema.enabled and "ema" not in saving.output_kinds(cfg.checkpoint.weights, ema=True):
+        if cfg.ema.enabled and "ema" not in outputs.output_kinds(cfg.checkpoint.weights, ema=True):
             logger.warning(
                 "ema.enabled with checkpoint.weights: raw: the EMA costs memory and time but no output or sample "
                 "holds it; set checkpoint.weights: auto (EMA in tuned*, raw beside) or ema, or ema.enabled: false"
@@ -162,7 +166,7 @@ class Trainer:
         if self.resume:
             self._restore(self.resume)
         if cfg.log.tensorboard or cfg.log.wandb:
-            acc.init_trackers("finetune", config=saving.tracker_config(to_dict(cfg)))
+            acc.init_trackers("finetune", config=tracker_config(to_dict(cfg)))
         self.inputs = inputs
         logger.info(
             "training %s for %d optimizer steps (%d per epoch, %d epochs), from step %d",
@@ -191,9 +195,9 @@ class Trainer:
             module.to(acc.device)
 
     def _restore(self, resume: str) -> None:
-        folder, acc = find_resume(self.run_dir / saving.STATE, resume), self.accelerator
+        folder, acc = find_resume(self.run_dir / run_folder.STATE, resume), self.accelerator
         if folder is None:
-            logger.info("no training state in %s: starting from the beginning", self.run_dir / saving.STATE)
+            logger.info("no training state in %s: starting from the beginning", self.run_dir / run_folder.STATE)
             return
         saved, ema_tensors = read_state(folder, self.state.config, self.state.config_hash)
         acc.load_state(str(folder))
@@ -221,12 +225,12 @@ class Trainer:
             disable=not (cfg.log.progress and acc.is_local_main_process),
         )
         self.clock_start = time.monotonic() - state.train_seconds
-        with saving.stop_on_signals() as stop:
+        with stop_on_signals() as stop:
             while not self._finished():
                 self.loader.set_epoch(state.epoch)
                 self.sampler.load_state_dict(self._sampler_state())  # continue mid-epoch after a resume
                 window: list[torch.Tensor] = []  # losses of this accumulation window's batches
-                timer = saving.DataTimer()
+                timer = DataTimer()
                 for batch in timer.wrap(self.loader):
                     if self.trace:
                         self.trace.batch(state.epoch, state.global_step, batch["path"])
@@ -265,7 +269,7 @@ class Trainer:
         """After SIGINT/SIGTERM: save the state (and loss curve) so that --resume continues exactly."""
         self.save_state()
         if self.cfg.log.loss_plot and self.accelerator.is_main_process:
-            saving.write_loss_plot(self.state.losses, self.state.lrs, self.run_dir / saving.LOSS_PNG)
+            outputs.write_loss_plot(self.state.losses, self.state.lrs, self.run_dir / run_folder.LOSS_PNG)
         logger.warning("stopped at step %d; resume with --resume auto", self.state.global_step)
         return self._result(interrupted=True)
 
@@ -325,7 +329,7 @@ class Trainer:
         if self.cfg.train.on_nan == "stop":
             raise TrainingError(
                 f"{where}: loss is {loss}; stopped without saving, {NAN_HINT}; "
-                f"the last saved state is in {self.run_dir / saving.STATE}"
+                f"the last saved state is in {self.run_dir / run_folder.STATE}"
             )
         self.state.nan_skips += 1
         if self.state.nan_skips > self.cfg.train.max_nan_skips:
@@ -344,7 +348,7 @@ class Trainer:
             self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def _after_step(self, loss_value: float, lrs: dict[str, float], bar: tqdm, timer: saving.DataTimer) -> None:
+    def _after_step(self, loss_value: float, lrs: dict[str, float], bar: tqdm, timer: DataTimer) -> None:
         """EMA update, records, logs and step-based saves after each optimizer step (its loss and LRs)."""
         cfg, state = self.cfg, self.state
         for ema in self.emas.values():
@@ -358,7 +362,7 @@ class Trainer:
             epoch=state.epoch + 1, loss=f"{loss_value:.4f}", lr=f"{state.lrs[-1]:.2e}", data=f"{timer.share():.0%}"
         )
         if cfg.checkpoint.every_steps and state.global_step % cfg.checkpoint.every_steps == 0 and not self._finished():
-            self.save(f"step-{state.global_step:08d}")
+            self.save(run_folder.step_tag(state.global_step))
         elif cfg.checkpoint.state_every_steps and state.global_step % cfg.checkpoint.state_every_steps == 0:
             self.save_state()
 
@@ -369,9 +373,9 @@ class Trainer:
         state.batches_in_epoch = 0
         last = self._finished()
         if cfg.checkpoint.every_epochs and state.epoch % cfg.checkpoint.every_epochs == 0 and not last:
-            self.save(f"epoch-{state.epoch:04d}")
+            self.save(run_folder.epoch_tag(state.epoch))
         if cfg.sample.prompts and cfg.sample.every_epochs and state.epoch % cfg.sample.every_epochs == 0 and not last:
-            self.sample(f"epoch-{state.epoch:04d}")
+            self.sample(run_folder.epoch_tag(state.epoch))
 
     def _finished(self) -> bool:
         return self.state.global_step >= self.total_steps or self.state.epoch >= self.cfg.train.epochs
@@ -381,12 +385,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ outputs
 
-    def weights(self) -> list[saving.Weights]:
+    def weights(self) -> list[outputs.Weights]:
         """The model's state dicts to save: raw, EMA, or both (EMA first), per checkpoint.weights."""
-        kinds = saving.output_kinds(self.cfg.checkpoint.weights, self.cfg.ema.enabled)
+        kinds = outputs.output_kinds(self.cfg.checkpoint.weights, self.cfg.ema.enabled)
         # Under DeepSpeed the fp32 weights are gathered (split under ZeRO-3): every process takes part
         raw = trained_state_dicts(self.model, self.parts, self.fixed, keep=self.accelerator.is_main_process)
-        return saving.collect_weights(self.model, self.emas, kinds, raw=raw | self.base_weights)
+        return outputs.collect_weights(self.model, self.emas, kinds, raw=raw | self.base_weights)
 
     def save(self, tag: str) -> list[Path]:
         """Save model checkpoint(s) for ``tag`` ("final" writes the run's tuned*.safetensors), then the state.
@@ -399,23 +403,23 @@ class Trainer:
         written: list[Path] = []
         weights, meta = self.weights(), self._metadata()
         if acc.is_main_process and tag == "final":
-            written = saving.save_final(
+            written = outputs.save_final(
                 self.run_dir, weights, cfg.checkpoint.dtype, cfg.checkpoint.fp32_copy, self.inputs.base, meta
             )
             if cfg.log.loss_plot:
-                saving.write_loss_plot(self.state.losses, self.state.lrs, self.run_dir / saving.LOSS_PNG)
+                outputs.write_loss_plot(self.state.losses, self.state.lrs, self.run_dir / run_folder.LOSS_PNG)
         elif acc.is_main_process:
             ckpt = cfg.checkpoint
-            written = saving.save_intermediate(
+            written = outputs.save_intermediate(
                 self.run_dir, tag, weights, ckpt.dtype, ckpt.keep_last, meta, keep_fp32=ckpt.keep_fp32
             )
         if tag == "final" and cfg.checkpoint.diffusers:
             emas = self.emas if weights[0].kind == "ema" else {}
             with whole_parameters(self.denoiser, self._zero3()):
                 if acc.is_main_process:
-                    parts = saving.pipeline_parts(self.model, emas)
+                    parts = outputs.pipeline_parts(self.model, emas)
                     base = {PART_ATTRS[name]: state for name, state in self.base_weights.items()}
-                    written.append(saving.save_diffusers_folder(parts, self.run_dir / saving.DIFFUSERS_DIR, base))
+                    written.append(outputs.save_diffusers_folder(parts, self.run_dir / run_folder.DIFFUSERS_DIR, base))
         if written:
             logger.info("saved %s", ", ".join(str(p) for p in written))
         if tag == "final":
@@ -428,13 +432,13 @@ class Trainer:
         """Save the training state (weights, optimizer, scheduler, RNG, EMA, data position) for --resume."""
         state, acc = self.state, self.accelerator
         self._clock()
-        saving.check_finite(self.weights()[0])
+        outputs.check_finite(self.weights()[0])
         state.sampler = self._sampler_state()
         state.generator = encode_generator(self.generator)
         state.generators = gather_object([state.generator]) if acc.num_processes > 1 else []
         ema_tensors = {f"{n}.{k}": v for n, ema in self.emas.items() for k, v in ema.state_dict().items()}
         self.state_dir = write_state(
-            self.run_dir / saving.STATE,
+            self.run_dir / run_folder.STATE,
             state,
             lambda d: acc.save_state(str(d)),
             ema_tensors,
@@ -449,28 +453,20 @@ class Trainer:
         from finetune.sampling import moved_to, render_samples
 
         acc, cfg = self.accelerator, self.cfg
-        emas = self.emas if saving.output_kinds(cfg.checkpoint.weights, cfg.ema.enabled)[0] == "ema" else {}
-        parts = saving.pipeline_parts(self.model, emas)
+        emas = self.emas if outputs.output_kinds(cfg.checkpoint.weights, cfg.ema.enabled)[0] == "ema" else {}
+        parts = outputs.pipeline_parts(self.model, emas)
         with whole_parameters(self.denoiser, self._zero3()):
             if not acc.is_main_process:
                 return []
             # EMA copies kept on the CPU (ema.device: cpu) join the rest of the pipeline on the GPU meanwhile
             with moved_to([ema.ema_model for ema in emas.values()], acc.device):
-                return render_samples(parts, cfg.sample, self.run_dir / saving.SAMPLES, tag, acc.autocast)
+                return render_samples(parts, cfg.sample, self.run_dir / run_folder.SAMPLES, tag, acc.autocast)
 
     def _zero3(self) -> bool:
         return self.zero is not None and self.zero.stage == ZERO3
 
     def _metadata(self) -> dict[str, str]:
-        return {
-            "xlbake.stage": "finetune",
-            "xlbake.config": dump_yaml(self.cfg),
-            "xlbake.base": str(Path(self.inputs.base).absolute()),
-            "xlbake.global_step": str(self.state.global_step),
-            "xlbake.epoch": str(self.state.epoch),
-            "xlbake.train_seconds": str(self.state.train_seconds),
-            **self.dataset_meta,
-        }
+        return outputs.output_metadata(dump_yaml(self.cfg), self.inputs.base, self.state, self.dataset_meta)
 
     def _clock(self) -> None:
         """Bring the run's training time up to now (it is saved in the state and the outputs' metadata)."""

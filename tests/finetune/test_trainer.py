@@ -30,7 +30,7 @@ from finetune.objective import (
     snr_weights,
     target_for,
 )
-from finetune.saving import Weights, save_sgm
+from finetune.outputs import Weights, save_sgm
 from finetune.state import TrainerState, read_state, write_state
 from finetune.text import encode_prompt
 from finetune.trainer import Trainer
