@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from finetune.config import CheckpointConfig
 from finetune.model import PART_ATTRS, SdxlModel
 from finetune.state import TrainerState
 from xlbake.batch.run_folder import (
@@ -24,6 +25,7 @@ from xlbake.batch.run_folder import (
     CHECKPOINTS,
     CONFIG_KEY,
     EPOCH_KEY,
+    FINAL_TAG,
     FP32_SUFFIX,
     RAW_SUFFIX,
     SAFETENSORS,
@@ -150,6 +152,15 @@ def save_final(
         for weights in sorted(all_weights, key=lambda w: output_name(TUNED_FP32, w.kind, both) == TUNED_FP32):
             written.append(save_sgm(weights, run_dir / output_name(TUNED_FP32, weights.kind, both), "fp32", metadata))
     return written
+
+
+def save_checkpoint(
+    run_dir: Path, tag: str, all_weights: Sequence[Weights], ckpt: CheckpointConfig, base: Path, meta: Mapping[str, str]
+) -> list[Path]:
+    """The run's final outputs for the tag "final" (``save_final``), else the intermediate checkpoint ``tag``."""
+    if tag == FINAL_TAG:
+        return save_final(run_dir, all_weights, ckpt.dtype, ckpt.fp32_copy, base, meta)
+    return save_intermediate(run_dir, tag, all_weights, ckpt.dtype, ckpt.keep_last, meta, keep_fp32=ckpt.keep_fp32)
 
 
 def save_intermediate(

@@ -29,6 +29,7 @@ DIFFUSERS_DIR = "tuned-diffusers"
 CHECKPOINTS = "checkpoints"
 STATE = "state"
 STEP_PREFIX = "step-"  # of state folders and step checkpoints
+FINAL_TAG = "final"  # the tag of the final save and its samples (samples/final-00.png)
 STATE_FILE = "trainer_state.json"
 SAMPLES = "samples"
 LOGS = "logs"
