@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from extract.outputs import LayerResult, Variant
+from xlbake.batch.run_folder import BASE_KEY
 from xlbake.errors import InputError
 from xlbake.lora.names import LoraTarget
 from xlbake.lora.report import Coverage, left_out_kind
@@ -22,8 +23,6 @@ from xlbake.sdxl.keys import SGM_PREFIX
 
 MODEL_PREFIXES = tuple(SGM_PREFIX[part] for part in ("unet", "text_encoder", "text_encoder_2"))
 """The tensors a finetune changes and a LoRA applies to (the VAE is neither trained nor in a LoRA)."""
-BASE_KEY = "xlbake.base"
-"""Metadata key naming the base model of a file written by the finetune stage."""
 CONV_KIND = "3x3 convs"
 
 

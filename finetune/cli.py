@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from xlbake.batch.run_folder import RESOLVED_CONFIG, STATE, final_output
 from xlbake.cli import EXIT_INTERRUPTED, config_options, force_option, resolve_config, run_guarded, setup_logging
 
 if TYPE_CHECKING:
@@ -106,7 +107,7 @@ def main(
     if result.interrupted:
         click.echo(f"Interrupted at step {result.global_step}; state saved in {result.state_dir}.", err=True)
         click.echo(
-            f"Resume with: python -m finetune --config {cfg.run_dir}/config.resolved.yaml --resume auto", err=True
+            f"Resume with: python -m finetune --config {Path(cfg.run_dir) / RESOLVED_CONFIG} --resume auto", err=True
         )
         raise click.exceptions.Exit(EXIT_INTERRUPTED)
     click.echo(f"Finished {result.global_step} steps; outputs:")
@@ -129,7 +130,7 @@ def check_start(cfg: FinetuneConfig, resume: str | None, force: bool) -> Checked
     from finetune.config import builtin_name
     from finetune.data import read_training_data
     from finetune.model import single_file_architecture
-    from finetune.saving import check_run_dir
+    from finetune.run_dir import check_run_dir
     from xlbake.errors import InputError
     from xlbake.sdxl.checkpoint import open_checkpoint
 
@@ -179,7 +180,7 @@ def check_resumable(cfg: FinetuneConfig, resume: str, force: bool) -> None:
     """Refuse a resume trained with another config, or one that finds no state and would train from step 0 over
     the run's outputs (without ``force``); AlreadyFinished if the state has trained what ``cfg`` asks for and the
     run's outputs are saved (a finished run whose outputs are missing saves them again)."""
-    from finetune.saving import STATE, check_restart, final_output
+    from finetune.run_dir import check_restart
     from finetune.state import check_resume, is_finished, read_trainer_state
     from xlbake.config import config_hash, to_dict
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,13 +23,6 @@ from finetune.config import FinetuneConfig
 from finetune.launch import ZERO3, ZeroSettings, check_zero, env_flag, zero_settings
 from finetune.text import encode_prompt
 from xlbake.errors import ConfigError
-from xlbake.fileio import save_safetensors_atomic
-
-TRACE_ENV = "XLBAKE_TRACE_DIR"
-"""Debug hook for multi-process tests: each process records its batches, final weights and writes in this folder."""
-WRITE_EVENTS = ("os.rename", "os.mkdir", "os.remove", "os.rmdir", "shutil.rmtree")
-"""Audit events (besides opening for writing) that change the file system; the path is the last str argument."""
-_AUDITED: list[int] = []  # ranks whose writes this process already records (audit hooks cannot be removed)
 
 
 def setup_zero(accelerator: Any, cfg: FinetuneConfig) -> ZeroSettings | None:
@@ -169,8 +161,6 @@ def start_processes() -> Any:
         )
     gloo = world > 1 and deepspeed and not torch.cuda.is_available()
     processes = PartialState(cpu=cpu, **({"backend": "gloo"} if gloo else {}))
-    if os.environ.get(TRACE_ENV):
-        audit_writes(Path(os.environ[TRACE_ENV]), processes.process_index)
     if processes.num_processes != world:
         raise ConfigError(
             f"accelerate launch started {world} processes but accelerate joined {processes.num_processes}: without "
@@ -180,11 +170,11 @@ def start_processes() -> Any:
 
 
 def prepare_run_dir_once(cfg: FinetuneConfig, resume: bool, force: bool) -> Path:
-    """``saving.prepare_run_dir`` on the main process only, the others waiting (no process sees another's files).
+    """``run_dir.prepare_run_dir`` on the main process only, the others waiting (no process sees another's files).
 
     If the main process refuses the folder it exits, and the launcher stops the others.
     """
-    from finetune.saving import prepare_run_dir
+    from finetune.run_dir import prepare_run_dir
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return prepare_run_dir(cfg, resume=resume, force=force)
@@ -193,60 +183,3 @@ def prepare_run_dir_once(cfg: FinetuneConfig, resume: bool, force: bool) -> Path
         prepare_run_dir(cfg, resume=resume, force=force)
     processes.wait_for_everyone()
     return Path(cfg.run_dir)
-
-
-class RankTrace:
-    """What one process trained on and ended with, for tests of multi-process runs (XLBAKE_TRACE_DIR=<folder>).
-
-    ``<folder>/rank{N}.txt``: one line per image of every batch, ``epoch step path``; ``<folder>/rank{N}.safetensors``:
-    the process's whole trained weights at the end (gathered under ZeRO-3). The folder is outside RUN/.
-    """
-
-    def __init__(self, folder: Path, rank: int) -> None:
-        self.folder, self.rank = Path(folder), rank
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.batches = self.folder / f"rank{rank}.txt"
-
-    @classmethod
-    def from_env(cls, rank: int) -> RankTrace | None:
-        """The trace of process ``rank`` if XLBAKE_TRACE_DIR is set, else None."""
-        folder = os.environ.get(TRACE_ENV)
-        return cls(Path(folder), rank) if folder else None
-
-    def batch(self, epoch: int, step: int, paths: Sequence[str]) -> None:
-        """Record the images of one batch (``step``: optimizer steps done before it)."""
-        with open(self.batches, "a", encoding="utf-8") as handle:
-            handle.writelines(f"{epoch} {step} {path}\n" for path in paths)
-
-    def weights(self, state_dicts: Mapping[str, Mapping[str, Tensor]]) -> Path:
-        """Write this process's final weights (part -> state dict) as ``{part}.{key}`` tensors."""
-        tensors = {f"{part}.{key}": t for part, sd in state_dicts.items() for key, t in sd.items()}
-        return save_safetensors_atomic(tensors, self.folder / f"rank{self.rank}.safetensors", force=True)
-
-
-def audit_writes(folder: Path, rank: int) -> Path:
-    """Record every path this process opens for writing, creates, renames to or removes, one ``event path`` line
-    each, in ``<folder>/rank{N}.writes.txt`` (a Python audit hook: writes made by C code to files it opened itself
-    are not seen; ours all start in Python, with an atomic temp file). For tests; once per process."""
-    path = Path(folder) / f"rank{rank}.writes.txt"
-    if _AUDITED:
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    log = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 (open for the life of the process)
-    writing = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
-
-    def hook(event: str, args: tuple) -> None:
-        if event == "open":  # (path, mode or None for os.open, flags)
-            mode, flags = args[1], args[2]
-            changes = any(c in mode for c in "wax+") if isinstance(mode, str) else bool(flags & writing)
-            paths = args[:1]
-        else:
-            changes = event in WRITE_EVENTS
-            paths = args
-        paths = [a for a in paths if isinstance(a, (str, bytes, os.PathLike))]
-        if changes and paths:
-            log.write(f"{event} {os.fsdecode(paths[-1])}\n")
-
-    sys.addaudithook(hook)
-    _AUDITED.append(rank)
-    return path

@@ -13,13 +13,11 @@ from pathlib import Path
 import click
 from safetensors import SafetensorError, safe_open
 
+from xlbake.batch.run_folder import CHECKPOINTS, FP32_SUFFIX, SAFETENSORS
 from xlbake.cli import run_guarded
 from xlbake.errors import InputError
 from xlbake.fileio import TEMP_PREFIX
 
-CHECKPOINTS = "checkpoints"  # finetune/saving.py's name; importing it would load torch while make reads the Makefile
-SUFFIX = ".safetensors"
-FP32_SUFFIX = ".fp32.safetensors"
 FP32 = "F32"
 
 
@@ -27,9 +25,9 @@ def epoch_checkpoints(run_dir: Path) -> tuple[list[tuple[str, Path]], list[str]]
     """((tag, fp32 file) of every checkpoint in ``RUN/checkpoints`` sorted by tag, tags left out for lack of an
     fp32 file); InputError when no checkpoint can be extracted, saying which settings save them."""
     folder = Path(run_dir) / CHECKPOINTS
-    files = sorted(p for p in folder.glob(f"*{SUFFIX}") if not p.name.startswith(TEMP_PREFIX))
+    files = sorted(p for p in folder.glob(f"*{SAFETENSORS}") if not p.name.startswith(TEMP_PREFIX))
     copies = {p.name.removesuffix(FP32_SUFFIX): p for p in files if p.name.endswith(FP32_SUFFIX)}
-    plain = {p.name.removesuffix(SUFFIX): p for p in files if not p.name.endswith(FP32_SUFFIX)}
+    plain = {p.name.removesuffix(SAFETENSORS): p for p in files if not p.name.endswith(FP32_SUFFIX)}
     found, skipped = [], []
     for tag in sorted(copies.keys() | plain.keys()):
         if tag in copies:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import Tensor
@@ -129,6 +130,19 @@ def encode_posterior(vae: Any, pixels: Tensor) -> Tensor:
     param = next(vae.parameters())
     with torch.autocast(param.device.type, enabled=False):  # the SDXL VAE overflows in fp16
         return vae.encode(pixels[None].to(param.device, param.dtype)).latent_dist.parameters[0].cpu()
+
+
+def batch_latents(batch: Mapping[str, Any], vae: Any, device: torch.device, generator: torch.Generator) -> Tensor:
+    """A batch's latents (B, 4, H/8, W/8) in fp32, scaled for the UNet: drawn with ``generator`` from the cached
+    posterior parameters ``batch["latent_dist"]`` (B, 8, h, w), or from the VAE's posterior of
+    ``batch["pixel_values"]`` (B, 3, H, W) in [-1, 1], the same way."""
+    if TENSOR in batch:
+        posterior = DiagonalGaussianDistribution(batch[TENSOR].to(device))
+    else:
+        pixels = batch["pixel_values"].to(device, vae.dtype)
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):  # the SDXL VAE overflows in fp16
+            posterior = vae.encode(pixels).latent_dist
+    return (posterior.sample(generator=generator) * vae.config.scaling_factor).float()
 
 
 def encode_entries(

@@ -21,7 +21,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from finetune.config import SDXL_HUB_ID, EmaConfig, ModelConfig, OptimConfig, PrecisionConfig, builtin_name
+from finetune.config import SDXL_HUB_ID, ModelConfig, OptimConfig, PrecisionConfig, builtin_name
 from finetune.optim import ParamGroup
 from xlbake.errors import ConfigError, InputError
 from xlbake.sdxl.parts import PART_ATTRS
@@ -32,8 +32,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "no": torch.float32}
-NO_WARMUP_INV_GAMMA = 1e-9
-"""ema-pytorch's decay is 1 - (1 + n / inv_gamma) ** -power (capped at beta): a tiny inv_gamma gives beta at once."""
 DEMO_DONE = ".complete"
 """Marker written after the builtin demo dataset is fully drawn."""
 
@@ -288,23 +286,3 @@ def _builtin_demo(folder: Path) -> Path:
         make_demo_dataset(folder, force=True)
         done.touch()
     return folder
-
-
-def make_ema(module: torch.nn.Module, cfg: EmaConfig, device: torch.device) -> Any:
-    """An ema-pytorch EMA of ``module`` (built before accelerate wraps it), its copy kept on ``device``.
-
-    Every schedule setting is explicit: ema-pytorch's defaults would copy instead of averaging for 100 updates.
-    """
-    from ema_pytorch import EMA
-
-    ema = EMA(
-        module,
-        beta=cfg.beta,
-        update_after_step=cfg.update_after_step,
-        update_every=cfg.update_every,
-        inv_gamma=cfg.inv_gamma if cfg.warmup else NO_WARMUP_INV_GAMMA,
-        power=cfg.power,
-        include_online_model=False,
-        allow_different_devices=cfg.device == "cpu",
-    )
-    return ema.to(device)

@@ -1,4 +1,6 @@
-"""The training objective as pure functions of tensors: timesteps, noise, targets, SNR weights, losses, time ids.
+"""The training objective as pure functions of tensors: timesteps, noise, targets, SNR weights, losses, time ids;
+and the two halves of a training step built from them as the ``noise`` and ``loss`` config sections say
+(``noise_latents`` before the UNet, ``weighted_loss`` after it).
 
 Formulas follow kohya sd-scripts (``library/train_util.py``, ``library/custom_train_functions.py``) so that its
 settings mean the same here. Shapes: ``B`` batch, ``C`` latent channels, ``H, W`` latent size, ``T`` number of
@@ -238,3 +240,42 @@ def compute_time_ids(original_size: Tensor, crop_top_left: Tensor, target_size: 
     """SDXL's ``add_time_ids`` (B, 6) fp32: [orig_h, orig_w, crop_top, crop_left, target_h, target_w] from
     original_size (B, 2) = (h, w), crop_top_left (B, 2) = (top, left) and target_size (B, 2) = (h, w)."""
     return torch.cat([original_size, crop_top_left, target_size], dim=1).float()
+
+
+@dataclass(frozen=True)
+class Noised:
+    """Latents noised for one training step."""
+
+    noise: Tensor  # (B, C, H, W): what the target is made of
+    timesteps: Tensor  # (B,) long, on the latents' device
+    noisy_latents: Tensor  # (B, C, H, W): the UNet's input
+
+
+def noise_latents(latents: Tensor, cfg: NoiseConfig, alphas_cumprod: Tensor, generator: torch.Generator) -> Noised:
+    """Noise ``latents`` (B, C, H, W) for a training step as ``cfg`` says, drawing from ``generator`` in this
+    order: the noise (with its offset), the timesteps, the input perturbation."""
+    noise = make_noise(latents, cfg.noise_offset, random_strength=cfg.noise_offset_random_strength, generator=generator)
+    timesteps = sample_timesteps(len(latents), cfg.min_timestep, cfg.max_timestep, generator=generator)
+    timesteps = timesteps.to(latents.device)
+    input_noise = perturb_noise(
+        noise, cfg.ip_noise_gamma, random_strength=cfg.ip_noise_gamma_random_strength, generator=generator
+    )
+    return Noised(noise, timesteps, add_noise(latents, input_noise, timesteps, alphas_cumprod))
+
+
+def weighted_loss(pred: Tensor, latents: Tensor, noised: Noised, alphas_cumprod: Tensor, cfg: LossConfig) -> Tensor:
+    """The loss of a training step: the per-sample loss of ``pred`` (B, C, H, W) against its target, weighted by
+    timestep as ``cfg`` says and averaged over the batch; a scalar fp32 tensor."""
+    timesteps = noised.timesteps
+    target = target_for(cfg.prediction, latents, noised.noise, timesteps, alphas_cumprod)
+    huber_c = None
+    if cfg.loss_type in ("huber", "smooth_l1"):
+        huber_c = huber_c_for(cfg.huber_schedule, cfg.huber_c, timesteps, alphas_cumprod, huber_scale=cfg.huber_scale)
+    per_sample = loss_per_sample(pred, target, cfg.loss_type, huber_c)  # (B,)
+    weights = snr_weights(
+        snr(alphas_cumprod, timesteps),
+        prediction=cfg.prediction,
+        min_snr_gamma=cfg.min_snr_gamma,
+        debiased=cfg.debiased_estimation,
+    )
+    return (per_sample * weights.to(per_sample.device)).mean()

@@ -24,14 +24,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from xlbake.batch.run_folder import STATE_FILE, STEP_PREFIX, step_tag
 from xlbake.errors import InputError, TrainingError
 from xlbake.fileio import TEMP_PREFIX
 
 logger = logging.getLogger(__name__)
 
-STATE_FILE = "trainer_state.json"
 EMA_FILE = "ema.safetensors"
-STATE_PREFIX = "step-"
 REPLACED_SUFFIX = ".replaced"
 """An older state of the same step, renamed aside while its successor is renamed into place."""
 RESUME_FREE_KEYS = (
@@ -102,8 +101,8 @@ def state_dirs(root: Path) -> list[Path]:
         return []
     found: dict[int, Path] = {}
     for path in sorted(root.iterdir(), key=lambda p: not p.name.endswith(REPLACED_SUFFIX)):  # asides first
-        step = path.name.removesuffix(REPLACED_SUFFIX).removeprefix(STATE_PREFIX)
-        if path.name.startswith(STATE_PREFIX) and step.isdigit() and (path / STATE_FILE).is_file():
+        step = path.name.removesuffix(REPLACED_SUFFIX).removeprefix(STEP_PREFIX)
+        if path.name.startswith(STEP_PREFIX) and step.isdigit() and (path / STATE_FILE).is_file():
             found[int(step)] = path  # the step's own folder, listed last, wins over its aside copy
     return [found[step] for step in sorted(found)]
 
@@ -149,7 +148,7 @@ def write_state(
     (accelerate's RNG states, DeepSpeed's optimizer shards) into one staging folder; only the ``main`` process
     writes ours, renames the folder into place and prunes.
     """
-    final = root / f"{STATE_PREFIX}{state.global_step:08d}"
+    final = root / step_tag(state.global_step)
     staging = root / f"{TEMP_PREFIX}{final.name}"
     if main:
         root.mkdir(parents=True, exist_ok=True)
@@ -216,7 +215,7 @@ def _clean_up(root: Path) -> None:
     successor never arrived goes back under its own name)."""
     for stale in root.glob(f"{TEMP_PREFIX}*"):
         shutil.rmtree(stale, ignore_errors=True)
-    for aside in root.glob(f"{STATE_PREFIX}*{REPLACED_SUFFIX}"):
+    for aside in root.glob(f"{STEP_PREFIX}*{REPLACED_SUFFIX}"):
         final = aside.with_name(aside.name.removesuffix(REPLACED_SUFFIX))
         if final.exists():
             shutil.rmtree(aside, ignore_errors=True)

@@ -179,7 +179,7 @@ def test_identical_learning_rates_share_one_line_and_different_ones_are_told_apa
 
 def test_the_finetune_loss_plot_is_the_loss_curve_plot(tmp_path):
     """One loss-plot style: the trainer's RUN/loss.png is plot_loss_curve of its own loss history."""
-    from finetune.saving import write_loss_plot
+    from finetune.outputs import write_loss_plot
 
     losses, lrs = [1.0 / s for s in range(1, 31)], [1e-4] * 30
     losses[4] = float("nan")  # a skipped step

@@ -3,10 +3,10 @@ DeepSpeed config checks and the building blocks they rely on.
 
 Each launched mode trains the tiny model for 4 steps over 2 processes (state saved at step 2), then, in the same
 launched processes (tests/distributed_helpers.py: half the start-up cost), runs the CLI again to resume that state
-into another run folder. XLBAKE_TRACE_DIR makes every process record its batches, its final whole weights and
-every path it writes, so the tests can check: the processes saw different images, ended with identical
-weights, only process 0 wrote the run's files, ZeRO-2/3 end with the weights DDP ends with, and the resumed run
-ends exactly where the uninterrupted one did.
+into another run folder. The helper makes every process record its batches, its final whole weights and every
+path it writes (wrapping the trainer from outside), so the tests can check: the processes saw different images,
+ended with identical weights, only process 0 wrote the run's files, ZeRO-2/3 end with the weights DDP ends with,
+and the resumed run ends exactly where the uninterrupted one did.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from distributed_helpers import NAN_ENV
+from distributed_helpers import NAN_ENV, SEPARATOR
 from safetensors.torch import load_file
 from tiny_run import tiny_run_sections
 from torch import nn
@@ -31,7 +31,6 @@ from torch import nn
 from finetune.cli import main as finetune_main
 from finetune.config import FinetuneConfig
 from finetune.distributed import (
-    TRACE_ENV,
     Denoiser,
     rank_seed,
 )
@@ -237,22 +236,18 @@ def finetune_args(mode: str, config: Path, run_dir: Path, *extra: str) -> list[s
 
 
 def launch(mode: str, *runs: tuple[Path, list[str]], nan: str = "") -> None:
-    """``accelerate launch`` 2 processes in ``mode`` for one finetune run, or two in the same processes
-    (``tests/distributed_helpers.py``), each given as (trace folder, CLI arguments); fails with the output's tail.
-    ``nan``: ``RANK:STEP``, a NaN loss in one process (the helper's XLBAKE_TEST_NAN)."""
+    """``accelerate launch`` 2 processes in ``mode`` for one finetune run, or two in the same processes, through
+    ``tests/distributed_helpers.py``: each run given as (trace folder, CLI arguments); fails with the output's tail.
+    ``nan``: ``RANK:STEP:BATCH``, a NaN loss in one process (the helper's XLBAKE_TEST_NAN)."""
     launch_args, env_extra, _ = MODES[mode]
     if nan:
         env_extra = {**env_extra, NAN_ENV: nan}
-    if len(runs) == 1 and not nan:
-        target = ["-m", "finetune", *runs[0][1]]
-    elif len(runs) == 1:
-        target = [str(HELPERS), str(runs[0][0]), *runs[0][1]]
-    else:
-        (trace_a, args_a), (trace_b, args_b) = runs
-        target = [str(HELPERS), str(trace_a), *args_a, "--then", str(trace_b), *args_b]
+    target = [str(HELPERS)]
+    for trace, args in runs:
+        target += [SEPARATOR] * (len(target) > 1) + [str(trace), *args]
     command = [str(ACCELERATE), "launch", "--main_process_port", str(free_port()), *launch_args, *target]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "WORLD_SIZE", "RANK"))}
-    env |= {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", TRACE_ENV: str(runs[0][0]), **env_extra}
+    env |= {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **env_extra}
     done = subprocess.run(
         command, cwd=REPO, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, check=False
     )

@@ -5,7 +5,7 @@ import torch
 
 from finetune.config import EmaConfig
 from finetune.ema_reach import ema_reach, ema_warning
-from finetune.model import make_ema
+from finetune.emas import make_ema
 
 
 def test_the_guide_decay_barely_moves_in_short_runs():

@@ -500,7 +500,7 @@ import os, sys, time
 from pathlib import Path
 import torch
 from safetensors import safe_open
-from finetune.saving import stop_on_signals
+from finetune.signals import stop_on_signals
 from finetune.state import TrainerState, write_state
 
 root, fifo = Path(sys.argv[1]), sys.argv[2]

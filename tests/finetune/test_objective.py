@@ -17,11 +17,13 @@ from finetune.objective import (
     loss_per_sample,
     make_noise,
     min_snr_weights,
+    noise_latents,
     perturb_noise,
     sample_timesteps,
     snr,
     snr_weights,
     target_for,
+    weighted_loss,
 )
 from xlbake.errors import ConfigError
 
@@ -179,3 +181,25 @@ def test_config_checks():
     with pytest.raises(ConfigError, match="huber_c"):
         LossConfig(loss_type="huber", huber_c=2.0, huber_schedule="snr")
     assert LossConfig(loss_type="huber", huber_c=2.0, huber_schedule="constant").huber_c == 2.0
+
+
+def test_a_training_step_composes_the_parts_in_a_fixed_draw_order():
+    """noise_latents draws the noise, the timesteps and the input perturbation, in that order (a resumed run
+    depends on it); weighted_loss weighs each sample's loss against its target by its timestep."""
+    abar = sdxl_scheduler().alphas_cumprod
+    latents = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    noise_cfg = NoiseConfig(noise_offset=0.1, ip_noise_gamma=0.1, min_timestep=10, max_timestep=900)
+    noised = noise_latents(latents, noise_cfg, abar, torch.Generator().manual_seed(5))
+    gen = torch.Generator().manual_seed(5)
+    noise = make_noise(latents, 0.1, generator=gen)
+    timesteps = sample_timesteps(3, 10, 900, generator=gen)
+    noisy = add_noise(latents, perturb_noise(noise, 0.1, generator=gen), timesteps, abar)
+    assert torch.equal(noised.noise, noise) and torch.equal(noised.timesteps, timesteps)
+    assert torch.equal(noised.noisy_latents, noisy)
+
+    loss_cfg = LossConfig(prediction="v_prediction", loss_type="huber", min_snr_gamma=5.0)
+    pred = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    target = target_for("v_prediction", latents, noise, timesteps, abar)
+    per_sample = loss_per_sample(pred, target, "huber", huber_c_for("snr", 0.1, timesteps, abar))
+    weights = snr_weights(snr(abar, timesteps), prediction="v_prediction", min_snr_gamma=5.0, debiased=False)
+    assert torch.allclose(weighted_loss(pred, latents, noised, abar, loss_cfg), (per_sample * weights).mean())

@@ -76,7 +76,7 @@ def test_run_line_names_its_own_preset(name):
 @pytest.mark.parametrize("name", sorted(TARGETS))
 def test_documented_ema_overrides_save_the_ema(name):
     """A comment that tells how to turn EMA on gives a run whose outputs and samples hold the EMA."""
-    from finetune.saving import output_kinds
+    from finetune.outputs import output_kinds
 
     for line in (PRESETS / name).read_text().splitlines():
         if line.startswith("#") and "--set ema.enabled=true" in line:

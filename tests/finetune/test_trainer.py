@@ -30,7 +30,7 @@ from finetune.objective import (
     snr_weights,
     target_for,
 )
-from finetune.saving import Weights, save_sgm
+from finetune.outputs import Weights, save_sgm
 from finetune.state import TrainerState, read_state, write_state
 from finetune.text import encode_prompt
 from finetune.trainer import Trainer
@@ -511,30 +511,11 @@ def test_model_options_train(name, tiny_paths):
     assert all(p.grad is None for p in model.text_encoder.parameters()) == (cfg.optim.te1_lr == 0)
 
 
-def test_ema_on_cpu_with_warmup(tiny_paths):
-    from finetune.model import make_ema
-
-    cfg = load_config(FinetuneConfig, None, ["ema.enabled=true", "ema.device=cpu", "ema.warmup=true"]).ema
-    module = torch.nn.Linear(3, 3)
-    ema = make_ema(module, cfg, torch.device("cpu"))
-    decays = []
-    for _ in range(4):
-        with torch.no_grad():
-            module.weight.add_(1.0)
-        ema.update()
-        decays.append(ema.get_current_decay())
-    assert decays == sorted(decays) and 0 < decays[-1] < cfg.beta  # warming up towards beta
-    assert not torch.equal(ema.ema_model.weight, module.weight)
-    constant = make_ema(module, replace(cfg, warmup=False), torch.device("cpu"))
-    constant.update(), constant.update(), constant.update()
-    assert constant.get_current_decay() == pytest.approx(cfg.beta)
-
-
 def test_an_ema_that_cannot_move_is_warned_about_at_the_start(tiny_paths, demo_dataset, tmp_path, caplog):
     cfg = make_config(tiny_paths, demo_dataset, tmp_path / "run", "ema.beta=0.9995")
     trainer = Trainer(cfg)
     try:
-        with caplog.at_level("WARNING", logger="finetune.trainer"):
+        with caplog.at_level("WARNING", logger="finetune.emas"):
             trainer.setup()
     finally:
         trainer.cleanup()

@@ -12,7 +12,7 @@ from tiny_run import tiny_run_sections
 
 from extract.config import ExtractConfig
 from extract.pipeline import run_extract
-from finetune import saving
+from finetune import outputs
 from finetune.config import FinetuneConfig
 from finetune.trainer import Trainer
 from xlbake.config import load_config
@@ -98,7 +98,7 @@ def test_extract_finds_a_frozen_part_unchanged(frozen_te2_run, tiny_paths, tmp_p
 def test_default_outputs_follow_ema():
     def kinds(*overrides: str) -> tuple[str, ...]:
         cfg = load_config(FinetuneConfig, None, overrides)
-        return saving.output_kinds(cfg.checkpoint.weights, cfg.ema.enabled)
+        return outputs.output_kinds(cfg.checkpoint.weights, cfg.ema.enabled)
 
     assert kinds() == ("raw",)
     assert kinds("ema.enabled=true") == ("ema", "raw")  # EMA in tuned*, the raw weights beside it

@@ -6,11 +6,9 @@ from pathlib import Path
 
 import click
 
+from xlbake.batch.run_folder import BASE_TXT
 from xlbake.cli import run_guarded
 from xlbake.errors import InputError
-
-BASE_TXT = "base.txt"
-"""File in RUN/ holding the base model path (written by the final save)."""
 
 
 def base_of(run_dir: Path) -> Path:

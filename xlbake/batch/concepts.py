@@ -33,6 +33,7 @@ from pathlib import Path
 import click
 import yaml
 
+from xlbake.batch.run_folder import RESOLVED_CONFIG, STATE, TUNED_FP32
 from xlbake.cli import run_guarded
 from xlbake.config import load_config
 from xlbake.errors import ConfigError, InputError, OutputError
@@ -51,8 +52,6 @@ RESERVED_KEYS = {
     "data.roots": "list the folders in datasets",
     "data.triggers": "list the words in triggers",
 }
-# the finetune's names in RUN (finetune/saving.py; importing it would load torch at every make)
-TUNED_FP32, RESOLVED_CONFIG, STATE_DIR = "tuned.fp32.safetensors", "config.resolved.yaml", "state"
 FINETUNE_FLAGS = {"start": "--force", "resume": "--resume auto"}
 MAX_LISTED_CHANGES = 8
 # stage flags the chain sets itself, so they may not appear in extract_args / resize_args
@@ -336,7 +335,7 @@ def finetune_action(
     run, tuned = stamp.parent, stamp.parent / TUNED_FP32
     record = stamp if stamp.exists() else run / RESOLVED_CONFIG
     finished = tuned.exists() and (not record.exists() or tuned.stat().st_mtime_ns >= record.stat().st_mtime_ns)
-    started = finished or (run / STATE_DIR).is_dir()
+    started = finished or (run / STATE).is_dir()
     if extract_only and not finished:
         if started or tuned.exists():
             raise InputError(f"{run}: its finetune has not finished; finish it first: make finetune RUN={run}")
@@ -350,7 +349,7 @@ def finetune_action(
     old = record.read_text(encoding="utf-8") if record.exists() else ""
     changes = stamp_changes(old, wanted, with_data=record == stamp)
     if not changes:
-        return ("done" if finished else "resume" if (run / STATE_DIR).is_dir() else "start"), wanted
+        return ("done" if finished else "resume" if (run / STATE).is_dir() else "start"), wanted
     if started and (extract_only or not force):
         listed = "; ".join(changes[:MAX_LISTED_CHANGES]) + (" ..." if len(changes) > MAX_LISTED_CHANGES else "")
         what = "a finished finetune" if finished else "a started finetune (its state)"

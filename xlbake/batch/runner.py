@@ -41,6 +41,7 @@ from typing import IO
 import click
 
 from xlbake.batch.concepts import Concept, concept_path, list_concepts, load_concept
+from xlbake.batch.run_folder import STEP_PREFIX, TUNED_PREFIX
 from xlbake.batch.summary import (
     LOG_NAME,
     ConceptResult,
@@ -222,7 +223,7 @@ def interruption_note(run_dir: Path, stage: str | None) -> str:
     state = newest_state(run_dir)
     if state is None:
         return "interrupted before the finetune saved a state: run the same command again to start it over"
-    step = int(state.name.removeprefix("step-"))
+    step = int(state.name.removeprefix(STEP_PREFIX))
     return f"interrupted at step {step}, resumable: run the same command again"
 
 
@@ -282,7 +283,7 @@ def diagnose(log_text: str) -> tuple[str, str]:
 
 
 def _stage_of(target: str) -> str:
-    if target.startswith("tuned") or target.startswith(".finetune"):
+    if target.startswith((TUNED_PREFIX, ".finetune")):
         return "finetune"
     if re.fullmatch(r"lora-dim\d+\.safetensors", target):
         return "extract"

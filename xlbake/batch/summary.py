@@ -18,6 +18,16 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Literal
 
+from xlbake.batch.run_folder import (
+    SAFETENSORS,
+    SECONDS_KEY,
+    STATE,
+    STATE_FILE,
+    STEP_KEY,
+    STEP_PREFIX,
+    TUNED_FP32,
+    TUNED_PREFIX,
+)
 from xlbake.fileio import write_text_atomic
 from xlbake.fingerprint import fingerprint
 from xlbake.lora.io import HASH_KEY
@@ -26,8 +36,6 @@ LOG_NAME = "batch.log"
 SUMMARY_MD = "summary.md"
 SUMMARY_JSON = "summary.json"
 SUMMARY_LOCK = ".summary.lock"
-TUNED = "tuned.fp32.safetensors"  # the finetune's output that make tracks (and extract reads)
-STATE_DIR, STATE_FILE = "state", "trainer_state.json"  # the finetune's resumable states: state/step-NNNNNNNN/
 SOURCES_KEY = "xlbake_sources"  # extract's header record: each input's file name and fingerprint
 RESIZE_KEY = "xlbake_resize"  # resize's header record: its input file name and that file's data hash
 BYTES_PER_MB = 1_000_000
@@ -73,7 +81,7 @@ class RunFiles:
 
 def collect_outputs(run_dir: Path) -> RunFiles:
     """The run's model files with their sizes, kept energy and staleness, and the finetune's steps and time."""
-    tuned = sorted(run_dir.glob("tuned*.safetensors"), key=lambda p: (p.name != TUNED, p.name))
+    tuned = sorted(run_dir.glob(f"{TUNED_PREFIX}*{SAFETENSORS}"), key=lambda p: (p.name != TUNED_FP32, p.name))
     loras = sorted(run_dir.glob("lora-*.safetensors"), key=lambda p: _natural_key(p.stem))
     reports = {p.name: _read_json(p.with_name(p.stem + ".report.json")) for p in loras}
     stale = stale_loras(run_dir, loras)
@@ -82,10 +90,10 @@ def collect_outputs(run_dir: Path) -> RunFiles:
         kept = None if p.name in stale else _kept(reports[p.name], reports)
         outputs.append(OutputFile(p.name, p.stat().st_size, kept, p.name in stale))
     meta = read_metadata(tuned[0]) if tuned else {}
-    seconds = _float(meta.get("xlbake.train_seconds"))
+    seconds = _float(meta.get(SECONDS_KEY))
     if not tuned and (state := newest_state(run_dir)) is not None:  # unfinished: the time of its saved state
         seconds = _float(_read_json(state / STATE_FILE, {}).get("train_seconds"))
-    return RunFiles(tuple(outputs), _int(meta.get("xlbake.global_step")), seconds)
+    return RunFiles(tuple(outputs), _int(meta.get(STEP_KEY)), seconds)
 
 
 def stale_loras(run_dir: Path, loras: Sequence[Path]) -> set[str]:
@@ -94,7 +102,7 @@ def stale_loras(run_dir: Path, loras: Sequence[Path]) -> set[str]:
     An extracted LoRA records the fingerprint of the tuned file; a resized one the data hash of its input LoRA,
     which is stale too when that input is. A LoRA without a record, or whose source is gone, is not judged.
     """
-    tuned = run_dir / TUNED
+    tuned = run_dir / TUNED_FP32
     tuned_print = fingerprint(tuned) if tuned.is_file() else None
     metas = {p.name: read_metadata(p) for p in loras}
     verdicts: dict[str, bool] = {}
@@ -118,9 +126,10 @@ def stale_loras(run_dir: Path, loras: Sequence[Path]) -> set[str]:
 
 def newest_state(run_dir: Path) -> Path | None:
     """The newest complete training state of a run (``state/step-N`` with its trainer_state.json), if any."""
-    folder = run_dir / STATE_DIR
-    steps = [p for p in folder.glob("step-*") if re.fullmatch(r"step-\d+", p.name) and (p / STATE_FILE).is_file()]
-    return max(steps, key=lambda p: int(p.name.removeprefix("step-")), default=None)
+    folder = run_dir / STATE
+    named = (p for p in folder.glob(f"{STEP_PREFIX}*") if re.fullmatch(rf"{STEP_PREFIX}\d+", p.name))
+    steps = [p for p in named if (p / STATE_FILE).is_file()]
+    return max(steps, key=lambda p: int(p.name.removeprefix(STEP_PREFIX)), default=None)
 
 
 def read_metadata(path: Path) -> dict[str, str]:

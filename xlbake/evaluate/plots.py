@@ -23,6 +23,7 @@ from matplotlib.figure import Figure
 from matplotlib.text import Annotation
 from matplotlib.transforms import Bbox
 
+from xlbake.batch.run_folder import STATE_FILE
 from xlbake.errors import InputError
 from xlbake.fileio import atomic_path
 
@@ -37,7 +38,6 @@ LR_STYLES = (("--", "o"), (":", "s"), ("-.", "^"), ((0, (5, 1, 1, 1, 1, 1)), "D"
 LR_MARKERS = 12
 """About this many markers on each learning-rate line."""
 EVENTS_PREFIX = "events.out.tfevents."
-STATE_FILE = "trainer_state.json"
 
 
 # ---------------------------------------------------------------------------------------------------------------

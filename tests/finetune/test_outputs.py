@@ -3,7 +3,7 @@
 import pytest
 from safetensors import safe_open
 
-from finetune.saving import Weights, save_intermediate
+from finetune.outputs import Weights, save_intermediate
 from xlbake.sdxl.tiny import build_tiny_components
 
 UNET_KEY = "model.diffusion_model.input_blocks.4.1.proj_in.weight"

@@ -1,48 +1,47 @@
-"""Model outputs of a run: single-file SGM checkpoints, the fp32 copy extraction reads, base.txt, a diffusers
-folder, the loss curve, and the SIGINT/SIGTERM guard that lets the trainer save its state before exiting.
-
-Run folder names are the contract with the Makefile and the extract stage (docs/architecture.md).
-"""
+"""What a run saves of its model: the weights to save (raw, EMA, frozen parts as loaded), single-file SGM
+checkpoints (the final ones and the intermediate ones), a diffusers folder, their metadata, and the loss curve.
+Where they go in RUN/: ``xlbake.batch.run_folder``."""
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 import os
 import shutil
-import signal
 import tempfile
-import threading
-import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from finetune.config import CheckpointConfig
 from finetune.model import SdxlModel
-from finetune.state import flatten
-from xlbake.batch.base_of import BASE_TXT
+from finetune.state import TrainerState
+from xlbake.batch.run_folder import (
+    BASE_KEY,
+    BASE_TXT,
+    CHECKPOINTS,
+    CONFIG_KEY,
+    EPOCH_KEY,
+    FINAL_TAG,
+    FP32_SUFFIX,
+    RAW_SUFFIX,
+    SAFETENSORS,
+    SECONDS_KEY,
+    STAGE_KEY,
+    STATE,
+    STEP_KEY,
+    TUNED,
+    TUNED_FP32,
+    WEIGHTS_KEY,
+    output_name,
+)
 from xlbake.errors import OutputError, TrainingError
 from xlbake.fileio import TEMP_PREFIX, write_text_atomic
 from xlbake.lora.io import SAVE_DTYPES
 from xlbake.sdxl.parts import PART_ATTRS
-
-logger = logging.getLogger(__name__)
-
-TUNED = "tuned.safetensors"
-TUNED_FP32 = "tuned.fp32.safetensors"
-RAW_SUFFIX = "-raw"
-RESOLVED_CONFIG = "config.resolved.yaml"
-CHECKPOINTS = "checkpoints"
-STATE = "state"
-SAMPLES = "samples"
-LOGS = "logs"
-LOSS_PNG = "loss.png"
-DIFFUSERS_DIR = "tuned-diffusers"
-BUILTIN = "builtin"
 
 
 @dataclass(frozen=True)
@@ -57,63 +56,26 @@ class Weights:
     prediction: str = "epsilon"  # what the UNet predicts: the label of the saved files
 
 
-def check_run_dir(run_dir: Path, resume: bool, force: bool) -> Path:
-    """Refuse, writing nothing, a run folder that cannot be used: a non-empty one needs ``resume`` or ``force``;
-    it (or, if missing, the nearest existing folder above it) must be a writable folder."""
-    run_dir = Path(run_dir)
-    if run_dir.is_dir() and any(run_dir.iterdir()) and not (resume or force):
-        raise OutputError(
-            f"{run_dir}: run folder is not empty; pass --resume auto to continue it, --force to start over, "
-            "or choose another run_dir"
-        )
-    existing = run_dir.absolute()
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise OutputError(f"{run_dir}: cannot create the run folder ({existing} is a file); choose a writable run_dir")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise OutputError(f"{run_dir}: {existing} is not writable; choose a writable run_dir")
-    return run_dir
-
-
-def check_restart(run_dir: Path) -> None:
-    """Refuse, writing nothing, to train from step 0 over the model outputs of a run folder (``--resume auto``
-    that found no training state, e.g. after a run with checkpoint.save_state false)."""
-    run_dir = Path(run_dir)
-    outputs = sorted(run_dir.glob("tuned*")) + sorted((run_dir / CHECKPOINTS).glob("*.safetensors"))
-    if outputs:
-        raise OutputError(
-            f"{run_dir}: no training state to resume in {run_dir / STATE}, and resuming would train from step 0 "
-            f"over {outputs[0]}; pass --force to start over, or choose another run_dir"
-        )
-
-
-def final_output(run_dir: Path, fp32_copy: bool) -> Path:
-    """The run's main output: tuned.fp32.safetensors (written last, the Makefile's target), else tuned.safetensors."""
-    return Path(run_dir) / (TUNED_FP32 if fp32_copy else TUNED)
-
-
-def prepare_run_dir(cfg: Any, resume: bool, force: bool) -> Path:
-    """Start the run folder (after ``check_run_dir``) and write ``config.resolved.yaml``.
-
-    ``force`` without ``resume`` starts over: this run's state, checkpoints, samples and logs are removed.
-    """
-    from xlbake.config import dump_yaml
-
-    run_dir = check_run_dir(Path(cfg.run_dir), resume, force)
-    if force and not resume:
-        for name in (STATE, CHECKPOINTS, SAMPLES, LOGS, DIFFUSERS_DIR):
-            shutil.rmtree(run_dir / name, ignore_errors=True)
-    write_text_atomic(run_dir / RESOLVED_CONFIG, dump_yaml(cfg), force=True)
-    return run_dir
-
-
 def output_kinds(weights: str, ema: bool) -> tuple[str, ...]:
     """The kinds of weights the outputs hold, the one in tuned* first, for ``checkpoint.weights`` and whether EMA
     is on ("auto": the EMA in tuned*, the raw weights beside it, when there is an EMA)."""
     if weights == "auto":
         weights = "both" if ema else "raw"
     return {"raw": ("raw",), "ema": ("ema",), "both": ("ema", "raw")}[weights]
+
+
+def output_metadata(config_yaml: str, base: Path, state: TrainerState, dataset: Mapping[str, str]) -> dict[str, str]:
+    """The metadata of every model file a run saves: its config, base model, progress, and the dataset's kohya keys
+    (``dataset``, which every LoRA extracted from it copies)."""
+    return {
+        STAGE_KEY: "finetune",
+        CONFIG_KEY: config_yaml,
+        BASE_KEY: str(Path(base).absolute()),
+        STEP_KEY: str(state.global_step),
+        EPOCH_KEY: str(state.epoch),
+        SECONDS_KEY: str(state.train_seconds),
+        **dataset,
+    }
 
 
 def collect_weights(
@@ -170,18 +132,10 @@ def save_sgm(weights: Weights, path: Path, dtype: str, metadata: Mapping[str, st
     tensors = sgm_state_dict(
         unet=weights.unet, text_encoder=weights.text_encoder, text_encoder_2=weights.text_encoder_2, vae=weights.vae
     )
-    meta = {**metadata, "xlbake.weights": weights.kind}
+    meta = {**metadata, WEIGHTS_KEY: weights.kind}
     return save_sgm_checkpoint(
         tensors, path, metadata=meta, dtype=SAVE_DTYPES[dtype], force=True, prediction=weights.prediction
     )
-
-
-def output_name(name: str, kind: str, both: bool) -> str:
-    """``tuned.safetensors`` -> ``tuned-raw.safetensors`` for the raw copy when both EMA and raw are saved."""
-    if not both or kind == "ema":
-        return name
-    stem, _, ext = name.partition(".")
-    return f"{stem}{RAW_SUFFIX}.{ext}"
 
 
 def save_final(
@@ -201,6 +155,15 @@ def save_final(
     return written
 
 
+def save_checkpoint(
+    run_dir: Path, tag: str, all_weights: Sequence[Weights], ckpt: CheckpointConfig, base: Path, meta: Mapping[str, str]
+) -> list[Path]:
+    """The run's final outputs for the tag "final" (``save_final``), else the intermediate checkpoint ``tag``."""
+    if tag == FINAL_TAG:
+        return save_final(run_dir, all_weights, ckpt.dtype, ckpt.fp32_copy, base, meta)
+    return save_intermediate(run_dir, tag, all_weights, ckpt.dtype, ckpt.keep_last, meta, keep_fp32=ckpt.keep_fp32)
+
+
 def save_intermediate(
     run_dir: Path,
     tag: str,
@@ -214,19 +177,18 @@ def save_intermediate(
     ``{tag}.fp32.safetensors`` unless ``dtype`` is fp32 already; keep the newest ``keep_last`` tags."""
     folder = run_dir / CHECKPOINTS
     both = len(all_weights) > 1
-    names = [f"{tag}.safetensors"] + ([f"{tag}.fp32.safetensors"] if keep_fp32 and dtype != "fp32" else [])
-    written = [
-        save_sgm(w, folder / output_name(name, w.kind, both), "fp32" if ".fp32." in name else dtype, metadata)
-        for name in names
-        for w in all_weights
-    ]
+    names = [tag + SAFETENSORS] + ([tag + FP32_SUFFIX] if keep_fp32 and dtype != "fp32" else [])
+    written = []
+    for name in names:
+        precision = "fp32" if name.endswith(FP32_SUFFIX) else dtype
+        written += [save_sgm(w, folder / output_name(name, w.kind, both), precision, metadata) for w in all_weights]
     if keep_last:
         files = sorted(
-            (p for p in folder.glob("*.safetensors") if not p.name.startswith(TEMP_PREFIX)), key=os.path.getmtime
+            (p for p in folder.glob(f"*{SAFETENSORS}") if not p.name.startswith(TEMP_PREFIX)), key=os.path.getmtime
         )
         tags = list(dict.fromkeys(p.name.split(".")[0].removesuffix(RAW_SUFFIX) for p in files))
         for old in tags[:-keep_last]:
-            for path in folder.glob(f"{old}*.safetensors"):
+            for path in folder.glob(f"{old}*{SAFETENSORS}"):
                 path.unlink(missing_ok=True)
     return written
 
@@ -285,77 +247,3 @@ def write_loss_plot(losses: Sequence[float], lrs: Sequence[float], path: Path) -
     lr = {"lr": Series(tuple(range(1, len(lrs) + 1)), tuple(lrs))} if lrs else {}
     log = LossLog(Series(tuple(finite), tuple(finite.values())), lr, path.parent)
     return plot_loss_curve(log, path, title=f"training loss: {path.parent.name}", force=True)
-
-
-class StopRequest:
-    """Set by SIGINT/SIGTERM: the trainer finishes the current optimizer step, saves its state and stops."""
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-
-    def __bool__(self) -> bool:
-        return self.signal is not None
-
-    def request(self, signum: int) -> None:
-        """Record a stop request (what the signal handler does)."""
-        self.signal = signum
-
-
-@contextlib.contextmanager
-def stop_on_signals() -> Iterator[StopRequest]:
-    """Catch SIGINT/SIGTERM while training: the first asks for a clean stop, a second one ends the process at once.
-
-    After the first signal both go back to the system's default action, so the second kills the process even while
-    the state save is inside a long native call (a multi-GB write or fsync, where no Python handler could run);
-    the previous complete state stays in place (``finetune.state`` renames a finished state folder into place).
-    """
-    stop = StopRequest()
-    if threading.current_thread() is not threading.main_thread():
-        yield stop
-        return
-
-    def handler(signum: int, _frame: object) -> None:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, signal.SIG_DFL)
-        logger.warning(
-            "%s received: saving the training state after this step (again to abort)", signal.Signals(signum).name
-        )
-        stop.request(signum)
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield stop
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
-
-class DataTimer:
-    """Share of wall time spent waiting for the next batch."""
-
-    def __init__(self) -> None:
-        self.waiting = 0.0
-        self.start = time.perf_counter()
-
-    def wrap(self, batches: Iterable[Any]) -> Iterator[Any]:
-        iterator = iter(batches)
-        while True:
-            began = time.perf_counter()
-            try:
-                batch = next(iterator)
-            except StopIteration:
-                return
-            self.waiting += time.perf_counter() - began
-            yield batch
-
-    def share(self) -> float:
-        return self.waiting / max(time.perf_counter() - self.start, 1e-9)
-
-
-def tracker_config(config: dict[str, Any]) -> dict[str, Any]:
-    """Flat scalar hyperparameters for the trackers (tensorboard's hparams take no lists or None)."""
-    return {
-        k: v if isinstance(v, (int, float, str, bool)) else str(v)
-        for k, v in flatten(config).items()
-        if not (isinstance(v, float) and math.isnan(v))
-    }
