@@ -42,7 +42,7 @@ from finetune.objective import compute_time_ids, noise_latents, weighted_loss
 from finetune.optim import build_optimizer, build_scheduler, current_lrs, follow_schedule
 from finetune.progress import DataTimer, progress_bar, report_step, start_trackers, trackers
 from finetune.sampler import window_size
-from finetune.signals import stop_on_signals
+from finetune.signals import StopRequest, stop_on_signals
 from finetune.state import TrainerState, decode_generator, encode_generator, find_resume, read_state, write_state
 from finetune.training_data import load_training_data
 from xlbake.batch import run_folder
@@ -191,15 +191,16 @@ class Trainer:
                     self._end_epoch()
                 if stop:
                     bar.close()
-                    return self._interrupted()
+                    return self._interrupted(stop)
         bar.close()
         self.save(FINAL_TAG)
         if cfg.sample.prompts:
             self.sample(FINAL_TAG)
         return self._result(interrupted=False)
 
-    def _interrupted(self) -> TrainResult:
+    def _interrupted(self, stop: StopRequest) -> TrainResult:
         """After SIGINT/SIGTERM: save the state (and loss curve) so that --resume continues exactly."""
+        stop.arm()  # a second signal during the save ends the process at once
         self.save_state()
         if self.cfg.log.loss_plot and self.accelerator.is_main_process:
             self._plot_loss()

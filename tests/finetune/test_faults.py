@@ -509,10 +509,54 @@ with stop_on_signals() as stop:
     print("training", flush=True)
     while not stop:
         time.sleep(0.01)  # the training loop, until the first signal
+    stop.arm()  # what the trainer does before its state save
     # A save stuck in native code, as a multi-GB write or fsync is: safetensors (Rust) opening a FIFO no one writes
     # blocks there and retries EINTR itself, so no Python-level signal handler runs until it returns.
     write_state(root, TrainerState(global_step=2), lambda d: safe_open(fifo, "pt"), {}, keep=5)
 """
+
+
+DUPLICATE_SIGNAL_SCRIPT = """
+import sys, time
+from pathlib import Path
+import torch
+from finetune.signals import stop_on_signals
+from finetune.state import TrainerState, write_state
+
+with stop_on_signals() as stop:
+    print("training", flush=True)
+    while not stop:
+        time.sleep(0.01)
+    time.sleep(0.3)  # the rest of the step: the repeated signal arrives meanwhile
+    stop.arm()
+    write_state(Path(sys.argv[1]), TrainerState(global_step=2), lambda d: None, {"w": torch.ones(2)}, keep=5)
+print("saved", flush=True)
+"""
+
+
+@pytest.mark.parametrize("signals", [(signal.SIGINT, signal.SIGINT), (signal.SIGINT, signal.SIGTERM)])
+def test_one_ctrl_c_delivered_twice_under_a_launcher_still_saves(signals, tmp_path):
+    """Under accelerate/torchrun a worker gets one Ctrl-C twice (terminal and launcher): the repeat at once is the
+    same request, so the state is saved instead of the process being killed."""
+    from finetune.state import state_dirs
+
+    process = subprocess.Popen(
+        [sys.executable, "-c", DUPLICATE_SIGNAL_SCRIPT, str(tmp_path / "state")],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=CHILD_ENV,
+    )
+    try:
+        assert process.stdout.readline() == "training\n"
+        for sig in signals:
+            process.send_signal(sig)
+        out, _ = process.communicate(timeout=WAIT_SECONDS)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0 and out == "saved\n"
+    assert [p.name for p in state_dirs(tmp_path / "state")] == ["step-00000002"]
 
 
 def wait_for_fifo_open(process: subprocess.Popen) -> None:
