@@ -131,8 +131,8 @@ def svd_adaptive(
     after at least `min_iters` blocks once e_{i-1} - e_i <= `tol` * e_i (Krylov converges faster than geometric, so
     the rest of the gain is below the last step's), or at `max_iters`. Flat spectra thus get more blocks, fast-
     decaying ones fewer. Costs 2 products of b columns per block, one of `rank` for vh, no n-side QR and no SVD of
-    a projected matrix (eigh of the small Gram in fp64). Falls back to `svd_exact` when the basis would not be
-    smaller than the matrix. Returns u (rows, k), s (k,), vh (k, cols) with k = min(rank, rows, cols); u and vh are
+    a projected matrix (eigh of the small Gram in fp64). Falls back to `svd_exact` when min_iters + 2 blocks would
+    not fit in the short side (the basis could not grow until it settles). Returns u (rows, k), s (k,), vh (k, cols) with k = min(rank, rows, cols); u and vh are
     orthonormal up to rounding, and u diag(s) vh is exactly the projection of m onto the top Ritz vectors.
     """
     _check_matrix(m)
@@ -143,7 +143,7 @@ def svd_adaptive(
     tall = m.shape[0] > m.shape[1]
     t = m.mT if tall else m  # (short, long): orthonormalize on the short side only
     block = -(-(rank + oversample) // 2)
-    if block * (min_iters + 1) >= t.shape[0]:
+    if block * (min_iters + 2) >= t.shape[0]:  # no room to settle before the basis fills the short side
         return svd_exact(m, rank)
     generator = torch.Generator(device=m.device).manual_seed(seed)
     omega = torch.randn(t.shape[1], block, generator=generator, device=m.device, dtype=m.dtype)
