@@ -141,9 +141,10 @@ def factorize(
     # disable=None: a bar only on a terminal, so logs and pipes stay clean
     for name in tqdm(list(modules), desc="factor SVD", unit="layer", disable=None if progress else True, leave=False):
         module = modules.pop(name)
-        svd = layer_svd(module, device)
-        (out, rank), width = svd.u.shape, svd.vh.shape[1]
+        out, width = module.up.shape[0], math.prod(module.down.shape[1:])
+        rank = min(out, width, module.rank)
         top = (sizes[name] - rank) // (out + width)
+        svd = layer_svd(module, device, keep=top)
         block = arena[offset : offset + sizes[name]]
         offset += sizes[name]
         spectrum, u, vh = torch.split(block, [rank, out * top, top * width])
@@ -164,14 +165,15 @@ def _kept_size(module: LoraModule, keep: int | None) -> int:
     return rank + top * (out + width)
 
 
-def layer_svd(module: LoraModule, device: torch.device) -> Svd:
+def layer_svd(module: LoraModule, device: torch.device, keep: int | None = None) -> Svd:
     """SVD of ``module``'s delta (alpha / r) * up @ down in fp32 on ``device``, from its factors only.
 
-    u (out, k), s (k,), vh (k, in * kh * kw); conv kernels are flattened like ``xlbake.lora.lowrank.to_matrix``.
+    s (k,) every singular value; u (out, t), vh (t, in * kh * kw) the top t = min(keep, k) triplets (all without
+    ``keep``); conv kernels are flattened like ``xlbake.lora.lowrank.to_matrix``.
     """
     up = module.up.to(device=device, dtype=COMPUTE_DTYPE).flatten(1) * module.scale
     down = module.down.to(device=device, dtype=COMPUTE_DTYPE).flatten(1)
-    return factor_svd(up, down)
+    return factor_svd(up, down, keep)
 
 
 def layer_choices(layers: Sequence[LayerSpectrum], plan: OutputPlan) -> list[LayerChoice]:

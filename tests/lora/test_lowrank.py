@@ -442,3 +442,16 @@ def test_adaptive_is_exact_enough_when_the_rank_is_a_large_share_of_the_short_si
     m = slow_decay(300, 110, seed=2)
     ratio = errors_over_optimum(m, 32)["adaptive"]
     assert ratio <= 1.005
+
+
+def test_factor_svd_keeps_only_the_top_vectors_asked_for_with_every_singular_value():
+    g = gen(12)
+    decay = torch.exp(-torch.arange(40, dtype=torch.float32) / 6)  # a trained LoRA's steep spectrum: cond ~ 800
+    up, down = torch.randn(90, 40, generator=g), torch.randn(40, 150, generator=g) * decay[:, None]
+    svd = factor_svd(up, down, keep=5)
+    reference = torch.linalg.svd(up.double() @ down.double(), full_matrices=False)
+    assert svd.u.shape == (90, 5) and svd.vh.shape == (5, 150) and svd.s.shape == (40,)
+    assert float((svd.s.double() - reference.S[:40]).abs().max()) <= 1e-5 * float(reference.S[0])
+    top = (reference.U[:, :5] * reference.S[:5]) @ reference.Vh[:5]
+    assert rel((svd.u.double() * svd.s[:5].double()) @ svd.vh.double(), top) <= 1e-5
+    assert torch.allclose(svd.u.T @ svd.u, torch.eye(5), atol=1e-5)

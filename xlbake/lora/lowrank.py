@@ -132,8 +132,9 @@ def svd_adaptive(
     the rest of the gain is below the last step's), or at `max_iters`. Flat spectra thus get more blocks, fast-
     decaying ones fewer. Costs 2 products of b columns per block, one of `rank` for vh, no n-side QR and no SVD of
     a projected matrix (eigh of the small Gram in fp64). Falls back to `svd_exact` when min_iters + 2 blocks would
-    not fit in the short side (the basis could not grow until it settles). Returns u (rows, k), s (k,), vh (k, cols) with k = min(rank, rows, cols); u and vh are
-    orthonormal up to rounding, and u diag(s) vh is exactly the projection of m onto the top Ritz vectors.
+    not fit in the short side (the basis could not grow until it settles). Returns u (rows, k), s (k,),
+    vh (k, cols) with k = min(rank, rows, cols); u and vh are orthonormal up to rounding, and u diag(s) vh is
+    exactly the projection of m onto the top Ritz vectors.
     """
     _check_matrix(m)
     _check_rank(rank)
@@ -186,21 +187,35 @@ def split_factors(svd: Svd, rank: int) -> tuple[Tensor, Tensor]:
     return svd.u[:, :rank] * root, root[:, None] * svd.vh[:rank]
 
 
-def factor_svd(up: Tensor, down: Tensor) -> Svd:
-    """Exact SVD of up @ down without forming the product: QR of up and of down.T, SVD of the small core.
+def factor_svd(up: Tensor, down: Tensor, keep: int | None = None) -> Svd:
+    """Exact SVD of up @ down without forming the product, from the factors' r x r Gram matrices.
 
-    up (m, r) or (m, r, 1, 1), down (r, n) or (r, in, kh, kw) with n = in*kh*kw. With up = Qu Ru and
-    down.T = Qd Rd, up @ down = Qu (Ru Rd.T) Qd.T, so the SVD of the core Ru Rd.T (at most r x r) gives the
-    singular values of the product and, rotated by Qu and Qd, its singular vectors. Cost O((m + n) r^2).
-    Returns all k = min(m, n, r) triplets (u (m, k), s (k,), vh (k, n)); zero factors give s = 0.
+    up (m, r) or (m, r, 1, 1), down (r, n) or (r, in, kh, kw) with n = in*kh*kw. With the fp64 Cholesky factors
+    upᵀ up = Lu Luᵀ and down downᵀ = Ld Ldᵀ, up = Qu Luᵀ and downᵀ = Qd Ldᵀ with Qu, Qd orthonormal, so
+    up @ down = Qu (Luᵀ Ld) Qdᵀ: the SVD of that r x r core gives every singular value of the product, and the
+    top `keep` singular vectors are up Lu⁻ᵀ Uc and down Ld⁻ᵀ Vc. The Grams square the factors' condition number,
+    which fp64 absorbs (a trained LoRA's factors are far from 1e8); a singular Gram (a zero or repeated
+    direction) takes Householder QR of up and of downᵀ instead. Cost O((m + n) r^2), GEMMs only.
+    Returns s of all k = min(m, n, r) values (zero factors give s = 0), u (m, t) and vh (t, n) for the top
+    t = min(keep, k) (all k when keep is None).
     """
     up, down = to_matrix(up), to_matrix(down)
     if up.shape[1] != down.shape[0]:
         raise InputError(f"LoRA factors do not match: up {tuple(up.shape)} vs down {tuple(down.shape)}")
+    rank = min(*up.shape, down.shape[1])
+    top = rank if keep is None else min(keep, rank)
+    if up.shape[1] <= min(up.shape[0], down.shape[1]):
+        low_up, info_up = torch.linalg.cholesky_ex((up.mT @ up).double())
+        low_down, info_down = torch.linalg.cholesky_ex((down @ down.mT).double())
+        if not info_up and not info_down:
+            core = svd_exact(low_up.mT @ low_down, rank)
+            left = torch.linalg.solve_triangular(low_up.mT, core.u[:, :top], upper=True).to(up.dtype)
+            right = torch.linalg.solve_triangular(low_down.mT, core.vh[:top].mT, upper=True).to(down.dtype)
+            return Svd(u=up @ left, s=core.s.to(up.dtype), vh=(down.mT @ right).mT)
     q_up, r_up = torch.linalg.qr(up)  # (m, a), (a, r) with a = min(m, r)
     q_down, r_down = torch.linalg.qr(down.mT)  # (n, b), (b, r) with b = min(n, r)
     core = svd_exact(r_up @ r_down.mT, min(r_up.shape[0], r_down.shape[0]))
-    return Svd(u=q_up @ core.u, s=core.s, vh=core.vh @ q_down.mT)
+    return Svd(u=q_up @ core.u[:, :top], s=core.s, vh=core.vh[:top] @ q_down.mT)
 
 
 def _fraction_rank(cumulative: Tensor, target: float) -> int:
