@@ -9,7 +9,9 @@ sampled LoRA layers and the few tensors SDXL detection needs are written, tensor
 the true difference is finetune-like: a rank-4 part (30 % of its energy) plus a full-rank power-law spectrum
 (sigma_i ~ (i + 1)^-0.5, 70 %), 1e-3 of ||W|| in the UNet and 1e-4 in the text encoders. Files are stored at
 --dtype (fp16 by default: the stored difference then carries rounding noise, where a randomized SVD may differ
-from exact).
+from exact). --difference slow-decay: a harder case for a randomized SVD, a rank-256 power-law part
+(sigma_i ~ (i + 1)^-0.5) plus dense Gaussian noise of the same energy, so that the spectrum decays slowly past the
+kept rank; same scales.
 
 Methods, each in its own subprocess (peak RSS from /proc VmHWM). Times are the CPU seconds of each worker process
 with one torch thread (--threads), which other processes on a shared machine disturb far less than wall time:
@@ -44,6 +46,8 @@ from extract.config import ExtractConfig
 FAST_DEFAULTS = ExtractConfig()  # the shipped power_iters / oversample
 UNET_REL, TE_REL = 1e-3, 1e-4
 LOW_RANK, LOW_RANK_SHARE, DECAY = 4, 0.3, 0.5
+SLOW_RANK = 256  # rank of the power-law part of the slow-decay difference
+DIFFERENCES = ("finetune", "slow-decay")
 DETECTION_KEYS = (  # what xlbake.sdxl.checkpoint needs to recognise SDXL, besides an attn2.to_k layer
     "model.diffusion_model.label_emb.0.0.weight",
     "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight",
@@ -65,6 +69,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--conv-dim", type=int, default=None, help="3x3 conv rank (default 32; --quick: 0)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp16", help="storage of base and tuned")
+    parser.add_argument("--difference", choices=DIFFERENCES, default="finetune", help="the synthetic difference")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per method (shared 2-core box: 1)")
     parser.add_argument("--power-iters", type=int, default=FAST_DEFAULTS.power_iters)
     parser.add_argument("--oversample", type=int, default=FAST_DEFAULTS.oversample)
@@ -88,10 +93,21 @@ def weight(key: str, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.randn(shape, generator=_generator(key, 0)) / math.sqrt(fan_in)
 
 
-def true_difference(key: str, shape: tuple[int, ...]) -> torch.Tensor:
-    """The finetune's difference before storage: rank-4 part + full-rank power law, scaled to 1e-3 / 1e-4."""
+def true_difference(key: str, shape: tuple[int, ...], kind: str = "finetune") -> torch.Tensor:
+    """The difference before storage, scaled to 1e-3 / 1e-4 of the weight: "finetune": rank-4 part + full-rank
+    power law; "slow-decay": rank-256 power law + dense Gaussian noise of equal energy."""
     gen = _generator(key, 1)
     m, n = shape[0], math.prod(shape[1:])
+    if kind == "slow-decay":
+        k = min(m, n, SLOW_RANK)
+        decay = torch.arange(1, k + 1, dtype=torch.float32) ** -DECAY
+        part = torch.linalg.qr(torch.randn(m, k, generator=gen)).Q * decay @ torch.linalg.qr(
+            torch.randn(n, k, generator=gen)
+        ).Q.mT
+        noise = torch.randn(m, n, generator=gen)
+        delta = part / part.norm() + noise / noise.norm()
+        rel = UNET_REL if key.startswith("model.") else TE_REL
+        return (delta * (rel * weight(key, shape).norm() / delta.norm())).reshape(shape)
     k = min(m, n)
     decay = torch.arange(1, k + 1, dtype=torch.float32) ** -DECAY
     spread = (torch.randn(m, k, generator=gen) * decay) @ torch.randn(k, n, generator=gen)
@@ -102,7 +118,7 @@ def true_difference(key: str, shape: tuple[int, ...]) -> torch.Tensor:
     return (delta * (rel * weight(key, shape).norm() / delta.norm())).reshape(shape)
 
 
-def write_pair(folder: Path, keys: list[str], shapes: dict, dtype: torch.dtype) -> tuple[Path, Path]:
+def write_pair(folder: Path, keys: list[str], shapes: dict, dtype: torch.dtype, kind: str) -> tuple[Path, Path]:
     """base.safetensors and tuned.safetensors holding ``keys`` (+ detection tensors), one tensor at a time."""
     from xlbake.sdxl.tensorfile import write_safetensors
 
@@ -112,7 +128,7 @@ def write_pair(folder: Path, keys: list[str], shapes: dict, dtype: torch.dtype) 
         if key in DETECTION_KEYS:
             return torch.zeros(shapes[key])
         stored = weight(key, shapes[key]).to(dtype)
-        return (stored.float() + true_difference(key, shapes[key])).to(dtype) if tuned else stored
+        return (stored.float() + true_difference(key, shapes[key], kind)).to(dtype) if tuned else stored
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = folder / "base.safetensors", folder / "tuned.safetensors"
@@ -264,7 +280,9 @@ def lora_delta(path: Path, name: str) -> torch.Tensor | None:
     return (alpha / down.shape[0]) * (up @ down.flatten(1))
 
 
-def evaluate(targets: list, pair: tuple[Path, Path], loras: dict[str, Path], shapes: dict) -> dict[str, dict]:
+def evaluate(
+    targets: list, pair: tuple[Path, Path], loras: dict[str, Path], shapes: dict, kind: str
+) -> dict[str, dict]:
     """Per layer: each method's excess over the exact optimum (stored difference) and its error on the truth."""
     from xlbake.sdxl.checkpoint import open_checkpoint
 
@@ -273,7 +291,7 @@ def evaluate(targets: list, pair: tuple[Path, Path], loras: dict[str, Path], sha
         for target in targets:
             part = slice(*target.rows) if target.rows else slice(None)
             stored = (tuned.get(target.key).float() - base.get(target.key).float())[part].flatten(1)
-            truth = true_difference(target.key, shapes[target.key])[part].flatten(1)
+            truth = true_difference(target.key, shapes[target.key], kind)[part].flatten(1)
             deltas = {m: lora_delta(path, target.name) for m, path in loras.items()}
             if deltas.get("exact") is None:
                 continue
@@ -349,17 +367,18 @@ def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-extract-") as scratch:
         work = args.workdir or Path(scratch)
         start = time.perf_counter()
-        pairs = {"exact": write_pair(work / "ours", ours_keys, shapes, DTYPES[args.dtype])}
+        dtype, kind = DTYPES[args.dtype], args.difference
+        pairs = {"exact": write_pair(work / "ours", ours_keys, shapes, dtype, kind)}
         pairs["fast"] = pairs["exact"]
         if "kohya" in methods:
             same = ref_keys == ours_keys
-            pairs["kohya"] = pairs["exact"] if same else write_pair(work / "ref", ref_keys, shapes, DTYPES[args.dtype])
+            pairs["kohya"] = pairs["exact"] if same else write_pair(work / "ref", ref_keys, shapes, dtype, kind)
         print(f"generated {args.dtype} base/tuned for {len(ours)} layers in {time.perf_counter() - start:.0f} s")
         results = {}
         for method in methods:
             results[method] = run_method(method, pairs[method], work, args, conv_dim)
             print(f"  {method}: {results[method]['wall']:.1f} s wall, {results[method]['cpu']:.1f} s CPU", flush=True)
-        rows = evaluate(ours, pairs["exact"], {m: r["lora"] for m, r in results.items()}, shapes)
+        rows = evaluate(ours, pairs["exact"], {m: r["lora"] for m, r in results.items()}, shapes, kind)
     model = sum(math.prod(s) for k, s in shapes.items() if not k.startswith("first_stage_model."))
     model_ratio = model / sum(math.prod(shapes[k]) for k in [*ref_keys, *DETECTION_KEYS])
     print_table(args, conv_dim, full, measured, results, model_ratio)
@@ -379,7 +398,8 @@ def print_table(args, conv_dim: int, full: list, measured: dict, results: dict, 
     """Measured and full-set (extrapolated) seconds and peak RSS per method, speed-up against kohya's."""
     scope = "one tensor per shape class" if args.quick else f"fraction {args.fraction:g} (kohya {args.ref_fraction:g})"
     print(
-        f"\nSDXL LoRA extraction, {len(full)} modules at dim {args.dim}, conv dim {conv_dim}; {args.dtype} inputs; "
+        f"\nSDXL LoRA extraction, {len(full)} modules at dim {args.dim}, conv dim {conv_dim}; {args.dtype} inputs, "
+        f"{args.difference} difference; "
         f"torch threads {args.threads}; measured on {scope}, extrapolated per shape class"
     )
     print(

@@ -9,7 +9,8 @@ alpha 64, fp16: up, down ~ N(0, 1) with down's rows decaying as exp(-j / 32), so
 about two decades, like a trained LoRA's.
 
 Methods, resizing every layer to rank 16, torch threads --threads (1 by default: a shared 2-core box):
-  ours: resize.pipeline.layer_svd (QR of up and of down^T, SVD of the r x r core) + split_factors, per layer,
+  ours: resize.pipeline.layer_svd (Cholesky of the factors' r x r Grams, SVD of the r x r core, top 16 vectors)
+        + split_factors, per layer,
         in this process on all 1052 layers.
   kohya: sd-scripts networks/resize_lora.py: the file loaded whole and cast to fp32, then per layer
         up @ down and torch.linalg.svd(full) (full_matrices=True, as it calls it), in a subprocess.
@@ -115,7 +116,7 @@ def run_ours(path: Path) -> dict[str, tuple[float, float, list[float]]]:
     out = {}
     for name, module in read_lora(path).modules.items():
         start = _clock()
-        svd = layer_svd(module, torch.device("cpu"))
+        svd = layer_svd(module, torch.device("cpu"), keep=TARGET_RANK)
         split_factors(svd, TARGET_RANK)
         out[name] = (*_since(start), svd.s.tolist())
     return out
@@ -238,7 +239,7 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> int:
     ratio = kohya_cpu / ours_cpu
     basis = f"measured on {len(kohya)} layers (one per shape class), extrapolated" if args.quick else "measured"
     rows = [
-        ("ours: QR + r x r SVD", ours_cpu, ours_time, f"measured on all {len(ours)} layers"),
+        ("ours: Gram + r x r SVD", ours_cpu, ours_time, f"measured on all {len(ours)} layers"),
         ("kohya: multiply out + full SVD", kohya_cpu, kohya_time, basis),
     ]
     print(f"\nresize of all {len(modules)} layers to rank {TARGET_RANK}, torch threads {args.threads}:")

@@ -41,17 +41,16 @@ class ExtractConfig:
     (``50M``, ``12500000``). Each layer's rank (at most ``dim``) is chosen so that the file fits and keeps the most
     total energy (sum of kept sigma^2)."""
     svd: Literal["fast", "exact"] = "fast"
-    """fast: randomized SVD (range finder with oversampling and power iterations); exact: LAPACK thin SVD.
+    """fast: randomized block Krylov SVD that stops on an error estimate; exact: LAPACK thin SVD.
     The default follows the benchmark (benchmarks/bench_extract.py, numbers in the README)."""
     precision: Literal["fp32", "fp64"] = "fp32"
     """Precision of the difference and its SVD."""
     power_iters: int = 3
-    """Power iterations of the fast SVD (more: closer to exact on a flat spectrum, slower). With ``oversample`` 16,
-    3 meets the rule for the fast SVD being the default (benchmarks/bench_extract.py: excess error over the exact
-    optimum 0.3-0.4 % median, 0.7 % worst; error on the true difference within 0.4 % of exact's) at ~20x kohya's
-    speed; 2 with oversample 8 is ~1.2 % off, 4 with 16 ~0.15 % and ~25 % slower."""
+    """Krylov blocks the fast SVD always builds (block Krylov, xlbake.lora.lowrank.svd_adaptive); it adds more, up
+    to 12, until its a-posteriori error estimate settles, so flat spectra get more work than steep ones. Numbers
+    in the README's benchmark section (benchmarks/bench_extract.py)."""
     oversample: int = 16
-    """Extra sketch columns of the fast SVD beyond the rank."""
+    """Extra sketch columns of the fast SVD beyond the rank (its Krylov blocks are (dim + oversample) / 2 wide)."""
     seed: int = 0
     """Seed of the fast SVD's random sketch (the result is deterministic for a given seed)."""
     clamp_quantile: float = 1.0

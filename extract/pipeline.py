@@ -38,7 +38,7 @@ from xlbake.errors import ConfigError, InputError
 from xlbake.fingerprint import fingerprint
 from xlbake.lora.calibration import Calibration, calibration_info
 from xlbake.lora.io import SAVE_DTYPES
-from xlbake.lora.lowrank import Svd, split_factors, svd_exact, svd_randomized, to_matrix
+from xlbake.lora.lowrank import Svd, split_factors, svd_adaptive, svd_exact, to_matrix
 from xlbake.lora.names import LoraTarget, kohya_targets
 from xlbake.lora.whiten import unwhiten, whiten_scaled
 from xlbake.sdxl.checkpoint import CheckpointReader, open_checkpoint
@@ -283,10 +283,12 @@ def factor_layer(target: LoraTarget, diff: Tensor, energy: float, settings: Fact
 
 
 def truncated_svd(m: Tensor, rank: int, settings: FactorSettings) -> Svd:
-    """Exact (all values when the full spectrum is needed) or randomized top-``rank`` SVD of ``m``."""
+    """Exact (all values when the full spectrum is needed) or randomized top-``rank`` SVD of ``m``: block Krylov
+    with at least ``power_iters`` blocks, more until its error estimate settles (xlbake.lora.lowrank.svd_adaptive)."""
     if settings.svd == "exact":
         return svd_exact(m, min(m.shape) if settings.full_spectrum else rank)
-    return svd_randomized(m, rank, oversample=settings.oversample, power_iters=settings.power_iters, seed=settings.seed)
+    iters = max(1, settings.power_iters)
+    return svd_adaptive(m, rank, oversample=settings.oversample, min_iters=iters, seed=settings.seed)
 
 
 def _inputs(cfg: ExtractConfig) -> list[tuple[str, Path]]:

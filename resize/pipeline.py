@@ -146,9 +146,11 @@ def factorize(
     for name in tqdm(list(modules), desc="factor SVD", unit="layer", disable=None if progress else True, leave=False):
         module = modules.pop(name)
         moment = moment_for(calibration, name) if calibration and module.kind != "conv3x3" else None
-        svd = layer_svd(module, device, None if moment is None else whitening_factor(moment.to(device)))
-        (out, rank), width = svd.u.shape, svd.vh.shape[1]
+        whitening = None if moment is None else whitening_factor(moment.to(device))
+        out, width = module.up.shape[0], math.prod(module.down.shape[1:])
+        rank = min(out, width, module.rank)
         top = (sizes[name] - rank) // (out + width)
+        svd = layer_svd(module, device, keep=top, whitening=whitening)
         block = arena[offset : offset + sizes[name]]
         offset += sizes[name]
         spectrum, u, vh = torch.split(block, [rank, out * top, top * width])
@@ -169,16 +171,23 @@ def _kept_size(module: LoraModule, keep: int | None) -> int:
     return rank + top * (out + width)
 
 
-def layer_svd(module: LoraModule, device: torch.device, whitening: torch.Tensor | None = None) -> Svd:
+def layer_svd(
+    module: LoraModule, device: torch.device, keep: int | None = None, whitening: torch.Tensor | None = None
+) -> Svd:
     """SVD of ``module``'s delta (alpha / r) * up @ down in fp32 on ``device``, from its factors only.
 
-    u (out, k), s (k,), vh (k, in * kh * kw); conv kernels are flattened like ``xlbake.lora.lowrank.to_matrix``.
-    With a ``whitening`` factor S (in, in), the SVD in the input-weighted metric (``whitened_factor_svd``: same
-    total energy, vh mapped back so the truncations are the whitened optima).
+    s (k,) every singular value; u (out, t), vh (t, in * kh * kw) the top t = min(keep, k) triplets (all without
+    ``keep``); conv kernels are flattened like ``xlbake.lora.lowrank.to_matrix``. With a ``whitening`` factor S
+    (in, in), the SVD in the input-weighted metric (``whitened_factor_svd``: same total energy, vh mapped back so the
+    truncations are the whitened optima).
     """
     up = module.up.to(device=device, dtype=COMPUTE_DTYPE).flatten(1) * module.scale
     down = module.down.to(device=device, dtype=COMPUTE_DTYPE).flatten(1)
-    return factor_svd(up, down) if whitening is None else whitened_factor_svd(up, down, whitening)
+    if whitening is None:
+        return factor_svd(up, down, keep)
+    svd = whitened_factor_svd(up, down, whitening)
+    top = len(svd.s) if keep is None else min(keep, len(svd.s))
+    return Svd(u=svd.u[:, :top], s=svd.s, vh=svd.vh[:top])
 
 
 def layer_choices(layers: Sequence[LayerSpectrum], plan: OutputPlan) -> list[LayerChoice]:

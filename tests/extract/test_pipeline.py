@@ -311,3 +311,16 @@ def test_decisions_explain_min_diff_and_the_rounding_floor():
     noisy = decide(stat(3e-4, torch.float16), 1e-6)
     assert noisy.extract and "rounding noise" in noisy.warning and "fp32" in noisy.warning
     assert decide(stat(0.0), 1e-6).reason == "te1: skipped: unchanged (difference exactly zero in all 12 layers)"
+
+
+def test_the_default_fast_svd_is_the_adaptive_block_krylov_one():
+    from extract.pipeline import FactorSettings, truncated_svd
+    from xlbake.lora.lowrank import svd_adaptive
+
+    cfg = ExtractConfig()
+    settings = FactorSettings.from_config(cfg)
+    gen = torch.Generator().manual_seed(5)
+    m = torch.randn(300, 200, generator=gen) @ torch.randn(200, 400, generator=gen)
+    got = truncated_svd(m, 16, settings)
+    want = svd_adaptive(m, 16, oversample=cfg.oversample, min_iters=cfg.power_iters, seed=cfg.seed)
+    assert torch.equal(got.s, want.s) and torch.equal(got.u, want.u) and torch.equal(got.vh, want.vh)

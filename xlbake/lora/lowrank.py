@@ -117,6 +117,66 @@ def svd_randomized(m: Tensor, rank: int, *, oversample: int = 8, power_iters: in
     return Svd(u=q @ small.u, s=small.s, vh=small.vh)
 
 
+def svd_adaptive(
+    m: Tensor, rank: int, *, oversample: int = 16, min_iters: int = 3, max_iters: int = 12, tol: float = 5e-3,
+    seed: int = 0,
+) -> Svd:
+    """Approximate top-`rank` SVD of m (rows, cols) by randomized block Krylov (Musco & Musco 2015) that stops on
+    an a-posteriori error estimate.
+
+    Blocks of b = ceil((rank + oversample) / 2) columns, on the matrix's short side: q_0 = orth(m Ω) with a Gaussian
+    Ω seeded by `seed`, then q_{i+1} = orth((m mᵀ) q_i) against every earlier block. The kept Krylov basis K gives
+    the Rayleigh-Ritz approximation, whose Gram Kᵀ m mᵀ K comes from the products already made. Its error
+    e_i = sqrt(||m||² - top-`rank` Ritz energy) is exact for the current basis and never increases; iterating stops
+    after at least `min_iters` blocks once e_{i-1} - e_i <= `tol` * e_i (Krylov converges faster than geometric, so
+    the rest of the gain is below the last step's), or at `max_iters`. Flat spectra thus get more blocks, fast-
+    decaying ones fewer. Costs 2 products of b columns per block, one of `rank` for vh, no n-side QR and no SVD of
+    a projected matrix (eigh of the small Gram in fp64). Falls back to `svd_exact` when min_iters + 2 blocks would
+    not fit in the short side (the basis could not grow until it settles). Returns u (rows, k), s (k,),
+    vh (k, cols) with k = min(rank, rows, cols); u and vh are orthonormal up to rounding, and u diag(s) vh is
+    exactly the projection of m onto the top Ritz vectors.
+    """
+    _check_matrix(m)
+    _check_rank(rank)
+    if oversample < 0 or not 1 <= min_iters <= max_iters or tol < 0:
+        raise ConfigError(f"need oversample >= 0, 1 <= min_iters <= max_iters, tol >= 0; got {oversample}, "
+                          f"{min_iters}, {max_iters}, {tol}")  # fmt: skip
+    tall = m.shape[0] > m.shape[1]
+    t = m.mT if tall else m  # (short, long): orthonormalize on the short side only
+    block = -(-(rank + oversample) // 2)
+    if block * (min_iters + 2) >= t.shape[0]:  # no room to settle before the basis fills the short side
+        return svd_exact(m, rank)
+    generator = torch.Generator(device=m.device).manual_seed(seed)
+    omega = torch.randn(t.shape[1], block, generator=generator, device=m.device, dtype=m.dtype)
+    energy = float(torch.linalg.vector_norm(m, dtype=torch.float64)) ** 2
+    basis = torch.linalg.qr(t @ omega).Q  # (short, b), grows by b per block
+    gram = torch.zeros(0, 0, dtype=torch.float64, device=m.device)
+    errors: list[float] = []
+    while True:
+        y = t @ (t.mT @ basis[:, -block:])  # (short, b): the next Krylov block
+        cross = (basis.mT @ y).double()  # Kᵀ m mᵀ q for the newest q: the Gram's new columns
+        known = gram.shape[0]
+        gram = torch.cat([torch.cat([gram, cross[:known]], 1), cross.mT], 0)
+        gram = (gram + gram.mT) / 2
+        top = torch.linalg.eigvalsh(gram)[-rank:]
+        errors.append(math.sqrt(max(energy - float(top.sum()), 0.0)))
+        iters = len(errors)
+        settled = iters >= max(min_iters, 2) and errors[-2] - errors[-1] <= tol * errors[-1]
+        if settled or iters >= max_iters or basis.shape[1] + 2 * block > t.shape[0]:
+            break
+        for _ in range(2):  # twice is enough (Giraud et al. 2005), once loses orthogonality on a steep spectrum
+            y = y - basis @ (basis.mT @ y)
+        basis = torch.cat([basis, torch.linalg.qr(y).Q], 1)
+    values, vectors = torch.linalg.eigh(gram)
+    values, vectors = values.flip(0)[:rank].clamp_min(0), vectors.flip(1)[:, :rank].to(m.dtype)
+    s = values.sqrt()
+    u = basis @ vectors  # (short, k)
+    inverse = torch.where(s > 0, 1 / s, torch.zeros_like(s)).to(m.dtype)
+    vh = (u.mT @ t) * inverse[:, None]  # (k, long)
+    s = s.to(m.dtype)
+    return Svd(u=vh.mT, s=s, vh=u.mT) if tall else Svd(u=u, s=s, vh=vh)
+
+
 def split_factors(svd: Svd, rank: int) -> tuple[Tensor, Tensor]:
     """LoRA factors of the top-`rank` triplets with the singular values split evenly between them.
 
@@ -127,21 +187,35 @@ def split_factors(svd: Svd, rank: int) -> tuple[Tensor, Tensor]:
     return svd.u[:, :rank] * root, root[:, None] * svd.vh[:rank]
 
 
-def factor_svd(up: Tensor, down: Tensor) -> Svd:
-    """Exact SVD of up @ down without forming the product: QR of up and of down.T, SVD of the small core.
+def factor_svd(up: Tensor, down: Tensor, keep: int | None = None) -> Svd:
+    """Exact SVD of up @ down without forming the product, from the factors' r x r Gram matrices.
 
-    up (m, r) or (m, r, 1, 1), down (r, n) or (r, in, kh, kw) with n = in*kh*kw. With up = Qu Ru and
-    down.T = Qd Rd, up @ down = Qu (Ru Rd.T) Qd.T, so the SVD of the core Ru Rd.T (at most r x r) gives the
-    singular values of the product and, rotated by Qu and Qd, its singular vectors. Cost O((m + n) r^2).
-    Returns all k = min(m, n, r) triplets (u (m, k), s (k,), vh (k, n)); zero factors give s = 0.
+    up (m, r) or (m, r, 1, 1), down (r, n) or (r, in, kh, kw) with n = in*kh*kw. With the fp64 Cholesky factors
+    upᵀ up = Lu Luᵀ and down downᵀ = Ld Ldᵀ, up = Qu Luᵀ and downᵀ = Qd Ldᵀ with Qu, Qd orthonormal, so
+    up @ down = Qu (Luᵀ Ld) Qdᵀ: the SVD of that r x r core gives every singular value of the product, and the
+    top `keep` singular vectors are up Lu⁻ᵀ Uc and down Ld⁻ᵀ Vc. The Grams square the factors' condition number,
+    which fp64 absorbs (a trained LoRA's factors are far from 1e8); a singular Gram (a zero or repeated
+    direction) takes Householder QR of up and of downᵀ instead. Cost O((m + n) r^2), GEMMs only.
+    Returns s of all k = min(m, n, r) values (zero factors give s = 0), u (m, t) and vh (t, n) for the top
+    t = min(keep, k) (all k when keep is None).
     """
     up, down = to_matrix(up), to_matrix(down)
     if up.shape[1] != down.shape[0]:
         raise InputError(f"LoRA factors do not match: up {tuple(up.shape)} vs down {tuple(down.shape)}")
+    rank = min(*up.shape, down.shape[1])
+    top = rank if keep is None else min(keep, rank)
+    if up.shape[1] <= min(up.shape[0], down.shape[1]):
+        low_up, info_up = torch.linalg.cholesky_ex((up.mT @ up).double())
+        low_down, info_down = torch.linalg.cholesky_ex((down @ down.mT).double())
+        if not info_up and not info_down:
+            core = svd_exact(low_up.mT @ low_down, rank)
+            left = torch.linalg.solve_triangular(low_up.mT, core.u[:, :top], upper=True).to(up.dtype)
+            right = torch.linalg.solve_triangular(low_down.mT, core.vh[:top].mT, upper=True).to(down.dtype)
+            return Svd(u=up @ left, s=core.s.to(up.dtype), vh=(down.mT @ right).mT)
     q_up, r_up = torch.linalg.qr(up)  # (m, a), (a, r) with a = min(m, r)
     q_down, r_down = torch.linalg.qr(down.mT)  # (n, b), (b, r) with b = min(n, r)
     core = svd_exact(r_up @ r_down.mT, min(r_up.shape[0], r_down.shape[0]))
-    return Svd(u=q_up @ core.u, s=core.s, vh=core.vh @ q_down.mT)
+    return Svd(u=q_up @ core.u[:, :top], s=core.s, vh=core.vh[:top] @ q_down.mT)
 
 
 def _fraction_rank(cumulative: Tensor, target: float) -> int:
