@@ -12,8 +12,8 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from finetune.config import FinetuneConfig, LogConfig
-from finetune.state import flatten
 from xlbake.config import to_dict
+from xlbake.config_values import flatten
 from xlbake.errors import ConfigError
 
 

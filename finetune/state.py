@@ -25,6 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from xlbake.batch.run_folder import STATE_FILE, STEP_PREFIX, step_tag
+from xlbake.config_values import flatten
 from xlbake.errors import InputError, TrainingError
 from xlbake.fileio import TEMP_PREFIX
 
@@ -74,17 +75,6 @@ def decode_generator(generator: torch.Generator, text: str) -> None:
     """Restore a generator from ``encode_generator`` text."""
     data = torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
     generator.set_state(data)
-
-
-def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": 1}} -> {"a.b": 1}."""
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, Mapping) and value:
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:

@@ -36,6 +36,7 @@ import yaml
 from xlbake.batch.run_folder import RESOLVED_CONFIG, STATE, TUNED_FP32
 from xlbake.cli import run_guarded
 from xlbake.config import load_config
+from xlbake.config_values import flatten
 from xlbake.errors import ConfigError, InputError, OutputError
 
 CONCEPT_VERSION = 1
@@ -309,17 +310,7 @@ def _flat_yaml(text: str) -> dict[str, object]:
         data = yaml.safe_load(text)
     except yaml.YAMLError:
         return {}
-    return _flat(data) if isinstance(data, Mapping) else {}
-
-
-def _flat(data: Mapping, prefix: str = "") -> dict[str, object]:
-    out: dict[str, object] = {}
-    for key, value in data.items():
-        if isinstance(value, Mapping) and value:
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
+    return flatten(data) if isinstance(data, Mapping) else {}
 
 
 def finetune_action(
