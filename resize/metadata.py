@@ -6,6 +6,7 @@ import json
 import logging
 from collections.abc import Iterable, Mapping
 
+from xlbake.data.meta import parsable_json_values
 from xlbake.lora.io import LoraFile, lora_metadata
 from xlbake.lora.report import Coverage
 
@@ -57,7 +58,7 @@ def resized_metadata(
     conv_rank = next(iter(conv_ranks)) if len(conv_ranks) == 1 else None
     linear = {name: rank for name, rank in shown.items() if name not in conv_set} or shown
     fresh = lora_metadata(title=title, ranks=linear, alpha=alpha, conv_rank=None)
-    meta = _valid_json_values(source)
+    meta = parsable_json_values(source)
     if is_sdxl(ranks, source):
         meta = {**fresh, **meta}  # fill missing keys only
     meta |= {key: fresh[key] for key in (*_NETWORK_KEYS, "ss_output_name")}
@@ -83,20 +84,6 @@ def _network_args(text: str | None, conv_ranks: set[int], conv_rank: int | None,
         args["conv_dim"] = str(conv_rank) if conv_rank is not None else _DYNAMIC
         args["conv_alpha"] = str(float(alpha)) if conv_rank is not None else _DYNAMIC
     return json.dumps(args)
-
-
-def _valid_json_values(source: Mapping[str, str]) -> dict[str, str]:
-    """Copy of ``source`` without values that start like JSON ("{" or "[") but do not parse."""
-    meta = {}
-    for key, value in source.items():
-        if value[:1] in ("{", "["):
-            try:
-                json.loads(value)
-            except ValueError:
-                logger.warning("input metadata %s looks like JSON but does not parse; it is not copied", key)
-                continue
-        meta[key] = value
-    return meta
 
 
 def input_coverage(lora: LoraFile) -> Coverage | None:

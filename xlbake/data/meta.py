@@ -42,18 +42,20 @@ def dataset_metadata(images: Iterable[tuple[str, int, str]], triggers: Iterable[
 
 
 def dataset_keys(metadata: Mapping[str, str]) -> dict[str, str]:
-    """The dataset keys present in ``metadata`` (e.g. a finetuned checkpoint's), without unparsable JSON values
-    (A1111 fails on a value that starts with "{" and does not parse)."""
-    keys = {}
-    for key in DATASET_KEYS:
-        value = metadata.get(key)
-        if value is None:
-            continue
-        if value.startswith("{"):
+    """The dataset keys present in ``metadata`` (e.g. a finetuned checkpoint's), without unparsable JSON values."""
+    return parsable_json_values({key: metadata[key] for key in DATASET_KEYS if key in metadata})
+
+
+def parsable_json_values(source: Mapping[str, str]) -> dict[str, str]:
+    """Copy of ``source`` without values that start like JSON ("{" or "[") but do not parse: A1111's metadata view
+    fails on them, so a LoRA never carries one (each dropped key is logged)."""
+    kept = {}
+    for key, value in source.items():
+        if value[:1] in ("{", "["):
             try:
                 json.loads(value)
             except ValueError:
-                logger.warning("metadata %s does not parse as JSON; it is not copied into the LoRA", key)
+                logger.warning("metadata %s looks like JSON but does not parse; it is not copied", key)
                 continue
-        keys[key] = value
-    return keys
+        kept[key] = value
+    return kept
