@@ -32,7 +32,7 @@ from extract.calibrate import compute_calibration, read_run, run_items
 from extract.config import ExtractConfig
 from extract.pipeline import run_extract
 from xlbake.evaluate.fidelity import measure_fidelity
-from xlbake.fileio import save_safetensors_atomic
+from xlbake.lora.calibration import calibrated_targets, moment_for, statistics_bytes, write_calibration
 from xlbake.lora.io import read_lora
 from xlbake.lora.lowrank import to_matrix
 from xlbake.lora.names import kohya_targets
@@ -74,6 +74,16 @@ def held_out_errors(base: Path, tuned: Path, lora: Path, moments: dict[str, torc
     return {key: error[key] / reference[key] for key in error if reference[key] > 0}
 
 
+def statistics_size_line() -> str:
+    """The size of a calibration file for the real SDXL (from shapes only), against one dense moment per module."""
+    from xlbake.sdxl.configs import real_sdxl_sgm_shapes
+
+    shapes = real_sdxl_sgm_shapes()
+    dense = 4 * sum(t.shape[1] ** 2 for t in calibrated_targets(shapes))
+    size = statistics_bytes(shapes) / 1e9
+    return f"statistics for the real SDXL: {size:.2f} GB (dense per module: {dense / 1e9:.1f} GB)"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, help="an existing finetune run folder (default: train a short one)")
@@ -81,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="accepted for `python -m benchmarks` (same run)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    print(statistics_size_line())
     with tempfile.TemporaryDirectory() as scratch:
         tmp = Path(scratch)
         run = args.run or train_run(tmp / "run", args.steps)
@@ -91,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         cpu = torch.device("cpu")
         fit = compute_calibration(base, items[:half], data, components=None, seed=0, device=cpu)
         held = compute_calibration(base, items[half:], data, components=None, seed=1, device=cpu)
-        calibration = save_safetensors_atomic(fit.moments, tmp / "fit.safetensors", fit.metadata)
+        calibration = write_calibration(fit, tmp / "fit.safetensors")
+        held_moments = {name: moment_for(held, name).dense() for name in held.modules}
         print(f"run {run}: {len(items)} images, calibrated on {half}, measured on {len(items) - half}")
         rows, loras = [], []
         for rank in RANKS:
@@ -100,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                 cfg = ExtractConfig(base=base, tuned=tuned, out=out, dim=(rank,), svd="exact", save_precision="fp32",
                                     **options)  # fmt: skip
                 run_extract(cfg, echo=lambda _: None)
-                rows.append((rank, label, held_out_errors(base, tuned, out, held.moments)))
+                rows.append((rank, label, held_out_errors(base, tuned, out, held_moments)))
                 loras.append(out)
         prompts = [item.caption for item in items[half:]]
         kept = [r.kept_effect for r in measure_fidelity(base, tuned, loras, prompts=prompts, n_samples=8)]

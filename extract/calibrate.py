@@ -2,18 +2,20 @@
 
 One pass of the *base* model over a few of the finetune's own images and captions: each image is encoded by the
 VAE, noised at timesteps spread over the schedule (fixed seeds), and the UNet and both text encoders run on it with
-a forward pre-hook on every Linear / 1x1 conv that extract may factor, each summing x xᵀ over its input rows in
-fp64 (one (in, in) accumulator per layer, nothing else kept). The moments are written to RUN/calibration.safetensors
-(one fp32 tensor per kohya module name, metadata saying what they were computed from) and reused when present.
+a forward pre-hook on one Linear / 1x1 conv per distinct layer input (xlbake.lora.calibration.moment_group: q/k/v,
+all cross-attention k/v, all time-embedding projections share one), each summing x xᵀ over its input rows in fp32
+on the pass's device. Each moment is then compressed (xlbake.lora.moments.compress: top eigenpairs + isotropic
+remainder) and written to RUN/calibration.safetensors (xlbake.lora.calibration.write_calibration), which is reused
+when present.
 
 What it reads of the run is its ``config.resolved.yaml`` (dataset roots or TOML, caption settings, resolution and
 bucket limits), through the core dataset reader; it never imports the finetune stage. Captions are used raw (no
 prefix, trigger or shuffle handling) and each image is resized to the bucket of its aspect ratio nearest to
 ``resolution``² pixels. 3x3 convs get no statistics (see :mod:`xlbake.lora.whiten`).
 
-Size: one dense (in, in) moment per module. Fine for the tiny model; on the real SDXL (1018 modules, the ff.net.2
-inputs 5120 wide) that is 17 GB as the fp32 file and twice that in fp64 accumulators, so before real use the
-modules sharing one input (q/k/v, attn2 k/v) should share one moment and the widest layers need a cheaper form.
+Size on real SDXL: the file holds one compressed moment per group (xlbake.lora.calibration.statistics_bytes), about
+0.4 GB instead of 17 GB for dense per-module moments; the fp32 accumulators of the pass hold the dense moments of
+the groups, about 9 GB on the device (the 5120-wide feed-forward inputs are most of it).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import logging
 import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,11 +37,19 @@ from xlbake.data.kohya import Item, open_image, scan_dataset
 from xlbake.errors import InputError
 from xlbake.evaluate.fidelity import encode_prompts
 from xlbake.evaluate.grid import ModelWeights
-from xlbake.fileio import save_safetensors_atomic
 from xlbake.fingerprint import fingerprint
-from xlbake.lora.calibration import FORMAT, Calibration, read_calibration, summary
-from xlbake.lora.names import LoraTarget, kohya_targets
-from xlbake.lora.whiten import whitening_factor
+from xlbake.lora.calibration import (
+    Calibration,
+    calibrated_targets,
+    moment_for,
+    moment_group,
+    read_calibration,
+    summary,
+    write_calibration,
+)
+from xlbake.lora.moments import Whitening, compress, moment_whitening
+from xlbake.lora.names import LoraTarget
+from xlbake.lora.whiten import DAMPING
 from xlbake.sdxl.checkpoint import open_checkpoint
 from xlbake.sdxl.keys import plan_from_sgm, with_text_model
 from xlbake.sdxl.models import Architecture, resolve_architecture
@@ -133,6 +143,17 @@ def load_pixels(path: Path, size: tuple[int, int]) -> Tensor:
 def hooked_modules(
     models: Mapping[str, torch.nn.Module], shapes: Mapping[str, Sequence[int]]
 ) -> dict[str, torch.nn.Module]:
+    """Moment group -> the module whose input the group's LoRA layers read (its first member's, see
+    :func:`target_modules`)."""
+    found: dict[str, torch.nn.Module] = {}
+    for name, module in target_modules(models, shapes).items():
+        found.setdefault(moment_group(name), module)
+    return found
+
+
+def target_modules(
+    models: Mapping[str, torch.nn.Module], shapes: Mapping[str, Sequence[int]]
+) -> dict[str, torch.nn.Module]:
     """kohya module name -> the Linear / 1x1 Conv2d of ``models`` whose input that LoRA layer sees, for every
     non-3x3 LoRA layer of a checkpoint with SGM ``shapes`` (TE2's q, k and v: their own projections)."""
     plan = plan_from_sgm(shapes)
@@ -162,8 +183,9 @@ def collect_moments(
     timesteps: int,
     seed: int,
 ) -> dict[str, Tensor]:
-    """E[x xᵀ] (fp32) of the inputs of ``modules`` over ``samples`` (pixels (1, 3, h, w), caption), each image at
-    ``timesteps`` noise levels spread over the schedule, noise and timestep order from ``seed``."""
+    """E[x xᵀ] (fp32, on the pass's device) of the inputs of ``modules`` over ``samples`` (pixels (1, 3, h, w),
+    caption), each image at ``timesteps`` noise levels spread over the schedule, noise and timestep order from
+    ``seed``."""
     from diffusers import DDPMScheduler
 
     scheduler = DDPMScheduler.from_config(arch.scheduler)
@@ -185,12 +207,12 @@ def collect_moments(
             time_ids = torch.tensor([[height, width, 0, 0, height, width]], device=device, dtype=dtype)
             added = {"text_embeds": pooled.repeat(timesteps, 1), "time_ids": time_ids.repeat(timesteps, 1)}
             unet(noisy, ts.to(device), encoder_hidden_states=embeds.repeat(timesteps, 1, 1), added_cond_kwargs=added)
-    return {name: (acc / max(count, 1)).float().cpu() for name, (acc, count) in sums.items()}
+    return {name: acc / max(count, 1) for name, (acc, count) in sums.items()}
 
 
 @contextmanager
 def moment_hooks(modules: Mapping[str, torch.nn.Module]) -> Iterator[dict[str, list]]:
-    """Forward pre-hooks summing x xᵀ (fp64) and the row count of each module's input; removed on exit."""
+    """Forward pre-hooks summing x xᵀ (fp32) and the row count of each module's input; removed on exit."""
     sums: dict[str, list] = {}
 
     def hook_for(name: str) -> Callable:
@@ -198,8 +220,8 @@ def moment_hooks(modules: Mapping[str, torch.nn.Module]) -> Iterator[dict[str, l
             x = args[0]
             if isinstance(module, torch.nn.Conv2d):
                 x = x.movedim(1, -1)  # a 1x1 conv: each pixel's channels are one input row
-            rows = x.reshape(-1, x.shape[-1]).double()
-            entry = sums.setdefault(name, [torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float64,
+            rows = x.reshape(-1, x.shape[-1]).float()
+            entry = sums.setdefault(name, [torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float32,
                                                        device=rows.device), 0])  # fmt: skip
             entry[0].addmm_(rows.mT, rows)
             entry[1] += rows.shape[0]
@@ -214,11 +236,6 @@ def moment_hooks(modules: Mapping[str, torch.nn.Module]) -> Iterator[dict[str, l
             handle.remove()
 
 
-def calibrated_targets(shapes: Mapping[str, Sequence[int]]) -> list[LoraTarget]:
-    """The LoRA layers statistics are collected for: every kohya module (conv and extra sets too) but 3x3 convs."""
-    return [t for t in kohya_targets(shapes, conv=True, extra=True) if t.kind != "conv3x3"]
-
-
 def compute_calibration(
     base: Path, items: Sequence[Item], data: RunData, *, components: str | None, seed: int, device: torch.device
 ) -> Calibration:
@@ -226,11 +243,13 @@ def compute_calibration(
     arch = resolve_architecture(base, components)
     with open_checkpoint(base) as reader:
         weights = ModelWeights.load(reader, arch, (*MODEL_PARTS, "vae"), device=device, dtype=torch.float32)
-        modules = hooked_modules(weights.models, reader.shapes())
+        shapes = reader.shapes()
+        modules = hooked_modules(weights.models, shapes)
     samples = [(load_pixels(item.image, bucket_size(*item.size, data)), item.caption) for item in items]
-    moments = collect_moments(arch, weights.models, modules, samples, timesteps=TIMESTEPS_PER_IMAGE, seed=seed)
+    dense = collect_moments(arch, weights.models, modules, samples, timesteps=TIMESTEPS_PER_IMAGE, seed=seed)
+    moments = {group: compress(dense.pop(group)) for group in list(dense)}  # one dense moment alive at a time
+    members = {t.name: moment_group(t.name) for t in calibrated_targets(shapes) if moment_group(t.name) in moments}
     metadata = {
-        "format": FORMAT,
         "base": base.name,
         "base_fingerprint": fingerprint(base),
         "images": str(len(items)),
@@ -238,7 +257,7 @@ def compute_calibration(
         "seed": str(seed),
         "image_files": json.dumps([item.image.name for item in items]),
     }
-    return Calibration(moments, metadata)
+    return Calibration(moments, members, metadata)
 
 
 def calibrate_run(
@@ -264,7 +283,7 @@ def calibrate_run(
     items = run_items(data, seed)[:images]
     echo(f"calibration: base model over {len(items)} images x {TIMESTEPS_PER_IMAGE} timesteps of {run}")
     result = compute_calibration(base, items, data, components=components, seed=seed, device=torch.device(device))
-    save_safetensors_atomic(result.moments, path, {**result.metadata, "run": str(run)})
+    write_calibration(replace(result, metadata={**result.metadata, "run": str(run)}), path)
     return path
 
 
@@ -284,12 +303,12 @@ def extract_calibration(
     return found
 
 
-def whitening_for(calibration: Calibration | None, target: LoraTarget) -> Tensor | None:
+def whitening_for(calibration: Calibration | None, target: LoraTarget) -> Whitening | None:
     """The whitening factor S (in, in) of ``target``, or None when it is factored plainly (no calibration, no
     statistics for it, or a 3x3 conv)."""
-    if calibration is None or target.kind == "conv3x3" or target.name not in calibration.moments:
+    moment = None if calibration is None or target.kind == "conv3x3" else moment_for(calibration, target.name)
+    if moment is None:
         return None
-    moment = calibration.moments[target.name]
-    if moment.shape[0] != target.shape[1]:
-        raise InputError(f"calibration: {target.name} has {moment.shape[0]} inputs, the model {target.shape[1]}")
-    return whitening_factor(moment)
+    if moment.size != target.shape[1]:
+        raise InputError(f"calibration: {target.name} has {moment.size} inputs, the model {target.shape[1]}")
+    return moment_whitening(moment, DAMPING)

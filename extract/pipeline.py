@@ -269,7 +269,7 @@ def factor_layer(target: LoraTarget, diff: Tensor, energy: float, settings: Fact
     rank = min(settings.conv_rank if target.kind == "conv3x3" else settings.rank, *diff.shape)
     whitening = whitening_for(settings.calibration, target)
     if whitening is not None:  # factor ΔW S' (same energy as ΔW: see whiten_scaled), then map down back
-        diff, whitening = whiten_scaled(diff, whitening.to(diff.device))
+        diff, whitening = whiten_scaled(diff, whitening)
     svd = truncated_svd(diff, rank, settings)
     spectrum, full = svd.s, svd.s.numel() == min(diff.shape)
     if settings.full_spectrum and not full:

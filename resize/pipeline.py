@@ -42,8 +42,9 @@ from xlbake.lora.io import (
     write_lora,
 )
 from xlbake.lora.lowrank import Svd, factor_svd, kept_energy, split_factors
+from xlbake.lora.moments import moment_whitening
 from xlbake.lora.report import Coverage, LayerStat, group_stat, report_paths, write_report
-from xlbake.lora.whiten import DAMPING, whitened_factor_svd, whitening_factor
+from xlbake.lora.whiten import DAMPING, Factor, whitened_factor_svd
 
 COMPUTE_DTYPE = torch.float32
 BYTES_PER_MB = 1_000_000
@@ -146,7 +147,7 @@ def factorize(
     for name in tqdm(list(modules), desc="factor SVD", unit="layer", disable=None if progress else True, leave=False):
         module = modules.pop(name)
         moment = moment_for(calibration, name) if calibration and module.kind != "conv3x3" else None
-        whitening = None if moment is None else whitening_factor(moment.to(device))
+        whitening = None if moment is None else moment_whitening(moment, DAMPING)
         out, width = module.up.shape[0], math.prod(module.down.shape[1:])
         rank = min(out, width, module.rank)
         top = (sizes[name] - rank) // (out + width)
@@ -172,7 +173,7 @@ def _kept_size(module: LoraModule, keep: int | None) -> int:
 
 
 def layer_svd(
-    module: LoraModule, device: torch.device, keep: int | None = None, whitening: torch.Tensor | None = None
+    module: LoraModule, device: torch.device, keep: int | None = None, whitening: Factor | None = None
 ) -> Svd:
     """SVD of ``module``'s delta (alpha / r) * up @ down in fp32 on ``device``, from its factors only.
 

@@ -6,15 +6,15 @@ import pytest
 import torch
 import yaml
 
-from extract.calibrate import CALIBRATION_NAME, calibrate_run, calibrated_targets
+from extract.calibrate import CALIBRATION_NAME, calibrate_run
 from extract.config import ExtractConfig
 from extract.pipeline import run_extract
 from xlbake.errors import ConfigError, InputError
-from xlbake.fileio import save_safetensors_atomic
 from xlbake.fingerprint import fingerprint
-from xlbake.lora.calibration import FORMAT, read_calibration
+from xlbake.lora.calibration import Calibration, calibrated_targets, moment_for, read_calibration, write_calibration
 from xlbake.lora.io import read_lora
 from xlbake.lora.lowrank import to_matrix
+from xlbake.lora.moments import compress
 from xlbake.lora.names import kohya_targets
 from xlbake.lora.whiten import whitened_error, whitened_factors
 from xlbake.sdxl.checkpoint import open_checkpoint, save_sgm_checkpoint
@@ -36,12 +36,12 @@ def tuned(tiny_paths, tmp_path_factory):
 
 
 def _moments(base, out, moment_of):
-    """A calibration file for ``base`` with moment_of(target) for every calibrated target."""
+    """A calibration file for ``base`` with moment_of(target) for every calibrated target, each its own, exact."""
     with open_checkpoint(base) as reader:
         targets = calibrated_targets(reader.shapes())
-    moments = {t.name: moment_of(t) for t in targets}
-    meta = {"format": FORMAT, "base": base.name, "base_fingerprint": fingerprint(base), "images": "0"}
-    return save_safetensors_atomic(moments, out, meta)
+    moments = {t.name: compress(moment_of(t), rank=t.shape[1]) for t in targets}
+    meta = {"base": base.name, "base_fingerprint": fingerprint(base), "images": "0"}
+    return write_calibration(Calibration(moments, {name: name for name in moments}, meta), out)
 
 
 def _modules(path):
@@ -78,16 +78,17 @@ def test_calibrated_lora_keeps_more_of_the_effect_on_the_calibrated_inputs(tiny_
         return (basis * torch.logspace(0, -4, target.shape[1])) @ basis.T
 
     calibration = _moments(base, tmp_path / "c.safetensors", anisotropic)
-    moments = read_calibration(calibration).moments
+    found = read_calibration(calibration)
     plain_path = _extract(base, tuned, tmp_path / "plain.safetensors")
     cal_path = _extract(base, tuned, tmp_path / "cal.safetensors", calibration=calibration)
     plain, calibrated = _modules(plain_path), _modules(cal_path)
     name = "lora_unet_" + LAYER
     delta = _delta(base, tuned, name)
-    optimum = whitened_error(delta, *whitened_factors(delta, moments[name], 4)[:2], moments[name])
-    error = whitened_error(delta, *calibrated[name], moments[name])
+    moment = moment_for(found, name).dense()
+    optimum = whitened_error(delta, *whitened_factors(delta, moment, 4)[:2], moment)
+    error = whitened_error(delta, *calibrated[name], moment)
     assert error == pytest.approx(optimum, rel=1e-3)  # the golden whitened optimum, through the whole pipeline
-    assert error < 0.9 * whitened_error(delta, *plain[name], moments[name])
+    assert error < 0.9 * whitened_error(delta, *plain[name], moment)
     meta = read_lora(cal_path).metadata
     assert json.loads(meta["xlbake_calibration"])["base"] == base.name
     assert json.loads(meta["xlbake_extract"])["calibration"] == "c.safetensors"
@@ -113,9 +114,9 @@ def test_calibrate_run_collects_every_layers_input_moment_and_reuses_the_file(ti
     found = read_calibration(path)
     with open_checkpoint(tiny_paths.single_file) as reader:
         targets = calibrated_targets(reader.shapes())
-    assert set(found.moments) == {t.name for t in targets}
+    assert set(found.modules) == {t.name for t in targets}
     for target in targets:
-        moment = found.moments[target.name].double()
+        moment = moment_for(found, target.name).dense()
         assert moment.shape == (target.shape[1], target.shape[1])
         assert float(torch.linalg.eigvalsh(moment)[0]) > -1e-4 * float(moment.trace()) and moment.trace() > 0
     assert found.metadata["images"] == "2" and found.metadata["base"] == tiny_paths.single_file.name
@@ -124,3 +125,31 @@ def test_calibrate_run_collects_every_layers_input_moment_and_reuses_the_file(ti
     other = save_sgm_checkpoint({"x": torch.zeros(1)}, tmp_path / "other.safetensors")
     with pytest.raises(InputError, match="delete it to recompute"):
         calibrate_run(run, other, echo=lines.append)
+
+
+def test_layers_of_one_moment_group_read_the_very_same_input(tiny_paths):
+    """q/k/v, all cross-attention k/v and all ResNet time projections share a moment: check that the tiny SDXL's
+    modules really see identical tensors (hooking every member, as format /1 did), so sharing loses nothing."""
+    from extract.calibrate import collect_moments, target_modules
+    from xlbake.evaluate.grid import ModelWeights
+    from xlbake.lora.calibration import moment_group
+    from xlbake.sdxl.models import resolve_architecture
+    from xlbake.sdxl.parts import MODEL_PARTS
+
+    base = tiny_paths.single_file
+    arch = resolve_architecture(base, None)
+    with open_checkpoint(base) as reader:
+        weights = ModelWeights.load(reader, arch, (*MODEL_PARTS, "vae"), device=torch.device("cpu"),
+                                    dtype=torch.float32)  # fmt: skip
+        modules = target_modules(weights.models, reader.shapes())
+    pixels = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    moments = collect_moments(arch, weights.models, modules, [(pixels, "a photo")], timesteps=2, seed=0)
+    groups: dict[str, list[str]] = {}
+    for name in moments:
+        groups.setdefault(moment_group(name), []).append(name)
+    shared = {group: names for group, names in groups.items() if len(names) > 1}
+    assert {"lora_unet_context", "lora_unet_time_embedding"} <= set(shared)
+    assert any(g.endswith("attn1_qkv") for g in shared) and any(g.startswith("lora_te2") for g in shared)
+    for names in shared.values():
+        for name in names[1:]:
+            assert torch.equal(moments[name], moments[names[0]]), name

@@ -392,8 +392,8 @@ def test_the_extract_coverage_is_carried_forward(tmp_path):
 
 
 def test_calibrated_resize_is_the_whitened_optimum_and_plain_where_there_are_no_statistics(tmp_path):
-    from xlbake.fileio import save_safetensors_atomic
-    from xlbake.lora.calibration import FORMAT
+    from xlbake.lora.calibration import Calibration, write_calibration
+    from xlbake.lora.moments import compress
     from xlbake.lora.whiten import whitened_factors
 
     lora = random_lora(tmp_path / "in.safetensors", rank=8, alpha=3.0)
@@ -404,7 +404,8 @@ def test_calibrated_resize_is_the_whitened_optimum_and_plain_where_there_are_no_
         inp = SHAPES[name][1]
         basis = torch.linalg.qr(torch.randn(inp, inp, generator=gen, dtype=torch.float64)).Q
         moments[name] = ((basis * torch.logspace(1, -3, inp, dtype=torch.float64)) @ basis.T).float()
-    calibration = save_safetensors_atomic(moments, tmp_path / "calibration.safetensors", {"format": FORMAT})
+    exact = {name: compress(c, rank=c.shape[0]) for name, c in moments.items()}
+    calibration = write_calibration(Calibration(exact, {n: n for n in exact}, {}), tmp_path / "calibration.safetensors")
     [result] = resize(
         tmp_path, lora, rank=[3], conv_rank=2, save_precision="fp32", report=False, calibration=calibration
     )

@@ -1,46 +1,112 @@
-"""Calibration files: the input second moments C = E[x xᵀ] of a model's LoRA layers, one tensor per kohya module.
+"""Calibration files: the input second moments C = E[x xᵀ] of a model's LoRA layers, compressed and shared.
 
 Written by ``extract --calibrate RUN`` (extract.calibrate) as ``RUN/calibration.safetensors``; read by extract and
-resize for the whitened (activation-aware) factorization of :mod:`xlbake.lora.whiten`. Tensors: kohya module name
-(``lora_unet_...``, ``lora_te1_...``, ``lora_te2_...``) -> fp32 (in, in). Metadata: ``format``, the base model's
-name and fingerprint, images, timesteps per image, seed, image file names.
+resize for the whitened (activation-aware) factorization of :mod:`xlbake.lora.whiten`.
+
+Format ``xlbake-calibration/2``: one moment per distinct layer *input*, in the compressed form of
+:mod:`xlbake.lora.moments` (tensors ``GROUP.basis`` (in, k), ``GROUP.values`` (k,), ``GROUP.rest`` ()), and the
+metadata ``modules``: JSON kohya module name -> GROUP. Layers that read the same tensor share a group
+(:func:`moment_group`): an attention's q/k/v (TE2's fused in_proj rows too), every UNet cross-attention k/v (all
+read the text encoders' hidden states) and every ResNet's time-embedding projection (all read SiLU of the one
+time embedding). Other metadata: the base model's name and fingerprint, images, timesteps per image, seed, image
+file names. Format /1 files (one dense moment per module, 17 GB for SDXL) are refused: recompute them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from torch import Tensor
+import torch
 
 from xlbake.errors import InputError
+from xlbake.fileio import save_safetensors_atomic
+from xlbake.lora.moments import MOMENT_RANK, Moment
+from xlbake.lora.names import LoraTarget, kohya_targets
 from xlbake.lora.whiten import DAMPING
 
-FORMAT = "xlbake-calibration/1"
+FORMAT = "xlbake-calibration/2"
+_SHARED = (
+    (re.compile(r"^(lora_unet_).*_attn2_to_[kv]$"), r"\1context"),
+    (re.compile(r"^(lora_unet_).*_emb_layers_1$"), r"\1time_embedding"),
+    (re.compile(r"^(.*_attn1_)to_[qkv]$"), r"\1qkv"),
+    (re.compile(r"^(lora_te.*_self_attn_)[qkv]_proj$"), r"\1qkv"),
+)
 
 
 @dataclass(frozen=True)
 class Calibration:
     """A calibration file's contents."""
 
-    moments: dict[str, Tensor]  # kohya module name -> E[x xᵀ] (in, in), fp32
+    moments: dict[str, Moment]  # moment group -> compressed E[x xᵀ] of that input
+    modules: dict[str, str]  # kohya module name -> its moment group
     metadata: dict[str, str]
 
 
+def moment_group(name: str) -> str:
+    """The moment a kohya module's input shares with others (see the module docstring), or its own name."""
+    for pattern, group in _SHARED:
+        if pattern.match(name):
+            return pattern.sub(group, name)
+    return name
+
+
+def calibrated_targets(shapes: Mapping[str, Sequence[int]]) -> list[LoraTarget]:
+    """The LoRA layers statistics are collected for: every kohya module (conv and extra sets too) but 3x3 convs."""
+    return [t for t in kohya_targets(shapes, conv=True, extra=True) if t.kind != "conv3x3"]
+
+
+def moment_numbers(size: int, rank: int = MOMENT_RANK) -> int:
+    """Numbers stored for one moment of ``size`` inputs: basis, values and the remainder."""
+    k = min(rank, size)
+    return size * k + k + 1
+
+
+def statistics_bytes(shapes: Mapping[str, Sequence[int]]) -> int:
+    """Bytes of the tensors of a calibration file for a checkpoint with SGM ``shapes`` (fp32, from shapes only)."""
+    sizes = {moment_group(t.name): t.shape[1] for t in calibrated_targets(shapes)}
+    return 4 * sum(moment_numbers(size) for size in sizes.values())
+
+
+def write_calibration(calibration: Calibration, path: Path, force: bool = False) -> Path:
+    """Save ``calibration`` (format /2) atomically."""
+    tensors = {}
+    for group, moment in calibration.moments.items():
+        tensors[f"{group}.basis"] = moment.basis.float().cpu()
+        tensors[f"{group}.values"] = moment.values.float().cpu()
+        tensors[f"{group}.rest"] = torch.tensor(moment.rest, dtype=torch.float64)
+    metadata = {**calibration.metadata, "format": FORMAT, "modules": json.dumps(calibration.modules)}
+    return save_safetensors_atomic(tensors, path, metadata, force=force)
+
+
 def read_calibration(path: Path) -> Calibration:
-    """The moments and metadata of a calibration file; InputError if it is not one."""
+    """The moments and metadata of a calibration file; InputError if it is not one (or an old format)."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = dict(f.metadata() or {})
-            moments = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
     except (OSError, ValueError, RuntimeError) as exc:
         raise InputError(f"{path}: unreadable calibration file ({exc})") from exc
-    if metadata.get("format") != FORMAT:
-        raise InputError(f"{path}: not an xlbake calibration file (format {metadata.get('format')!r})")
-    return Calibration(moments, metadata)
+    found = metadata.pop("format", None)
+    if found == "xlbake-calibration/1":
+        raise InputError(f"{path}: an old calibration file (format /1, dense moments); delete it and recompute it "
+                         "with extract --calibrate RUN")  # fmt: skip
+    if found != FORMAT:
+        raise InputError(f"{path}: not an xlbake calibration file (format {found!r})")
+    try:
+        modules = json.loads(metadata.pop("modules"))
+        groups = set(modules.values())
+        moments = {
+            g: Moment(tensors[f"{g}.basis"], tensors[f"{g}.values"], float(tensors[f"{g}.rest"])) for g in groups
+        }
+    except (KeyError, ValueError) as exc:
+        raise InputError(f"{path}: incomplete calibration file ({exc})") from exc
+    return Calibration(moments, modules, metadata)
 
 
 def summary(metadata: Mapping[str, str]) -> str:
@@ -54,8 +120,9 @@ def calibration_info(calibration: Calibration) -> dict[str, str]:
     return {**{key: calibration.metadata[key] for key in keep if key in calibration.metadata}, "damping": str(DAMPING)}
 
 
-def moment_for(calibration: Calibration, name: str) -> Tensor | None:
+def moment_for(calibration: Calibration, name: str) -> Moment | None:
     """The input moment of LoRA module ``name`` (kohya's old ``lora_te_`` prefix read as ``lora_te1_``), or None."""
     if name.startswith("lora_te_"):
         name = "lora_te1_" + name[len("lora_te_") :]
-    return calibration.moments.get(name)
+    group = calibration.modules.get(name)
+    return None if group is None else calibration.moments[group]

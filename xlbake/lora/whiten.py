@@ -22,6 +22,11 @@ from torch import Tensor
 
 from xlbake.errors import InputError
 from xlbake.lora.lowrank import Svd, factor_svd, split_factors, svd_exact, to_matrix
+from xlbake.lora.moments import Whitening
+
+Factor = Tensor | Whitening
+"""A whitening factor S: a dense lower-triangular (in, in) (:func:`whitening_factor`) or the factored symmetric
+root of a compressed moment (:func:`xlbake.lora.moments.moment_whitening`)."""
 
 DAMPING = 1e-3
 """λ: added to C as λ·(mean eigenvalue of C)·I before factoring. Small enough that the whitened metric is C's
@@ -52,15 +57,17 @@ def whitening_factor(c: Tensor, damping: float = DAMPING) -> Tensor:
     return factor
 
 
-def whiten(delta: Tensor, factor: Tensor) -> Tensor:
+def whiten(delta: Tensor, factor: Factor) -> Tensor:
     """ΔW S: the difference (out, in) (or a conv weight, as a matrix) in the whitened metric, in delta's dtype."""
     m = to_matrix(delta)
+    if isinstance(factor, Whitening):
+        return factor.apply(m)
     if m.shape[1] != factor.shape[0]:
         raise InputError(f"difference {tuple(m.shape)} does not match a whitening factor of size {factor.shape[0]}")
     return m @ factor.to(m.dtype)
 
 
-def whiten_scaled(delta: Tensor, factor: Tensor) -> tuple[Tensor, Tensor]:
+def whiten_scaled(delta: Tensor, factor: Factor) -> tuple[Tensor, Factor]:
     """(ΔW S', S') with S' = S·‖ΔW‖_F / ‖ΔW S‖_F: the whitened difference at the weight difference's own size.
 
     A scalar on the metric does not change which rank-r factors are optimal, but it puts the whitened spectrum on
@@ -76,8 +83,10 @@ def whiten_scaled(delta: Tensor, factor: Tensor) -> tuple[Tensor, Tensor]:
     return whitened * scale, factor * scale
 
 
-def unwhiten(down: Tensor, factor: Tensor) -> Tensor:
+def unwhiten(down: Tensor, factor: Factor) -> Tensor:
     """down S⁻¹ for a whitened down factor (r, in), by a triangular solve (no explicit inverse), in down's dtype."""
+    if isinstance(factor, Whitening):
+        return factor.solve(down.to(torch.float64)).to(down.dtype)
     solved = torch.linalg.solve_triangular(factor, down.to(torch.float64), upper=False, left=False)
     return solved.to(down.dtype)
 
@@ -107,7 +116,7 @@ def whitened_resize(
     return new_up, unwhiten(new_down, factor), svd
 
 
-def whitened_factor_svd(up: Tensor, down: Tensor, factor: Tensor) -> Svd:
+def whitened_factor_svd(up: Tensor, down: Tensor, factor: Factor) -> Svd:
     """The SVD of up (out, r) @ down (r, in) in the scaled whitened metric of :func:`whiten_scaled`, from the
     factors only, with vh mapped back to the weight's input space.
 
