@@ -35,11 +35,12 @@ def tuned(tiny_paths, tmp_path_factory):
     return save_sgm_checkpoint(weights, tmp_path_factory.mktemp("tuned") / "tuned.safetensors")
 
 
-def _moments(base, out, moment_of):
-    """A calibration file for ``base`` with moment_of(target) for every calibrated target, each its own, exact."""
+def _moments(base, out, moment_of, rank=None):
+    """A calibration file for ``base`` with moment_of(target) for every calibrated target, each its own, exact
+    (or compressed to ``rank`` eigenpairs)."""
     with open_checkpoint(base) as reader:
         targets = calibrated_targets(reader.shapes())
-    moments = {t.name: compress(moment_of(t), rank=t.shape[1]) for t in targets}
+    moments = {t.name: compress(moment_of(t), rank=rank or t.shape[1]) for t in targets}
     meta = {"base": base.name, "base_fingerprint": fingerprint(base), "images": "0"}
     return write_calibration(Calibration(moments, {name: name for name in moments}, meta), out)
 
@@ -93,6 +94,24 @@ def test_calibrated_lora_keeps_more_of_the_effect_on_the_calibrated_inputs(tiny_
     assert json.loads(meta["xlbake_calibration"])["base"] == base.name
     assert json.loads(meta["xlbake_extract"])["calibration"] == "c.safetensors"
     assert "xlbake_calibration" not in read_lora(plain_path).metadata
+
+
+def test_compressed_statistics_give_the_whitened_optimum_of_the_compressed_metric(tiny_paths, tuned, tmp_path):
+    base = tiny_paths.single_file
+    gen = torch.Generator().manual_seed(2)
+
+    def anisotropic(target):
+        basis = torch.linalg.qr(torch.randn(target.shape[1], target.shape[1], generator=gen)).Q
+        return (basis * torch.logspace(0, -3, target.shape[1])) @ basis.T
+
+    calibration = _moments(base, tmp_path / "c.safetensors", anisotropic, rank=4)  # S never formed: 2·4 < in
+    cal_path = _extract(base, tuned, tmp_path / "cal.safetensors", calibration=calibration)
+    name = "lora_unet_" + LAYER
+    moment = moment_for(read_calibration(calibration), name)
+    assert moment.rank == 4 < moment.size // 2
+    delta, compressed = _delta(base, tuned, name), moment.dense()
+    optimum = whitened_error(delta, *whitened_factors(delta, compressed, 4)[:2], compressed)
+    assert whitened_error(delta, *_modules(cal_path)[name], compressed) == pytest.approx(optimum, rel=1e-3)
 
 
 def test_calibration_of_another_base_and_both_options_are_refused(tiny_paths, tuned, tmp_path):
