@@ -79,9 +79,9 @@ def statistics_size_line() -> str:
     from xlbake.sdxl.configs import real_sdxl_sgm_shapes
 
     shapes = real_sdxl_sgm_shapes()
-    dense = 4 * sum(t.shape[1] ** 2 for t in calibrated_targets(shapes))
+    dense = 4 * sum(t.shape[1] ** 2 for t in calibrated_targets(shapes) if t.kind != "conv3x3")
     size = statistics_bytes(shapes) / 1e9
-    return f"statistics for the real SDXL: {size:.2f} GB (dense per module: {dense / 1e9:.1f} GB)"
+    return f"statistics for the real SDXL: {size:.2f} GB (format /1, a dense moment per module: {dense / 1e9:.1f} GB)"
 
 
 def main(argv: list[str] | None = None) -> int:

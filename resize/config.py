@@ -52,9 +52,9 @@ class ResizeConfig:
     device: str = "cpu"
     """Where the small QR/SVD run: cpu, cuda, cuda:N or mps."""
     calibration: Path | None = None
-    """Input statistics (a ``calibration.safetensors`` from ``extract --calibrate``): resize each Linear / 1x1 layer
-    to keep the most of its effect on its real inputs rather than the most weight energy, as calibrated extraction
-    does; layers without statistics and 3x3 convs are resized plainly."""
+    """Input statistics (a ``calibration.safetensors`` from ``extract --calibrate``): resize each layer to keep the
+    most of its effect on its real inputs rather than the most weight energy, as calibrated extraction does (3x3
+    convs by Kronecker channel x tap statistics); layers without statistics are resized plainly."""
     report: bool = True
     """Write <out stem>.report.json and .report.png (kept energy per layer and component) beside each output."""
     config_version: int = CONFIG_VERSION

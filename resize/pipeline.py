@@ -146,7 +146,7 @@ def factorize(
     # disable=None: a bar only on a terminal, so logs and pipes stay clean
     for name in tqdm(list(modules), desc="factor SVD", unit="layer", disable=None if progress else True, leave=False):
         module = modules.pop(name)
-        moment = moment_for(calibration, name) if calibration and module.kind != "conv3x3" else None
+        moment = moment_for(calibration, name) if calibration else None
         whitening = None if moment is None else moment_whitening(moment, DAMPING)
         out, width = module.up.shape[0], math.prod(module.down.shape[1:])
         rank = min(out, width, module.rank)

@@ -1,6 +1,7 @@
 """Calibrated (activation-aware) extraction: the statistics pass and the whitened factorization on the tiny model."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -24,11 +25,11 @@ LAYER = "input_blocks_4_1_transformer_blocks_0_attn1_to_q"
 
 @pytest.fixture(scope="module")
 def tuned(tiny_paths, tmp_path_factory):
-    """Tuned = base + full-rank random differences (1e-2 of the weights) in every non-3x3 UNet LoRA layer."""
+    """Tuned = base + full-rank random differences (1e-2 of the weights) in every UNet LoRA layer, 3x3 convs too."""
     with open_checkpoint(tiny_paths.single_file) as reader:
         weights = {key: reader.get(key).clone() for key in reader}
     gen = torch.Generator().manual_seed(0)
-    for target in kohya_targets({k: tuple(v.shape) for k, v in weights.items()}, conv=False):
+    for target in kohya_targets({k: tuple(v.shape) for k, v in weights.items()}, conv=True):
         if target.component == "unet":
             delta = torch.randn(weights[target.key].shape, generator=gen)
             weights[target.key] += delta * (1e-2 * weights[target.key].norm() / delta.norm())
@@ -40,7 +41,10 @@ def _moments(base, out, moment_of, rank=None):
     (or compressed to ``rank`` eigenpairs)."""
     with open_checkpoint(base) as reader:
         targets = calibrated_targets(reader.shapes())
-    moments = {t.name: compress(moment_of(t), rank=rank or t.shape[1]) for t in targets}
+    moments = {
+        t.name: compress(moment_of(t), rank=rank or t.shape[1], taps=torch.eye(9) if t.kind == "conv3x3" else None)
+        for t in targets
+    }
     meta = {"base": base.name, "base_fingerprint": fingerprint(base), "images": "0"}
     return write_calibration(Calibration(moments, {name: name for name in moments}, meta), out)
 
@@ -55,7 +59,7 @@ def _extract(base, tuned, out, **options):
 
 
 def _delta(base, tuned, name):
-    target = next(t for t in kohya_targets(open_checkpoint(base).shapes(), conv=False) if t.name == name)
+    target = next(t for t in kohya_targets(open_checkpoint(base).shapes(), conv=True) if t.name == name)
     with open_checkpoint(base) as b, open_checkpoint(tuned) as t:
         return to_matrix(t.get(target.key).double() - b.get(target.key).double())
 
@@ -114,6 +118,36 @@ def test_compressed_statistics_give_the_whitened_optimum_of_the_compressed_metri
     assert whitened_error(delta, *_modules(cal_path)[name], compressed) == pytest.approx(optimum, rel=1e-3)
 
 
+def test_3x3_convs_are_whitened_by_their_kronecker_statistics(tiny_paths, tuned, tmp_path):
+    from xlbake.lora.lowrank import split_factors, svd_exact
+    from xlbake.lora.moments import moment_whitening
+    from xlbake.lora.whiten import DAMPING, unwhiten, whiten
+
+    base = tiny_paths.single_file
+    gen = torch.Generator().manual_seed(3)
+    taps = torch.eye(9) + 0.5 * torch.ones(9, 9)  # neighbouring pixels correlate
+
+    def anisotropic(target):
+        basis = torch.linalg.qr(torch.randn(target.shape[1], target.shape[1], generator=gen)).Q
+        return (basis * torch.logspace(0, -3, target.shape[1])) @ basis.T
+
+    with open_checkpoint(base) as reader:
+        targets = calibrated_targets(reader.shapes())
+    moments = {t.name: compress(anisotropic(t), taps=taps if t.kind == "conv3x3" else None) for t in targets}
+    meta = {"base": base.name, "base_fingerprint": fingerprint(base), "images": "0"}
+    calibration = write_calibration(Calibration(moments, {n: n for n in moments}, meta), tmp_path / "c.safetensors")
+    cfg = ExtractConfig(base=base, tuned=tuned, out=tmp_path / "cal.safetensors", save_precision="fp32", svd="exact",
+                        dim=(4,), conv_dim=(3,), calibration=calibration)  # fmt: skip
+    name = "lora_unet_input_blocks_1_0_in_layers_2"
+    module = read_lora(run_extract(cfg, echo=lambda _: None).outputs[0]).modules[name]
+    assert next(t for t in targets if t.name == name).kind == "conv3x3"
+    delta = _delta(base, tuned, name)
+    factor = moment_whitening(read_calibration(calibration).moments[name], DAMPING)
+    up, down = split_factors(svd_exact(whiten(delta, factor), 3), 3)
+    got = module.scale * to_matrix(module.up).double() @ to_matrix(module.down).double()
+    torch.testing.assert_close(got, up @ unwhiten(down, factor), rtol=1e-4, atol=1e-6)
+
+
 def test_calibration_of_another_base_and_both_options_are_refused(tiny_paths, tuned, tmp_path):
     calibration = _moments(tuned, tmp_path / "c.safetensors", lambda t: torch.eye(t.shape[1]))
     with pytest.raises(InputError, match="not from --base"):
@@ -136,7 +170,9 @@ def test_calibrate_run_collects_every_layers_input_moment_and_reuses_the_file(ti
     assert set(found.modules) == {t.name for t in targets}
     for target in targets:
         moment = moment_for(found, target.name).dense()
-        assert moment.shape == (target.shape[1], target.shape[1])
+        width = math.prod(target.shape[1:])  # a 3x3 conv's: C ⊗ T over its unfolded patches
+        assert moment.shape == (width, width)
+        assert (moment_for(found, target.name).taps is not None) == (target.kind == "conv3x3")
         assert float(torch.linalg.eigvalsh(moment)[0]) > -1e-4 * float(moment.trace()) and moment.trace() > 0
     assert found.metadata["images"] == "2" and found.metadata["base"] == tiny_paths.single_file.name
     calibrate_run(run, tiny_paths.single_file, images=2, echo=lines.append)
@@ -171,4 +207,25 @@ def test_layers_of_one_moment_group_read_the_very_same_input(tiny_paths):
     assert any(g.endswith("attn1_qkv") for g in shared) and any(g.startswith("lora_te2") for g in shared)
     for names in shared.values():
         for name in names[1:]:
-            assert torch.equal(moments[name], moments[names[0]]), name
+            assert torch.equal(moments[name][0], moments[names[0]][0]), name
+
+
+def test_conv_statistics_are_the_im2col_moment_when_it_is_a_kronecker_product():
+    """Channels that are one spatial field scaled per channel have an exactly Kronecker im2col moment (a aᵀ) ⊗ Z:
+    the hook's channel moment ⊗ tap moment is that moment, up to the scalar the padded border makes."""
+    from extract.calibrate import moment_hooks
+    from xlbake.lora.moments import tap_moment
+
+    gen = torch.Generator().manual_seed(4)
+    conv = torch.nn.Conv2d(6, 4, 3, padding=1)
+    field = torch.randn(2, 1, 8, 8, generator=gen)
+    x = field * torch.randn(1, 6, 1, 1, generator=gen)
+    with moment_hooks({"conv": conv}) as sums, torch.no_grad():
+        conv(x)
+    entry = sums["conv"]
+    estimate = torch.kron(entry.moment.double() / entry.rows, tap_moment(entry.taps))
+    patches = torch.nn.functional.unfold(x, 3, padding=1).transpose(1, 2).reshape(-1, 54).double()
+    exact = patches.mT @ patches / patches.shape[0]
+    ratio = float(torch.trace(estimate) / torch.trace(exact))
+    torch.testing.assert_close(estimate / ratio, exact, rtol=1e-4, atol=1e-6)
+    assert 0.9 < ratio < 1.3  # all pixels vs zero-padded patches: close to one

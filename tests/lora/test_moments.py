@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from xlbake.errors import InputError
 from xlbake.lora.lowrank import split_factors, svd_exact
@@ -102,3 +103,39 @@ def test_zero_and_broken_moments():
         moment_whitening(compress(torch.eye(4), rank=2), DAMPING).apply(torch.zeros(2, 5))
     with pytest.raises(InputError, match="square"):
         compress(torch.zeros(3, 4))
+
+
+def random_psd(dim: int, seed: int) -> torch.Tensor:
+    x = torch.randn(dim, 3 * dim, generator=gen(seed), dtype=F64) * torch.logspace(0, -2, 3 * dim, dtype=F64)
+    return x @ x.mT
+
+
+def test_conv_whitening_by_the_kronecker_moment_equals_the_dense_path():
+    channels, taps = random_psd(5, 20), random_psd(9, 21)
+    taps = taps / torch.diagonal(taps).mean()
+    moment = compress(channels, rank=5, taps=taps)
+    torch.testing.assert_close(moment.dense(), torch.kron(channels, taps))
+    delta = torch.randn(7, 5, 3, 3, generator=gen(22), dtype=F64)
+    factor = moment_whitening(moment, 0.0)
+    svd = svd_exact(whiten(delta, factor), 4)
+    up, down = split_factors(svd, 4)
+    ref_up, ref_down, ref = whitened_factors(delta, torch.kron(channels, taps), 4, damping=0.0)
+    torch.testing.assert_close(up @ unwhiten(down, factor), ref_up @ ref_down)
+    torch.testing.assert_close(svd.s, ref.s)
+    # damped: √damping on each factor, so the smallest eigenvalue of S Sᵀ is damping x the mean one (a Linear's)
+    dense_s = moment_whitening(moment, DAMPING).apply(torch.eye(45, dtype=F64))
+    eye5, eye9 = torch.eye(5, dtype=F64), torch.eye(9, dtype=F64)
+    split = DAMPING**0.5
+    damped = torch.kron(channels + split * torch.trace(channels) / 5 * eye5, taps + split * eye9)
+    torch.testing.assert_close(dense_s @ dense_s.mT, damped)
+
+
+def test_the_im2col_moment_is_indexed_like_to_matrix():
+    """whitened_error with the unfolded patches' moment is the conv's real output error: channel-major c·9 + p."""
+    x = torch.randn(4, 5, 6, 6, generator=gen(23), dtype=F64) * torch.logspace(0, -2, 5, dtype=F64)[:, None, None]
+    patches = F.unfold(x, 3, padding=1).transpose(1, 2).reshape(-1, 45)
+    c = patches.mT @ patches / patches.shape[0]
+    error = torch.randn(3, 5, 3, 3, generator=gen(24), dtype=F64)
+    rms = math.sqrt(float(F.conv2d(x, error, padding=1).square().sum(1).mean()))
+    zeros_up, zeros_down = torch.zeros(3, 1, dtype=F64), torch.zeros(1, 45, dtype=F64)
+    assert whitened_error(error, zeros_up, zeros_down, c) == pytest.approx(rms, rel=1e-10)

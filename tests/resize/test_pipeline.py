@@ -393,19 +393,22 @@ def test_the_extract_coverage_is_carried_forward(tmp_path):
 
 def test_calibrated_resize_is_the_whitened_optimum_and_plain_where_there_are_no_statistics(tmp_path):
     from xlbake.lora.calibration import Calibration, write_calibration
-    from xlbake.lora.moments import compress
-    from xlbake.lora.whiten import whitened_factors
+    from xlbake.lora.lowrank import split_factors, svd_exact
+    from xlbake.lora.moments import compress, moment_whitening
+    from xlbake.lora.whiten import DAMPING, unwhiten, whiten
 
     lora = random_lora(tmp_path / "in.safetensors", rank=8, alpha=3.0)
     source = load_file(str(lora))
     gen = torch.Generator().manual_seed(5)
     moments = {}
-    for name in (LINEAR, CONV1, TE1, CONV3):  # TE2 has none: resized plainly; 3x3 convs are never whitened
+    for name in (LINEAR, CONV1, TE1, CONV3):  # TE2 has none: resized plainly
         inp = SHAPES[name][1]
         basis = torch.linalg.qr(torch.randn(inp, inp, generator=gen, dtype=torch.float64)).Q
-        moments[name] = ((basis * torch.logspace(1, -3, inp, dtype=torch.float64)) @ basis.T).float()
-    exact = {name: compress(c, rank=c.shape[0]) for name, c in moments.items()}
-    calibration = write_calibration(Calibration(exact, {n: n for n in exact}, {}), tmp_path / "calibration.safetensors")
+        c = ((basis * torch.logspace(1, -3, inp, dtype=torch.float64)) @ basis.T).float()
+        taps = torch.eye(9) + 0.3 * torch.ones(9, 9) if name == CONV3 else None  # 3x3: Kronecker statistics
+        moments[name] = compress(c, rank=inp, taps=taps)
+    path = tmp_path / "calibration.safetensors"
+    calibration = write_calibration(Calibration(moments, {n: n for n in moments}, {}), path)
     [result] = resize(
         tmp_path, lora, rank=[3], conv_rank=2, save_precision="fp32", report=False, calibration=calibration
     )
@@ -413,9 +416,10 @@ def test_calibrated_resize_is_the_whitened_optimum_and_plain_where_there_are_no_
     for name in SHAPES:
         up, down = source[f"{name}.lora_up.weight"], source[f"{name}.lora_down.weight"]
         delta, rank = delta64(up, down, 3.0), 2 if name == CONV3 else 3
-        if name in moments and name != CONV3:
-            ref_up, ref_down, _ = whitened_factors(delta, moments[name].double(), rank)
-            expected = ref_up @ ref_down
+        if name in moments:  # the whitened optimum: exact SVD of ΔW S, down mapped back
+            factor = moment_whitening(moments[name], DAMPING)
+            ref_up, ref_down = split_factors(svd_exact(whiten(delta, factor), rank), rank)
+            expected = ref_up @ unwhiten(ref_down, factor)
         else:
             expected = truncated64(delta, rank)
         assert rel_err(out_matrix(written[name]), expected) < 1e-4, name

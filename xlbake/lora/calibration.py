@@ -5,7 +5,8 @@ resize for the whitened (activation-aware) factorization of :mod:`xlbake.lora.wh
 
 Format ``xlbake-calibration/2``: one moment per distinct layer *input*, in the compressed form of
 :mod:`xlbake.lora.moments` (tensors ``GROUP.basis`` (in, k), ``GROUP.values`` (k,), ``GROUP.rest`` ()), and the
-metadata ``modules``: JSON kohya module name -> GROUP. Layers that read the same tensor share a group
+metadata ``modules``: JSON kohya module name -> GROUP; a 3x3 conv's group adds ``GROUP.taps`` (9, 9), its
+Kronecker tap moment (:func:`xlbake.lora.moments.tap_moment`). Layers that read the same tensor share a group
 (:func:`moment_group`): an attention's q/k/v (TE2's fused in_proj rows too), every UNet cross-attention k/v (all
 read the text encoders' hidden states) and every ResNet's time-embedding projection (all read SiLU of the one
 time embedding). Other metadata: the base model's name and fingerprint, images, timesteps per image, seed, image
@@ -15,6 +16,7 @@ file names. Format /1 files (one dense moment per module, 17 GB for SDXL) are re
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -55,31 +57,39 @@ def moment_group(name: str) -> str:
 
 
 def calibrated_targets(shapes: Mapping[str, Sequence[int]]) -> list[LoraTarget]:
-    """The LoRA layers statistics are collected for: every kohya module (conv and extra sets too) but 3x3 convs."""
-    return [t for t in kohya_targets(shapes, conv=True, extra=True) if t.kind != "conv3x3"]
+    """The LoRA layers statistics are collected for: every kohya module (conv and extra sets too)."""
+    return kohya_targets(shapes, conv=True, extra=True)
 
 
-def moment_numbers(size: int, rank: int = MOMENT_RANK) -> int:
-    """Numbers stored for one moment of ``size`` inputs: basis, values and the remainder."""
-    k = min(rank, size)
-    return size * k + k + 1
+def moment_numbers(shape: Sequence[int], rank: int = MOMENT_RANK) -> int:
+    """Numbers stored for the input moment of a weight of ``shape``: basis, values and the remainder of its
+    (in, in) channel moment, and a kh x kw conv's (kh·kw)² tap moment."""
+    size, k, taps = shape[1], min(rank, shape[1]), math.prod(shape[2:])
+    return size * k + k + 1 + (taps * taps if taps > 1 else 0)
 
 
 def statistics_bytes(shapes: Mapping[str, Sequence[int]]) -> int:
     """Bytes of the tensors of a calibration file for a checkpoint with SGM ``shapes`` (fp32, from shapes only)."""
-    sizes = {moment_group(t.name): t.shape[1] for t in calibrated_targets(shapes)}
-    return 4 * sum(moment_numbers(size) for size in sizes.values())
+    groups = {moment_group(t.name): t.shape for t in calibrated_targets(shapes)}
+    return 4 * sum(moment_numbers(shape) for shape in groups.values())
 
 
 def write_calibration(calibration: Calibration, path: Path, force: bool = False) -> Path:
     """Save ``calibration`` (format /2) atomically."""
     tensors = {}
     for group, moment in calibration.moments.items():
-        tensors[f"{group}.basis"] = moment.basis.float().cpu()
-        tensors[f"{group}.values"] = moment.values.float().cpu()
+        tensors[f"{group}.basis"] = _stored(moment.basis)
+        tensors[f"{group}.values"] = _stored(moment.values)
         tensors[f"{group}.rest"] = torch.tensor(moment.rest, dtype=torch.float64)
+        if moment.taps is not None:
+            tensors[f"{group}.taps"] = _stored(moment.taps)
     metadata = {**calibration.metadata, "format": FORMAT, "modules": json.dumps(calibration.modules)}
     return save_safetensors_atomic(tensors, path, metadata, force=force)
+
+
+def _stored(t: torch.Tensor) -> torch.Tensor:
+    """fp32 CPU copy: safetensors refuses tensors that share memory (one tap moment object for many convs)."""
+    return t.detach().to("cpu", torch.float32, copy=True)
 
 
 def read_calibration(path: Path) -> Calibration:
@@ -102,8 +112,10 @@ def read_calibration(path: Path) -> Calibration:
         modules = json.loads(metadata.pop("modules"))
         groups = set(modules.values())
         moments = {
-            g: Moment(tensors[f"{g}.basis"], tensors[f"{g}.values"], float(tensors[f"{g}.rest"])) for g in groups
-        }
+            g: Moment(tensors[f"{g}.basis"], tensors[f"{g}.values"], float(tensors[f"{g}.rest"]),
+                      tensors.get(f"{g}.taps"))
+            for g in groups
+        }  # fmt: skip
     except (KeyError, ValueError) as exc:
         raise InputError(f"{path}: incomplete calibration file ({exc})") from exc
     return Calibration(moments, modules, metadata)

@@ -8,11 +8,21 @@ invertible when C is rank-deficient (directions the calibration inputs never vis
 up down's rows along them; in those directions the damped metric still weighs ΔW a little, so they are not
 dropped blindly. With C = I every function here equals plain SVD extraction.
 
-Pure functions of tensors (xlbake.lora.lowrank conventions); the small (in, in) parts run in fp64.
+Pure functions of tensors (xlbake.lora.lowrank conventions); the small (in, in) parts run in fp64. S is either the
+dense Cholesky factor (:func:`whitening_factor`, for a dense C) or, as extract and resize use it, the factored
+symmetric root of a calibration file's compressed moment (:mod:`xlbake.lora.moments`: top eigenpairs + isotropic
+remainder, S applied in 4·k·out·in flops and inverted analytically); the optimum depends only on S Sᵀ.
+
 Convolutions: a 1x1 conv is a linear map of each pixel's channels, so C is the (in, in) channel moment over all
-pixels and the matrix view of :func:`xlbake.lora.lowrank.to_matrix` applies unchanged. 3x3 convs are factored
-without whitening: their C would be (9·in)² over unfolded patches (1.3e8 entries, 1 GB in fp64, for one
-1280-channel SDXL conv), and kohya's default set has no 3x3 convs at all.
+pixels and the matrix view of :func:`xlbake.lora.lowrank.to_matrix` applies unchanged. A kh x kw conv is a linear
+map of unfolded patches, whose index in to_matrix's (out, in·kh·kw) view is c·t + p (channel c, tap p of t = kh·kw,
+channel-major like F.unfold); their exact moment is (t·in)² numbers (1.3e8 for one 1280-channel SDXL conv). It is
+approximated by a Kronecker product C ⊗ T: C the (in, in) channel moment over all
+pixels, T the (t, t) moment between taps averaged over channels, scaled to mean diagonal 1. Exact when every
+channel has the same spatial correlation; it keeps what matters most, which channel directions carry the energy
+and how strongly neighbouring pixels move together, for in² + 81 numbers. S = S_C ⊗ S_T is applied by reshapes,
+never formed, and the damping λ is split as √λ on each factor so that the damped form's smallest eigenvalue is again
+at least λ times the mean eigenvalue of C ⊗ T.
 """
 
 from __future__ import annotations
@@ -22,11 +32,11 @@ from torch import Tensor
 
 from xlbake.errors import InputError
 from xlbake.lora.lowrank import Svd, factor_svd, split_factors, svd_exact, to_matrix
-from xlbake.lora.moments import Whitening
+from xlbake.lora.moments import KronWhitening, Whitening
 
-Factor = Tensor | Whitening
+Factor = Tensor | Whitening | KronWhitening
 """A whitening factor S: a dense lower-triangular (in, in) (:func:`whitening_factor`) or the factored symmetric
-root of a compressed moment (:func:`xlbake.lora.moments.moment_whitening`)."""
+root of a compressed moment, a conv's Kronecker one included (:func:`xlbake.lora.moments.moment_whitening`)."""
 
 DAMPING = 1e-3
 """λ: added to C as λ·(mean eigenvalue of C)·I before factoring. Small enough that the whitened metric is C's
@@ -60,7 +70,7 @@ def whitening_factor(c: Tensor, damping: float = DAMPING) -> Tensor:
 def whiten(delta: Tensor, factor: Factor) -> Tensor:
     """ΔW S: the difference (out, in) (or a conv weight, as a matrix) in the whitened metric, in delta's dtype."""
     m = to_matrix(delta)
-    if isinstance(factor, Whitening):
+    if not isinstance(factor, Tensor):
         return factor.apply(m)
     if m.shape[1] != factor.shape[0]:
         raise InputError(f"difference {tuple(m.shape)} does not match a whitening factor of size {factor.shape[0]}")
@@ -85,7 +95,7 @@ def whiten_scaled(delta: Tensor, factor: Factor) -> tuple[Tensor, Factor]:
 
 def unwhiten(down: Tensor, factor: Factor) -> Tensor:
     """down S⁻¹ for a whitened down factor (r, in), by a triangular solve (no explicit inverse), in down's dtype."""
-    if isinstance(factor, Whitening):
+    if not isinstance(factor, Tensor):
         return factor.solve(down.to(torch.float64)).to(down.dtype)
     solved = torch.linalg.solve_triangular(factor, down.to(torch.float64), upper=False, left=False)
     return solved.to(down.dtype)
