@@ -229,3 +229,16 @@ def test_conv_statistics_are_the_im2col_moment_when_it_is_a_kronecker_product():
     ratio = float(torch.trace(estimate) / torch.trace(exact))
     torch.testing.assert_close(estimate / ratio, exact, rtol=1e-4, atol=1e-6)
     assert 0.9 < ratio < 1.3  # all pixels vs zero-padded patches: close to one
+
+
+def test_statistics_of_the_wrong_kind_are_refused():
+    from extract.calibrate import whitening_for
+    from xlbake.lora.names import LoraTarget
+
+    conv = LoraTarget("lora_unet_x", "unet", "k", None, "conv3x3", (4, 3, 3, 3))
+    plain = Calibration({"lora_unet_x": compress(torch.eye(3))}, {"lora_unet_x": "lora_unet_x"}, {})
+    with pytest.raises(InputError, match="conv3x3, its statistics are not"):
+        whitening_for(plain, conv)
+    linear = LoraTarget("lora_unet_x", "unet", "k", None, "linear", (4, 5))
+    with pytest.raises(InputError, match="has 3 inputs, the model 5"):
+        whitening_for(plain, linear)
