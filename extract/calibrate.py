@@ -277,7 +277,7 @@ def compute_calibration(
     samples = [(load_pixels(item.image, bucket_size(*item.size, data)), item.caption) for item in items]
     dense = collect_moments(arch, weights.models, modules, samples, timesteps=TIMESTEPS_PER_IMAGE, seed=seed)
     moments = {}
-    for group in list(dense):  # one dense moment alive at a time
+    for group in list(dense):  # each dense moment freed once compressed
         moment, taps = dense.pop(group)
         moments[group] = compress(moment, taps=None if taps is None else tap_moment(taps))
     members = {t.name: moment_group(t.name) for t in calibrated_targets(shapes) if moment_group(t.name) in moments}
