@@ -28,9 +28,10 @@ from pathlib import Path
 
 import torch
 
-from extract.calibrate import compute_calibration, read_run, run_items
+from extract.calibrate import compute_calibration
 from extract.config import ExtractConfig
 from extract.pipeline import run_extract
+from xlbake.data.run_images import read_run, run_items
 from xlbake.evaluate.fidelity import measure_fidelity
 from xlbake.fileio import save_safetensors_atomic
 from xlbake.lora.io import read_lora

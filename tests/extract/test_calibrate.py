@@ -124,3 +124,16 @@ def test_calibrate_run_collects_every_layers_input_moment_and_reuses_the_file(ti
     other = save_sgm_checkpoint({"x": torch.zeros(1)}, tmp_path / "other.safetensors")
     with pytest.raises(InputError, match="delete it to recompute"):
         calibrate_run(run, other, echo=lines.append)
+
+
+def test_calibrate_run_uses_only_the_calibration_half_of_the_images(tiny_paths, demo_dataset, tmp_path):
+    from xlbake.data.run_images import read_run, run_items, split_items
+
+    run = tmp_path / "run"
+    run.mkdir()
+    data = {"roots": [str(demo_dataset)], "resolution": 32, "min_bucket_reso": 16, "max_bucket_reso": 64}
+    (run / "config.resolved.yaml").write_text(yaml.safe_dump({"data": {**data, "bucket_step": 8}}))
+    found = read_calibration(calibrate_run(run, tiny_paths.single_file, images=100, echo=lambda _: None)).metadata
+    half = {item.image.name for item in split_items(run_items(read_run(run), seed=0), "calibration")}
+    assert sorted(json.loads(found["image_files"])) == sorted(half) and len(half) == 4
+    assert found["split"] == "calibration"
