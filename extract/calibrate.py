@@ -185,7 +185,7 @@ def calibrate_run(
         return path
     data = read_run(run)
     items = split_items(run_items(data, seed), split)[:images]
-    echo(f"calibration: base model over {len(items)} images x {TIMESTEPS_PER_IMAGE} timesteps of {run}")
+    echo(f"calibration: base model over {len(items)} {split} images x {TIMESTEPS_PER_IMAGE} timesteps of {run}")
     result = compute_calibration(base, items, data, components=components, seed=seed, device=torch.device(device))
     save_safetensors_atomic(result.moments, path, {**result.metadata, "run": str(run), "split": split})
     return path
