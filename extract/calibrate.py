@@ -9,7 +9,9 @@ remainder) and written to RUN/calibration.safetensors (xlbake.lora.calibration.w
 when present.
 
 What it reads of the run is its ``config.resolved.yaml`` (dataset roots or TOML, caption settings, resolution and
-bucket limits), through the core dataset reader; it never imports the finetune stage. Captions are used raw (no
+bucket limits), through the core dataset reader; it never imports the finetune stage. By default only the
+calibration half of the images is used (:func:`xlbake.data.run_images.split_items`), so that
+``xlbake fidelity --inputs dataset`` can measure on the held-out half. Captions are used raw (no
 prefix, trigger or shuffle handling) and each image is resized to the bucket of its aspect ratio nearest to
 ``resolution``² pixels. A 3x3 conv's hook also sums the products between its kernel taps (Kronecker statistics, see
 :mod:`xlbake.lora.whiten`).
@@ -24,19 +26,17 @@ from __future__ import annotations
 import json
 import logging
 import math
-import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import Tensor
 
-from xlbake.data.kohya import Item, open_image, scan_dataset
+from xlbake.data.kohya import Item
+from xlbake.data.run_images import RunData, bucket_size, load_pixels, read_run, run_items, split_items
 from xlbake.errors import InputError
 from xlbake.evaluate.fidelity import encode_prompts
 from xlbake.evaluate.grid import ModelWeights
@@ -63,84 +63,6 @@ CALIBRATION_NAME = "calibration.safetensors"
 CALIBRATION_IMAGES = 16
 """Images of the run used by default: a few suffice for the dominant input directions of each layer."""
 TIMESTEPS_PER_IMAGE = 4
-BUILTIN = "builtin:"
-
-
-@dataclass(frozen=True)
-class RunData:
-    """What calibration reads from a finetune run's resolved config."""
-
-    roots: tuple[Path, ...]
-    toml: Path | None
-    caption_extension: str
-    caption_source: str
-    image_extensions: tuple[str, ...]
-    resolution: int
-    bucket_step: int
-    min_bucket: int
-    max_bucket: int
-
-
-def read_run(run: Path) -> RunData:
-    """The dataset settings of finetune run ``run`` (its ``config.resolved.yaml``); builtin roots map to RUN/builtin."""
-    path = run / "config.resolved.yaml"
-    if not path.is_file():
-        raise InputError(f"{run}: no config.resolved.yaml; --calibrate takes a finetune run folder")
-    data = (yaml.safe_load(path.read_text()) or {}).get("data") or {}
-
-    def root(value: str) -> Path:
-        name = Path(value).name
-        return run / "builtin" / name[len(BUILTIN) :] if name.startswith(BUILTIN) else Path(value)
-
-    try:
-        return RunData(
-            roots=tuple(root(r) for r in data.get("roots") or ()),
-            toml=Path(data["dataset_toml"]) if data.get("dataset_toml") else None,
-            caption_extension=data.get("caption_extension", ".txt"),
-            caption_source=data.get("caption_source", "file"),
-            image_extensions=tuple(data.get("image_extensions") or (".png", ".jpg", ".jpeg", ".webp")),
-            resolution=int(data["resolution"]),
-            bucket_step=int(data.get("bucket_step", 64)),
-            min_bucket=int(data.get("min_bucket_reso", 256)),
-            max_bucket=int(data.get("max_bucket_reso", 2048)),
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise InputError(f"{path}: unreadable data section ({exc})") from exc
-
-
-def run_items(data: RunData, seed: int) -> list[Item]:
-    """Every captioned image of the run, in a fixed order shuffled by ``seed``."""
-    scan = scan_dataset(
-        data.roots, data.toml, caption_extension=data.caption_extension, caption_source=data.caption_source,
-        image_extensions=data.image_extensions,
-    )  # fmt: skip
-    items = sorted((item for subset in scan.subsets for item in subset.items), key=lambda item: str(item.image))
-    if not items:
-        raise InputError(f"{', '.join(map(str, data.roots))}: no captioned images to calibrate on")
-    random.Random(seed).shuffle(items)
-    return items
-
-
-def bucket_size(width: int, height: int, data: RunData) -> tuple[int, int]:
-    """(w, h): the image's aspect at about ``resolution``² pixels, sides multiples of bucket_step within the limits."""
-    step, area = data.bucket_step, data.resolution**2
-
-    def side(value: float) -> int:
-        return int(min(max(round(value / step) * step, data.min_bucket, step), data.max_bucket))
-
-    w = side((area * width / height) ** 0.5)
-    return w, side(area / w)
-
-
-def load_pixels(path: Path, size: tuple[int, int]) -> Tensor:
-    """(1, 3, h, w) in [-1, 1]: the image scaled to cover ``size`` (w, h) and center-cropped."""
-    image = open_image(path)
-    scale = max(size[0] / image.width, size[1] / image.height)
-    scaled = image.resize((max(size[0], round(image.width * scale)), max(size[1], round(image.height * scale))))
-    left, top = (scaled.width - size[0]) // 2, (scaled.height - size[1]) // 2
-    crop = scaled.crop((left, top, left + size[0], top + size[1]))
-    array = np.asarray(crop, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1)[None]
 
 
 def hooked_modules(
@@ -297,13 +219,15 @@ def calibrate_run(
     base: Path,
     *,
     images: int = CALIBRATION_IMAGES,
+    split: str = "calibration",
     seed: int = 0,
     components: str | None = None,
     device: torch.device | str = "cpu",
     echo: Callable[[str], None] = LOG.info,
 ) -> Path:
-    """RUN/calibration.safetensors for ``base``: computed on ``images`` of the run's images, or reused when
-    present and computed from this base (InputError when it was computed from another base)."""
+    """RUN/calibration.safetensors for ``base``: computed on up to ``images`` of the ``split`` of the run's images
+    (see :data:`xlbake.data.run_images.SPLITS`), or reused when present and computed from this base (InputError when
+    it was computed from another base)."""
     path = run / CALIBRATION_NAME
     if path.exists():
         found = read_calibration(path).metadata
@@ -312,10 +236,10 @@ def calibrate_run(
         echo(f"calibration: reusing {path} ({summary(found)})")
         return path
     data = read_run(run)
-    items = run_items(data, seed)[:images]
-    echo(f"calibration: base model over {len(items)} images x {TIMESTEPS_PER_IMAGE} timesteps of {run}")
+    items = split_items(run_items(data, seed), split)[:images]
+    echo(f"calibration: base model over {len(items)} {split} images x {TIMESTEPS_PER_IMAGE} timesteps of {run}")
     result = compute_calibration(base, items, data, components=components, seed=seed, device=torch.device(device))
-    write_calibration(replace(result, metadata={**result.metadata, "run": str(run)}), path)
+    write_calibration(replace(result, metadata={**result.metadata, "run": str(run), "split": split}), path)
     return path
 
 

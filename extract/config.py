@@ -76,7 +76,8 @@ class ExtractConfig:
     default (see benchmarks/bench_calibrate.py)."""
     calibrate: Path | None = None
     """A finetune run folder: compute ``RUN/calibration.safetensors`` with one pass of ``base`` over a few of the
-    run's images and captions (reused when present), and extract calibrated with it."""
+    run's images and captions, from the calibration half only (the other half is held out for ``xlbake fidelity
+    --inputs dataset``; reused when present), and extract calibrated with it."""
     device: str = "cpu"
     """Where the SVDs run: cpu, cuda or cuda:N. Tensors are read one at a time either way."""
     config_version: int = 1

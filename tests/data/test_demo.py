@@ -96,3 +96,20 @@ def test_bad_arguments_raise_config_error(tmp_path, kwargs, message):
     with pytest.raises(ConfigError, match=message):
         make_demo_dataset(tmp_path, **kwargs)
     assert not any(tmp_path.iterdir())
+
+
+def test_the_style_concept_is_another_concept_in_the_same_layout(tmp_path):
+    from xlbake.data.demo import STYLE_PALETTE, make_style_dataset
+
+    root = make_style_dataset(tmp_path / "a", n_images=6)
+    images, captions = _pairs(root / "2_qvst style")
+    assert [p.name for p in images] == [f"{i:03d}.png" for i in range(6)]
+    texts = [p.read_text().strip() for p in captions]
+    assert all("qvst style" in text and re.search(r"\b(sun|tree|house|star)\b", text) for text in texts)
+    assert not any("emblem" in text or "xlbk" in text for text in texts)
+    for path in images:
+        pixels = np.asarray(Image.open(path))
+        assert _has_colour(pixels, STYLE_PALETTE["ink"]) and _has_colour(pixels, STYLE_PALETTE["ground"]), path.name
+        assert not any(_has_colour(pixels, rgb, tolerance=6) for rgb in (RING_RGB, DISC_RGB, DIAMOND_RGB)), path.name
+    again = make_style_dataset(tmp_path / "b", n_images=6)
+    assert [p.read_bytes() for p in _pairs(again / "2_qvst style")[0]] == [p.read_bytes() for p in images]

@@ -3,6 +3,7 @@ every LoRA layer, and LoRAs holding its top 1, 2 and 4 singular directions."""
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -191,3 +192,41 @@ def test_weight_energy_says_what_the_lora_covers_of_the_whole_finetune(tiny_path
     assert unet.covered == pytest.approx(unet_share / total)
     assert set(unet.left_out) == {"norms", "te1 layers", "te2 layers"}
     assert unet.covered + sum(unet.left_out.values()) == pytest.approx(1.0)
+
+
+def test_dataset_inputs_measure_on_one_half_of_the_images_and_their_captions(tiny_paths, lowrank_run, demo_dataset,
+                                                                             tmp_path):  # fmt: skip
+    from xlbake.data.run_images import dataset_source, run_items, split_items
+    from xlbake.evaluate.cli import fidelity
+
+    tuned, loras = lowrank_run
+    items = run_items(dataset_source(demo_dataset, resolution=64), seed=0)
+    documents = {}
+    for split in ("heldout", "calibration"):
+        out = tmp_path / f"{split}.png"
+        args = [str(tiny_paths.single_file), str(tuned), str(loras["r1"]), "--device", "cpu", "--out", str(out)]
+        args += ["--inputs", "dataset", "--dataset", str(demo_dataset), "--split", split, "--per-image", "1"]
+        result = CliRunner().invoke(fidelity, args)
+        assert result.exit_code == 0, result.output
+        documents[split] = json.loads(out.with_suffix(".json").read_text())
+        expected = sorted(item.image.name for item in split_items(items, split))
+        assert [Path(p).name for p in documents[split]["inputs"]["images"]] == expected
+    held, fitted = (set(documents[s]["inputs"]["images"]) for s in ("heldout", "calibration"))
+    assert held.isdisjoint(fitted) and len(held | fitted) == len(items) == 8
+    assert documents["heldout"]["inputs"]["split"] == "heldout"
+    kept = [documents[s]["results"][0]["kept_effect"] for s in ("heldout", "calibration")]
+    assert 0 < kept[0] < 1 and kept[0] != pytest.approx(kept[1], abs=1e-6)
+
+
+def test_a_bad_dataset_path_is_one_line_and_exit_1(tiny_paths, lowrank_run, tmp_path):
+    from xlbake.evaluate.cli import fidelity
+
+    tuned, loras = lowrank_run
+    args = [str(tiny_paths.single_file), str(tuned), str(loras["r1"]), "--out", str(tmp_path / "f.png")]
+    result = CliRunner().invoke(fidelity, [*args, "--inputs", "dataset", "--dataset", str(tmp_path / "missing")])
+    assert result.exit_code == 1
+    assert result.output.strip().count("\n") == 0 and "neither a finetune run folder" in result.output
+    result = CliRunner().invoke(fidelity, [*args, "--inputs", "dataset"])
+    assert result.exit_code == 2 and "--dataset" in result.output
+    result = CliRunner().invoke(fidelity, [*args, "--inputs", "dataset", "--dataset", str(tmp_path), "--prompt", "x"])
+    assert result.exit_code == 2 and "caption" in result.output

@@ -242,3 +242,16 @@ def test_statistics_of_the_wrong_kind_are_refused():
     linear = LoraTarget("lora_unet_x", "unet", "k", None, "linear", (4, 5))
     with pytest.raises(InputError, match="has 3 inputs, the model 5"):
         whitening_for(plain, linear)
+
+
+def test_calibrate_run_uses_only_the_calibration_half_of_the_images(tiny_paths, demo_dataset, tmp_path):
+    from xlbake.data.run_images import read_run, run_items, split_items
+
+    run = tmp_path / "run"
+    run.mkdir()
+    data = {"roots": [str(demo_dataset)], "resolution": 32, "min_bucket_reso": 16, "max_bucket_reso": 64}
+    (run / "config.resolved.yaml").write_text(yaml.safe_dump({"data": {**data, "bucket_step": 8}}))
+    found = read_calibration(calibrate_run(run, tiny_paths.single_file, images=100, echo=lambda _: None)).metadata
+    half = {item.image.name for item in split_items(run_items(read_run(run), seed=0), "calibration")}
+    assert sorted(json.loads(found["image_files"])) == sorted(half) and len(half) == 4
+    assert found["split"] == "calibration"

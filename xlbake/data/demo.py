@@ -6,6 +6,9 @@ sizes and aspect ratios so that aspect-ratio bucketing has work to do. Every ima
 rare trigger word next to the known class word ("a small xlbk emblem on a blue striped background"). The emblem's
 colours and shape never change, so a finetune on these images moves the model in a measurable way.
 
+A second concept, for measurements that must not hold for one concept only (``make_style_dataset``): the "qvst
+style", a flat palette, thick outlines and a dotted ground, whatever the subject.
+
 Everything is drawn with PIL from a seeded numpy generator: the same seed gives the same bytes.
 """
 
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import io
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +64,24 @@ TEMPLATES = (
 )
 """Caption templates; ``{concept}`` is "<trigger> <class word>"."""
 
+STYLE_PALETTE: dict[str, tuple[int, int, int]] = {
+    "ground": (238, 228, 200),
+    "dots": (40, 150, 150),
+    "ink": (35, 30, 60),
+    "warm": (240, 110, 40),
+    "cool": (30, 130, 120),
+    "wood": (140, 90, 50),
+}
+"""The second concept's (the style's) only colours; none is one of the emblem's."""
+STYLE_SUBJECTS = ("sun", "tree", "house", "star")
+STYLE_TEMPLATES = (
+    "{subjects} in {concept}",
+    "a picture of {subjects}, {concept}",
+    "{concept} illustration of {subjects}",
+    "a drawing of {subjects} in {concept}",
+)
+"""The style's captions: the subjects (words of the tiny vocabulary) and "<trigger> <class word>"."""
+
 CAPTION_WORDS = frozenset(
     {"a", "an", "of", "photo", "image", "background", *BACKGROUND_COLOURS}
     | set(BACKGROUND_STYLES)
@@ -95,6 +117,36 @@ def make_demo_dataset(
     Refuses a non-empty dataset folder unless ``force``, which replaces the NNN.png/NNN.txt files there (other
     files are left alone). Returns ``out_dir``, the dataset root a kohya-style loader reads.
     """
+    return _write_dataset(out_dir, draw_example, n_images, seed, trigger, class_word, repeats, force)
+
+
+def make_style_dataset(
+    out_dir: str | Path,
+    *,
+    n_images: int = 24,
+    seed: int = 0,
+    trigger: str = "qvst",
+    class_word: str = "style",
+    repeats: int = 2,
+    force: bool = False,
+) -> Path:
+    """A second concept, unlike the emblem, laid out as :func:`make_demo_dataset` does: the "qvst style", simple
+    subjects (sun, tree, house, star) flat in one palette with thick outlines on a dotted ground; the captions
+    name the subjects and the style, never the colours (the style decides them)."""
+    return _write_dataset(out_dir, draw_style_example, n_images, seed, trigger, class_word, repeats, force)
+
+
+def _write_dataset(
+    out_dir: str | Path,
+    draw: Callable[..., tuple[Image.Image, str]],
+    n_images: int,
+    seed: int,
+    trigger: str,
+    class_word: str,
+    repeats: int,
+    force: bool,
+) -> Path:
+    """``n_images`` examples from ``draw(rng, trigger=, class_word=)`` as NNN.png + NNN.txt in the concept folder."""
     _check_arguments(n_images, trigger, class_word, repeats)
     root = Path(out_dir)
     folder = root / f"{repeats}_{trigger} {class_word}"
@@ -102,7 +154,7 @@ def make_demo_dataset(
     width = max(3, len(str(n_images - 1)))
     for index in range(n_images):
         rng = np.random.default_rng([seed, index])
-        image, caption = draw_example(rng, trigger=trigger, class_word=class_word)
+        image, caption = draw(rng, trigger=trigger, class_word=class_word)
         stem = f"{index:0{width}d}"
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
@@ -121,6 +173,50 @@ def draw_example(rng: np.random.Generator, *, trigger: str, class_word: str) -> 
     image = _paste_emblem(Image.fromarray(canvas, "RGB"), placement)
     caption = _caption(rng, f"{trigger} {class_word}", colour_name, style, placement, width, height)
     return image, caption
+
+
+def draw_style_example(rng: np.random.Generator, *, trigger: str, class_word: str) -> tuple[Image.Image, str]:
+    """Draw one RGB image of one to three subjects in the style and return it with its caption."""
+    width, height = _image_size(rng)
+    image = Image.new("RGB", (width, height), STYLE_PALETTE["ground"])
+    draw = ImageDraw.Draw(image)
+    step = int(rng.integers(6, 10))
+    for y in range(step // 2, height, step):  # the halftone ground
+        for x in range(step // 2 + (y // step % 2) * step // 2, width, step):
+            draw.ellipse((x - 1, y - 1, x + 1, y + 1), fill=STYLE_PALETTE["dots"])
+    subjects = [str(s) for s in rng.choice(STYLE_SUBJECTS, size=int(rng.integers(1, 4)), replace=False)]
+    for subject in subjects:
+        side = rng.uniform(0.3, 0.6) * min(width, height)
+        cx, cy = rng.uniform(side / 2, width - side / 2), rng.uniform(side / 2, height - side / 2)
+        _draw_subject(draw, subject, cx, cy, side / 2, outline=max(2, round(side / 12)))
+    listed = " and ".join(f"a {subject}" for subject in subjects)
+    template = STYLE_TEMPLATES[int(rng.integers(len(STYLE_TEMPLATES)))]
+    return image, template.format(subjects=listed, concept=f"{trigger} {class_word}")
+
+
+def _draw_subject(draw: ImageDraw.ImageDraw, subject: str, cx: float, cy: float, r: float, outline: int) -> None:
+    """One subject of the style centred at (cx, cy) within radius r, filled flat and outlined thickly."""
+    ink, line = STYLE_PALETTE["ink"], {"outline": STYLE_PALETTE["ink"], "width": outline}
+    if subject == "sun":
+        for k in range(8):
+            angle = k * np.pi / 4
+            draw.line((cx, cy, cx + r * np.cos(angle), cy + r * np.sin(angle)), fill=ink, width=outline)
+        draw.ellipse((cx - r * 0.6, cy - r * 0.6, cx + r * 0.6, cy + r * 0.6), fill=STYLE_PALETTE["warm"], **line)
+    elif subject == "tree":
+        draw.rectangle((cx - r * 0.15, cy, cx + r * 0.15, cy + r), fill=STYLE_PALETTE["wood"], **line)
+        draw.polygon([(cx, cy - r), (cx + r * 0.8, cy + r * 0.3), (cx - r * 0.8, cy + r * 0.3)],
+                     fill=STYLE_PALETTE["cool"], **line)  # fmt: skip
+    elif subject == "house":
+        draw.rectangle((cx - r * 0.7, cy - r * 0.1, cx + r * 0.7, cy + r), fill=STYLE_PALETTE["warm"], **line)
+        draw.polygon([(cx - r * 0.9, cy - r * 0.1), (cx, cy - r), (cx + r * 0.9, cy - r * 0.1)],
+                     fill=STYLE_PALETTE["cool"], **line)  # fmt: skip
+    else:  # star
+        points = [
+            (cx + (r if k % 2 == 0 else r * 0.45) * np.sin(k * np.pi / 5),
+             cy - (r if k % 2 == 0 else r * 0.45) * np.cos(k * np.pi / 5))
+            for k in range(10)
+        ]  # fmt: skip
+        draw.polygon(points, fill=STYLE_PALETTE["warm"], **line)
 
 
 def _check_arguments(n_images: int, trigger: str, class_word: str, repeats: int) -> None:

@@ -3,6 +3,7 @@
     xlbake grid --model BASE --model RUN/tuned.safetensors --lora RUN/lora-dim64.safetensors --weight 1 \\
         --weight 0.8 --captions data/ --out RUN/grid.png
     xlbake fidelity BASE RUN/tuned.fp32.safetensors RUN/lora-dim*.safetensors --captions data/
+    xlbake fidelity BASE RUN/tuned.fp32.safetensors RUN/lora-dim*.safetensors --inputs dataset --dataset RUN
     xlbake loss-plot RUN
 """
 
@@ -162,6 +163,29 @@ def grid(
 @click.argument("loras", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @prompt_options
 @click.option("--samples", type=click.IntRange(1), default=8, show_default=True, help="Fixed inputs to compare on.")
+@click.option(
+    "--inputs",
+    "input_kind",
+    type=click.Choice(["random", "dataset"]),
+    default="random",
+    show_default=True,
+    help="random: --samples noisy random latents and the prompts; dataset: the --dataset images of --split, "
+    "VAE-encoded and noised, each with its own caption.",
+)
+@click.option(
+    "--dataset",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="With --inputs dataset: a finetune run folder (its dataset and resolution) or a kohya dataset root.",
+)
+@click.option(
+    "--split",
+    type=click.Choice(["heldout", "calibration", "all"]),
+    default="heldout",
+    show_default=True,
+    help="With --inputs dataset: the images extract --calibrate did not use (heldout), those it did, or all.",
+)
+@click.option("--per-image", type=click.IntRange(1), default=2, show_default=True, help="Noise levels per image.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--latent-size", type=click.IntRange(8), default=None, help="Latent side (default: the UNet's).")
 @click.option("--batch-size", type=click.IntRange(1), default=4, show_default=True)
@@ -183,6 +207,10 @@ def fidelity(
     captions,
     max_prompts,
     samples,
+    input_kind,
+    dataset,
+    split,
+    per_image,
     seed,
     latent_size,
     batch_size,
@@ -201,6 +229,9 @@ def fidelity(
     out = out or loras[0].with_name("fidelity.png")
     check_output(out, force)
     check_output(out.with_suffix(".json"), force)
+    if input_kind == "dataset" and (prompts or prompts_file or captions):
+        raise click.UsageError("--inputs dataset prompts each image with its caption: drop the prompt options")
+    groups, described = _fidelity_inputs(base, input_kind, dataset, split, per_image, seed, components, device)
     results = measure_fidelity(
         base,
         tuned,
@@ -213,6 +244,7 @@ def fidelity(
         dtype=_dtype(dtype),
         latent_size=latent_size,
         batch_size=batch_size,
+        inputs=groups,
     )
     click.echo(fidelity_table(results))
     plot_kept_effect(results, out, title=f"what each LoRA keeps of {tuned.name}", force=force)
@@ -221,10 +253,29 @@ def fidelity(
         "tuned": str(tuned),
         "samples": samples,
         "seed": seed,
+        "inputs": described,
         "results": [r.as_dict() for r in results],
     }
     write_text_atomic(out.with_suffix(".json"), json.dumps(document, indent=1) + "\n", force=force)
     click.echo(f"wrote {out} and {out.with_suffix('.json')}")
+
+
+def _fidelity_inputs(base, kind, dataset, split, per_image, seed, components, device) -> tuple[tuple, dict]:
+    """The dataset inputs ``--inputs dataset`` asks for (empty: random ones) and their description for the JSON."""
+    if kind == "random":
+        if dataset is not None:
+            raise click.UsageError("--dataset is read only with --inputs dataset")
+        return (), {"kind": "random"}
+    if dataset is None:
+        raise click.UsageError("--inputs dataset needs --dataset RUN_OR_DATASET_ROOT")
+    from xlbake.evaluate.fidelity_inputs import dataset_inputs
+
+    found = dataset_inputs(
+        base, dataset, split=split, per_image=per_image, seed=seed, components=components, device=_device(device)
+    )
+    click.echo(f"inputs: {len(found.images)} {split} images of {dataset} x {per_image} noise levels, own captions")
+    described = {"kind": "dataset", "dataset": str(dataset), "split": split, "per_image": per_image}
+    return found.groups, {**described, "images": [str(path) for path in found.images]}
 
 
 @click.command("loss-plot")

@@ -1,7 +1,8 @@
 """How much of a finetune each LoRA keeps, measured on what the model does rather than on its weights.
 
-On a fixed set of inputs (noisy latents, timesteps spread over the schedule, prompts from the dataset captions) the
-UNet predicts with the base, the tuned model and base + each LoRA; the kept effect of a LoRA is
+On a fixed set of inputs (noisy latents, timesteps spread over the schedule, prompts; or a dataset's held-out images
+and their captions, see :mod:`xlbake.evaluate.fidelity_inputs`) the UNet predicts with the base, the tuned model
+and base + each LoRA; the kept effect of a LoRA is
 
     kept = 1 - sum ‖ε(base+LoRA) - ε(tuned)‖² / sum ‖ε(base) - ε(tuned)‖²
 
@@ -27,6 +28,7 @@ import torch
 from torch import Tensor
 
 from xlbake.errors import InputError
+from xlbake.evaluate.fidelity_inputs import FidelityInputs, make_inputs
 from xlbake.evaluate.grid import ModelWeights
 from xlbake.evaluate.weight_kept import Update, WeightKept, lora_updates, merged, weight_energies
 from xlbake.lora.io import LoraFile, read_lora
@@ -41,17 +43,6 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_PROMPTS = ("a photo of a person", "a landscape painting", "a simple emblem on a plain background", "")
 """Prompts used when none are given (better: the dataset's captions)."""
-
-
-@dataclass(frozen=True)
-class FidelityInputs:
-    """The fixed inputs every model variant predicts on. N samples, P prompts."""
-
-    latents: Tensor  # (N, 4, h, w) noisy latents
-    timesteps: Tensor  # (N,) long
-    prompt_index: Tensor  # (N,) long, into prompts
-    prompts: tuple[str, ...]
-    time_ids: Tensor  # (N, 6) SDXL size/crop conditioning
 
 
 @dataclass(frozen=True)
@@ -99,36 +90,6 @@ def kept_effect(pred: Tensor, tuned: Tensor, base: Tensor) -> float:
     if reference == 0.0:
         return 1.0 if error == 0.0 else float("-inf")
     return 1.0 - error / reference
-
-
-def make_inputs(
-    n_samples: int,
-    latent_size: tuple[int, int],
-    prompts: Sequence[str],
-    alphas_cumprod: Tensor,
-    *,
-    seed: int,
-    vae_scale: int,
-) -> FidelityInputs:
-    """N noisy latents x_t = sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) ε with x0, ε ~ N(0, 1) from ``seed``.
-
-    Timesteps are spread evenly over the schedule (one per stratum of ``alphas_cumprod``'s T steps); sample i uses
-    prompt i mod P. Time ids: original = target size = latent size * ``vae_scale``, crop (0, 0).
-    """
-    if n_samples < 1 or not prompts:
-        raise ValueError("make_inputs: need at least one sample and one prompt")
-    gen = torch.Generator().manual_seed(seed)
-    height, width = latent_size
-    x0 = torch.randn(n_samples, 4, height, width, generator=gen)
-    noise = torch.randn(n_samples, 4, height, width, generator=gen)
-    steps = len(alphas_cumprod)
-    timesteps = ((torch.arange(n_samples) + 0.5) * steps / n_samples).long().clamp(0, steps - 1)
-    timesteps = timesteps[torch.randperm(n_samples, generator=gen)]
-    alpha = alphas_cumprod.float()[timesteps].view(-1, 1, 1, 1)
-    latents = alpha.sqrt() * x0 + (1 - alpha).sqrt() * noise
-    size = [height * vae_scale, width * vae_scale]
-    time_ids = torch.tensor([size + [0, 0] + size], dtype=torch.float32).repeat(n_samples, 1)
-    return FidelityInputs(latents, timesteps, torch.arange(n_samples) % len(prompts), tuple(prompts), time_ids)
 
 
 @torch.no_grad()
@@ -189,14 +150,17 @@ def measure_fidelity(
     dtype: torch.dtype | None = None,
     latent_size: int | None = None,
     batch_size: int = 4,
+    inputs: Sequence[FidelityInputs] = (),
 ) -> list[FidelityResult]:
     """Kept effect and kept weight energy of each LoRA file (extracted from ``base`` -> ``tuned``), in order.
 
     ``base``/``tuned``: single-file SDXL safetensors or diffusers folders of one architecture; ``components``
     supplies configs and tokenizers for single files of unknown size (see
     :func:`xlbake.sdxl.models.resolve_architecture`).
-    ``prompts`` default to ``DEFAULT_PROMPTS``; ``latent_size`` to the UNet's ``sample_size``; ``dtype`` to fp32 on
-    the CPU and fp16 on a GPU. InputError for files that do not fit each other or a finetune with no effect.
+    ``inputs`` (e.g. :func:`xlbake.evaluate.fidelity_inputs.dataset_inputs`' groups) default to ``n_samples`` random
+    ones (``make_inputs`` with ``prompts``, default ``DEFAULT_PROMPTS``, and ``latent_size``, default the UNet's
+    ``sample_size``). ``dtype`` defaults to fp32 on the CPU and fp16 on a GPU. InputError for files that do not fit
+    each other or a finetune with no effect.
     """
     from diffusers import DDPMScheduler
 
@@ -210,12 +174,13 @@ def measure_fidelity(
         updates = [lora_updates(lora, targets) for lora in files]
         energies = weight_energies(base_reader, tuned_reader, keys, updates, list(targets.values()))
         weights = ModelWeights.load(base_reader, arch, MODEL_PARTS, device=device, dtype=dtype)
-        size = latent_size or int(arch.unet["sample_size"])
-        alphas = DDPMScheduler.from_config(arch.scheduler).alphas_cumprod
-        inputs = make_inputs(
-            n_samples, (size, size), list(prompts) or DEFAULT_PROMPTS, alphas, seed=seed, vae_scale=arch.vae_scale
-        )
-        logger.info("fidelity: %d inputs of %dx%d latents, %d LoRA(s)", n_samples, size, size, len(files))
+        if not inputs:
+            size = latent_size or int(arch.unet["sample_size"])
+            alphas = DDPMScheduler.from_config(arch.scheduler).alphas_cumprod
+            prompts = list(prompts) or DEFAULT_PROMPTS
+            inputs = [make_inputs(n_samples, (size, size), prompts, alphas, seed=seed, vae_scale=arch.vae_scale)]
+        count = sum(len(group.latents) for group in inputs)
+        logger.info("fidelity: %d inputs in %d latent size(s), %d LoRA(s)", count, len(inputs), len(files))
         base_pred, lora_preds, tuned_pred = _predict_variants(
             arch, weights, inputs, batch_size, base_reader, tuned_reader, keys, updates
         )
@@ -231,26 +196,31 @@ def measure_fidelity(
 def _predict_variants(
     arch: Architecture,
     weights: ModelWeights,
-    inputs: FidelityInputs,
+    inputs: Sequence[FidelityInputs],
     batch_size: int,
     base: CheckpointReader,
     tuned: CheckpointReader,
     keys: Sequence[str],
     updates: Sequence[dict[str, list[Update]]],
 ) -> tuple[Tensor, list[Tensor], Tensor]:
-    """Predictions of the base, base + each LoRA, then the tuned model, swapping weights in place in that order."""
-    base_pred = predict(arch, weights.models, inputs, batch_size)
+    """Predictions (flattened over all ``inputs``) of the base, base + each LoRA, then the tuned model, swapping
+    weights in place in that order."""
+
+    def predict_all() -> Tensor:
+        return torch.cat([predict(arch, weights.models, group, batch_size).flatten() for group in inputs])
+
+    base_pred = predict_all()
     lora_preds = []
     for index, lora in enumerate(updates, start=1):
         logger.info("fidelity: LoRA %d/%d (%d weights changed)", index, len(updates), len(lora))
         for key, parts in lora.items():
             weights.set(key, merged(base.get(key), parts))
-        lora_preds.append(predict(arch, weights.models, inputs, batch_size))
+        lora_preds.append(predict_all())
         for key in lora:
             weights.set(key, base.get(key))
     for key in keys:
         weights.set(key, tuned.get(key))
-    return base_pred, lora_preds, predict(arch, weights.models, inputs, batch_size)
+    return base_pred, lora_preds, predict_all()
 
 
 def fidelity_table(results: Sequence[FidelityResult]) -> str:
