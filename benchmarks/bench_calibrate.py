@@ -106,28 +106,33 @@ def stats_pass(run: str, out: str, split: str, seed: str) -> None:
     write_calibration(found, Path(out), force=True)
 
 
-def extract_ranks(base: Path, tuned: Path, out: Path, calibration: Path | None) -> tuple[dict[str, Path], Cost]:
+def extract_ranks(
+    base: Path, tuned: Path, out: Path, calibration: Path | None, convs: bool
+) -> tuple[dict[str, Path], Cost]:
     """{"r4": path, ...} for every rank of EXTRACTED from one extraction call, and its cost."""
     dims = ",".join(map(str, EXTRACTED))
-    cost = run_child([*_extract_args(base, tuned, calibration), "--out", str(out), "--dim", dims, "--conv-dim", dims],
-                     out.with_suffix(".log"))  # fmt: skip
+    args = [*_extract_args(base, tuned, calibration, convs), "--out", str(out), "--dim", dims, "--conv-dim", dims]
+    cost = run_child(args, out.with_suffix(".log"))
     return {f"r{r}": out.with_name(f"{out.stem}-dim{r}-conv{r}.safetensors") for r in EXTRACTED}, cost
 
 
-def extract_budgets(base: Path, tuned: Path, out: Path, calibration: Path | None, budgets: list[int]) -> dict:
+def extract_budgets(
+    base: Path, tuned: Path, out: Path, calibration: Path | None, convs: bool, budgets: list[int]
+) -> dict:
     """{"b8": path, ...}: one LoRA per parameter budget (dim 64 per layer, the ranks chosen by --size)."""
     paths = {}
     for rank, budget in zip(BUDGET_RANKS, budgets, strict=True):
         path = out.with_name(f"{out.stem}-b{rank}.safetensors")
-        args = [*_extract_args(base, tuned, calibration), "--out", str(path), "--dim", "64", "--conv-dim", "64"]
+        args = [*_extract_args(base, tuned, calibration, convs), "--out", str(path), "--dim", "64", "--conv-dim", "64"]
         run_child([*args, "--size", str(budget)], path.with_suffix(".log"))
         paths[f"b{rank}"] = path
     return paths
 
 
-def _extract_args(base: Path, tuned: Path, calibration: Path | None) -> list[str]:
+def _extract_args(base: Path, tuned: Path, calibration: Path | None, convs: bool) -> list[str]:
     args = ["-m", "extract", "--base", str(base), "--tuned", str(tuned), "--svd", "exact", "--save-precision", "fp32"]
-    return args + (["--calibration", str(calibration)] if calibration else [])
+    convs_flag = ["--calibrate-convs"] if convs else []
+    return args + (["--calibration", str(calibration), *convs_flag] if calibration else [])
 
 
 def held_out_error(base: Path, tuned: Path, lora: Path, moments: dict[str, torch.Tensor]) -> float:
@@ -148,7 +153,7 @@ def held_out_error(base: Path, tuned: Path, lora: Path, moments: dict[str, torch
     return error / reference
 
 
-def measure_concept(run: Path, tmp: Path, per_image: int) -> tuple[list[str], list[float]]:
+def measure_concept(run: Path, tmp: Path, per_image: int, convs: bool) -> tuple[list[str], list[float]]:
     """The concept's table lines and its kept-effect error ratios (calibrated vs plain at equal size)."""
     base, tuned = Path((run / "base.txt").read_text().strip()), run / "tuned.fp32.safetensors"
     data = read_run(run)
@@ -159,11 +164,11 @@ def measure_concept(run: Path, tmp: Path, per_image: int) -> tuple[list[str], li
     held_out = compute_calibration(base, held_items, data, components=None, seed=1, device=torch.device("cpu"))
     held = {name: moment_for(held_out, name) for name in held_out.modules}
     held = {name: moment.dense() for name, moment in held.items() if moment.taps is None}  # Linear / 1x1 only
-    plain, plain_cost = extract_ranks(base, tuned, tmp / "plain.safetensors", None)
-    calibrated, cal_cost = extract_ranks(base, tuned, tmp / "cal.safetensors", fit)
+    plain, plain_cost = extract_ranks(base, tuned, tmp / "plain.safetensors", None, convs)
+    calibrated, cal_cost = extract_ranks(base, tuned, tmp / "cal.safetensors", fit, convs)
     budgets = [sum(m.params for m in read_lora(plain[f"r{r}"]).modules.values()) for r in BUDGET_RANKS]
-    plain |= extract_budgets(base, tuned, tmp / "plain.safetensors", None, budgets)
-    calibrated |= extract_budgets(base, tuned, tmp / "cal.safetensors", fit, budgets)
+    plain |= extract_budgets(base, tuned, tmp / "plain.safetensors", None, convs, budgets)
+    calibrated |= extract_budgets(base, tuned, tmp / "cal.safetensors", fit, convs, budgets)
     inputs = dataset_inputs(base, run, split="heldout", per_image=per_image, seed=0)
     loras = [*plain.values(), *calibrated.values()]
     results = measure_fidelity(base, tuned, loras, inputs=inputs.groups)
@@ -217,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run", type=Path, help="one existing finetune run folder (default: train both concepts)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps of each finetune (24; 96 full)")
     parser.add_argument("--quick", action="store_true", help="24-step finetunes, 2 noise levels per held-out image")
+    parser.add_argument("--calibrate-convs", action="store_true", help="also whiten the 3x3 convs (calibrate_convs)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     steps = args.steps or (24 if args.quick else 96)
@@ -230,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
             run = folder if args.run else train_run(folder, steps, concept)
             work = tmp / f"{concept}-work"
             work.mkdir()
-            lines, ratios = measure_concept(run, work, per_image)
+            lines, ratios = measure_concept(run, work, per_image, args.calibrate_convs)
             print(f"\n== {concept}: {run if args.run else f'tiny finetune, {steps} steps'}")
             print("\n".join(lines))
             verdicts.append((concept, max(ratios)))

@@ -69,6 +69,10 @@ FLAGS = {  # flag -> (config key, click option keyword arguments)
         "calibrate",
         {"type": click.Path(path_type=Path), "help": "Finetune run folder: compute/reuse RUN/calibration.safetensors."},
     ),
+    "--calibrate-convs/--no-calibrate-convs": (
+        "calibrate_convs",
+        {"default": None, "help": "With calibration, also whiten the 3x3 convs (off: measured worse)."},
+    ),
     "--device": ("device", {"metavar": "DEVICE", "help": "cpu, cuda or cuda:N."}),
 }
 

@@ -70,10 +70,12 @@ class ExtractConfig:
     """Extract even when ``base``'s metadata says it is a finetune of ``tuned`` (the files look swapped: the LoRA
     would undo the finetune)."""
     calibration: Path | None = None
-    """Activation statistics (a ``calibration.safetensors``) for calibrated extraction: each layer's difference
-    (3x3 convs too, by Kronecker channel x tap statistics) is factored to keep the most of its effect on the
-    layer's real inputs, ``||(dW - BA) C^1/2||`` with ``C = E[x x^T]``, instead of the most weight energy. Off by
-    default (see benchmarks/bench_calibrate.py)."""
+    """Activation statistics (a ``calibration.safetensors``) for calibrated extraction: each Linear / 1x1 conv
+    difference is factored to keep the most of its effect on the layer's real inputs, ``||(dW - BA) C^1/2||`` with
+    ``C = E[x x^T]``, instead of the most weight energy. Off by default (see benchmarks/bench_calibrate.py)."""
+    calibrate_convs: bool = False
+    """With calibration, also whiten the 3x3 convs (Kronecker channel x kernel-tap statistics). Off: on the tiny
+    finetunes it kept less of the effect than plain 3x3 convs (benchmarks/bench_calibrate.py, README)."""
     calibrate: Path | None = None
     """A finetune run folder: compute ``RUN/calibration.safetensors`` with one pass of ``base`` over a few of the
     run's images and captions, from the calibration half only (the other half is held out for ``xlbake fidelity

@@ -36,7 +36,7 @@ from extract.outputs import (
 from xlbake.data.meta import dataset_keys
 from xlbake.errors import ConfigError, InputError
 from xlbake.fingerprint import fingerprint
-from xlbake.lora.calibration import Calibration, calibration_info
+from xlbake.lora.calibration import Calibration, calibration_info, without_convs
 from xlbake.lora.io import SAVE_DTYPES
 from xlbake.lora.lowrank import Svd, split_factors, svd_adaptive, svd_exact, to_matrix
 from xlbake.lora.names import LoraTarget, kohya_targets
@@ -99,6 +99,8 @@ def run_extract(cfg: ExtractConfig, *, force: bool = False, echo: Callable[[str]
     if cfg.base.resolve() == cfg.tuned.resolve():
         raise InputError(f"{cfg.tuned}: is the same file as --base; pass the finetuned model as --tuned")
     calibration = extract_calibration(cfg.calibration, cfg.calibrate, cfg.base, cfg.device, echo)
+    if calibration is not None and not cfg.calibrate_convs:
+        calibration = without_convs(calibration)
     settings = replace(FactorSettings.from_config(cfg), calibration=calibration)
     with open_checkpoint(cfg.base) as base, open_checkpoint(cfg.tuned) as tuned:
         if not cfg.allow_swapped:

@@ -28,6 +28,7 @@ _SCALAR_OPTIONS = {
     "save_precision": "save_precision",
     "device": "device",
     "calibration": "calibration",
+    "calibrate_convs": "calibrate_convs",
 }
 _LIST_OPTIONS = {"rank": "rank", "size": "size"}
 
@@ -48,6 +49,7 @@ _LIST_OPTIONS = {"rank": "rank", "size": "size"}
 @click.option("--save-precision", metavar="P", help="fp16 (default), bf16 or fp32.")
 @click.option("--device", metavar="D", help="cpu (default), cuda, cuda:N or mps.")
 @click.option("--calibration", metavar="FILE", help="Input statistics (extract --calibrate): whitened resize.")
+@click.option("--calibrate-convs", is_flag=True, default=None, help="With --calibration, whiten the 3x3 convs too.")
 @click.option("--no-report", is_flag=True, help="Do not write the .report.json/.report.png beside each output.")
 @config_options
 @force_option

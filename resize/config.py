@@ -52,9 +52,11 @@ class ResizeConfig:
     device: str = "cpu"
     """Where the small QR/SVD run: cpu, cuda, cuda:N or mps."""
     calibration: Path | None = None
-    """Input statistics (a ``calibration.safetensors`` from ``extract --calibrate``): resize each layer to keep the
-    most of its effect on its real inputs rather than the most weight energy, as calibrated extraction does (3x3
-    convs by Kronecker channel x tap statistics); layers without statistics are resized plainly."""
+    """Input statistics (a ``calibration.safetensors`` from ``extract --calibrate``): resize each Linear / 1x1 layer
+    to keep the most of its effect on its real inputs rather than the most weight energy, as calibrated extraction
+    does; layers without statistics are resized plainly."""
+    calibrate_convs: bool = False
+    """With calibration, also resize the 3x3 convs in their whitened metric (as extract's calibrate_convs)."""
     report: bool = True
     """Write <out stem>.report.json and .report.png (kept energy per layer and component) beside each output."""
     config_version: int = CONFIG_VERSION

@@ -27,7 +27,7 @@ from xlbake import __version__
 from xlbake.errors import ConfigError, InputError
 from xlbake.fileio import check_output
 from xlbake.lora.budget import LayerChoice, choose_ranks, reserved_params
-from xlbake.lora.calibration import Calibration, moment_for, read_calibration
+from xlbake.lora.calibration import Calibration, moment_for, read_calibration, without_convs
 from xlbake.lora.io import (
     ALPHA,
     DOWN,
@@ -110,6 +110,8 @@ def run_resize(cfg: ResizeConfig, *, force: bool = False, progress: bool = False
     source_hash = safetensors_data_hash(lora.path)
     start = time.perf_counter()
     calibration = read_calibration(cfg.calibration) if cfg.calibration else None
+    if calibration is not None and not cfg.calibrate_convs:
+        calibration = without_convs(calibration)
     layers = factorize(lora.modules, keep_for(plans), device, progress=progress, calibration=calibration)
     logger.info("factor-space SVD of %d layers: %.2f s", len(layers), time.perf_counter() - start)
     return [write_output(cfg, plan, layers, lora, source_hash, force=force) for plan in plans]
@@ -283,7 +285,9 @@ def write_output(
     if coverage is not None:  # a resize of this file multiplies on from what this one keeps
         metadata[COVERAGE_KEY] = json.dumps(coverage.as_dict(stats))
     if cfg.calibration is not None:  # which statistics weighted the resize (their file; its header says the rest)
-        metadata["xlbake_resize_calibration"] = json.dumps({"file": cfg.calibration.name, "damping": DAMPING})
+        metadata["xlbake_resize_calibration"] = json.dumps(
+            {"file": cfg.calibration.name, "damping": DAMPING, "convs": "whitened" if cfg.calibrate_convs else "plain"}
+        )
     write_lora(plan.path, resized_factors(layers, ranks), metadata=metadata, dtype=save_dtype, alpha=alpha, force=force)
     reports: tuple[Path, ...] = ()
     if cfg.report:

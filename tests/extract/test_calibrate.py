@@ -118,7 +118,8 @@ def test_compressed_statistics_give_the_whitened_optimum_of_the_compressed_metri
     assert whitened_error(delta, *_modules(cal_path)[name], compressed) == pytest.approx(optimum, rel=1e-3)
 
 
-def test_3x3_convs_are_whitened_by_their_kronecker_statistics(tiny_paths, tuned, tmp_path):
+@pytest.mark.parametrize("convs", [True, False])
+def test_3x3_convs_are_whitened_by_their_kronecker_statistics_only_when_asked(tiny_paths, tuned, tmp_path, convs):
     from xlbake.lora.lowrank import split_factors, svd_exact
     from xlbake.lora.moments import moment_whitening
     from xlbake.lora.whiten import DAMPING, unwhiten, whiten
@@ -137,14 +138,18 @@ def test_3x3_convs_are_whitened_by_their_kronecker_statistics(tiny_paths, tuned,
     meta = {"base": base.name, "base_fingerprint": fingerprint(base), "images": "0"}
     calibration = write_calibration(Calibration(moments, {n: n for n in moments}, meta), tmp_path / "c.safetensors")
     cfg = ExtractConfig(base=base, tuned=tuned, out=tmp_path / "cal.safetensors", save_precision="fp32", svd="exact",
-                        dim=(4,), conv_dim=(3,), calibration=calibration)  # fmt: skip
+                        dim=(4,), conv_dim=(3,), calibration=calibration, calibrate_convs=convs)  # fmt: skip
     name = "lora_unet_input_blocks_1_0_in_layers_2"
     module = read_lora(run_extract(cfg, echo=lambda _: None).outputs[0]).modules[name]
     assert next(t for t in targets if t.name == name).kind == "conv3x3"
     delta = _delta(base, tuned, name)
+    got = module.scale * to_matrix(module.up).double() @ to_matrix(module.down).double()
+    if not convs:  # the default: 3x3 convs factored plainly, Linear layers still whitened
+        up, down = split_factors(svd_exact(delta.double(), 3), 3)
+        torch.testing.assert_close(got, up @ down, rtol=1e-4, atol=1e-6)
+        return
     factor = moment_whitening(read_calibration(calibration).moments[name], DAMPING)
     up, down = split_factors(svd_exact(whiten(delta, factor), 3), 3)
-    got = module.scale * to_matrix(module.up).double() @ to_matrix(module.down).double()
     torch.testing.assert_close(got, up @ unwhiten(down, factor), rtol=1e-4, atol=1e-6)
 
 

@@ -128,8 +128,16 @@ def summary(metadata: Mapping[str, str]) -> str:
 
 def calibration_info(calibration: Calibration) -> dict[str, str]:
     """What a calibrated LoRA records of its calibration (``xlbake_calibration`` metadata)."""
-    keep = ("base", "base_fingerprint", "images", "timesteps_per_image", "seed")
+    keep = ("base", "base_fingerprint", "images", "timesteps_per_image", "seed", "split", "convs")
     return {**{key: calibration.metadata[key] for key in keep if key in calibration.metadata}, "damping": str(DAMPING)}
+
+
+def without_convs(calibration: Calibration) -> Calibration:
+    """The calibration with its 3x3 conv (Kronecker) statistics left out, so those layers are factored plainly."""
+    convs = {group for group, moment in calibration.moments.items() if moment.taps is not None}
+    modules = {name: group for name, group in calibration.modules.items() if group not in convs}
+    moments = {group: moment for group, moment in calibration.moments.items() if group not in convs}
+    return Calibration(moments, modules, {**calibration.metadata, "convs": "plain"})
 
 
 def moment_for(calibration: Calibration, name: str) -> Moment | None:
