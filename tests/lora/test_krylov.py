@@ -58,7 +58,8 @@ def test_bf16_sketch_meets_the_accuracy_rule_on_slow_decay_and_equals_the_fp32_p
             assert low.u.dtype == low.s.dtype == low.vh.dtype == torch.float32
             assert torch.allclose(low.s, exact.s, rtol=2e-3, atol=0)  # same values up to the sketch's tilt
     assert statistics.median(bf16) <= 0.005 and max(bf16) <= 0.02  # the accuracy rule of the benchmark
-    assert max(abs(a - b) for a, b in zip(bf16, fp32, strict=True)) <= 1e-3  # equal to the fp32 path within 0.1 %
+    # equal to the fp32 path within 0.01 % of the optimum (measured: 5e-6)
+    assert max(abs(a - b) for a, b in zip(bf16, fp32, strict=True)) <= 1e-4
 
 
 def test_a_nearly_low_rank_matrix_keeps_its_basis_orthonormal_and_is_near_optimal():
