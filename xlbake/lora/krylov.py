@@ -67,16 +67,17 @@ def svd_adaptive(
     approximation from the Gram Kᵀ t tᵀ K = Zᵀ Z of the kept z's; its error e_i = sqrt(||t||² - top-`rank` Ritz
     energy) is exact for the current basis and never increases. Iterating stops after at least `min_iters` blocks
     once e_{i-1} - e_i <= `tol` * e_i (Krylov converges faster than geometric, so the rest of the gain is below
-    the last step's), or at `max_iters`: flat spectra get more blocks, steep ones fewer. The result is the exact
-    projection of m onto the top Ritz vectors: u = K V, vh ∝ (Z V)ᵀ, with no further product with m.
+    the last step's), or at `max_iters`: flat spectra get more blocks, steep ones fewer. Without a sketch the
+    result is the exact projection of m onto the top Ritz vectors: u = K V, vh ∝ (Z V)ᵀ, no further product.
 
-    `sketch` (default: m's dtype), e.g. bf16, is the dtype of the products t Ω and t z_i, which only choose the
-    subspace: the z_i (hence the Gram, the stop rule and vh) and the orthonormalization stay in m's dtype. Its
-    rounding tilts the basis by ~2⁻⁹ and adds about (2⁻⁹ ||m||)² to the squared error: nothing while the error is
-    large (slow-decay tests: the excess over the Eckart-Young optimum moves by < 1e-5 of it), so once e_i drops
-    below ||m|| / 10 the remaining products are exact.
-    Per block: one product in m's dtype, one in `sketch`, Gram and re-orthogonalization GEMMs (one Gram-Schmidt
-    pass reuses the Gram's coefficients) and an eigvalsh of the Gram in its dtype (fp64 when the error is small).
+    `sketch` (default: m's dtype), e.g. bf16, is the dtype of every product with m in the Krylov passes; the
+    orthonormalization, the Gram and its eigen-solve stay in m's dtype, and the result is then one exact product
+    u ← top Ritz vectors, vh = (tᵀ u)ᵀ / s, with a Ritz step on its k columns (so u diag(s) vh is exactly the
+    projection of m onto u). The rounding tilts the basis by ~2⁻⁹ and adds about (2⁻⁹ ||m||)² to the squared
+    error: nothing while the error is large (slow-decay tests: the excess over the Eckart-Young optimum moves by
+    < 1e-5 of it); once e_i drops below ||m|| / 10 the z's are redone and the remaining products made exactly.
+    Per block: two products, Gram and re-orthogonalization GEMMs (one Gram-Schmidt pass reuses the Gram's
+    coefficients) and an eigvalsh of the Gram in its dtype (fp64 when the error is small).
     With the defaults at rank 128 SDXL layers take 5 blocks (360 basis columns); benchmarks/bench_extract.py,
     --dim 128: excess over the optimum of the stored difference median +0.08 % / worst +0.09 % (finetune),
     +0.21 % / +0.31 % (slow-decay); measured on single layers, bench numbers in the README.
@@ -98,21 +99,24 @@ def svd_adaptive(
     generator = torch.Generator(device=m.device).manual_seed(seed)
     omega = torch.randn(t.shape[1], block, generator=generator, device=m.device, dtype=m.dtype)
     basis = torch.linalg.qr((low @ omega.to(low.dtype)).to(m.dtype)).Q  # (short, b), grows by b per block
-    basis, zs, gram = _krylov(t, low, basis, rank, min_iters, max_iters, tol)
-    return _ritz(t, basis, zs, gram, rank, tall)
+    basis, zs, gram, rounded = _krylov(t, low, basis, rank, min_iters, max_iters, tol)
+    return _ritz(t, basis, zs if not rounded else None, gram, rank, tall)
 
 
 def _krylov(
     t: Tensor, low: Tensor, basis: Tensor, rank: int, min_iters: int, max_iters: int, tol: float
-) -> tuple[Tensor, list[Tensor], Tensor]:
-    """Grow the basis block by block until the error estimate settles; the basis, its z = tᵀ q blocks, the Gram."""
+) -> tuple[Tensor, list[Tensor], Tensor, bool]:
+    """Grow the basis block by block until the error estimate settles; the basis, its z = tᵀ q blocks, the Gram,
+    and whether any z came from the sketch (then only as accurate as its rounding)."""
     block = basis.shape[1]
     energy = float(torch.linalg.vector_norm(t)) ** 2
     zs: list[Tensor] = []
     gram = torch.zeros(0, 0, dtype=t.dtype, device=t.device)
     errors: list[float] = []
+    rounded = low is not t
     while True:
-        z = t.mT @ basis[:, -block:]  # (long, b), in t's dtype: the Gram and vh are built from these
+        q = basis[:, -block:]
+        z = t.mT @ q if low is t else (low.mT @ q.to(low.dtype)).to(t.dtype)  # (long, b): tᵀ q
         zs.append(z)
         cross = torch.cat([earlier.mT @ z for earlier in zs])  # Kᵀ t tᵀ q for the newest q
         known = gram.shape[0]
@@ -121,9 +125,15 @@ def _krylov(
         errors.append(_ritz_error(gram, rank, energy))
         settled = len(zs) >= max(min_iters, 2) and errors[-2] - errors[-1] <= tol * errors[-1]
         if settled or len(zs) >= max_iters or basis.shape[1] + 2 * block > t.shape[0]:
-            return basis, zs, gram
-        if errors[-1] ** 2 < _SKETCH_FLOOR * energy:  # the sketch's rounding would show in the error: exact from here
-            low = t
+            return basis, zs, gram, rounded
+        if rounded and errors[-1] ** 2 < _SKETCH_FLOOR * energy:
+            # the sketch's rounding would show in the error: exact products from here on, and the z's redone
+            # exactly (one product), so that the Ritz step chooses from the basis without the rounding
+            exact = t.mT @ basis
+            low, rounded, zs = t, False, list(exact.split(block, dim=1))
+            gram = exact.mT @ exact
+            gram = (gram + gram.mT) / 2
+            z, cross = zs[-1], gram[:, -block:]
         y = (low @ z.to(low.dtype)).to(t.dtype)  # (short, b): t tᵀ q, the next Krylov block
         basis = torch.cat([basis, _orthonormalize(y, basis, cross)], 1)
 
@@ -159,14 +169,20 @@ def _ritz_error(gram: Tensor, rank: int, energy: float) -> float:
     return math.sqrt(max(energy - top, 0.0))
 
 
-def _ritz(t: Tensor, basis: Tensor, zs: list[Tensor], gram: Tensor, rank: int, tall: bool) -> Svd:
-    """The top-`rank` Ritz triplets of t on the basis: u = K V, vh = (tᵀ u)ᵀ / s with tᵀ K = Z."""
+def _ritz(t: Tensor, basis: Tensor, zs: list[Tensor] | None, gram: Tensor, rank: int, tall: bool) -> Svd:
+    """The top-`rank` Ritz triplets of t on the basis: u = K V, vh = (tᵀ u)ᵀ / s with tᵀ K = Z; zs None: the z's
+    were rounded by the sketch, so tᵀ u is one exact product and the Ritz step is redone on u's k columns."""
     # vectors only as accurate as the Gram's dtype: they pick the kept subspace, whose projection below is exact
     values, vectors = torch.linalg.eigh(gram)
     vectors = vectors.flip(1)[:, : min(rank, values.numel())]
     u = basis @ vectors  # (short, k)
-    block = zs[0].shape[1]
-    w = sum(z @ vectors[i * block : (i + 1) * block] for i, z in enumerate(zs))  # tᵀ u, (long, k)
+    if zs is None:
+        w = t.mT @ u  # (long, k)
+        rotation = torch.linalg.eigh(w.mT @ w).eigenvectors.flip(1)  # exact Ritz vectors within span(u)
+        u, w = u @ rotation, w @ rotation
+    else:
+        block = zs[0].shape[1]
+        w = sum(z @ vectors[i * block : (i + 1) * block] for i, z in enumerate(zs))  # tᵀ u, (long, k)
     s = torch.linalg.vector_norm(w, dim=0)
     if bool((s[1:] > s[:-1]).any()):  # norms out of the eigenvalues' order by rounding: sort (a gather, rare)
         s, order = torch.sort(s, descending=True, stable=True)
