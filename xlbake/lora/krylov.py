@@ -99,15 +99,16 @@ def svd_adaptive(
     generator = torch.Generator(device=m.device).manual_seed(seed)
     omega = torch.randn(t.shape[1], block, generator=generator, device=m.device, dtype=m.dtype)
     basis = torch.linalg.qr((low @ omega.to(low.dtype)).to(m.dtype)).Q  # (short, b), grows by b per block
-    basis, zs, gram, rounded = _krylov(t, low, basis, rank, min_iters, max_iters, tol)
-    return _ritz(t, basis, zs if not rounded else None, gram, rank, tall)
+    basis, zs, gram, rounded, vectors = _krylov(t, low, basis, rank, min_iters, max_iters, tol)
+    return _ritz(t, basis, zs if not rounded else None, gram, vectors, rank, tall)
 
 
 def _krylov(
     t: Tensor, low: Tensor, basis: Tensor, rank: int, min_iters: int, max_iters: int, tol: float
-) -> tuple[Tensor, list[Tensor], Tensor, bool]:
+) -> tuple[Tensor, list[Tensor], Tensor, bool, Tensor | None]:
     """Grow the basis block by block until the error estimate settles; the basis, its z = tᵀ q blocks, the Gram,
-    and whether any z came from the sketch (then only as accurate as its rounding)."""
+    whether any z came from the sketch (then only as accurate as its rounding), and the Gram's eigenvectors when
+    the last block was expected to settle (computed with its eigenvalues rather than again in `_ritz`)."""
     block = basis.shape[1]
     energy = float(torch.linalg.vector_norm(t)) ** 2
     zs: list[Tensor] = []
@@ -122,10 +123,15 @@ def _krylov(
         known = gram.shape[0]
         gram = torch.cat([torch.cat([gram, cross[:known]], 1), cross.mT], 0)
         gram = (gram + gram.mT) / 2
-        errors.append(_ritz_error(gram, rank, energy))
+        last = len(zs) >= max_iters or basis.shape[1] + 2 * block > t.shape[0]
+        # Krylov's gains shrink faster than geometrically: the next is about g_{i-1}² / g_{i-2}
+        e = errors[-3:] if len(zs) >= max(min_iters, 2) else []
+        likely = last or (len(e) == 3 and (e[1] - e[2]) ** 2 <= tol * e[2] * max(e[0] - e[1], 0.0))
+        error, vectors = _ritz_error(gram, rank, energy, likely)
+        errors.append(error)
         settled = len(zs) >= max(min_iters, 2) and errors[-2] - errors[-1] <= tol * errors[-1]
-        if settled or len(zs) >= max_iters or basis.shape[1] + 2 * block > t.shape[0]:
-            return basis, zs, gram, rounded
+        if settled or last:
+            return basis, zs, gram, rounded, vectors
         if rounded and errors[-1] ** 2 < _SKETCH_FLOOR * energy:
             # the sketch's rounding would show in the error: exact products from here on, and the z's redone
             # exactly (one product), so that the Ritz step chooses from the basis without the rounding
@@ -156,25 +162,29 @@ def _orthonormalize(y: Tensor, basis: Tensor, cross: Tensor) -> Tensor:
     return q
 
 
-def _ritz_error(gram: Tensor, rank: int, energy: float) -> float:
-    """sqrt(energy - the top-`rank` eigenvalues of the Gram): the Ritz approximation's Frobenius error.
+def _ritz_error(gram: Tensor, rank: int, energy: float, vectors: bool) -> tuple[float, Tensor | None]:
+    """sqrt(energy - the top-`rank` eigenvalues of the Gram): the Ritz approximation's Frobenius error; and the
+    Gram's eigenvectors if asked for.
 
     Solved in the Gram's dtype, whose entries are no more accurate anyway; but when the error is small the
     subtraction cancels: below a tenth of the norm, the eigenvalues are recomputed in fp64 (rounding of fp32
     eigenvalues, ~1e-6 of the energy, would otherwise be a visible part of the 1e-2 of it that remains).
     """
-    top = float(torch.linalg.eigvalsh(gram)[-rank:].sum())
+    values, eigenvectors = torch.linalg.eigh(gram) if vectors else (torch.linalg.eigvalsh(gram), None)
+    top = float(values[-rank:].sum())
     if energy - top < 1e-2 * energy and gram.dtype != torch.float64:
         top = float(torch.linalg.eigvalsh(gram.double())[-rank:].sum())
-    return math.sqrt(max(energy - top, 0.0))
+    return math.sqrt(max(energy - top, 0.0)), eigenvectors
 
 
-def _ritz(t: Tensor, basis: Tensor, zs: list[Tensor] | None, gram: Tensor, rank: int, tall: bool) -> Svd:
+def _ritz(
+    t: Tensor, basis: Tensor, zs: list[Tensor] | None, gram: Tensor, vectors: Tensor | None, rank: int, tall: bool
+) -> Svd:
     """The top-`rank` Ritz triplets of t on the basis: u = K V, vh = (tᵀ u)ᵀ / s with tᵀ K = Z; zs None: the z's
     were rounded by the sketch, so tᵀ u is one exact product and the Ritz step is redone on u's k columns."""
     # vectors only as accurate as the Gram's dtype: they pick the kept subspace, whose projection below is exact
-    values, vectors = torch.linalg.eigh(gram)
-    vectors = vectors.flip(1)[:, : min(rank, values.numel())]
+    vectors = torch.linalg.eigh(gram).eigenvectors if vectors is None else vectors
+    vectors = vectors.flip(1)[:, : min(rank, gram.shape[0])]
     u = basis @ vectors  # (short, k)
     if zs is None:
         w = t.mT @ u  # (long, k)
