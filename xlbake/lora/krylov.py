@@ -78,9 +78,10 @@ def svd_adaptive(
     < 1e-5 of it); once e_i drops below ||m|| / 10 the z's are redone and the remaining products made exactly.
     Per block: two products, Gram and re-orthogonalization GEMMs (one Gram-Schmidt pass reuses the Gram's
     coefficients) and an eigvalsh of the Gram in its dtype (fp64 when the error is small).
-    With the defaults at rank 128 SDXL layers take 5 blocks (360 basis columns); benchmarks/bench_extract.py,
-    --dim 128: excess over the optimum of the stored difference median +0.08 % / worst +0.09 % (finetune),
-    +0.21 % / +0.31 % (slow-decay); measured on single layers, bench numbers in the README.
+    With the defaults at rank 128 SDXL layers take 5 blocks (360 basis columns). `python -m
+    benchmarks.bench_extract --quick --dim 128` (bf16 sketch): excess over the optimum of the stored difference
+    median +0.10 % / worst +0.45 % (finetune), +0.29 % / +0.58 % (--difference slow-decay); tol 5e-3 gives about a
+    third of that for ~20 % more CPU.
     Falls back to `svd_exact` when min_iters + 2 blocks would not fit in the short side.
     Returns u (rows, k), s (k,), vh (k, cols) with k = min(rank, rows, cols); u and vh are orthonormal up to
     rounding, s descending.
