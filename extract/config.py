@@ -46,11 +46,18 @@ class ExtractConfig:
     precision: Literal["fp32", "fp64"] = "fp32"
     """Precision of the difference and its SVD."""
     power_iters: int = 3
-    """Krylov blocks the fast SVD always builds (block Krylov, xlbake.lora.lowrank.svd_adaptive); it adds more, up
+    """Krylov blocks the fast SVD always builds (block Krylov, xlbake.lora.krylov.svd_adaptive); it adds more, up
     to 12, until its a-posteriori error estimate settles, so flat spectra get more work than steep ones. Numbers
     in the README's benchmark section (benchmarks/bench_extract.py)."""
     oversample: int = 16
     """Extra sketch columns of the fast SVD beyond the rank (its Krylov blocks are (dim + oversample) / 2 wide)."""
+    sketch_precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """Precision of the fast SVD's products that only choose its Krylov subspace (the error estimate, the
+    projection and the factors stay at ``precision``). Its rounding moves the error by < 1e-4 of the optimum when
+    the rank-``dim`` error is above a tenth of the difference's norm (always so for fp16/bf16-stored models);
+    below that the products turn exact (xlbake.lora.krylov). auto: bf16 where the hardware multiplies it natively
+    (x86 CPUs with AVX512-BF16 or AMX, CUDA GPUs of compute capability >= 8.0 such as A100 and A6000), else fp32;
+    precision fp64 stays fp64. fp32: never lower. bf16: always (slower than fp32 where it is emulated)."""
     seed: int = 0
     """Seed of the fast SVD's random sketch (the result is deterministic for a given seed)."""
     clamp_quantile: float = 1.0

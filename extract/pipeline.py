@@ -38,7 +38,8 @@ from xlbake.errors import ConfigError, InputError
 from xlbake.fingerprint import fingerprint
 from xlbake.lora.calibration import Calibration, calibration_info, without_convs
 from xlbake.lora.io import SAVE_DTYPES
-from xlbake.lora.lowrank import Svd, split_factors, svd_adaptive, svd_exact, to_matrix
+from xlbake.lora.krylov import sketch_dtype, svd_adaptive
+from xlbake.lora.lowrank import Svd, split_factors, svd_exact, to_matrix
 from xlbake.lora.names import LoraTarget, kohya_targets
 from xlbake.lora.whiten import unwhiten, whiten_scaled
 from xlbake.sdxl.checkpoint import CheckpointReader, open_checkpoint
@@ -63,6 +64,7 @@ class FactorSettings:
     seed: int
     full_spectrum: bool  # every singular value is needed (sv_cumulative)
     calibration: Calibration | None = None  # input statistics: whitened (activation-aware) factorization
+    sketch: torch.dtype | None = None  # dtype of the fast SVD's Krylov products (None: dtype)
 
     @classmethod
     def from_config(cls, cfg: ExtractConfig) -> FactorSettings:
@@ -81,6 +83,7 @@ class FactorSettings:
             oversample=cfg.oversample,
             seed=cfg.seed,
             full_spectrum=cfg.rank_method == "sv_cumulative",
+            sketch=sketch_dtype(cfg.sketch_precision, COMPUTE_DTYPES[cfg.precision], device),
         )
 
 
@@ -286,11 +289,13 @@ def factor_layer(target: LoraTarget, diff: Tensor, energy: float, settings: Fact
 
 def truncated_svd(m: Tensor, rank: int, settings: FactorSettings) -> Svd:
     """Exact (all values when the full spectrum is needed) or randomized top-``rank`` SVD of ``m``: block Krylov
-    with at least ``power_iters`` blocks, more until its error estimate settles (xlbake.lora.lowrank.svd_adaptive)."""
+    with at least ``power_iters`` blocks, more until its error estimate settles, its subspace-choosing products in
+    the ``sketch`` dtype (xlbake.lora.krylov.svd_adaptive)."""
     if settings.svd == "exact":
         return svd_exact(m, min(m.shape) if settings.full_spectrum else rank)
     iters = max(1, settings.power_iters)
-    return svd_adaptive(m, rank, oversample=settings.oversample, min_iters=iters, seed=settings.seed)
+    return svd_adaptive(m, rank, oversample=settings.oversample, min_iters=iters, seed=settings.seed,
+                        sketch=settings.sketch)
 
 
 def _inputs(cfg: ExtractConfig) -> list[tuple[str, Path]]:

@@ -315,12 +315,14 @@ def test_decisions_explain_min_diff_and_the_rounding_floor():
 
 def test_the_default_fast_svd_is_the_adaptive_block_krylov_one():
     from extract.pipeline import FactorSettings, truncated_svd
-    from xlbake.lora.lowrank import svd_adaptive
+    from xlbake.lora.krylov import sketch_dtype, svd_adaptive
 
     cfg = ExtractConfig()
     settings = FactorSettings.from_config(cfg)
     gen = torch.Generator().manual_seed(5)
     m = torch.randn(300, 200, generator=gen) @ torch.randn(200, 400, generator=gen)
     got = truncated_svd(m, 16, settings)
-    want = svd_adaptive(m, 16, oversample=cfg.oversample, min_iters=cfg.power_iters, seed=cfg.seed)
+    sketch = sketch_dtype("auto", torch.float32, "cpu")  # bf16 on CPUs with AVX512-BF16 or AMX, else fp32
+    assert settings.sketch == sketch
+    want = svd_adaptive(m, 16, oversample=cfg.oversample, min_iters=cfg.power_iters, seed=cfg.seed, sketch=sketch)
     assert torch.equal(got.s, want.s) and torch.equal(got.u, want.u) and torch.equal(got.vh, want.vh)

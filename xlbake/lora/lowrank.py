@@ -117,66 +117,6 @@ def svd_randomized(m: Tensor, rank: int, *, oversample: int = 8, power_iters: in
     return Svd(u=q @ small.u, s=small.s, vh=small.vh)
 
 
-def svd_adaptive(
-    m: Tensor, rank: int, *, oversample: int = 16, min_iters: int = 3, max_iters: int = 12, tol: float = 5e-3,
-    seed: int = 0,
-) -> Svd:
-    """Approximate top-`rank` SVD of m (rows, cols) by randomized block Krylov (Musco & Musco 2015) that stops on
-    an a-posteriori error estimate.
-
-    Blocks of b = ceil((rank + oversample) / 2) columns, on the matrix's short side: q_0 = orth(m Ω) with a Gaussian
-    Ω seeded by `seed`, then q_{i+1} = orth((m mᵀ) q_i) against every earlier block. The kept Krylov basis K gives
-    the Rayleigh-Ritz approximation, whose Gram Kᵀ m mᵀ K comes from the products already made. Its error
-    e_i = sqrt(||m||² - top-`rank` Ritz energy) is exact for the current basis and never increases; iterating stops
-    after at least `min_iters` blocks once e_{i-1} - e_i <= `tol` * e_i (Krylov converges faster than geometric, so
-    the rest of the gain is below the last step's), or at `max_iters`. Flat spectra thus get more blocks, fast-
-    decaying ones fewer. Costs 2 products of b columns per block, one of `rank` for vh, no n-side QR and no SVD of
-    a projected matrix (eigh of the small Gram in fp64). Falls back to `svd_exact` when min_iters + 2 blocks would
-    not fit in the short side (the basis could not grow until it settles). Returns u (rows, k), s (k,),
-    vh (k, cols) with k = min(rank, rows, cols); u and vh are orthonormal up to rounding, and u diag(s) vh is
-    exactly the projection of m onto the top Ritz vectors.
-    """
-    _check_matrix(m)
-    _check_rank(rank)
-    if oversample < 0 or not 1 <= min_iters <= max_iters or tol < 0:
-        raise ConfigError(f"need oversample >= 0, 1 <= min_iters <= max_iters, tol >= 0; got {oversample}, "
-                          f"{min_iters}, {max_iters}, {tol}")  # fmt: skip
-    tall = m.shape[0] > m.shape[1]
-    t = m.mT if tall else m  # (short, long): orthonormalize on the short side only
-    block = -(-(rank + oversample) // 2)
-    if block * (min_iters + 2) >= t.shape[0]:  # no room to settle before the basis fills the short side
-        return svd_exact(m, rank)
-    generator = torch.Generator(device=m.device).manual_seed(seed)
-    omega = torch.randn(t.shape[1], block, generator=generator, device=m.device, dtype=m.dtype)
-    energy = float(torch.linalg.vector_norm(m, dtype=torch.float64)) ** 2
-    basis = torch.linalg.qr(t @ omega).Q  # (short, b), grows by b per block
-    gram = torch.zeros(0, 0, dtype=torch.float64, device=m.device)
-    errors: list[float] = []
-    while True:
-        y = t @ (t.mT @ basis[:, -block:])  # (short, b): the next Krylov block
-        cross = (basis.mT @ y).double()  # Kᵀ m mᵀ q for the newest q: the Gram's new columns
-        known = gram.shape[0]
-        gram = torch.cat([torch.cat([gram, cross[:known]], 1), cross.mT], 0)
-        gram = (gram + gram.mT) / 2
-        top = torch.linalg.eigvalsh(gram)[-rank:]
-        errors.append(math.sqrt(max(energy - float(top.sum()), 0.0)))
-        iters = len(errors)
-        settled = iters >= max(min_iters, 2) and errors[-2] - errors[-1] <= tol * errors[-1]
-        if settled or iters >= max_iters or basis.shape[1] + 2 * block > t.shape[0]:
-            break
-        for _ in range(2):  # twice is enough (Giraud et al. 2005), once loses orthogonality on a steep spectrum
-            y = y - basis @ (basis.mT @ y)
-        basis = torch.cat([basis, torch.linalg.qr(y).Q], 1)
-    values, vectors = torch.linalg.eigh(gram)
-    values, vectors = values.flip(0)[:rank].clamp_min(0), vectors.flip(1)[:, :rank].to(m.dtype)
-    s = values.sqrt()
-    u = basis @ vectors  # (short, k)
-    inverse = torch.where(s > 0, 1 / s, torch.zeros_like(s)).to(m.dtype)
-    vh = (u.mT @ t) * inverse[:, None]  # (k, long)
-    s = s.to(m.dtype)
-    return Svd(u=vh.mT, s=s, vh=u.mT) if tall else Svd(u=u, s=s, vh=vh)
-
-
 def split_factors(svd: Svd, rank: int) -> tuple[Tensor, Tensor]:
     """LoRA factors of the top-`rank` triplets with the singular values split evenly between them.
 

@@ -1,0 +1,203 @@
+"""The fast truncated SVD of extract: adaptive randomized block Krylov, with its Krylov products optionally in bf16.
+
+`svd_adaptive` is a pure function of tensors. `sketch_dtype` resolves the user's precision choice ("auto", "fp32",
+"bf16") for a device: bf16 only where the hardware multiplies it natively (`native_bf16`), else the matrix's dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from xlbake.errors import ConfigError, InputError
+from xlbake.lora.lowrank import Svd, svd_exact
+
+SKETCH_PRECISIONS = ("auto", "fp32", "bf16")
+# torch's CPU feature probes (private, hence looked up defensively): AVX512-BF16 (Zen 4, Cooper Lake) or AMX
+# A bf16 sketch adds about (2⁻⁹ ||t||)² to the squared error (measured: (1.6-3.5e-3 ||t||)²): negligible while
+# the error is above a tenth of the norm (< 0.06 % of it), not below, where the products switch to t's dtype.
+_SKETCH_FLOOR = 1e-2
+_CPU_BF16_PROBES = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+
+
+@functools.cache
+def native_bf16(device: str) -> bool:
+    """Whether `device` ("cpu", "cuda", "cuda:N") multiplies bf16 matrices in hardware, so that a bf16 product is
+    cheaper than an fp32 one: CUDA GPUs of compute capability >= 8.0 (A100, A6000, ...) and x86 CPUs with
+    AVX512-BF16 or AMX. Anything else (older GPUs, other CPUs, MPS) emulates bf16, slower than fp32: False."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.get_device_capability(dev) >= (8, 0)
+    if dev.type == "cpu":
+        return any(bool(getattr(torch.cpu, probe, lambda: False)()) for probe in _CPU_BF16_PROBES)
+    return False
+
+
+def sketch_dtype(
+    choice: str, dtype: torch.dtype, device: torch.device | str, native: Callable[[str], bool] = native_bf16
+) -> torch.dtype:
+    """The dtype of `svd_adaptive`'s Krylov products for a matrix of `dtype` on `device`.
+
+    "fp32": `dtype` itself (no low precision); "bf16": bf16; "auto": bf16 when `dtype` is fp32 and `native(device)`
+    says the device does bf16 in hardware, else `dtype` (an fp64 difference was asked for accuracy: it stays fp64).
+    """
+    if choice not in SKETCH_PRECISIONS:
+        raise ConfigError(f"unknown sketch precision {choice!r}: use one of {', '.join(SKETCH_PRECISIONS)}")
+    if choice == "bf16":
+        return torch.bfloat16
+    if choice == "auto" and dtype == torch.float32 and native(str(torch.device(device))):
+        return torch.bfloat16
+    return dtype
+
+
+def svd_adaptive(
+    m: Tensor, rank: int, *, oversample: int = 16, min_iters: int = 3, max_iters: int = 12, tol: float = 1e-2,
+    seed: int = 0, sketch: torch.dtype | None = None,
+) -> Svd:
+    """Approximate top-`rank` SVD of m (rows, cols) by randomized block Krylov (Musco & Musco 2015) that stops on
+    an a-posteriori error estimate.
+
+    Works on t, the matrix with its short side first, in blocks of b = ceil((rank + oversample) / 2) columns:
+    q_0 = orth(t Ω) with a Gaussian Ω seeded by `seed`, then for each block z_i = tᵀ q_i and
+    q_{i+1} = orth(t z_i) against every earlier block. The basis K = [q_0 .. q_i] gives the Rayleigh-Ritz
+    approximation from the Gram Kᵀ t tᵀ K = Zᵀ Z of the kept z's; its error e_i = sqrt(||t||² - top-`rank` Ritz
+    energy) is exact for the current basis and never increases. Iterating stops after at least `min_iters` blocks
+    once e_{i-1} - e_i <= `tol` * e_i (Krylov converges faster than geometric, so the rest of the gain is below
+    the last step's), or at `max_iters`: flat spectra get more blocks, steep ones fewer. Without a sketch the
+    result is the exact projection of m onto the top Ritz vectors: u = K V, vh ∝ (Z V)ᵀ, no further product.
+
+    `sketch` (default: m's dtype), e.g. bf16, is the dtype of every product with m in the Krylov passes; the
+    orthonormalization, the Gram and its eigen-solve stay in m's dtype, and the result is then one exact product
+    u ← top Ritz vectors, vh = (tᵀ u)ᵀ / s, with a Ritz step on its k columns (so u diag(s) vh is exactly the
+    projection of m onto u). The rounding tilts the basis by ~2⁻⁹ and adds about (2⁻⁹ ||m||)² to the squared
+    error: nothing while the error is large (slow-decay tests: the excess over the Eckart-Young optimum moves by
+    < 1e-5 of it); once e_i drops below ||m|| / 10 the z's are redone and the remaining products made exactly.
+    Per block: two products, Gram and re-orthogonalization GEMMs (one Gram-Schmidt pass reuses the Gram's
+    coefficients) and an eigvalsh of the Gram in its dtype (fp64 when the error is small).
+    With the defaults at rank 128 SDXL layers take 5 blocks (360 basis columns). `python -m
+    benchmarks.bench_extract --quick --dim 128` (bf16 sketch): excess over the optimum of the stored difference
+    median +0.10 % / worst +0.45 % (finetune), +0.29 % / +0.58 % (--difference slow-decay); tol 5e-3 gives about a
+    third of that for ~20 % more CPU.
+    Falls back to `svd_exact` when min_iters + 2 blocks would not fit in the short side.
+    Returns u (rows, k), s (k,), vh (k, cols) with k = min(rank, rows, cols); u and vh are orthonormal up to
+    rounding, s descending.
+    """
+    if m.dim() != 2:
+        raise InputError(f"expected a matrix, got shape {tuple(m.shape)}; reshape conv kernels with to_matrix")
+    if rank < 1 or oversample < 0 or not 1 <= min_iters <= max_iters or tol < 0:
+        raise ConfigError(f"need rank >= 1, oversample >= 0, 1 <= min_iters <= max_iters, tol >= 0; got {rank}, "
+                          f"{oversample}, {min_iters}, {max_iters}, {tol}")  # fmt: skip
+    tall = m.shape[0] > m.shape[1]
+    t = m.mT if tall else m  # (short, long): orthonormalize on the short side only
+    block = -(-(rank + oversample) // 2)
+    if block * (min_iters + 2) >= t.shape[0]:  # no room to settle before the basis fills the short side
+        return svd_exact(m, rank)
+    low = t if sketch is None or sketch == t.dtype else t.to(sketch)
+    generator = torch.Generator(device=m.device).manual_seed(seed)
+    omega = torch.randn(t.shape[1], block, generator=generator, device=m.device, dtype=m.dtype)
+    basis = torch.linalg.qr((low @ omega.to(low.dtype)).to(m.dtype)).Q  # (short, b), grows by b per block
+    basis, zs, gram, rounded, vectors = _krylov(t, low, basis, rank, min_iters, max_iters, tol)
+    return _ritz(t, basis, zs if not rounded else None, gram, vectors, rank, tall)
+
+
+def _krylov(
+    t: Tensor, low: Tensor, basis: Tensor, rank: int, min_iters: int, max_iters: int, tol: float
+) -> tuple[Tensor, list[Tensor], Tensor, bool, Tensor | None]:
+    """Grow the basis block by block until the error estimate settles; the basis, its z = tᵀ q blocks, the Gram,
+    whether any z came from the sketch (then only as accurate as its rounding), and the Gram's eigenvectors when
+    the last block was expected to settle (computed with its eigenvalues rather than again in `_ritz`)."""
+    block = basis.shape[1]
+    energy = float(torch.linalg.vector_norm(t)) ** 2
+    zs: list[Tensor] = []
+    gram = torch.zeros(0, 0, dtype=t.dtype, device=t.device)
+    errors: list[float] = []
+    rounded = low is not t
+    while True:
+        q = basis[:, -block:]
+        z = t.mT @ q if low is t else (low.mT @ q.to(low.dtype)).to(t.dtype)  # (long, b): tᵀ q
+        zs.append(z)
+        cross = torch.cat([earlier.mT @ z for earlier in zs])  # Kᵀ t tᵀ q for the newest q
+        known = gram.shape[0]
+        gram = torch.cat([torch.cat([gram, cross[:known]], 1), cross.mT], 0)
+        gram = (gram + gram.mT) / 2
+        last = len(zs) >= max_iters or basis.shape[1] + 2 * block > t.shape[0]
+        # Krylov's gains shrink faster than geometrically: the next is about g_{i-1}² / g_{i-2}
+        e = errors[-3:] if len(zs) >= max(min_iters, 2) else []
+        likely = last or (len(e) == 3 and (e[1] - e[2]) ** 2 <= tol * e[2] * max(e[0] - e[1], 0.0))
+        error, vectors = _ritz_error(gram, rank, energy, likely)
+        errors.append(error)
+        settled = len(zs) >= max(min_iters, 2) and errors[-2] - errors[-1] <= tol * errors[-1]
+        if settled or last:
+            return basis, zs, gram, rounded, vectors
+        if rounded and errors[-1] ** 2 < _SKETCH_FLOOR * energy:
+            # the sketch's rounding would show in the error: exact products from here on, and the z's redone
+            # exactly (one product), so that the Ritz step chooses from the basis without the rounding
+            exact = t.mT @ basis
+            low, rounded, zs = t, False, list(exact.split(block, dim=1))
+            gram = exact.mT @ exact
+            gram = (gram + gram.mT) / 2
+            z, cross = zs[-1], gram[:, -block:]
+        y = (low @ z.to(low.dtype)).to(t.dtype)  # (short, b): t tᵀ q, the next Krylov block
+        basis = torch.cat([basis, _orthonormalize(y, basis, cross)], 1)
+
+
+def _orthonormalize(y: Tensor, basis: Tensor, cross: Tensor) -> Tensor:
+    """An orthonormal basis (short, b) of the part of y (short, b) outside the basis K, given cross ≈ Kᵀ y.
+
+    Two Gram-Schmidt passes (once loses orthogonality on a steep spectrum; Giraud et al. 2005); the first uses the
+    Gram's cross column Kᵀ t z, which is Kᵀ y up to the sketch's rounding; the second, exact pass removes that.
+    When a column lies almost inside K (a numerically low-rank matrix: t tᵀ squares its small singular values
+    below the rounding), what remains is mostly rounding, and normalizing it brings back components along K that
+    would break the Gram's orthonormality: a third pass on the normalized columns removes them.
+    """
+    norms = torch.linalg.vector_norm(y, dim=0)
+    y = y - basis @ cross
+    y = y - basis @ (basis.mT @ y)
+    q, r = torch.linalg.qr(y)
+    if bool((r.diagonal().abs() < 1e-2 * norms).any()):  # more than two digits cancelled
+        q = torch.linalg.qr(q - basis @ (basis.mT @ q)).Q
+    return q
+
+
+def _ritz_error(gram: Tensor, rank: int, energy: float, vectors: bool) -> tuple[float, Tensor | None]:
+    """sqrt(energy - the top-`rank` eigenvalues of the Gram): the Ritz approximation's Frobenius error; and the
+    Gram's eigenvectors if asked for.
+
+    Solved in the Gram's dtype, whose entries are no more accurate anyway; but when the error is small the
+    subtraction cancels: below a tenth of the norm, the eigenvalues are recomputed in fp64 (rounding of fp32
+    eigenvalues, ~1e-6 of the energy, would otherwise be a visible part of the 1e-2 of it that remains).
+    """
+    values, eigenvectors = torch.linalg.eigh(gram) if vectors else (torch.linalg.eigvalsh(gram), None)
+    top = float(values[-rank:].sum())
+    if energy - top < 1e-2 * energy and gram.dtype != torch.float64:
+        top = float(torch.linalg.eigvalsh(gram.double())[-rank:].sum())
+    return math.sqrt(max(energy - top, 0.0)), eigenvectors
+
+
+def _ritz(
+    t: Tensor, basis: Tensor, zs: list[Tensor] | None, gram: Tensor, vectors: Tensor | None, rank: int, tall: bool
+) -> Svd:
+    """The top-`rank` Ritz triplets of t on the basis: u = K V, vh = (tᵀ u)ᵀ / s with tᵀ K = Z; zs None: the z's
+    were rounded by the sketch, so tᵀ u is one exact product and the Ritz step is redone on u's k columns."""
+    # vectors only as accurate as the Gram's dtype: they pick the kept subspace, whose projection below is exact
+    vectors = torch.linalg.eigh(gram).eigenvectors if vectors is None else vectors
+    vectors = vectors.flip(1)[:, : min(rank, gram.shape[0])]
+    u = basis @ vectors  # (short, k)
+    if zs is None:
+        w = t.mT @ u  # (long, k)
+        rotation = torch.linalg.eigh(w.mT @ w).eigenvectors.flip(1)  # exact Ritz vectors within span(u)
+        u, w = u @ rotation, w @ rotation
+    else:
+        block = zs[0].shape[1]
+        w = sum(z @ vectors[i * block : (i + 1) * block] for i, z in enumerate(zs))  # tᵀ u, (long, k)
+    s = torch.linalg.vector_norm(w, dim=0)
+    if bool((s[1:] > s[:-1]).any()):  # norms out of the eigenvalues' order by rounding: sort (a gather, rare)
+        s, order = torch.sort(s, descending=True, stable=True)
+        u, w = u[:, order], w[:, order]
+    inverse = torch.where(s > 0, 1 / s, torch.zeros_like(s))
+    vh = (w * inverse).mT  # (k, long)
+    return Svd(u=vh.mT, s=s, vh=u.mT) if tall else Svd(u=u, s=s, vh=vh)
