@@ -181,13 +181,15 @@ def layer_svd(
     (in, in), the SVD in the input-weighted metric (``whitened_factor_svd``: same total energy, vh mapped back so the
     truncations are the whitened optima).
     """
-    up = module.up.to(device=device, dtype=COMPUTE_DTYPE).flatten(1) * module.scale
+    up = module.up.to(device=device, dtype=COMPUTE_DTYPE).flatten(1)
     down = module.down.to(device=device, dtype=COMPUTE_DTYPE).flatten(1)
+    # the scale multiplies the singular values only: applied to s, it saves a pass over up
     if whitening is None:
-        return factor_svd(up, down, keep)
+        svd = factor_svd(up, down, keep)
+        return Svd(u=svd.u, s=svd.s * module.scale, vh=svd.vh)
     svd = whitened_factor_svd(up, down, whitening)
     top = len(svd.s) if keep is None else min(keep, len(svd.s))
-    return Svd(u=svd.u[:, :top], s=svd.s, vh=svd.vh[:top])
+    return Svd(u=svd.u[:, :top], s=svd.s * module.scale, vh=svd.vh[:top])
 
 
 def layer_choices(layers: Sequence[LayerSpectrum], plan: OutputPlan) -> list[LayerChoice]:
