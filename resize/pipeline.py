@@ -1,7 +1,7 @@
 """The resize stage: re-factor every layer of a LoRA at a lower rank without ever forming its out x in matrix.
 
 A layer's delta (alpha / r) * up @ down has rank <= r, so its SVD comes from the QR of ``up`` and of ``down^T`` and
-the SVD of the small r x r core (``xlbake.lora.lowrank.factor_svd``): the singular values kohya gets by multiplying out
+the SVD of the small r x r core (``xlbake.lora.factored.factor_svd``): the singular values kohya gets by multiplying out
 and running a full SVD, at a fraction of the time and memory. The new factors are the top singular triplets; the
 rank comes from a fixed value, a per-layer criterion or a global size budget. Every output is written with one
 alpha and each layer's scale folded into its factors, the input's metadata updated, and a kept-energy report.
@@ -28,6 +28,7 @@ from xlbake.errors import ConfigError, InputError
 from xlbake.fileio import check_output
 from xlbake.lora.budget import LayerChoice, choose_ranks, reserved_params
 from xlbake.lora.calibration import Calibration, moment_for, read_calibration
+from xlbake.lora.factored import factor_svd
 from xlbake.lora.io import (
     ALPHA,
     DOWN,
@@ -41,7 +42,7 @@ from xlbake.lora.io import (
     safetensors_data_hash,
     write_lora,
 )
-from xlbake.lora.lowrank import Svd, factor_svd, kept_energy, split_factors
+from xlbake.lora.lowrank import Svd, kept_energy, split_factors
 from xlbake.lora.report import Coverage, LayerStat, group_stat, report_paths, write_report
 from xlbake.lora.whiten import DAMPING, whitened_factor_svd, whitening_factor
 

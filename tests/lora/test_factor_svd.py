@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from xlbake.lora.lowrank import _cholesky_factor_svd, _eigh_factor_svd, factor_svd
+from xlbake.lora.factored import _cholesky_factor_svd, _eigh_factor_svd, factor_svd
 
 F32, F64 = torch.float32, torch.float64
 

@@ -21,7 +21,8 @@ import torch
 from torch import Tensor
 
 from xlbake.errors import InputError
-from xlbake.lora.lowrank import Svd, factor_svd, split_factors, svd_exact, to_matrix
+from xlbake.lora.factored import factor_svd
+from xlbake.lora.lowrank import Svd, split_factors, svd_exact, to_matrix
 
 DAMPING = 1e-3
 """λ: added to C as λ·(mean eigenvalue of C)·I before factoring. Small enough that the whitened metric is C's
