@@ -14,6 +14,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,11 +108,14 @@ def run_resize(cfg: ResizeConfig, *, force: bool = False, progress: bool = False
             check_output(path, force)
     device = resolve_device(cfg.device)
     lora = read_lora(cfg.lora)
-    source_hash = safetensors_data_hash(lora.path)
-    start = time.perf_counter()
-    calibration = read_calibration(cfg.calibration) if cfg.calibration else None
-    layers = factorize(lora.modules, keep_for(plans), device, progress=progress, calibration=calibration)
-    logger.info("factor-space SVD of %d layers: %.2f s", len(layers), time.perf_counter() - start)
+    # the input's hash (a second of sha256 per GB, which releases the GIL) runs on another core while we factor
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        hashing = pool.submit(safetensors_data_hash, lora.path)
+        start = time.perf_counter()
+        calibration = read_calibration(cfg.calibration) if cfg.calibration else None
+        layers = factorize(lora.modules, keep_for(plans), device, progress=progress, calibration=calibration)
+        logger.info("factor-space SVD of %d layers: %.2f s", len(layers), time.perf_counter() - start)
+        source_hash = hashing.result()
     return [write_output(cfg, plan, layers, lora, source_hash, force=force) for plan in plans]
 
 
