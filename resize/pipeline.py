@@ -103,21 +103,23 @@ class ResizeResult:
 def run_resize(cfg: ResizeConfig, *, force: bool = False, progress: bool = False) -> list[ResizeResult]:
     """Resize ``cfg.lora`` into every planned output; check all outputs before any work, read the input once."""
     plans = plan_outputs(cfg)
-    for plan in plans:
-        check_output(plan.path, force)
-        for path in report_paths(plan.path) if cfg.report else ():
-            check_output(path, force)
+    for path in [plan.path for plan in plans] + [p for plan in plans if cfg.report for p in report_paths(plan.path)]:
+        check_output(path, force)
     device = resolve_device(cfg.device)
     lora = read_lora(cfg.lora)
     # the input's hash (a second of sha256 per GB, which releases the GIL) runs on another core while we factor
     with ThreadPoolExecutor(max_workers=1) as pool:
-        hashing = pool.submit(safetensors_data_hash, lora.path)
-        start = time.perf_counter()
+        hashing, start = pool.submit(safetensors_data_hash, lora.path), time.perf_counter()
         calibration = read_calibration(cfg.calibration) if cfg.calibration else None
         layers = factorize(lora.modules, keep_for(plans), device, progress=progress, calibration=calibration)
         logger.info("factor-space SVD of %d layers: %.2f s", len(layers), time.perf_counter() - start)
         source_hash = hashing.result()
-    return [write_output(cfg, plan, layers, lora, source_hash, force=force) for plan in plans]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # writing is thousands of small ops, which split over threads cost far more CPU
+    try:
+        return [write_output(cfg, plan, layers, lora, source_hash, force=force) for plan in plans]
+    finally:
+        torch.set_num_threads(threads)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -146,8 +148,7 @@ def factorize(
     """
     sizes = {name: _kept_size(module, keep(module.kind)) for name, module in modules.items()}
     arena = torch.empty(sum(sizes.values()), dtype=COMPUTE_DTYPE)
-    names = list(modules)
-    starts = dict(zip(names, itertools.accumulate((sizes[name] for name in names), initial=0), strict=False))
+    names, starts = list(modules), dict(zip(sizes, itertools.accumulate(sizes.values(), initial=0), strict=False))
 
     def factor_one(name: str, module: LoraModule) -> LayerSpectrum:
         moment = moment_for(calibration, name) if calibration and module.kind != "conv3x3" else None
@@ -173,8 +174,7 @@ def factorize(
 
 
 def _kept_size(module: LoraModule, keep: int | None) -> int:
-    """fp32 values ``factorize`` keeps of a layer: its spectrum (k = min(out, in * kh * kw, r) values) and the
-    top min(keep, k) triplets."""
+    """fp32 values ``factorize`` keeps of a layer: all k = min(out, in * kh * kw, r) of s, top min(keep, k) triplets."""
     out, width = module.up.shape[0], math.prod(module.down.shape[1:])
     rank = min(out, width, module.rank)
     top = rank if keep is None else min(keep, rank)

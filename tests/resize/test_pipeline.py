@@ -445,3 +445,23 @@ def test_layers_are_factored_on_workers_of_one_thread_each(tmp_path, monkeypatch
         torch.set_num_threads(before)
     assert [layer.name for layer in layers] == sorted(modules)
     assert {threads for _, threads in seen} == {1} and threading.get_ident() not in {ident for ident, _ in seen}
+
+
+def test_outputs_are_written_on_one_thread_and_the_thread_count_is_restored(tmp_path, monkeypatch):
+    import resize.pipeline as pipeline
+
+    seen, real = [], pipeline.write_lora
+
+    def write_lora(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "write_lora", write_lora)
+    lora = random_lora(tmp_path / "in.safetensors")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        resize(tmp_path, lora, rank=[3], report=False)
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
