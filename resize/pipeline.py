@@ -1,7 +1,7 @@
 """The resize stage: re-factor every layer of a LoRA at a lower rank without ever forming its out x in matrix.
 
 A layer's delta (alpha / r) * up @ down has rank <= r, so its SVD comes from the QR of ``up`` and of ``down^T`` and
-the SVD of the small r x r core (``xlbake.lora.lowrank.factor_svd``): the singular values kohya gets by multiplying out
+the SVD of the small r x r core (``xlbake.lora.factored.factor_svd``): the singular values kohya gets by multiplying out
 and running a full SVD, at a fraction of the time and memory. The new factors are the top singular triplets; the
 rank comes from a fixed value, a per-layer criterion or a global size budget. Every output is written with one
 alpha and each layer's scale folded into its factors, the input's metadata updated, and a kept-energy report.
@@ -9,11 +9,13 @@ alpha and each layer's scale folded into its factors, the input's metadata updat
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
 import time
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +30,7 @@ from xlbake.errors import ConfigError, InputError
 from xlbake.fileio import check_output
 from xlbake.lora.budget import LayerChoice, choose_ranks, reserved_params
 from xlbake.lora.calibration import Calibration, moment_for, read_calibration, without_convs
+from xlbake.lora.factored import factor_svd
 from xlbake.lora.io import (
     ALPHA,
     DOWN,
@@ -41,7 +44,7 @@ from xlbake.lora.io import (
     safetensors_data_hash,
     write_lora,
 )
-from xlbake.lora.lowrank import Svd, factor_svd, kept_energy, split_factors
+from xlbake.lora.lowrank import Svd, kept_energy, split_factors
 from xlbake.lora.moments import moment_whitening
 from xlbake.lora.report import Coverage, LayerStat, group_stat, report_paths, write_report
 from xlbake.lora.whiten import DAMPING, Factor, whitened_factor_svd
@@ -101,21 +104,25 @@ class ResizeResult:
 def run_resize(cfg: ResizeConfig, *, force: bool = False, progress: bool = False) -> list[ResizeResult]:
     """Resize ``cfg.lora`` into every planned output; check all outputs before any work, read the input once."""
     plans = plan_outputs(cfg)
-    for plan in plans:
-        check_output(plan.path, force)
-        for path in report_paths(plan.path) if cfg.report else ():
-            check_output(path, force)
+    for path in [plan.path for plan in plans] + [p for plan in plans if cfg.report for p in report_paths(plan.path)]:
+        check_output(path, force)
     device = resolve_device(cfg.device)
     lora = read_lora(cfg.lora)
-    source_hash = safetensors_data_hash(lora.path)
-    start = time.perf_counter()
-    calibration = read_calibration(cfg.calibration) if cfg.calibration else None
-    if calibration is not None and not cfg.calibrate_convs:
-        calibration = without_convs(calibration)
-    layers = factorize(lora.modules, keep_for(plans), device, progress=progress, calibration=calibration)
-    logger.info("factor-space SVD of %d layers: %.2f s", len(layers), time.perf_counter() - start)
-    return [write_output(cfg, plan, layers, lora, source_hash, force=force) for plan in plans]
-
+    # the input's hash (a second of sha256 per GB, which releases the GIL) runs on another core while we factor
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        hashing, start = pool.submit(safetensors_data_hash, lora.path), time.perf_counter()
+        calibration = read_calibration(cfg.calibration) if cfg.calibration else None
+        if calibration is not None and not cfg.calibrate_convs:
+            calibration = without_convs(calibration)
+        layers = factorize(lora.modules, keep_for(plans), device, progress=progress, calibration=calibration)
+        logger.info("factor-space SVD of %d layers: %.2f s", len(layers), time.perf_counter() - start)
+        source_hash = hashing.result()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # writing is thousands of small ops, which split over threads cost far more CPU
+    try:
+        return [write_output(cfg, plan, layers, lora, source_hash, force=force) for plan in plans]
+    finally:
+        torch.set_num_threads(threads)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -138,36 +145,39 @@ def factorize(
 ) -> list[LayerSpectrum]:
     """The factor-space SVD of every module's delta, in the modules' order.
 
-    Consumes ``modules`` (each input layer is dropped once factorized). What is kept (spectra and the top
-    triplets) goes into one preallocated block: thousands of small long-lived tensors between each layer's large
-    temporaries would fragment the heap and hold on to about the input's size again.
+    Consumes ``modules``. What is kept goes into one preallocated block (small long-lived tensors between large
+    temporaries would fragment the heap). Whole layers go to ``torch.get_num_threads()`` workers of one thread each:
+    split over threads, a layer's r x r eigh and small GEMMs cost many times their CPU time (eigh 10x at 2 threads).
     """
     sizes = {name: _kept_size(module, keep(module.kind)) for name, module in modules.items()}
     arena = torch.empty(sum(sizes.values()), dtype=COMPUTE_DTYPE)
-    offset, layers = 0, []
-    # disable=None: a bar only on a terminal, so logs and pipes stay clean
-    for name in tqdm(list(modules), desc="factor SVD", unit="layer", disable=None if progress else True, leave=False):
-        module = modules.pop(name)
+    names, starts = list(modules), dict(zip(sizes, itertools.accumulate(sizes.values(), initial=0), strict=False))
+
+    def factor_one(name: str, module: LoraModule) -> LayerSpectrum:
         moment = moment_for(calibration, name) if calibration else None
         whitening = None if moment is None else moment_whitening(moment, DAMPING)
         out, width = module.up.shape[0], math.prod(module.down.shape[1:])
         rank = min(out, width, module.rank)
         top = (sizes[name] - rank) // (out + width)
         svd = layer_svd(module, device, keep=top, whitening=whitening)
-        block = arena[offset : offset + sizes[name]]
-        offset += sizes[name]
-        spectrum, u, vh = torch.split(block, [rank, out * top, top * width])
+        spectrum, u, vh = torch.split(arena[starts[name] : starts[name] + sizes[name]], [rank, out * top, top * width])
         spectrum.copy_(svd.s)
         u, vh = u.view(out, top).copy_(svd.u[:, :top]), vh.view(top, width).copy_(svd.vh[:top])
-        kept = Svd(u=u, s=spectrum[:top], vh=vh)
-        shape = tuple(module.down.shape)
-        layers.append(LayerSpectrum(name, module_component(name), module.kind, shape, spectrum, kept))
-    return layers
+        kept, shape = Svd(u=u, s=spectrum[:top], vh=vh), tuple(module.down.shape)
+        return LayerSpectrum(name, module_component(name), module.kind, shape, spectrum, kept)
+
+    threads, jobs = torch.get_num_threads(), [(name, modules.pop(name)) for name in names]
+    shown = None if progress else True  # None: a bar only on a terminal, so logs and pipes stay clean
+    try:
+        with ThreadPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            done, jobs = pool.map(lambda job: factor_one(*job), jobs), []  # an input layer goes once it is done
+            return list(tqdm(done, total=len(names), desc="factor SVD", unit="layer", disable=shown, leave=False))
+    finally:
+        torch.set_num_threads(threads)  # the workers' setting may be process-wide (MKL)
 
 
 def _kept_size(module: LoraModule, keep: int | None) -> int:
-    """fp32 values ``factorize`` keeps of a layer: its spectrum (k = min(out, in * kh * kw, r) values) and the
-    top min(keep, k) triplets."""
+    """fp32 values ``factorize`` keeps of a layer: all k = min(out, in * kh * kw, r) of s, top min(keep, k) triplets."""
     out, width = module.up.shape[0], math.prod(module.down.shape[1:])
     rank = min(out, width, module.rank)
     top = rank if keep is None else min(keep, rank)
@@ -184,13 +194,14 @@ def layer_svd(
     (in, in), the SVD in the input-weighted metric (``whitened_factor_svd``: same total energy, vh mapped back so the
     truncations are the whitened optima).
     """
-    up = module.up.to(device=device, dtype=COMPUTE_DTYPE).flatten(1) * module.scale
+    up = module.up.to(device=device, dtype=COMPUTE_DTYPE).flatten(1)
     down = module.down.to(device=device, dtype=COMPUTE_DTYPE).flatten(1)
     if whitening is None:
-        return factor_svd(up, down, keep)
+        svd = factor_svd(up, down, keep)
+        return Svd(u=svd.u, s=svd.s * module.scale, vh=svd.vh)  # scaling s, not up: one pass over up less
     svd = whitened_factor_svd(up, down, whitening)
     top = len(svd.s) if keep is None else min(keep, len(svd.s))
-    return Svd(u=svd.u[:, :top], s=svd.s, vh=svd.vh[:top])
+    return Svd(u=svd.u[:, :top], s=svd.s * module.scale, vh=svd.vh[:top])
 
 
 def layer_choices(layers: Sequence[LayerSpectrum], plan: OutputPlan) -> list[LayerChoice]:

@@ -341,3 +341,29 @@ def test_network_dim_counts_linear_modules_only():
     ranks = {"lora_unet_a": 8, "lora_unet_conv": 4}
     meta = lora_metadata(title="t", ranks=ranks, alpha=8.0, conv_rank=8, conv_names=["lora_unet_conv"])
     assert meta["ss_network_dim"] == "8"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_one_non_finite_value_among_finite_ones_is_refused(tmp_path, dtype, bad):
+    down = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(0)).to(dtype)
+    down[1, 2, 0, 1] = bad
+    path = tmp_path / "b.safetensors"
+    up = torch.ones(3, 2, 1, 1, dtype=dtype)
+    save_file({"lora_unet_a.lora_down.weight": down, "lora_unet_a.lora_up.weight": up}, str(path))
+    with pytest.raises(InputError, match="NaN/Inf"):
+        read_lora(path)
+
+
+def test_read_tensors_own_their_memory_and_not_a_view_of_the_file(tmp_path):
+    # a view of a memory map would keep the whole file resident to the end, and would change with the file
+    path = write_lora(tmp_path / "g.safetensors", make_factors(), metadata={})
+    modules = read_lora(path).modules
+    before = {name: module.down.clone() for name, module in modules.items()}
+    with open(path, "r+b") as handle:
+        header_len = int.from_bytes(handle.read(8), "little")
+        size = path.stat().st_size - 8 - header_len
+        handle.seek(8 + header_len)
+        handle.write(bytes(size))
+    for name, module in modules.items():
+        assert torch.equal(module.down, before[name])

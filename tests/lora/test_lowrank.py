@@ -8,12 +8,12 @@ import torch
 import torch.nn.functional as F
 
 from xlbake.errors import ConfigError, InputError
+from xlbake.lora.factored import factor_svd
 from xlbake.lora.krylov import svd_adaptive
 from xlbake.lora.lowrank import (
     Svd,
     allocate_ranks,
     clamp_quantile,
-    factor_svd,
     from_matrix,
     kept_energy,
     relative_error,

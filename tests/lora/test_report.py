@@ -2,6 +2,8 @@
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -160,3 +162,10 @@ def test_left_out_kinds_name_the_tensors_a_lora_does_not_hold():
     assert left_out_kind("conditioner.embedders.1.model.positional_embedding", (77, 64)) == "embeddings"
     assert left_out_kind("model.diffusion_model.time_embed.0.weight", (128, 32)) == "other linear layers"
     assert left_out_kind("conditioner.embedders.1.model.text_projection", (64, 32)) == "other linear layers"
+
+
+def test_matplotlib_is_imported_only_to_plot():
+    # a resize or extract without a report should not pay matplotlib's import (about a second)
+    code = "import sys, resize.pipeline, extract.pipeline; print('matplotlib' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"

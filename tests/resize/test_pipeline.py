@@ -426,3 +426,49 @@ def test_calibrated_resize_is_the_whitened_optimum_and_plain_where_there_are_no_
             expected = truncated64(delta, rank)
         assert rel_err(out_matrix(written[name]), expected) < 1e-4, name
     assert json.loads(read_lora(result.path).metadata["xlbake_resize_calibration"])["file"] == "calibration.safetensors"
+
+
+def test_layers_are_factored_on_workers_of_one_thread_each(tmp_path, monkeypatch):
+    # a layer's small eigh and GEMMs split over threads cost many times their CPU time: whole layers go to workers
+    import threading
+
+    import resize.pipeline as pipeline
+
+    seen, real = [], pipeline.layer_svd
+    def layer_svd(*args, **kwargs):
+        seen.append((threading.get_ident(), torch.get_num_threads()))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "layer_svd", layer_svd)
+    modules = {f"lora_unet_l{i}": torch.randn(6, 4) for i in range(8)}
+    save_kohya(tmp_path / "in.safetensors", {name: (up, torch.randn(4, 5), 4.0) for name, up in modules.items()})
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        modules_read = read_lora(tmp_path / "in.safetensors").modules
+        layers = pipeline.factorize(modules_read, lambda kind: 2, torch.device("cpu"))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert [layer.name for layer in layers] == sorted(modules)
+    assert {threads for _, threads in seen} == {1} and threading.get_ident() not in {ident for ident, _ in seen}
+
+
+def test_outputs_are_written_on_one_thread_and_the_thread_count_is_restored(tmp_path, monkeypatch):
+    import resize.pipeline as pipeline
+
+    seen, real = [], pipeline.write_lora
+
+    def write_lora(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "write_lora", write_lora)
+    lora = random_lora(tmp_path / "in.safetensors")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        resize(tmp_path, lora, rank=[3], report=False)
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -16,6 +16,7 @@ import math
 import os
 import re
 from collections.abc import Iterable, Mapping
+from contextlib import closing
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -29,7 +30,7 @@ from xlbake.errors import InputError, OutputError
 from xlbake.fileio import atomic_path, check_output
 from xlbake.lora.names import module_kind
 from xlbake.sdxl.prediction import EPSILON, MODELSPEC_KEY, modelspec_value
-from xlbake.sdxl.tensorfile import PICKLE_SUFFIXES
+from xlbake.sdxl.tensorfile import PICKLE_SUFFIXES, SafetensorsFile
 
 DOWN = ".lora_down.weight"
 UP = ".lora_up.weight"
@@ -156,7 +157,8 @@ def read_lora(path: str | os.PathLike) -> LoraFile:
             keys = list(handle.keys())
             _refuse_kind(path, lora_kind_of(keys))
             metadata = dict(handle.metadata() or {})
-            tensors = {key: handle.get_tensor(key) for key in keys}
+        with closing(SafetensorsFile(path)) as source:  # no memory map: each dropped module's memory goes back
+            tensors = {key: source.read(key) for key in keys}
     except SafetensorError as exc:
         raise InputError(f"{path}: not a readable safetensors file ({exc}); is it truncated or corrupt?") from exc
     except OSError as exc:
@@ -333,7 +335,7 @@ def _check_module_tensors(
     for key, tensor in ((name + UP, up), (name + DOWN, down)):
         if not tensor.is_floating_point():
             raise InputError(f"{path}: {key} has dtype {tensor.dtype}; LoRA factors must be floating point")
-        if not torch.isfinite(tensor).all():
+        if tensor.numel() and not torch.isfinite(torch.stack(torch.aminmax(tensor))).all():  # NaN, ±inf reach them
             raise InputError(f"{path}: {key} holds NaN/Inf values; the LoRA is broken, re-create it")
     conv_up_ok = up.ndim == 4 and tuple(up.shape[2:]) == (1, 1)
     if up.ndim != down.ndim or (up.ndim not in (2, 4)) or (up.ndim == 4 and not conv_up_ok):

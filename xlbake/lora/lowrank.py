@@ -127,37 +127,6 @@ def split_factors(svd: Svd, rank: int) -> tuple[Tensor, Tensor]:
     return svd.u[:, :rank] * root, root[:, None] * svd.vh[:rank]
 
 
-def factor_svd(up: Tensor, down: Tensor, keep: int | None = None) -> Svd:
-    """Exact SVD of up @ down without forming the product, from the factors' r x r Gram matrices.
-
-    up (m, r) or (m, r, 1, 1), down (r, n) or (r, in, kh, kw) with n = in*kh*kw. With the fp64 Cholesky factors
-    upᵀ up = Lu Luᵀ and down downᵀ = Ld Ldᵀ, up = Qu Luᵀ and downᵀ = Qd Ldᵀ with Qu, Qd orthonormal, so
-    up @ down = Qu (Luᵀ Ld) Qdᵀ: the SVD of that r x r core gives every singular value of the product, and the
-    top `keep` singular vectors are up Lu⁻ᵀ Uc and down Ld⁻ᵀ Vc. The Grams square the factors' condition number,
-    which fp64 absorbs (a trained LoRA's factors are far from 1e8); a singular Gram (a zero or repeated
-    direction) takes Householder QR of up and of downᵀ instead. Cost O((m + n) r^2), GEMMs only.
-    Returns s of all k = min(m, n, r) values (zero factors give s = 0), u (m, t) and vh (t, n) for the top
-    t = min(keep, k) (all k when keep is None).
-    """
-    up, down = to_matrix(up), to_matrix(down)
-    if up.shape[1] != down.shape[0]:
-        raise InputError(f"LoRA factors do not match: up {tuple(up.shape)} vs down {tuple(down.shape)}")
-    rank = min(*up.shape, down.shape[1])
-    top = rank if keep is None else min(keep, rank)
-    if up.shape[1] <= min(up.shape[0], down.shape[1]):
-        low_up, info_up = torch.linalg.cholesky_ex((up.mT @ up).double())
-        low_down, info_down = torch.linalg.cholesky_ex((down @ down.mT).double())
-        if not info_up and not info_down:
-            core = svd_exact(low_up.mT @ low_down, rank)
-            left = torch.linalg.solve_triangular(low_up.mT, core.u[:, :top], upper=True).to(up.dtype)
-            right = torch.linalg.solve_triangular(low_down.mT, core.vh[:top].mT, upper=True).to(down.dtype)
-            return Svd(u=up @ left, s=core.s.to(up.dtype), vh=(down.mT @ right).mT)
-    q_up, r_up = torch.linalg.qr(up)  # (m, a), (a, r) with a = min(m, r)
-    q_down, r_down = torch.linalg.qr(down.mT)  # (n, b), (b, r) with b = min(n, r)
-    core = svd_exact(r_up @ r_down.mT, min(r_up.shape[0], r_down.shape[0]))
-    return Svd(u=q_up @ core.u[:, :top], s=core.s, vh=core.vh[:top] @ q_down.mT)
-
-
 def _fraction_rank(cumulative: Tensor, target: float) -> int:
     """Smallest r with cumulative[r - 1] / cumulative[-1] >= target (up to fp64 rounding)."""
     fractions = cumulative / cumulative[-1]

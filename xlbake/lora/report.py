@@ -18,13 +18,15 @@ import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from matplotlib.figure import Figure
-from matplotlib.ticker import FormatStrFormatter
 
 from xlbake.fileio import atomic_path, check_output, write_text_atomic
 from xlbake.sdxl.parts import PARTS
+
+if TYPE_CHECKING:  # imported where plotted: matplotlib costs every run without a report about a second
+    from matplotlib.figure import Figure
 
 BYTES_PER_MB = 1_000_000
 DEFAULT_BYTES_PER_PARAM = 2.0  # fp16, the default save precision
@@ -305,6 +307,9 @@ def _report_document(
 
 def _plot(layers: Sequence[LayerStat], *, title: str, per_param: float, file_mb: float | None) -> Figure:
     """Kept energy vs rank per component (chosen ranks marked) and, when spectra allow, vs file size."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FormatStrFormatter
+
     size_curves = kept_vs_size(layers, per_param)
     figure = Figure(figsize=(12 if size_curves else 7, 5), layout="constrained")
     axes = figure.subplots(1, 2 if size_curves else 1, squeeze=False)[0]

@@ -31,7 +31,8 @@ import torch
 from torch import Tensor
 
 from xlbake.errors import InputError
-from xlbake.lora.lowrank import Svd, factor_svd, split_factors, svd_exact, to_matrix
+from xlbake.lora.factored import factor_svd
+from xlbake.lora.lowrank import Svd, split_factors, svd_exact, to_matrix
 from xlbake.lora.moments import KronWhitening, Whitening
 
 Factor = Tensor | Whitening | KronWhitening
