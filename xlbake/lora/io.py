@@ -15,7 +15,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -23,13 +23,12 @@ from types import MappingProxyType
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from xlbake.errors import InputError, OutputError
 from xlbake.fileio import atomic_path, check_output
 from xlbake.lora.names import module_kind
 from xlbake.sdxl.prediction import EPSILON, MODELSPEC_KEY, modelspec_value
-from xlbake.sdxl.tensorfile import PICKLE_SUFFIXES
+from xlbake.sdxl.tensorfile import PICKLE_SUFFIXES, stream_safetensors
 
 DOWN = ".lora_down.weight"
 UP = ".lora_up.weight"
@@ -190,22 +189,42 @@ def write_lora(
     if not (math.isfinite(alpha) and alpha > 0):
         raise ValueError(f"write_lora: alpha must be a positive finite number, got {alpha}")
     stored_alpha = float(torch.tensor(alpha, dtype=dtype))  # fold against the value loaders will read
-    tensors: dict[str, torch.Tensor] = {}
+    specs = {}
     for name, (up, down) in shaped.items():
-        up_f, down_f = fold_alpha(up, down, stored_alpha)
-        if not (torch.isfinite(up_f).all() and torch.isfinite(down_f).all()):
-            raise ValueError(f"write_lora: {name}: factors hold NaN/Inf")
-        up_s, down_s = up_f.to(dtype).contiguous(), down_f.to(dtype).contiguous()
-        if not (torch.isfinite(up_s).all() and torch.isfinite(down_s).all()):
-            raise OutputError(f"{path}: module {name} overflows {dtype}; save as bf16 or fp32 instead")
-        tensors[name + DOWN], tensors[name + UP] = down_s, up_s
-        tensors[name + ALPHA] = torch.tensor(stored_alpha, dtype=dtype)
+        specs |= {name + DOWN: (dtype, tuple(down.shape)), name + UP: (dtype, tuple(up.shape))}
+        specs[name + ALPHA] = (dtype, ())
     header = _output_metadata(path, metadata)
     header[HASH_KEY] = _HASH_PLACEHOLDER
     with atomic_path(path, force) as tmp:
-        save_file(tensors, str(tmp), metadata=header)
+        with open(tmp, "wb") as out:
+            stream_safetensors(out, path, specs, _module_caster(path, shaped, dtype, stored_alpha), metadata=header)
         _stamp_data_hash(tmp)
     return path
+
+
+def _module_caster(
+    path: Path, shaped: Mapping[str, tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype, alpha: float
+) -> Callable[[str], torch.Tensor]:
+    """``fetch(key)`` for :func:`write_safetensors`: each module folded and cast when its tensors are written, so
+    that only one module's copies exist at a time (not a second copy of the whole LoRA)."""
+    cast: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # the module being written (its up, down share one fold)
+
+    def fetch(key: str) -> torch.Tensor:
+        name, suffix = next((key[: -len(s)], s) for s in (DOWN, UP, ALPHA) if key.endswith(s))
+        if suffix == ALPHA:
+            return torch.tensor(alpha, dtype=dtype)
+        if name not in cast:
+            cast.clear()
+            up_f, down_f = fold_alpha(*shaped[name], alpha)
+            if not (torch.isfinite(up_f).all() and torch.isfinite(down_f).all()):
+                raise ValueError(f"write_lora: {name}: factors hold NaN/Inf")
+            up_s, down_s = up_f.to(dtype), down_f.to(dtype)
+            if not (torch.isfinite(up_s).all() and torch.isfinite(down_s).all()):
+                raise OutputError(f"{path}: module {name} overflows {dtype}; save as bf16 or fp32 instead")
+            cast[name] = up_s, down_s
+        return cast[name][0] if suffix == UP else cast[name][1]
+
+    return fetch
 
 
 def fold_alpha(up: torch.Tensor, down: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:

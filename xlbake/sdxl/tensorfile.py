@@ -148,6 +148,15 @@ def write_safetensors(
     tensor. Atomic (temp + rename); OutputError if a fetched tensor's shape differs from its spec.
     """
     path = Path(path)
+    with atomic_path(path, force) as tmp, open(tmp, "wb") as out:
+        stream_safetensors(out, path, specs, fetch, metadata=metadata)
+    return path
+
+
+def stream_safetensors(
+    out: BinaryIO, path: Path, specs: Mapping[str, Spec], fetch: Callable[[str], Tensor], *, metadata: Mapping[str, str]
+) -> None:
+    """The body of :func:`write_safetensors`, into an open file (``path`` names the output in errors)."""
     header: dict[str, Any] = {"__metadata__": dict(metadata)}
     offset = 0
     for name in sorted(specs):
@@ -157,13 +166,11 @@ def write_safetensors(
         offset += nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)
-    with atomic_path(path, force) as tmp, open(tmp, "wb") as out:
-        out.write(len(encoded).to_bytes(8, "little") + encoded)
-        for name in sorted(specs):
-            dtype, shape = specs[name]
-            tensor = fetch(name).detach().to("cpu", dtype).contiguous()
-            if tuple(tensor.shape) != tuple(shape):
-                raise OutputError(f"{path}: tensor {name} changed shape while writing; nothing was written")
-            if tensor.numel():
-                out.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
-    return path
+    out.write(len(encoded).to_bytes(8, "little") + encoded)
+    for name in sorted(specs):
+        dtype, shape = specs[name]
+        tensor = fetch(name).detach().to("cpu", dtype).contiguous()
+        if tuple(tensor.shape) != tuple(shape):
+            raise OutputError(f"{path}: tensor {name} changed shape while writing; nothing was written")
+        if tensor.numel():
+            out.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
