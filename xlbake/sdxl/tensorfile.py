@@ -11,6 +11,7 @@ is wrong, before any tensor is read. Pickles are only ever loaded weights-only, 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -155,8 +156,10 @@ def write_safetensors(
 
 def stream_safetensors(
     out: BinaryIO, path: Path, specs: Mapping[str, Spec], fetch: Callable[[str], Tensor], *, metadata: Mapping[str, str]
-) -> None:
-    """The body of :func:`write_safetensors`, into an open file (``path`` names the output in errors)."""
+) -> str:
+    """The body of :func:`write_safetensors`, into an open file (``path`` names the output in errors); returns the
+    sha256 hex digest of the data section (kohya's ``sshs_model_hash``), hashed as it is written."""
+    digest = hashlib.sha256()
     header: dict[str, Any] = {"__metadata__": dict(metadata)}
     offset = 0
     for name in sorted(specs):
@@ -173,4 +176,18 @@ def stream_safetensors(
         if tuple(tensor.shape) != tuple(shape):
             raise OutputError(f"{path}: tensor {name} changed shape while writing; nothing was written")
         if tensor.numel():
-            out.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+            data = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+            out.write(data)
+            digest.update(data)
+    return digest.hexdigest()
+
+
+def replace_in_header(path: Path, placeholder: str, value: str) -> None:
+    """Replace ``placeholder`` in a safetensors file's header by ``value`` of the same length, in place (the header
+    keeps its size, the data does not move); OutputError unless it occurs exactly once."""
+    with open(path, "r+b") as handle:
+        header = handle.read(8 + int.from_bytes(handle.read(8), "little"))
+        if header.count(placeholder.encode()) != 1:
+            raise OutputError(f"{path}: metadata must not contain {placeholder!r}; remove that value")
+        handle.seek(8 + header.index(placeholder.encode()))
+        handle.write(value.encode())
