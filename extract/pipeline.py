@@ -33,6 +33,7 @@ from extract.outputs import (
     plan_variants,
     write_variant,
 )
+from extract.prefetch import prefetched
 from xlbake.data.meta import dataset_keys
 from xlbake.errors import ConfigError, InputError
 from xlbake.fingerprint import fingerprint
@@ -46,6 +47,9 @@ from xlbake.sdxl.prediction import EPSILON, declared_prediction
 
 LOG = logging.getLogger(__name__)
 COMPUTE_DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
+PREFETCH_LAYERS = 2
+"""Layers whose differences a thread reads ahead while one is factored (reads and torch ops release the GIL). Each
+costs one layer's fp32 difference, at most ~60 MB in SDXL (a 1280x1280 3x3 conv)."""
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,7 @@ class FactorSettings:
     seed: int
     full_spectrum: bool  # every singular value is needed (sv_cumulative)
     calibration: Calibration | None = None  # input statistics: whitened (activation-aware) factorization
+    prefetch: int = 0  # layers read ahead by a thread while one is factored (0: no thread)
 
     @classmethod
     def from_config(cls, cfg: ExtractConfig) -> FactorSettings:
@@ -81,6 +86,7 @@ class FactorSettings:
             oversample=cfg.oversample,
             seed=cfg.seed,
             full_spectrum=cfg.rank_method == "sv_cumulative",
+            prefetch=PREFETCH_LAYERS,
         )
 
 
@@ -227,7 +233,16 @@ def extraction_targets(base: CheckpointReader, tuned: CheckpointReader, *, conv:
 def iter_layers(
     base: CheckpointReader, tuned: CheckpointReader, targets: Sequence[LoraTarget], settings: FactorSettings
 ) -> Iterator[tuple[LayerResult, LayerDiff]]:
-    """Factor each target's difference in turn; a fused weight (TE2 in_proj) is read once for its q, k, v."""
+    """Factor each target's difference in turn, while a thread reads the next ``settings.prefetch`` ones."""
+    for target, diff, stats in prefetched(layer_differences(base, tuned, targets, settings), settings.prefetch):
+        yield factor_layer(target, diff, stats.diff_energy, settings), stats
+
+
+def layer_differences(
+    base: CheckpointReader, tuned: CheckpointReader, targets: Sequence[LoraTarget], settings: FactorSettings
+) -> Iterator[tuple[LoraTarget, Tensor, LayerDiff]]:
+    """Each target's difference matrix (out, n) and statistics; a fused weight (TE2 in_proj) is read once for its
+    q, k, v. InputError for NaN/Inf in either file."""
     key, cached = None, None
     for target in targets:
         if target.key != key:
@@ -241,8 +256,7 @@ def iter_layers(
             raise InputError(f"{tuned.path}: {target.key} holds NaN/Inf values; the checkpoint is broken, re-save it")
         # max |diff| only matters for kohya's text-encoder rule, which the decisions quote
         max_abs = float(torch.linalg.vector_norm(diff, ord=math.inf)) if target.component in TEXT_ENCODERS else 0.0
-        stats = LayerDiff(target.component, energy, float(row_energy.sum()), max_abs, tuned.dtype(target.key))
-        yield factor_layer(target, diff, energy, settings), stats
+        yield target, diff, LayerDiff(target.component, energy, float(row_energy.sum()), max_abs, tuned.dtype(key))
 
 
 def read_difference(
@@ -250,13 +264,18 @@ def read_difference(
 ) -> tuple[Tensor, Tensor]:
     """(tuned - base) as a matrix (out, in*kh*kw) and the base weight's squared row norms (out,), fp64.
 
-    NaN/Inf in the base shows in its norms (it propagates into them), without an extra pass over the tensor.
+    NaN/Inf in the base shows in its norms (it propagates into them), without an extra pass over the tensor. A
+    narrower tuned tensor is subtracted as stored (torch widens it exactly on the fly): no widened copy of it.
     """
     weight = base.get(key).to(device=settings.device, dtype=settings.dtype)
     row_energy = torch.linalg.vector_norm(to_matrix(weight), dim=1).double().square()
     if not math.isfinite(float(row_energy.sum())):
         raise InputError(f"{base.path}: {key} holds NaN/Inf values; the checkpoint is broken, re-save it")
-    diff = tuned.get(key).to(device=settings.device, dtype=settings.dtype).sub_(weight)
+    stored = tuned.get(key).to(device=settings.device)
+    if stored.dtype.itemsize < weight.dtype.itemsize:  # fp16/bf16 widened exactly inside the subtraction
+        diff = torch.sub(stored, weight)
+    else:
+        diff = stored.to(weight.dtype).sub_(weight)
     return to_matrix(diff), row_energy
 
 
