@@ -26,7 +26,7 @@ from xlbake.sdxl.keys import SGM_PREFIX
 MODEL_PREFIXES = tuple(SGM_PREFIX[part] for part in ("unet", "text_encoder", "text_encoder_2"))
 """The tensors a finetune changes and a LoRA applies to (the VAE is neither trained nor in a LoRA)."""
 CONV_KIND = "3x3 convs"
-CHUNK_ELEMENTS = 1 << 22
+CHUNK_ELEMENTS = 1 << 20
 """Elements of a left-out tensor differenced in fp64 at a time: the token embeddings (63M elements in TE2) would
 otherwise take ~2 GB of fp64 copies at once, more than the whole LoRA."""
 

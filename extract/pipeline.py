@@ -47,9 +47,9 @@ from xlbake.sdxl.prediction import EPSILON, declared_prediction
 
 LOG = logging.getLogger(__name__)
 COMPUTE_DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
-PREFETCH_LAYERS = 2
+PREFETCH_LAYERS = 1
 """Layers whose differences a thread reads ahead while one is factored (reads and torch ops release the GIL). Each
-costs one layer's fp32 difference, at most ~60 MB in SDXL (a 1280x1280 3x3 conv)."""
+costs one layer's fp32 difference, at most ~60 MB in SDXL (a 1280x1280 3x3 conv), plus the one being read."""
 
 
 @dataclass(frozen=True)
@@ -264,18 +264,15 @@ def read_difference(
 ) -> tuple[Tensor, Tensor]:
     """(tuned - base) as a matrix (out, in*kh*kw) and the base weight's squared row norms (out,), fp64.
 
-    NaN/Inf in the base shows in its norms (it propagates into them), without an extra pass over the tensor. A
-    narrower tuned tensor is subtracted as stored (torch widens it exactly on the fly): no widened copy of it.
+    NaN/Inf in the base shows in its norms (it propagates into them), without an extra pass over the tensor.
     """
     weight = base.get(key).to(device=settings.device, dtype=settings.dtype)
     row_energy = torch.linalg.vector_norm(to_matrix(weight), dim=1).double().square()
     if not math.isfinite(float(row_energy.sum())):
         raise InputError(f"{base.path}: {key} holds NaN/Inf values; the checkpoint is broken, re-save it")
-    stored = tuned.get(key).to(device=settings.device)
-    if stored.dtype.itemsize < weight.dtype.itemsize:  # fp16/bf16 widened exactly inside the subtraction
-        diff = torch.sub(stored, weight)
-    else:
-        diff = stored.to(weight.dtype).sub_(weight)
+    # in the weight's buffer: (-w) + t is t - w to the bit (IEEE negation is exact, addition commutes), and t is
+    # widened inside the addition, so the only full-size buffers are the weight and t as stored
+    diff = weight.neg_().add_(tuned.get(key).to(device=settings.device))
     return to_matrix(diff), row_energy
 
 

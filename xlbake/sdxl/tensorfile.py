@@ -90,7 +90,7 @@ class PickleFile:
         self.metadata: dict[str, str] = {}
 
     def read(self, name: str) -> Tensor:
-        return self.tensors[name]
+        return self.tensors[name].clone()  # the caller's own tensor, as from a safetensors file (it may work in place)
 
     def close(self) -> None:
         self.tensors = {}
