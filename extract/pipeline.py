@@ -270,9 +270,8 @@ def read_difference(
     row_energy = torch.linalg.vector_norm(to_matrix(weight), dim=1).double().square()
     if not math.isfinite(float(row_energy.sum())):
         raise InputError(f"{base.path}: {key} holds NaN/Inf values; the checkpoint is broken, re-save it")
-    # in the weight's buffer: (-w) + t is t - w to the bit (IEEE negation is exact, addition commutes), and t is
-    # widened inside the addition, so the only full-size buffers are the weight and t as stored
-    diff = weight.neg_().add_(tuned.get(key).to(device=settings.device))
+    # into the weight's buffer, one pass; t is widened (exactly) inside the subtraction: no widened copy of it
+    diff = torch.sub(tuned.get(key).to(device=settings.device), weight, out=weight)
     return to_matrix(diff), row_energy
 
 
