@@ -1,6 +1,8 @@
 """extract: the next layers are read by a thread while one is factored; same results, same errors, clean stops."""
 
 import threading
+import time
+import weakref
 
 import pytest
 import torch
@@ -123,3 +125,26 @@ def test_an_interrupted_consumer_stops_the_prefetch_thread():
             if item == 3:
                 raise KeyboardInterrupt
     assert not _prefetch_threads() and len(produced) <= 3 + 3  # the one used, one queued, one being made
+
+
+@pytest.mark.parametrize("ahead", [1, 2])
+def test_at_most_ahead_items_exist_beyond_the_one_in_use(ahead):
+    """What bounds memory: the thread makes an item only when the consumer is done with an earlier one."""
+    alive, most = weakref.WeakSet(), []
+
+    class Layer:  # stands for one layer's difference
+        pass
+
+    def items():
+        for _ in range(20):
+            layer = Layer()
+            alive.add(layer)
+            most.append(len(alive))
+            yield layer
+            del layer
+
+    stream = prefetched(items(), ahead)
+    while (layer := next(stream, None)) is not None:
+        time.sleep(0.005)  # factoring it: the thread runs ahead meanwhile
+        del layer
+    assert max(most) <= ahead + 1 and len(most) == 20
