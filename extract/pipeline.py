@@ -8,6 +8,7 @@ difference. Several ranks come from one factorization: a truncated SVD's top-r p
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 import sys
@@ -46,10 +47,13 @@ from xlbake.sdxl.checkpoint import CheckpointReader, open_checkpoint
 from xlbake.sdxl.prediction import EPSILON, declared_prediction
 
 LOG = logging.getLogger(__name__)
+_MALLOC_TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None) if sys.platform.startswith("linux") else None
 COMPUTE_DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
 PREFETCH_LAYERS = 1
 """Layers whose differences a thread reads ahead while one is factored (reads and torch ops release the GIL). Each
 costs one layer's fp32 difference, at most ~120 MB in SDXL (a 2560 -> 1280 3x3 conv)."""
+TRIM_EVERY = 4
+"""Layers factored between two returns of freed heap memory to the system (see release_freed_memory)."""
 
 
 @dataclass(frozen=True)
@@ -234,10 +238,25 @@ def iter_layers(
     base: CheckpointReader, tuned: CheckpointReader, targets: Sequence[LoraTarget], settings: FactorSettings
 ) -> Iterator[tuple[LayerResult, LayerDiff]]:
     """Factor each target's difference in turn, while a thread reads the next ``settings.prefetch`` ones."""
-    for target, diff, stats in prefetched(layer_differences(base, tuned, targets, settings), settings.prefetch):
+    layers = prefetched(layer_differences(base, tuned, targets, settings), settings.prefetch)
+    for done, (target, diff, stats) in enumerate(layers, start=1):
         result = factor_layer(target, diff, stats.diff_energy, settings)
         del diff  # before the next layer is asked for, so that it does not count against the read-ahead
+        if done % TRIM_EVERY == 0:
+            release_freed_memory()
         yield result, stats
+
+
+def release_freed_memory() -> None:
+    """Hand the free pages inside the C heap back to the system (glibc's ``malloc_trim``; nothing elsewhere).
+
+    The SVD's temporaries of a few MB to 32 MB come from the heap (glibc raises its mmap threshold up to 32 MB),
+    and the small factors kept between them stop it from shrinking: over SDXL's 1052 layers resident memory grew
+    ~0.5 GiB above what is live (measured, dim 128 + conv 128: peak 1.99 GiB; trimmed every layer 1.49 GiB at +12 %
+    CPU; every 4 layers 1.56 GiB at no measurable CPU cost).
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def layer_differences(
