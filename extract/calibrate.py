@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from extract.config import ExtractConfig
 from xlbake.data.kohya import Item
 from xlbake.data.run_images import RunData, bucket_size, load_pixels, read_run, run_items, split_items
 from xlbake.errors import InputError
@@ -243,16 +244,15 @@ def calibrate_run(
     return path
 
 
-def extract_calibration(
-    calibration: Path | None, calibrate: Path | None, base: Path, device: str, echo: Callable[[str], None]
-) -> Calibration | None:
-    """The statistics ``extract --calibration FILE`` / ``--calibrate RUN`` asks for (None: plain SVD); InputError
-    when they were computed from another base model."""
-    if calibrate is not None:
-        calibration = calibrate_run(calibrate, base, device=device, echo=echo)
+def extract_calibration(cfg: ExtractConfig, echo: Callable[[str], None]) -> Calibration | None:
+    """The statistics ``extract --calibration FILE`` / ``--calibrate RUN`` asks for (None: plain SVD), their 3x3 conv
+    statistics only with ``calibrate_convs``; InputError when they were computed from another base model."""
+    calibration, base = cfg.calibration, cfg.base
+    if cfg.calibrate is not None:
+        calibration = calibrate_run(cfg.calibrate, base, device=cfg.device, echo=echo)
     if calibration is None:
         return None
-    found = read_calibration(calibration)
+    found = read_calibration(calibration, convs=cfg.calibrate_convs)
     if found.metadata.get("base_fingerprint") != fingerprint(base):
         raise InputError(f"{calibration}: computed from {found.metadata.get('base')}, not from --base {base}")
     echo(f"calibrated extraction: whitening by {calibration.name} ({summary(found.metadata)})")

@@ -13,6 +13,8 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+from torch import Tensor
+
 from extract.outputs import LayerResult, Variant
 from xlbake.batch.run_folder import BASE_KEY
 from xlbake.errors import InputError
@@ -24,6 +26,9 @@ from xlbake.sdxl.keys import SGM_PREFIX
 MODEL_PREFIXES = tuple(SGM_PREFIX[part] for part in ("unet", "text_encoder", "text_encoder_2"))
 """The tensors a finetune changes and a LoRA applies to (the VAE is neither trained nor in a LoRA)."""
 CONV_KIND = "3x3 convs"
+CHUNK_ELEMENTS = 1 << 20
+"""Elements of a left-out tensor differenced in fp64 at a time: the token embeddings (63M elements in TE2) would
+otherwise take ~2 GB of fp64 copies at once, more than the whole LoRA."""
 
 
 def check_order(base: CheckpointReader, tuned: CheckpointReader) -> None:
@@ -46,12 +51,21 @@ def left_out_energies(base: CheckpointReader, tuned: CheckpointReader, targeted:
             continue
         if not (base.dtype(key).is_floating_point and tuned.dtype(key).is_floating_point):
             continue
-        energy = float((tuned.get(key).double() - base.get(key).double()).square().sum())
+        energy = squared_distance(tuned.get(key), base.get(key))
         if not math.isfinite(energy):
             raise InputError(f"{tuned.path}: {key} holds NaN/Inf values (or {base.path} does); re-save the checkpoint")
         kind = left_out_kind(key, shape)
         totals[kind] = totals.get(kind, 0.0) + energy
     return totals
+
+
+def squared_distance(a: Tensor, b: Tensor) -> float:
+    """||a - b||^2 in fp64, ``CHUNK_ELEMENTS`` at a time (same shapes)."""
+    a, b = a.reshape(-1), b.reshape(-1)
+    chunks = range(0, a.numel(), CHUNK_ELEMENTS)
+    return sum(
+        float((a[i : i + CHUNK_ELEMENTS].double() - b[i : i + CHUNK_ELEMENTS].double()).square().sum()) for i in chunks
+    )
 
 
 def variant_coverage(layers: Sequence[LayerResult], held: set[str], left_out: Mapping[str, float]) -> Coverage:

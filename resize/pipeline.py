@@ -24,12 +24,12 @@ from tqdm import tqdm
 
 from resize.config import ResizeConfig
 from resize.metadata import COVERAGE_KEY, input_coverage, resized_metadata
-from resize.plan import OutputPlan, keep_for, plan_outputs
+from resize.plan import OutputPlan, keep_for, plan_outputs, target_text
 from xlbake import __version__
 from xlbake.errors import ConfigError, InputError
 from xlbake.fileio import check_output
 from xlbake.lora.budget import LayerChoice, choose_ranks, reserved_params
-from xlbake.lora.calibration import Calibration, moment_for, read_calibration, without_convs
+from xlbake.lora.calibration import Calibration, moment_for, read_calibration
 from xlbake.lora.factored import factor_svd
 from xlbake.lora.io import (
     ALPHA,
@@ -111,9 +111,7 @@ def run_resize(cfg: ResizeConfig, *, force: bool = False, progress: bool = False
     # the input's hash (a second of sha256 per GB, which releases the GIL) runs on another core while we factor
     with ThreadPoolExecutor(max_workers=1) as pool:
         hashing, start = pool.submit(safetensors_data_hash, lora.path), time.perf_counter()
-        calibration = read_calibration(cfg.calibration) if cfg.calibration else None
-        if calibration is not None and not cfg.calibrate_convs:
-            calibration = without_convs(calibration)
+        calibration = read_calibration(cfg.calibration, convs=cfg.calibrate_convs) if cfg.calibration else None
         layers = factorize(lora.modules, keep_for(plans), device, progress=progress, calibration=calibration)
         logger.info("factor-space SVD of %d layers: %.2f s", len(layers), time.perf_counter() - start)
         source_hash = hashing.result()
@@ -372,7 +370,7 @@ def _summary(
         "tool": f"xlbake {__version__} resize",
         "source": source.path.name,
         "source_sshs_model_hash": source_hash,
-        "target": _target_text(cfg, plan),
+        "target": target_text(cfg, plan),
         "method": "size" if plan.budget is not None else cfg.method,
         "value": cfg.value,
         "rank": plan.rank,
@@ -385,19 +383,6 @@ def _summary(
         "kept_energy": total.kept,
         "kept_as_is": kept_as_is,
     }
-
-
-def _target_text(cfg: ResizeConfig, plan: OutputPlan) -> str:
-    caps = (
-        ""
-        if plan.rank is None
-        else f"rank {plan.rank}" + ("" if plan.conv_rank == plan.rank else f", conv rank {plan.conv_rank}")
-    )
-    if plan.budget is not None:
-        return f"size {plan.budget.text}" + (f" (cap {caps})" if caps else "")
-    if cfg.method == "fixed":
-        return caps
-    return f"{cfg.method} {cfg.value:g}" + (f" (cap {caps})" if caps else "")
 
 
 def _asked_above(layer: LayerSpectrum, plan: OutputPlan) -> bool:

@@ -87,3 +87,17 @@ def _output_path(out: Path, key: str, label: str, many: bool) -> Path:
         other = "--size" if leftover.group(1) == "size" else "--rank"
         raise ConfigError(f"out: {out.name} has a {leftover.group(0)} placeholder, which needs {other}")
     return out.with_name(name)
+
+
+def target_text(cfg: ResizeConfig, plan: OutputPlan) -> str:
+    """What an output asks for, in words: "rank 16", "size 50MB (cap rank 64)", "sv_fro 0.9 (cap rank 32)"."""
+    caps = (
+        ""
+        if plan.rank is None
+        else f"rank {plan.rank}" + ("" if plan.conv_rank == plan.rank else f", conv rank {plan.conv_rank}")
+    )
+    if plan.budget is not None:
+        return f"size {plan.budget.text}" + (f" (cap {caps})" if caps else "")
+    if cfg.method == "fixed":
+        return caps
+    return f"{cfg.method} {cfg.value:g}" + (f" (cap {caps})" if caps else "")

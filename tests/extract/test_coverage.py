@@ -102,3 +102,15 @@ def test_a_fixed_rank_with_a_capped_conv_is_tagged_with_its_rank(tiny_paths, eve
     assert sorted({module.rank for module in lora.modules.values()}) == [4, 8]
     assert lora.metadata["ss_network_dim"] == "8" and lora.metadata["ss_network_alpha"] == "8.0"
     assert any(line.startswith("e8: 1 of 219 layers") and "unet 1 at 4" in line for line in lines), lines
+
+
+@pytest.mark.parametrize("shape", [(7, 5, 3, 3), (11,), ()])
+def test_left_out_energy_is_taken_in_fp64_chunks_without_changing_it(monkeypatch, shape):
+    """A token embedding is differenced a block at a time (no 2 GB of fp64 copies), to the one-shot value."""
+    import extract.coverage
+
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(shape, generator=gen).half(), torch.randn(shape, generator=gen).half()
+    monkeypatch.setattr(extract.coverage, "CHUNK_ELEMENTS", 4)
+    whole = float((a.double() - b.double()).square().sum())
+    assert extract.coverage.squared_distance(a, b) == pytest.approx(whole, rel=1e-12)

@@ -92,8 +92,9 @@ def _stored(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu", torch.float32, copy=True)
 
 
-def read_calibration(path: Path) -> Calibration:
-    """The moments and metadata of a calibration file; InputError if it is not one (or an old format)."""
+def read_calibration(path: Path, *, convs: bool = True) -> Calibration:
+    """The moments and metadata of a calibration file; InputError if it is not one (or an old format). Without
+    ``convs`` its 3x3 conv statistics are left out (:func:`without_convs`)."""
     from safetensors import safe_open
 
     try:
@@ -118,7 +119,8 @@ def read_calibration(path: Path) -> Calibration:
         }  # fmt: skip
     except (KeyError, ValueError) as exc:
         raise InputError(f"{path}: incomplete calibration file ({exc})") from exc
-    return Calibration(moments, modules, metadata)
+    calibration = Calibration(moments, modules, metadata)
+    return calibration if convs else without_convs(calibration)
 
 
 def summary(metadata: Mapping[str, str]) -> str:

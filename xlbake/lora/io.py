@@ -15,7 +15,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import closing
 from dataclasses import dataclass
 from datetime import datetime
@@ -24,13 +24,12 @@ from types import MappingProxyType
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from xlbake.errors import InputError, OutputError
 from xlbake.fileio import atomic_path, check_output
 from xlbake.lora.names import module_kind
 from xlbake.sdxl.prediction import EPSILON, MODELSPEC_KEY, modelspec_value
-from xlbake.sdxl.tensorfile import PICKLE_SUFFIXES, SafetensorsFile
+from xlbake.sdxl.tensorfile import PICKLE_SUFFIXES, SafetensorsFile, replace_in_header, stream_safetensors
 
 DOWN = ".lora_down.weight"
 UP = ".lora_up.weight"
@@ -192,22 +191,39 @@ def write_lora(
     if not (math.isfinite(alpha) and alpha > 0):
         raise ValueError(f"write_lora: alpha must be a positive finite number, got {alpha}")
     stored_alpha = float(torch.tensor(alpha, dtype=dtype))  # fold against the value loaders will read
-    tensors: dict[str, torch.Tensor] = {}
-    for name, (up, down) in shaped.items():
-        up_f, down_f = fold_alpha(up, down, stored_alpha)
-        if not (torch.isfinite(up_f).all() and torch.isfinite(down_f).all()):
-            raise ValueError(f"write_lora: {name}: factors hold NaN/Inf")
-        up_s, down_s = up_f.to(dtype).contiguous(), down_f.to(dtype).contiguous()
-        if not (torch.isfinite(up_s).all() and torch.isfinite(down_s).all()):
-            raise OutputError(f"{path}: module {name} overflows {dtype}; save as bf16 or fp32 instead")
-        tensors[name + DOWN], tensors[name + UP] = down_s, up_s
-        tensors[name + ALPHA] = torch.tensor(stored_alpha, dtype=dtype)
+    specs = {name + suffix: (dtype, shape) for name, (up, down) in shaped.items()
+             for suffix, shape in ((DOWN, tuple(down.shape)), (UP, tuple(up.shape)), (ALPHA, ()))}  # fmt: skip
     header = _output_metadata(path, metadata)
     header[HASH_KEY] = _HASH_PLACEHOLDER
     with atomic_path(path, force) as tmp:
-        save_file(tensors, str(tmp), metadata=header)
-        _stamp_data_hash(tmp)
+        with open(tmp, "wb") as out:
+            digest = stream_safetensors(
+                out, tmp, specs, _module_caster(path, shaped, dtype, stored_alpha), metadata=header
+            )
+        replace_in_header(tmp, _HASH_PLACEHOLDER, digest)
     return path
+
+
+def _module_caster(path: Path, shaped: Mapping, dtype: torch.dtype, alpha: float) -> Callable[[str], torch.Tensor]:
+    """``fetch(key)`` for :func:`stream_safetensors`: each module folded and cast as it is written, one at a time
+    (not a second copy of the whole LoRA); its up and down share one fold."""
+    last: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def fetch(key: str) -> torch.Tensor:
+        name, suffix = key.split(".", 1)  # module names hold no "." (checked)
+        if suffix == ALPHA[1:]:
+            return torch.tensor(alpha, dtype=dtype)
+        if name not in last:
+            up, down = fold_alpha(*shaped[name], alpha)
+            if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
+                raise ValueError(f"write_lora: {name}: factors hold NaN/Inf")
+            last.clear()
+            last[name] = up.to(dtype), down.to(dtype)
+            if not all(torch.isfinite(t).all() for t in last[name]):
+                raise OutputError(f"{path}: module {name} overflows {dtype}; save as bf16 or fp32 instead")
+        return last[name][0] if suffix == UP[1:] else last[name][1]
+
+    return fetch
 
 
 def fold_alpha(up: torch.Tensor, down: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -382,19 +398,3 @@ def _output_metadata(path: Path, metadata: Mapping[str, str]) -> dict[str, str]:
                 ) from exc
         header[key] = value
     return header
-
-
-def _stamp_data_hash(path: Path) -> None:
-    """Replace the placeholder ``sshs_model_hash`` in the header with the sha256 of the data section, in place.
-
-    The placeholder has the digest's length, so the header keeps its size and the hashed data does not move.
-    """
-    digest = safetensors_data_hash(path)
-    with open(path, "r+b") as handle:
-        header_len = int.from_bytes(handle.read(8), "little")
-        header = handle.read(header_len)
-        placeholder = _HASH_PLACEHOLDER.encode()
-        if header.count(placeholder) != 1:
-            raise OutputError(f"{path}: metadata must not contain {_HASH_PLACEHOLDER!r}; remove that value")
-        handle.seek(8 + header.index(placeholder))
-        handle.write(digest.encode())

@@ -11,6 +11,7 @@ is wrong, before any tensor is read. Pickles are only ever loaded weights-only, 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -89,7 +90,7 @@ class PickleFile:
         self.metadata: dict[str, str] = {}
 
     def read(self, name: str) -> Tensor:
-        return self.tensors[name]
+        return self.tensors[name].clone()  # the caller's own tensor, as from a safetensors file (it may work in place)
 
     def close(self) -> None:
         self.tensors = {}
@@ -148,6 +149,17 @@ def write_safetensors(
     tensor. Atomic (temp + rename); OutputError if a fetched tensor's shape differs from its spec.
     """
     path = Path(path)
+    with atomic_path(path, force) as tmp, open(tmp, "wb") as out:
+        stream_safetensors(out, path, specs, fetch, metadata=metadata)
+    return path
+
+
+def stream_safetensors(
+    out: BinaryIO, path: Path, specs: Mapping[str, Spec], fetch: Callable[[str], Tensor], *, metadata: Mapping[str, str]
+) -> str:
+    """The body of :func:`write_safetensors`, into an open file (``path`` names the output in errors); returns the
+    sha256 hex digest of the data section (kohya's ``sshs_model_hash``), hashed as it is written."""
+    digest = hashlib.sha256()
     header: dict[str, Any] = {"__metadata__": dict(metadata)}
     offset = 0
     for name in sorted(specs):
@@ -157,13 +169,25 @@ def write_safetensors(
         offset += nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)
-    with atomic_path(path, force) as tmp, open(tmp, "wb") as out:
-        out.write(len(encoded).to_bytes(8, "little") + encoded)
-        for name in sorted(specs):
-            dtype, shape = specs[name]
-            tensor = fetch(name).detach().to("cpu", dtype).contiguous()
-            if tuple(tensor.shape) != tuple(shape):
-                raise OutputError(f"{path}: tensor {name} changed shape while writing; nothing was written")
-            if tensor.numel():
-                out.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
-    return path
+    out.write(len(encoded).to_bytes(8, "little") + encoded)
+    for name in sorted(specs):
+        dtype, shape = specs[name]
+        tensor = fetch(name).detach().to("cpu", dtype).contiguous()
+        if tuple(tensor.shape) != tuple(shape):
+            raise OutputError(f"{path}: tensor {name} changed shape while writing; nothing was written")
+        if tensor.numel():
+            data = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+            out.write(data)
+            digest.update(data)
+    return digest.hexdigest()
+
+
+def replace_in_header(path: Path, placeholder: str, value: str) -> None:
+    """Replace ``placeholder`` in a safetensors file's header by ``value`` of the same length, in place (the header
+    keeps its size, the data does not move); OutputError unless it occurs exactly once."""
+    with open(path, "r+b") as handle:
+        header = handle.read(8 + int.from_bytes(handle.read(8), "little"))
+        if header.count(placeholder.encode()) != 1:
+            raise OutputError(f"{path}: metadata must not contain {placeholder!r}; remove that value")
+        handle.seek(8 + header.index(placeholder.encode()))
+        handle.write(value.encode())
