@@ -38,6 +38,7 @@ from torch import Tensor
 from extract.config import ExtractConfig
 from xlbake.data.kohya import Item
 from xlbake.data.run_images import RunData, bucket_size, load_pixels, read_run, run_items, split_items
+from xlbake.devices import resolve_device
 from xlbake.errors import InputError
 from xlbake.evaluate.fidelity import encode_prompts
 from xlbake.evaluate.grid import ModelWeights
@@ -249,7 +250,7 @@ def extract_calibration(cfg: ExtractConfig, echo: Callable[[str], None]) -> Cali
     statistics only with ``calibrate_convs``; InputError when they were computed from another base model."""
     calibration, base = cfg.calibration, cfg.base
     if cfg.calibrate is not None:
-        calibration = calibrate_run(cfg.calibrate, base, device=cfg.device, echo=echo)
+        calibration = calibrate_run(cfg.calibrate, base, device=resolve_device(cfg.device), echo=echo)
     if calibration is None:
         return None
     found = read_calibration(calibration, convs=cfg.calibrate_convs)

@@ -10,7 +10,7 @@ from typing import Literal
 from xlbake.errors import ConfigError
 from xlbake.lora.budget import parse_size
 
-DEVICE_PATTERN = re.compile(r"^(cpu|cuda(:\d+)?)$")
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
 @dataclass(frozen=True)
@@ -87,8 +87,9 @@ class ExtractConfig:
     """A finetune run folder: compute ``RUN/calibration.safetensors`` with one pass of ``base`` over a few of the
     run's images and captions, from the calibration half only (the other half is held out for ``xlbake fidelity
     --inputs dataset``; reused when present), and extract calibrated with it."""
-    device: str = "cpu"
-    """Where the SVDs run: cpu, cuda or cuda:N. Tensors are read one at a time either way."""
+    device: str = "auto"
+    """Where the SVDs and the calibration pass run: auto (the GPU when torch sees one, else the CPU), cpu, cuda or
+    cuda:N. Tensors are read one at a time either way."""
     config_version: int = 1
     """Version of this config's format."""
 
@@ -108,7 +109,7 @@ class ExtractConfig:
         if self.min_diff < 0:
             problems.append(f"min_diff: must be >= 0, got {self.min_diff}")
         if not DEVICE_PATTERN.match(self.device):
-            problems.append(f"device: expected cpu, cuda or cuda:N, got {self.device!r}")
+            problems.append(f"device: expected auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.calibration is not None and self.calibrate is not None:
             problems.append("calibration: give a calibration file or a run to calibrate on (calibrate), not both")
         if self.out is not None and self.out.suffix.lower() != ".safetensors":

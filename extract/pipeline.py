@@ -36,6 +36,7 @@ from extract.outputs import (
 )
 from extract.prefetch import prefetched
 from xlbake.data.meta import dataset_keys
+from xlbake.devices import resolve_device
 from xlbake.errors import ConfigError, InputError
 from xlbake.fingerprint import fingerprint
 from xlbake.lora.calibration import Calibration, calibration_info
@@ -77,9 +78,7 @@ class FactorSettings:
 
     @classmethod
     def from_config(cls, cfg: ExtractConfig) -> FactorSettings:
-        device = torch.device(cfg.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"device: {cfg.device} requested but torch sees no CUDA GPU; use --device cpu")
+        device = resolve_device(cfg.device)
         save = SAVE_DTYPES[cfg.save_precision]
         return cls(
             rank=max(cfg.dim),

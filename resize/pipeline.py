@@ -26,7 +26,8 @@ from resize.config import ResizeConfig
 from resize.metadata import COVERAGE_KEY, input_coverage, resized_metadata
 from resize.plan import OutputPlan, keep_for, plan_outputs, target_text
 from xlbake import __version__
-from xlbake.errors import ConfigError, InputError
+from xlbake.devices import resolve_device
+from xlbake.errors import InputError
 from xlbake.fileio import check_output
 from xlbake.lora.budget import LayerChoice, choose_ranks, reserved_params
 from xlbake.lora.calibration import Calibration, moment_for, read_calibration
@@ -121,16 +122,6 @@ def run_resize(cfg: ResizeConfig, *, force: bool = False, progress: bool = False
         return [write_output(cfg, plan, layers, lora, source_hash, force=force) for plan in plans]
     finally:
         torch.set_num_threads(threads)
-
-
-def resolve_device(name: str) -> torch.device:
-    """``torch.device(name)``, refusing a device this machine does not have."""
-    device = torch.device(name)
-    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
-        raise ConfigError(f"device: {name} is not available on this machine; use --device cpu")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"device: {name} is not available on this machine; use --device cpu")
-    return device
 
 
 def factorize(

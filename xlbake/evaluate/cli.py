@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from xlbake.cli import force_option, run_guarded, setup_logging
+from xlbake.devices import resolve_device
 
 DEVICES = "auto (cuda if available), cpu, cuda, cuda:N"
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -143,7 +144,7 @@ def grid(
     setup_logging()
     check_output(out, force)
     rows = _prompts(prompts, prompts_file, captions, max_prompts, seed)
-    device = _device(device)
+    device = resolve_device(device)
     steps, width, height, note = sample_defaults(device, steps=steps, width=width, height=height)
     if note:
         click.echo(f"Note: {note}", err=True)
@@ -238,7 +239,7 @@ def fidelity(
         loras,
         n_samples=samples,
         seed=seed,
-        device=_device(device),
+        device=resolve_device(device),
         prompts=_prompts(prompts, prompts_file, captions, max_prompts, seed, required=False),
         components=components,
         dtype=_dtype(dtype),
@@ -271,7 +272,7 @@ def _fidelity_inputs(base, kind, dataset, split, per_image, seed, components, de
     from xlbake.evaluate.fidelity_inputs import dataset_inputs
 
     found = dataset_inputs(
-        base, dataset, split=split, per_image=per_image, seed=seed, components=components, device=_device(device)
+        base, dataset, split=split, per_image=per_image, seed=seed, components=components, device=resolve_device(device)
     )
     click.echo(f"inputs: {len(found.images)} {split} images of {dataset} x {per_image} noise levels, own captions")
     described = {"kind": "dataset", "dataset": str(dataset), "split": split, "per_image": per_image}
@@ -311,17 +312,6 @@ def _prompts(prompts, prompts_file, captions, limit: int, seed: int, required: b
     if required and not found:
         raise click.UsageError("no prompts: give --prompt, --prompts-file or --captions")
     return found
-
-
-def _device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError as exc:
-        raise click.BadParameter(f"{name!r} is not a device ({DEVICES})", param_hint="--device") from exc
 
 
 def _dtype(name: str):
