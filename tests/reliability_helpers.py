@@ -293,15 +293,21 @@ def save_version(writer: str, path: Path, seed: int, point: str | None = None) -
     if writer == "lora":
         import xlbake.lora.io
 
-        if point == "mid_write":
-            real_save = xlbake.lora.io.save_file
+        if point == "mid_write":  # the writer streams module by module: stop it with half of them on disk
+            real_stream = xlbake.lora.io.stream_safetensors
 
-            def half_then_pause(tensors: dict, filename: str, metadata: dict | None = None) -> None:
-                real_save(tensors, filename, metadata=metadata)
-                os.truncate(filename, os.path.getsize(filename) // 2)
-                _pause("mid_write")
+            def half_then_pause(out, path, specs, fetch, *, metadata):  # noqa: ANN001, ANN202 (same as the real one)
+                later = set(sorted(specs)[len(specs) // 2 :])
 
-            xlbake.lora.io.save_file = half_then_pause
+                def fetch_or_pause(name: str) -> torch.Tensor:
+                    if name in later:
+                        out.flush()
+                        _pause("mid_write")
+                    return fetch(name)
+
+                return real_stream(out, path, specs, fetch_or_pause, metadata=metadata)
+
+            xlbake.lora.io.stream_safetensors = half_then_pause
         write_test_lora(path, seed=seed, force=True)
     elif writer == "sgm":
         from xlbake.sdxl.checkpoint import save_sgm_checkpoint
