@@ -64,6 +64,16 @@ def _delta(base, tuned, name):
         return to_matrix(t.get(target.key).double() - b.get(target.key).double())
 
 
+def _anisotropic(gen: torch.Generator, low: int):
+    """Moments C (in, in) of a target with eigenvalues from 1 down to 10^low along random directions."""
+
+    def moment(target):
+        basis = torch.linalg.qr(torch.randn(target.shape[1], target.shape[1], generator=gen)).Q
+        return (basis * torch.logspace(0, low, target.shape[1])) @ basis.T
+
+    return moment
+
+
 def test_identity_statistics_give_the_plain_lora(tiny_paths, tuned, tmp_path):
     base = tiny_paths.single_file
     calibration = _moments(base, tmp_path / "c.safetensors", lambda t: torch.eye(t.shape[1]))
@@ -78,9 +88,7 @@ def test_calibrated_lora_keeps_more_of_the_effect_on_the_calibrated_inputs(tiny_
     base = tiny_paths.single_file
     gen = torch.Generator().manual_seed(1)
 
-    def anisotropic(target):
-        basis = torch.linalg.qr(torch.randn(target.shape[1], target.shape[1], generator=gen)).Q
-        return (basis * torch.logspace(0, -4, target.shape[1])) @ basis.T
+    anisotropic = _anisotropic(gen, -4)
 
     calibration = _moments(base, tmp_path / "c.safetensors", anisotropic)
     found = read_calibration(calibration)
@@ -104,9 +112,7 @@ def test_compressed_statistics_give_the_whitened_optimum_of_the_compressed_metri
     base = tiny_paths.single_file
     gen = torch.Generator().manual_seed(2)
 
-    def anisotropic(target):
-        basis = torch.linalg.qr(torch.randn(target.shape[1], target.shape[1], generator=gen)).Q
-        return (basis * torch.logspace(0, -3, target.shape[1])) @ basis.T
+    anisotropic = _anisotropic(gen, -3)
 
     calibration = _moments(base, tmp_path / "c.safetensors", anisotropic, rank=4)  # S never formed: 2·4 < in
     cal_path = _extract(base, tuned, tmp_path / "cal.safetensors", calibration=calibration)
@@ -128,9 +134,7 @@ def test_3x3_convs_are_whitened_by_their_kronecker_statistics_only_when_asked(ti
     gen = torch.Generator().manual_seed(3)
     taps = torch.eye(9) + 0.5 * torch.ones(9, 9)  # neighbouring pixels correlate
 
-    def anisotropic(target):
-        basis = torch.linalg.qr(torch.randn(target.shape[1], target.shape[1], generator=gen)).Q
-        return (basis * torch.logspace(0, -3, target.shape[1])) @ basis.T
+    anisotropic = _anisotropic(gen, -3)
 
     with open_checkpoint(base) as reader:
         targets = calibrated_targets(reader.shapes())
