@@ -34,7 +34,7 @@ from extract.outputs import (
     plan_variants,
     write_variant,
 )
-from extract.prefetch import prefetched
+from extract.prefetch import in_parallel, prefetched
 from xlbake.data.meta import dataset_keys
 from xlbake.devices import resolve_device
 from xlbake.errors import ConfigError, InputError
@@ -55,6 +55,9 @@ PREFETCH_LAYERS = 1
 """Layers whose differences a thread reads ahead while one is factored (reads and torch ops release the GIL). Each
 costs one layer's fp32 difference, at most ~120 MB in SDXL (a 2560 -> 1280 3x3 conv)."""
 TRIM_EVERY = 4
+MAX_WORKERS = 4
+"""Layers factored at once on a CPU (one per torch thread, at most this many): each holds its difference and SVD
+workspace (up to ~0.3 GiB for SDXL's largest), so more would grow the peak memory more than the speed."""
 """Layers factored between two returns of freed heap memory to the system (see release_freed_memory)."""
 
 
@@ -75,6 +78,7 @@ class FactorSettings:
     calibration: Calibration | None = None  # input statistics: whitened (activation-aware) factorization
     sketch: torch.dtype | None = None  # dtype of the fast SVD's Krylov products (None: dtype)
     prefetch: int = 0  # layers read ahead by a thread while one is factored (0: no thread)
+    workers: int = 1  # layers factored at once, each on its own thread (CPU only)
 
     @classmethod
     def from_config(cls, cfg: ExtractConfig) -> FactorSettings:
@@ -93,6 +97,7 @@ class FactorSettings:
             full_spectrum=cfg.rank_method == "sv_cumulative",
             sketch=sketch_dtype(cfg.sketch_precision, COMPUTE_DTYPES[cfg.precision], device),
             prefetch=PREFETCH_LAYERS,
+            workers=min(torch.get_num_threads(), MAX_WORKERS) if device.type == "cpu" else 1,
         )
 
 
@@ -239,14 +244,19 @@ def extraction_targets(base: CheckpointReader, tuned: CheckpointReader, *, conv:
 def iter_layers(
     base: CheckpointReader, tuned: CheckpointReader, targets: Sequence[LoraTarget], settings: FactorSettings
 ) -> Iterator[tuple[LayerResult, LayerDiff]]:
-    """Factor each target's difference in turn, while a thread reads the next ``settings.prefetch`` ones."""
+    """Factor each target's difference (``settings.workers`` at once), while a thread reads the next
+    ``settings.prefetch`` ones; results in the targets' order."""
     layers = prefetched(layer_differences(base, tuned, targets, settings), settings.prefetch)
-    for done, (target, diff, stats) in enumerate(layers, start=1):
-        result = factor_layer(target, diff, stats.diff_energy, settings)
-        del diff  # before the next layer is asked for, so that it does not count against the read-ahead
+
+    def factor(layer: tuple[LoraTarget, Tensor, LayerDiff]) -> tuple[LayerResult, LayerDiff]:
+        target, diff, stats = layer
+        return factor_layer(target, diff, stats.diff_energy, settings), stats
+
+    threads_each = max(1, torch.get_num_threads() // settings.workers)
+    for done, item in enumerate(in_parallel(layers, factor, settings.workers, threads_each), start=1):
         if done % TRIM_EVERY == 0:
             release_freed_memory()
-        yield result, stats
+        yield item
 
 
 def release_freed_memory() -> None:
