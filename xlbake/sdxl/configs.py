@@ -66,16 +66,9 @@ SDXL_UNET_CONFIG: dict[str, Any] = {
     "cross_attention_norm": None,
 }
 
-# Text encoder 1: OpenAI CLIP ViT-L/14 text tower (CLIPTextModel). bos/eos ids are the ones in SDXL's config.json.
-SDXL_TE1_CONFIG: dict[str, Any] = {
-    "vocab_size": 49408,
-    "hidden_size": 768,
-    "intermediate_size": 3072,
-    "projection_dim": 768,
-    "num_hidden_layers": 12,
-    "num_attention_heads": 12,
+# What both SDXL text towers share: 77 tokens, no dropout, the CLIP tokenizer's pad/bos/eos ids.
+_CLIP_TEXT_COMMON: dict[str, Any] = {
     "max_position_embeddings": 77,
-    "hidden_act": "quick_gelu",
     "layer_norm_eps": 1e-5,
     "attention_dropout": 0.0,
     "dropout": 0.0,
@@ -86,6 +79,18 @@ SDXL_TE1_CONFIG: dict[str, Any] = {
     "eos_token_id": 2,
 }
 
+# Text encoder 1: OpenAI CLIP ViT-L/14 text tower (CLIPTextModel). bos/eos ids are the ones in SDXL's config.json.
+SDXL_TE1_CONFIG: dict[str, Any] = {
+    "vocab_size": 49408,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "projection_dim": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "hidden_act": "quick_gelu",
+    **_CLIP_TEXT_COMMON,
+}
+
 # Text encoder 2: OpenCLIP ViT-bigG/14 text tower (CLIPTextModelWithProjection).
 SDXL_TE2_CONFIG: dict[str, Any] = {
     "vocab_size": 49408,
@@ -94,16 +99,8 @@ SDXL_TE2_CONFIG: dict[str, Any] = {
     "projection_dim": 1280,
     "num_hidden_layers": 32,
     "num_attention_heads": 20,
-    "max_position_embeddings": 77,
     "hidden_act": "gelu",
-    "layer_norm_eps": 1e-5,
-    "attention_dropout": 0.0,
-    "dropout": 0.0,
-    "initializer_range": 0.02,
-    "initializer_factor": 1.0,
-    "pad_token_id": 1,
-    "bos_token_id": 0,
-    "eos_token_id": 2,
+    **_CLIP_TEXT_COMMON,
 }
 
 SDXL_VAE_CONFIG: dict[str, Any] = {
