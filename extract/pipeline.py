@@ -34,7 +34,7 @@ from extract.outputs import (
     plan_variants,
     write_variant,
 )
-from extract.prefetch import in_parallel, prefetched
+from extract.prefetch import prefetched
 from xlbake.data.meta import dataset_keys
 from xlbake.devices import resolve_device
 from xlbake.errors import ConfigError, InputError
@@ -44,6 +44,7 @@ from xlbake.lora.io import SAVE_DTYPES
 from xlbake.lora.krylov import sketch_dtype, svd_adaptive
 from xlbake.lora.lowrank import Svd, split_factors, svd_exact, to_matrix
 from xlbake.lora.names import LoraTarget, kohya_targets
+from xlbake.lora.parallel import in_parallel
 from xlbake.lora.whiten import unwhiten, whiten_scaled
 from xlbake.sdxl.checkpoint import CheckpointReader, open_checkpoint
 from xlbake.sdxl.prediction import EPSILON, declared_prediction

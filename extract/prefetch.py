@@ -1,23 +1,17 @@
-"""Overlap: the next layers' differences are read and formed in a thread while earlier ones are factored, and
-several layers are factored at once on a CPU with several cores.
+"""Reading ahead: the next layers' differences are read and formed in a thread while earlier ones are factored.
 
-File reads and torch ops release the GIL, so threads overlap them with the SVDs. Memory is bounded: at most ``ahead``
-items are made (or being made) beyond those in use, and at most ``workers`` are factored at once.
+File reads and torch ops release the GIL, so a thread overlaps them with the SVDs. Memory is bounded: at most
+``ahead`` items are made (or being made) beyond those in use.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-from collections import deque
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterator
 from typing import TypeVar
 
-import torch
-
 T = TypeVar("T")
-R = TypeVar("R")
 POLL_SECONDS = 0.1
 """How often the thread, waiting for the consumer to be done with an item, checks whether it has stopped."""
 _END = object()
@@ -70,34 +64,3 @@ def prefetched(items: Iterator[T], ahead: int) -> Iterator[T]:
         stop.set()
         thread.join()
 
-
-def in_parallel(items: Iterator[T], work: Callable[[T], R], workers: int, threads_each: int = 1) -> Iterator[R]:
-    """``work(item)`` for each item, in order, on up to ``workers`` threads at once, each with ``threads_each`` torch
-    threads (``workers`` <= 1: in the calling thread, as ``map``).
-
-    Layers of a few MB factor far better side by side on one thread each than one at a time on all cores, whose
-    small GEMMs, QRs and eigen-solves barely split. At most ``workers`` items are in flight: the next is taken only
-    when the oldest is done. An exception from ``work`` is raised in its place; closing the iterator cancels what has
-    not started and waits for what has. The caller's torch thread count is restored at the end.
-    """
-    if workers <= 1:
-        yield from map(work, items)
-        return
-    threads = torch.get_num_threads()
-    pending: deque[Future[R]] = deque()
-    try:
-        pool = ThreadPoolExecutor(workers, "xlbake-factor", initializer=torch.set_num_threads, initargs=(threads_each,))
-        with pool:
-            try:
-                for item in items:
-                    pending.append(pool.submit(work, item))
-                    del item  # the worker's now
-                    if len(pending) >= workers:
-                        yield pending.popleft().result()
-                while pending:
-                    yield pending.popleft().result()
-            finally:
-                for future in pending:
-                    future.cancel()
-    finally:
-        torch.set_num_threads(threads)  # the workers' setting may be process-wide (MKL, OpenMP)

@@ -47,6 +47,7 @@ from xlbake.lora.io import (
 )
 from xlbake.lora.lowrank import Svd, kept_energy, split_factors
 from xlbake.lora.moments import moment_whitening
+from xlbake.lora.parallel import in_parallel
 from xlbake.lora.report import Coverage, LayerStat, group_stat, report_paths, write_report
 from xlbake.lora.whiten import DAMPING, Factor, whitened_factor_svd
 
@@ -135,8 +136,8 @@ def factorize(
     """The factor-space SVD of every module's delta, in the modules' order.
 
     Consumes ``modules``. What is kept goes into one preallocated block (small long-lived tensors between large
-    temporaries would fragment the heap). Whole layers go to ``torch.get_num_threads()`` workers of one thread each:
-    split over threads, a layer's r x r eigh and small GEMMs cost many times their CPU time (eigh 10x at 2 threads).
+    temporaries would fragment the heap). Whole layers go to ``torch.get_num_threads()`` workers of one thread each
+    (:func:`xlbake.lora.parallel.in_parallel`).
     """
     sizes = {name: _kept_size(module, keep(module.kind)) for name, module in modules.items()}
     arena = torch.empty(sum(sizes.values()), dtype=COMPUTE_DTYPE)
@@ -155,14 +156,10 @@ def factorize(
         kept, shape = Svd(u=u, s=spectrum[:top], vh=vh), tuple(module.down.shape)
         return LayerSpectrum(name, module_component(name), module.kind, shape, spectrum, kept)
 
-    threads, jobs = torch.get_num_threads(), [(name, modules.pop(name)) for name in names]
+    jobs = ((name, modules.pop(name)) for name in names)  # an input layer goes once it is factored
+    done = in_parallel(jobs, lambda job: factor_one(*job), workers=torch.get_num_threads())
     shown = None if progress else True  # None: a bar only on a terminal, so logs and pipes stay clean
-    try:
-        with ThreadPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-            done, jobs = pool.map(lambda job: factor_one(*job), jobs), []  # an input layer goes once it is done
-            return list(tqdm(done, total=len(names), desc="factor SVD", unit="layer", disable=shown, leave=False))
-    finally:
-        torch.set_num_threads(threads)  # the workers' setting may be process-wide (MKL)
+    return list(tqdm(done, total=len(names), desc="factor SVD", unit="layer", disable=shown, leave=False))
 
 
 def _kept_size(module: LoraModule, keep: int | None) -> int:

@@ -151,48 +151,27 @@ def test_at_most_ahead_items_exist_beyond_the_one_in_use(ahead):
 
 
 @pytest.mark.parametrize("svd", ["fast", "exact"])
-def test_loras_are_bit_identical_when_layers_are_factored_side_by_side(changed, tmp_path, svd):
+def test_loras_are_bit_identical_when_layers_are_factored_side_by_side(changed, tmp_path, monkeypatch, svd):
     """Two workers of one torch thread each give the very bits of one worker at one thread."""
     base, tuned, _ = changed
-    threads, written = torch.get_num_threads(), {}
+    threads, written, factored_on = torch.get_num_threads(), {}, {1: set(), 2: set()}
+    real_factor, current = extract.pipeline.factor_layer, [0]
+
+    def factor_layer(*args):
+        factored_on[current[0]].add(threading.current_thread().name.split("_")[0])  # pool threads: name_N
+        return real_factor(*args)
+
+    monkeypatch.setattr(extract.pipeline, "factor_layer", factor_layer)
     try:
         for workers in (1, 2):
             torch.set_num_threads(workers)  # extract takes one worker per torch thread
+            current[0] = workers
             paths = _extract(base, tuned, tmp_path / f"workers{workers}" / "lora.safetensors", svd=svd).outputs
             written[workers] = [load_file(path) for path in paths]
     finally:
         torch.set_num_threads(threads)
+    assert factored_on == {1: {"MainThread"}, 2: {"xlbake-factor"}}
     for one, two in zip(written[1], written[2], strict=True):
         assert one.keys() == two.keys()
         assert all(torch.equal(one[key], two[key]) for key in one)
 
-
-def test_in_parallel_keeps_the_order_bounds_the_work_in_flight_and_raises_in_place():
-    from extract.prefetch import in_parallel
-
-    lock, running, most = threading.Lock(), [0], [0]
-
-    def work(x):
-        with lock:
-            running[0] += 1
-            most[0] = max(most[0], running[0])
-        time.sleep(0.01 * (x % 3))  # later items may finish first
-        with lock:
-            running[0] -= 1
-        if x == 7:
-            raise InputError("bad layer 7")
-        return x * x
-
-    taken = []
-
-    def items():
-        for x in range(10):
-            taken.append(x)
-            yield x
-
-    results = in_parallel(items(), work, workers=3)
-    assert [next(results) for _ in range(7)] == [x * x for x in range(7)]
-    with pytest.raises(InputError, match="bad layer 7"):
-        next(results)
-    assert most[0] == 3 and len(taken) <= 10
-    assert list(in_parallel(iter(range(4)), work, workers=1)) == [0, 1, 4, 9]  # one worker: in the calling thread
