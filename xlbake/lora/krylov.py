@@ -67,17 +67,19 @@ def svd_adaptive(
     approximation from the Gram Kᵀ t tᵀ K = Zᵀ Z of the kept z's; its error e_i = sqrt(||t||² - top-`rank` Ritz
     energy) is exact for the current basis and never increases. Iterating stops after at least `min_iters` blocks
     once e_{i-1} - e_i <= `tol` * e_i (Krylov converges faster than geometric, so the rest of the gain is below
-    the last step's), or at `max_iters`: flat spectra get more blocks, steep ones fewer. Without a sketch the
-    result is the exact projection of m onto the top Ritz vectors: u = K V, vh ∝ (Z V)ᵀ, no further product.
+    the last step's), or at `max_iters`: flat spectra get more blocks, steep ones fewer. The result needs no
+    further product with m: u = K V for the Gram's top eigenvectors V, and vh = (Z V)ᵀ / s.
 
-    `sketch` (default: m's dtype), e.g. bf16, is the dtype of every product with m in the Krylov passes; the
-    orthonormalization, the Gram and its eigen-solve stay in m's dtype, and the result is then one exact product
-    u ← top Ritz vectors, vh = (tᵀ u)ᵀ / s, with a Ritz step on its k columns (so u diag(s) vh is exactly the
-    projection of m onto u). The rounding tilts the basis by ~2⁻⁹ and adds about (2⁻⁹ ||m||)² to the squared
-    error: nothing while the error is large (slow-decay tests: the excess over the Eckart-Young optimum moves by
-    < 1e-5 of it); once e_i drops below ||m|| / 10 the z's are redone and the remaining products made exactly.
-    Per block: two products, Gram and re-orthogonalization GEMMs (one Gram-Schmidt pass reuses the Gram's
-    coefficients) and an eigvalsh of the Gram in its dtype (fp64 when the error is small).
+    `sketch` (default: m's dtype), e.g. bf16, is the dtype of every product with m; the orthonormalization, the
+    Gram and its eigen-solve stay in m's dtype. The rounding tilts the basis by ~2⁻⁹ and adds about
+    (2⁻⁹ ||m||)² to the squared error, and vh, made from the rounded z's, is u's projection of m up to the same
+    rounding (its rows stay orthonormal: the Gram is that of the rounded z's). That is nothing while the error
+    is large (the benchmark's finetune and slow-decay differences: the excess over the Eckart-Young optimum moves
+    by < 0.01 % of it); once e_i drops below ||m|| / 10 the z's are redone and the remaining products made exactly,
+    so that a nearly low-rank m is factored to fp32 accuracy.
+    Per block: two products with m, one GEMM for the Gram's new column, the re-orthogonalization GEMMs (one
+    Gram-Schmidt pass reuses the Gram's coefficients) and an eigvalsh of the Gram (fp64 when the error is small);
+    the basis, the z's and the Gram live in buffers sized for the most blocks that fit.
     With the defaults at rank 128 SDXL layers take 5 blocks (360 basis columns). `python -m
     benchmarks.bench_extract --quick --dim 128` (bf16 sketch): excess over the optimum of the stored difference
     median +0.10 % / worst +0.45 % (finetune), +0.29 % / +0.58 % (--difference slow-decay); tol 5e-3 gives about a
@@ -96,53 +98,86 @@ def svd_adaptive(
     block = -(-(rank + oversample) // 2)
     if block * (min_iters + 2) >= t.shape[0]:  # no room to settle before the basis fills the short side
         return svd_exact(m, rank)
-    low = t if sketch is None or sketch == t.dtype else t.to(sketch)
+    space = _Space(t, None if sketch is None or sketch == t.dtype else t.to(sketch), block, max_iters)
     generator = torch.Generator(device=m.device).manual_seed(seed)
-    omega = torch.randn(t.shape[1], block, generator=generator, device=m.device, dtype=m.dtype)
-    basis = torch.linalg.qr((low @ omega.to(low.dtype)).to(m.dtype)).Q  # (short, b), grows by b per block
-    basis, zs, gram, rounded, vectors = _krylov(t, low, basis, rank, min_iters, max_iters, tol)
-    return _ritz(t, basis, zs if not rounded else None, gram, vectors, rank, tall)
+    omega = torch.randn(block, t.shape[1], generator=generator, device=m.device, dtype=m.dtype)
+    space.basis[:, :block] = torch.linalg.qr(space.times(omega).mT).Q
+    vectors = _krylov(space, rank, min_iters, tol)
+    return _ritz(space, vectors, rank, tall)
 
 
-def _krylov(
-    t: Tensor, low: Tensor, basis: Tensor, rank: int, min_iters: int, max_iters: int, tol: float
-) -> tuple[Tensor, list[Tensor], Tensor, bool, Tensor | None]:
-    """Grow the basis block by block until the error estimate settles; the basis, its z = tᵀ q blocks, the Gram,
-    whether any z came from the sketch (then only as accurate as its rounding), and the Gram's eigenvectors when
-    the last block was expected to settle (computed with its eigenvalues rather than again in `_ritz`)."""
-    block = basis.shape[1]
-    energy = float(torch.linalg.vector_norm(t)) ** 2
-    zs: list[Tensor] = []
-    gram = torch.zeros(0, 0, dtype=t.dtype, device=t.device)
+class _Space:
+    """The growing Krylov space of t (short, long): basis K (short, p), the rows zt = Kᵀ t (p, long) and the Gram
+    zt ztᵀ (p, p), in buffers sized for the most blocks that fit; `low`, t in the sketch's dtype (None: exact)."""
+
+    def __init__(self, t: Tensor, low: Tensor | None, block: int, max_iters: int) -> None:
+        self.t, self.low, self.block, self.size = t, low, block, 0
+        self.blocks = min(max_iters, t.shape[0] // block - 1)  # then another 2 blocks would not fit the short side
+        cap = self.blocks * block
+        self.basis = t.new_empty(t.shape[0], cap)
+        self.zt = t.new_empty(cap, t.shape[1])
+        self.gram = t.new_empty(cap, cap)
+
+    def times(self, rows: Tensor) -> Tensor:
+        """(t rowsᵀ)ᵀ = rows tᵀ (b, short) for rows (b, long), in the sketch's dtype when there is one."""
+        if self.low is None:
+            return rows @ self.t.mT
+        return (rows.to(self.low.dtype) @ self.low.mT).to(self.t.dtype)
+
+    def grow(self) -> Tensor:
+        """Add the newest basis block's z rows and Gram column; the column Kᵀ t tᵀ q (p, b)."""
+        p, b = self.size, self.block
+        q = self.basis[:, p : p + b]
+        if self.low is None:
+            torch.mm(q.mT, self.t, out=self.zt[p : p + b])
+        else:
+            self.zt[p : p + b] = q.mT.to(self.low.dtype) @ self.low
+        self.size = p + b
+        return self._gram_column(p)
+
+    def redo_exactly(self) -> Tensor:
+        """Drop the sketch: every z row again as an exact product, the Gram anew; the newest Gram column."""
+        p, b = self.size, self.block
+        self.low = None
+        torch.mm(self.basis[:, :p].mT, self.t, out=self.zt[:p])
+        self.size = 0
+        for start in range(0, p, b):
+            self.size = start + b
+            column = self._gram_column(start)
+        return column
+
+    def _gram_column(self, p: int) -> Tensor:
+        end = self.size
+        column = self.zt[:end] @ self.zt[p:end].mT  # (end, b)
+        self.gram[:end, p:end] = column
+        self.gram[p:end, :p] = column[:p].mT
+        diagonal = self.gram[p:end, p:end]
+        diagonal.copy_((diagonal + diagonal.mT) / 2)
+        return column
+
+
+def _krylov(space: _Space, rank: int, min_iters: int, tol: float) -> Tensor | None:
+    """Grow the space block by block until the error estimate settles; the Gram's eigenvectors when the last
+    block was expected to settle (computed with its eigenvalues rather than again in `_ritz`)."""
+    energy = float(torch.linalg.vector_norm(space.t)) ** 2
     errors: list[float] = []
-    rounded = low is not t
     while True:
-        q = basis[:, -block:]
-        z = t.mT @ q if low is t else (low.mT @ q.to(low.dtype)).to(t.dtype)  # (long, b): tᵀ q
-        zs.append(z)
-        cross = torch.cat([earlier.mT @ z for earlier in zs])  # Kᵀ t tᵀ q for the newest q
-        known = gram.shape[0]
-        gram = torch.cat([torch.cat([gram, cross[:known]], 1), cross.mT], 0)
-        gram = (gram + gram.mT) / 2
-        last = len(zs) >= max_iters or basis.shape[1] + 2 * block > t.shape[0]
+        cross = space.grow()
+        count, p = len(errors) + 1, space.size
+        last = count >= space.blocks
         # Krylov's gains shrink faster than geometrically: the next is about g_{i-1}² / g_{i-2}
-        e = errors[-3:] if len(zs) >= max(min_iters, 2) else []
+        e = errors[-3:] if count >= max(min_iters, 2) else []
         likely = last or (len(e) == 3 and (e[1] - e[2]) ** 2 <= tol * e[2] * max(e[0] - e[1], 0.0))
-        error, vectors = _ritz_error(gram, rank, energy, likely)
+        error, vectors = _ritz_error(space.gram[:p, :p], rank, energy, likely)
         errors.append(error)
-        settled = len(zs) >= max(min_iters, 2) and errors[-2] - errors[-1] <= tol * errors[-1]
-        if settled or last:
-            return basis, zs, gram, rounded, vectors
-        if rounded and errors[-1] ** 2 < _SKETCH_FLOOR * energy:
+        if last or (count >= max(min_iters, 2) and errors[-2] - errors[-1] <= tol * errors[-1]):
+            return vectors
+        if space.low is not None and errors[-1] ** 2 < _SKETCH_FLOOR * energy:
             # the sketch's rounding would show in the error: exact products from here on, and the z's redone
             # exactly (one product), so that the Ritz step chooses from the basis without the rounding
-            exact = t.mT @ basis
-            low, rounded, zs = t, False, list(exact.split(block, dim=1))
-            gram = exact.mT @ exact
-            gram = (gram + gram.mT) / 2
-            z, cross = zs[-1], gram[:, -block:]
-        y = (low @ z.to(low.dtype)).to(t.dtype)  # (short, b): t tᵀ q, the next Krylov block
-        basis = torch.cat([basis, _orthonormalize(y, basis, cross)], 1)
+            cross = space.redo_exactly()
+        y = space.times(space.zt[p - space.block : p]).mT  # (short, b): t tᵀ q, the next Krylov block
+        space.basis[:, p : p + space.block] = _orthonormalize(y, space.basis[:, :p], cross)
 
 
 def _orthonormalize(y: Tensor, basis: Tensor, cross: Tensor) -> Tensor:
@@ -178,26 +213,18 @@ def _ritz_error(gram: Tensor, rank: int, energy: float, vectors: bool) -> tuple[
     return math.sqrt(max(energy - top, 0.0)), eigenvectors
 
 
-def _ritz(
-    t: Tensor, basis: Tensor, zs: list[Tensor] | None, gram: Tensor, vectors: Tensor | None, rank: int, tall: bool
-) -> Svd:
-    """The top-`rank` Ritz triplets of t on the basis: u = K V, vh = (tᵀ u)ᵀ / s with tᵀ K = Z; zs None: the z's
-    were rounded by the sketch, so tᵀ u is one exact product and the Ritz step is redone on u's k columns."""
+def _ritz(space: _Space, vectors: Tensor | None, rank: int, tall: bool) -> Svd:
+    """The top-`rank` Ritz triplets of t on the basis: u = K V, vh = (Vᵀ zt) / s."""
+    p = space.size
     # vectors only as accurate as the Gram's dtype: they pick the kept subspace, whose projection below is exact
-    vectors = torch.linalg.eigh(gram).eigenvectors if vectors is None else vectors
-    vectors = vectors.flip(1)[:, : min(rank, gram.shape[0])]
-    u = basis @ vectors  # (short, k)
-    if zs is None:
-        w = t.mT @ u  # (long, k)
-        rotation = torch.linalg.eigh(w.mT @ w).eigenvectors.flip(1)  # exact Ritz vectors within span(u)
-        u, w = u @ rotation, w @ rotation
-    else:
-        block = zs[0].shape[1]
-        w = sum(z @ vectors[i * block : (i + 1) * block] for i, z in enumerate(zs))  # tᵀ u, (long, k)
-    s = torch.linalg.vector_norm(w, dim=0)
+    vectors = torch.linalg.eigh(space.gram[:p, :p]).eigenvectors if vectors is None else vectors
+    vectors = vectors.flip(1)[:, : min(rank, p)]
+    u = space.basis[:, :p] @ vectors  # (short, k)
+    w = vectors.mT @ space.zt[:p]  # (k, long): uᵀ t
+    s = torch.linalg.vector_norm(w, dim=1)
     if bool((s[1:] > s[:-1]).any()):  # norms out of the eigenvalues' order by rounding: sort (a gather, rare)
         s, order = torch.sort(s, descending=True, stable=True)
-        u, w = u[:, order], w[:, order]
+        u, w = u[:, order], w[order]
     inverse = torch.where(s > 0, 1 / s, torch.zeros_like(s))
-    vh = (w * inverse).mT  # (k, long)
+    vh = w * inverse[:, None]  # (k, long)
     return Svd(u=vh.mT, s=s, vh=u.mT) if tall else Svd(u=u, s=s, vh=vh)
