@@ -18,12 +18,16 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-def in_parallel(items: Iterable[T], work: Callable[[T], R], workers: int, threads_each: int = 1) -> Iterator[R]:
+def in_parallel(
+    items: Iterable[T], work: Callable[[T], R], workers: int, threads_each: int = 1, queued: int = 1
+) -> Iterator[R]:
     """``work(item)`` for each item, in order, on up to ``workers`` threads at once, each with ``threads_each`` torch
     threads (``workers`` <= 1: in the calling thread, as ``map``).
 
-    At most ``workers`` items are in flight: the next is taken (an item the caller makes lazily is made) only when
-    the oldest is done, so inputs go as they are factored. An exception from ``work`` is raised in its place;
+    At most ``workers + queued`` items are in flight: the next is taken (an item the caller makes lazily is made)
+    only when the oldest is done, so inputs go as they are factored. The ``queued`` ones let a worker that is done
+    go on while the oldest item, a big layer, still runs on another (with none, SDXL's mix of 1280x1280 and
+    10240x1280 layers left a core idle behind each big one). An exception from ``work`` is raised in its place;
     closing the iterator cancels what has not started and waits for what has. The caller's torch thread count is
     restored at the end.
     """
@@ -39,7 +43,7 @@ def in_parallel(items: Iterable[T], work: Callable[[T], R], workers: int, thread
                 for item in items:
                     pending.append(pool.submit(work, item))
                     del item  # the worker's now
-                    if len(pending) >= workers:
+                    if len(pending) >= workers + max(0, queued):
                         yield pending.popleft().result()
                 while pending:
                     yield pending.popleft().result()
