@@ -319,7 +319,7 @@ def factor_layer(target: LoraTarget, diff: Tensor, energy: float, settings: Fact
     whitening = whitening_for(settings.calibration, target)
     if whitening is not None:  # factor ΔW S' (same energy as ΔW: see whiten_scaled), then map down back
         diff, whitening = whiten_scaled(diff, whitening)
-    svd = truncated_svd(diff, rank, settings)
+    svd = truncated_svd(diff, rank, settings, energy=energy if whitening is None else None)
     spectrum, full = svd.s, svd.s.numel() == min(diff.shape)
     if settings.full_spectrum and not full:
         spectrum, full = torch.linalg.svdvals(diff), True
@@ -331,15 +331,15 @@ def factor_layer(target: LoraTarget, diff: Tensor, energy: float, settings: Fact
     )
 
 
-def truncated_svd(m: Tensor, rank: int, settings: FactorSettings) -> Svd:
+def truncated_svd(m: Tensor, rank: int, settings: FactorSettings, energy: float | None = None) -> Svd:
     """Exact (all values when the full spectrum is needed) or randomized top-``rank`` SVD of ``m``: block Krylov
     with at least ``power_iters`` blocks, more until its error estimate settles, its subspace-choosing products in
-    the ``sketch`` dtype (xlbake.lora.krylov.svd_adaptive)."""
+    the ``sketch`` dtype (xlbake.lora.krylov.svd_adaptive); ``energy``, ||m||² if known."""
     if settings.svd == "exact":
         return svd_exact(m, min(m.shape) if settings.full_spectrum else rank)
     iters = max(1, settings.power_iters)
     return svd_adaptive(m, rank, oversample=settings.oversample, min_iters=iters, seed=settings.seed,
-                        sketch=settings.sketch)
+                        sketch=settings.sketch, energy=energy)
 
 
 def _inputs(cfg: ExtractConfig) -> list[tuple[str, Path]]:

@@ -326,3 +326,22 @@ def test_the_default_fast_svd_is_the_adaptive_block_krylov_one():
     assert settings.sketch == sketch
     want = svd_adaptive(m, 16, oversample=cfg.oversample, min_iters=cfg.power_iters, seed=cfg.seed, sketch=sketch)
     assert torch.equal(got.s, want.s) and torch.equal(got.u, want.u) and torch.equal(got.vh, want.vh)
+
+
+def test_the_fast_svd_gets_the_layer_energy_read_with_the_difference(monkeypatch):
+    import extract.pipeline as pipeline
+    from xlbake.lora.names import LoraTarget
+
+    seen, real = [], pipeline.svd_adaptive
+
+    def spy(m, rank, **kw):
+        seen.append(kw["energy"])
+        return real(m, rank, **kw)
+
+    monkeypatch.setattr(pipeline, "svd_adaptive", spy)
+    settings = pipeline.FactorSettings.from_config(ExtractConfig())
+    m = torch.randn(300, 400, generator=torch.Generator().manual_seed(2))
+    energy = float(torch.linalg.vector_norm(m)) ** 2
+    target = LoraTarget("lora_unet_x", "unet", "model.diffusion_model.x.weight", None, "linear", (300, 400))
+    pipeline.factor_layer(target, m, energy, settings)
+    assert seen == [energy]

@@ -110,3 +110,12 @@ def test_the_result_is_the_projection_onto_its_left_vectors_exactly_in_fp32_and_
 
 def _rebuild(svd: Svd) -> torch.Tensor:
     return (svd.u * svd.s) @ svd.vh
+
+
+def test_a_given_energy_is_used_in_place_of_a_pass_over_the_matrix():
+    m = slow_decay(300, 500, seed=3)
+    energy = float(torch.linalg.vector_norm(m)) ** 2
+    plain, given = svd_adaptive(m, 24, sketch=BF16), svd_adaptive(m, 24, sketch=BF16, energy=energy)
+    assert torch.equal(plain.u, given.u) and torch.equal(plain.s, given.s) and torch.equal(plain.vh, given.vh)
+    # a wrong energy moves the error estimate, hence the stopping block and the result: it is the one used
+    assert not torch.equal(svd_adaptive(m, 24, sketch=BF16, energy=100 * energy).s, plain.s)

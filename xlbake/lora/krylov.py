@@ -56,7 +56,7 @@ def sketch_dtype(
 
 def svd_adaptive(
     m: Tensor, rank: int, *, oversample: int = 16, min_iters: int = 3, max_iters: int = 12, tol: float = 1e-2,
-    seed: int = 0, sketch: torch.dtype | None = None,
+    seed: int = 0, sketch: torch.dtype | None = None, energy: float | None = None,
 ) -> Svd:
     """Approximate top-`rank` SVD of m (rows, cols) by randomized block Krylov (Musco & Musco 2015) that stops on
     an a-posteriori error estimate.
@@ -84,6 +84,7 @@ def svd_adaptive(
     benchmarks.bench_extract --quick --dim 128` (bf16 sketch): excess over the optimum of the stored difference
     median +0.10 % / worst +0.45 % (finetune), +0.29 % / +0.58 % (--difference slow-decay); tol 5e-3 gives about a
     third of that for ~20 % more CPU.
+    `energy`, ||m||² when the caller has it already (extract does, from reading the layer), saves a pass over m.
     Falls back to `svd_exact` when min_iters + 2 blocks would not fit in the short side.
     Returns u (rows, k), s (k,), vh (k, cols) with k = min(rank, rows, cols); u and vh are orthonormal up to
     rounding, s descending.
@@ -102,7 +103,8 @@ def svd_adaptive(
     generator = torch.Generator(device=m.device).manual_seed(seed)
     omega = torch.randn(block, t.shape[1], generator=generator, device=m.device, dtype=m.dtype)
     space.basis[:, :block] = torch.linalg.qr(space.times(omega).mT).Q
-    vectors = _krylov(space, rank, min_iters, tol)
+    energy = float(torch.linalg.vector_norm(t)) ** 2 if energy is None else energy
+    vectors = _krylov(space, rank, energy, min_iters, tol)
     return _ritz(space, vectors, rank, tall)
 
 
@@ -156,10 +158,9 @@ class _Space:
         return column
 
 
-def _krylov(space: _Space, rank: int, min_iters: int, tol: float) -> Tensor | None:
+def _krylov(space: _Space, rank: int, energy: float, min_iters: int, tol: float) -> Tensor | None:
     """Grow the space block by block until the error estimate settles; the Gram's eigenvectors when the last
     block was expected to settle (computed with its eigenvalues rather than again in `_ritz`)."""
-    energy = float(torch.linalg.vector_norm(space.t)) ** 2
     errors: list[float] = []
     while True:
         cross = space.grow()
