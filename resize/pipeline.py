@@ -42,7 +42,6 @@ from xlbake.lora.io import (
     LoraModule,
     module_component,
     read_lora,
-    safetensors_data_hash,
     write_lora,
 )
 from xlbake.lora.lowrank import Svd, kept_energy, split_factors
@@ -50,6 +49,7 @@ from xlbake.lora.moments import moment_whitening
 from xlbake.lora.parallel import in_parallel
 from xlbake.lora.report import Coverage, LayerStat, group_stat, report_paths, write_report
 from xlbake.lora.whiten import DAMPING, Factor, whitened_factor_svd
+from xlbake.sdxl.tensorfile import safetensors_data_hash
 
 COMPUTE_DTYPE = torch.float32
 BYTES_PER_MB = 1_000_000

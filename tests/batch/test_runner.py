@@ -30,7 +30,8 @@ from xlbake.batch.summary import (
 )
 from xlbake.errors import ConfigError
 from xlbake.fingerprint import fingerprint
-from xlbake.lora.io import safetensors_data_hash, write_lora
+from xlbake.lora.io import write_lora
+from xlbake.sdxl.tensorfile import safetensors_data_hash
 
 needs_make = pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
 

@@ -16,9 +16,9 @@ from xlbake.lora.io import (
     lora_metadata,
     module_component,
     read_lora,
-    safetensors_data_hash,
     write_lora,
 )
+from xlbake.sdxl.tensorfile import safetensors_data_hash
 
 # name -> (up shape, down shape); ranks differ per module on purpose.
 SHAPES = {
@@ -367,3 +367,18 @@ def test_read_tensors_own_their_memory_and_not_a_view_of_the_file(tmp_path):
         handle.write(bytes(size))
     for name, module in modules.items():
         assert torch.equal(module.down, before[name])
+
+
+def test_factors_of_rank_alpha_already_in_the_save_dtype_are_written_as_held(tmp_path, monkeypatch):
+    import xlbake.lora.io as io
+
+    gen = torch.Generator().manual_seed(4)
+    held = {"lora_unet_a": (torch.randn(6, 2, generator=gen).half(), torch.randn(2, 5, generator=gen).half())}
+    folded = write_lora(tmp_path / "folded.safetensors", {k: (u.float(), d.float()) for k, (u, d) in held.items()},
+                        metadata={}, alpha=2.0)  # fmt: skip
+    monkeypatch.setattr(io, "fold_alpha", lambda *a: pytest.fail("a rank-alpha fp16 module was folded again"))
+    as_held = write_lora(tmp_path / "held.safetensors", held, metadata={}, alpha=2.0)
+    assert as_held.read_bytes() == folded.read_bytes()  # the same file, without the fp32 round trip
+    held["lora_unet_a"][1][0, 0] = float("inf")
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        write_lora(tmp_path / "bad.safetensors", held, metadata={}, alpha=2.0)

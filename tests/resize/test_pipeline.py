@@ -16,10 +16,11 @@ from resize.metadata import RECORD_KEY
 from resize.pipeline import run_resize
 from xlbake.config import load_config
 from xlbake.errors import ConfigError, InputError, OutputError
-from xlbake.lora.io import HASH_KEY, read_lora, safetensors_data_hash
+from xlbake.lora.io import HASH_KEY, read_lora
 from xlbake.lora.names import kohya_targets
 from xlbake.lora.report import report_paths
 from xlbake.sdxl.keys import sgm_state_dict
+from xlbake.sdxl.tensorfile import safetensors_data_hash
 
 LINEAR = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
 CONV3 = "lora_unet_input_blocks_1_0_in_layers_2"

@@ -10,7 +10,6 @@ refused with the keys that show them, never half-read.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -42,7 +41,6 @@ HASH_KEY = "sshs_model_hash"
 DROPPED_KEYS = ("lora_adapter_metadata", "sshs_legacy_hash", "modelspec.hash_sha256", HASH_KEY)
 # Same length as a sha256 hex digest, so the real hash replaces it in place without moving the data section.
 _HASH_PLACEHOLDER = "xlbake-sshs-model-hash-pending".ljust(64, "0")
-_HASH_CHUNK = 1 << 20
 _EXAMPLES = 3
 _NO_EXTRA: Mapping[str, str] = MappingProxyType({})
 
@@ -206,7 +204,8 @@ def write_lora(
 
 def _module_caster(path: Path, shaped: Mapping, dtype: torch.dtype, alpha: float) -> Callable[[str], torch.Tensor]:
     """``fetch(key)`` for :func:`stream_safetensors`: each module folded and cast as it is written, one at a time
-    (not a second copy of the whole LoRA); its up and down share one fold."""
+    (not a second copy of the whole LoRA); its up and down share one fold. A module of rank alpha already in
+    ``dtype`` (extract's usual case: fp16 factors at the largest rank) is written as held, checked once."""
     last: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def fetch(key: str) -> torch.Tensor:
@@ -214,16 +213,25 @@ def _module_caster(path: Path, shaped: Mapping, dtype: torch.dtype, alpha: float
         if suffix == ALPHA[1:]:
             return torch.tensor(alpha, dtype=dtype)
         if name not in last:
-            up, down = fold_alpha(*shaped[name], alpha)
-            if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
-                raise ValueError(f"write_lora: {name}: factors hold NaN/Inf")
             last.clear()
-            last[name] = up.to(dtype), down.to(dtype)
-            if not all(torch.isfinite(t).all() for t in last[name]):
-                raise OutputError(f"{path}: module {name} overflows {dtype}; save as bf16 or fp32 instead")
+            last[name] = _ready(path, name, *shaped[name], dtype, alpha)
         return last[name][0] if suffix == UP[1:] else last[name][1]
 
     return fetch
+
+
+def _ready(path: Path, name: str, up: torch.Tensor, down: torch.Tensor, dtype: torch.dtype, alpha: float) -> tuple:
+    """One module's factors folded by alpha and cast to ``dtype``; as held when of rank alpha and in ``dtype``."""
+    held = down.shape[0] == alpha and up.dtype == down.dtype == dtype
+    up, down = (up, down) if held else fold_alpha(up, down, alpha)
+    if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
+        raise ValueError(f"write_lora: {name}: factors hold NaN/Inf")
+    if held:
+        return up, down
+    cast = up.to(dtype), down.to(dtype)
+    if not all(torch.isfinite(t).all() for t in cast):
+        raise OutputError(f"{path}: module {name} overflows {dtype}; save as bf16 or fp32 instead")
+    return cast
 
 
 def fold_alpha(up: torch.Tensor, down: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -284,17 +292,6 @@ def lora_metadata(
             raise ValueError(f"lora_metadata: extra[{key!r}] must be a string, got {type(value).__name__}")
         meta[key] = value
     return meta
-
-
-def safetensors_data_hash(path: str | os.PathLike) -> str:
-    """sha256 hex digest of a safetensors file's bytes after the header (kohya's ``sshs_model_hash``)."""
-    with open(path, "rb") as handle:
-        header_len = int.from_bytes(handle.read(8), "little")
-        handle.seek(8 + header_len)
-        digest = hashlib.sha256()
-        for chunk in iter(lambda: handle.read(_HASH_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _network_dim(ranks: Iterable[int], conv_rank: int | None) -> int | None:

@@ -27,6 +27,7 @@ from xlbake.fileio import atomic_path
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 MAX_HEADER_BYTES = 100 << 20
+HASH_CHUNK = 1 << 20
 SAFETENSORS_DTYPES = {
     "F64": torch.float64,
     "F32": torch.float32,
@@ -191,3 +192,14 @@ def replace_in_header(path: Path, placeholder: str, value: str) -> None:
             raise OutputError(f"{path}: metadata must not contain {placeholder!r}; remove that value")
         handle.seek(8 + header.index(placeholder.encode()))
         handle.write(value.encode())
+
+
+def safetensors_data_hash(path: str | os.PathLike) -> str:
+    """sha256 hex digest of a safetensors file's bytes after the header (kohya's ``sshs_model_hash``)."""
+    with open(path, "rb") as handle:
+        header_len = int.from_bytes(handle.read(8), "little")
+        handle.seek(8 + header_len)
+        digest = hashlib.sha256()
+        for chunk in iter(lambda: handle.read(HASH_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
