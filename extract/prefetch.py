@@ -3,8 +3,9 @@
 File reads and torch ops release the GIL, so a thread overlaps them with the SVDs. Memory is bounded: at most
 ``ahead`` items are made (or being made) beyond those in use. The thread's torch ops run on one thread: the reading
 is many small per-piece ops, each of which would fork a team of threads that spin between them while the layers'
-workers want the cores (quick benchmark set at 2 threads: 11-17 CPU s with a team of 2, 5.8 s with one thread;
-results bit-identical, ATen's reductions here do not depend on the thread count).
+workers want the cores (quick benchmark set at 2 threads on a loaded 2-core machine: 11.5-17 CPU s with a team of
+2, 5.6-8.6 s with one, 7.2-10.6 s when whole tensors were read; results bit-identical: ATen's reductions here do not
+depend on the thread count).
 """
 
 from __future__ import annotations
