@@ -37,6 +37,12 @@ def test_an_idle_buffer_is_handed_out_again_and_one_in_use_is_not():
     assert buffers.take((50,), torch.float32, CPU).data_ptr() == large
 
 
+def test_off_the_cpu_each_take_is_a_new_tensor_there():
+    buffers = Buffers()
+    taken = buffers.take((3, 4), torch.float32, torch.device("meta"))  # a stand-in for CUDA: no pooling there
+    assert taken.device.type == "meta" and taken.shape == (3, 4) and not buffers._pool
+
+
 def test_a_buffer_held_by_another_thread_is_not_reused_until_it_lets_go():
     buffers = Buffers()
     handed = buffers.take((8, 8), torch.float32, CPU)
