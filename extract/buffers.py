@@ -72,7 +72,8 @@ def _fits(buffer: Tensor, numel: int, dtype: torch.dtype) -> bool:
 
 
 def _users(buffer: Tensor) -> int:
-    """References to the buffer's storage: every tensor on it (views and slices included) holds one."""
+    """References to the buffer's storage: every tensor on it (views and slices included) holds one. A private
+    torch call: tests/extract/test_buffers.py fails if it stops counting views."""
     return torch._C._storage_Use_Count(buffer.untyped_storage()._cdata)
 
 

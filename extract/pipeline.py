@@ -308,10 +308,10 @@ def read_difference(
 
     Both files are read piece by piece into ``buffers.scratch`` and converted into one reused buffer: the base,
     then tuned - base in place, with the very arithmetic of a whole-tensor ``tuned - base`` (each piece promoted as
-    the whole would be). Measured on the quick benchmark set (40 SDXL-shaped fp16 layers, 1 thread): 1.25 CPU s
-    with fresh whole-tensor buffers (each page faulting on first touch, and the mixed-dtype subtraction allocating
-    a widened copy of tuned), 0.36 s this way. NaN/Inf in the base shows in its norms (it propagates into them),
-    without an extra pass over the tensor.
+    the whole would be). layer_differences over the quick benchmark set (40 SDXL-shaped fp16 layers, 1 thread):
+    1.15-1.28 CPU s with fresh whole-tensor buffers (each page faulting on first touch, and the mixed-dtype
+    subtraction allocating a widened copy of tuned), 0.40-0.44 s this way. NaN/Inf in the base shows in its norms
+    (it propagates into them), without an extra pass over the tensor.
     """
     weight = buffers.take(base.shape(key), settings.dtype, settings.device)
     flat = weight.view(-1)
