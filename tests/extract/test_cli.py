@@ -158,6 +158,7 @@ def _bad_inputs(tiny_paths, tuned, weights, tmp):
         "not SDXL": (base, tmp / "foo.safetensors", out, "not an SDXL checkpoint"),
         "truncated": (base, tmp / "truncated.safetensors", out, "truncated"),
         "NaN weight": (base, nan, out, f"{LAYER} holds NaN/Inf"),
+        "NaN base weight": (nan, tuned, out, f"{nan}: {LAYER} holds NaN/Inf"),
         "base is tuned": (base, base, out, "same file as --base"),
         "identical copy": (base, same, out, "identical to"),
         "existing output": (base, tuned, exists, "output exists; pass --force"),

@@ -193,6 +193,30 @@ def test_truncated_and_corrupt_files_are_refused(tiny_paths, tmp_path):
         open_checkpoint(tmp_path / "missing.safetensors")
 
 
+def test_pieces_read_into_one_scratch_buffer_give_the_tensor(tiny_paths, tiny_sgm, tmp_path):
+    """A single file's tensor comes in scratch-sized pieces, all in the scratch's memory; a folder's fused TE2
+    in_proj (assembled from q, k, v) comes whole; a file cut short after opening is the truncated-file error."""
+    fused = next(k for k in tiny_sgm if k.endswith("in_proj_weight"))
+    big = max(tiny_sgm, key=lambda k: tiny_sgm[k].numel())
+    scratch = torch.empty(1000, dtype=torch.uint8)  # not a multiple of 8: pieces hold whole elements
+    for path in (tiny_paths.single_file, tiny_paths.diffusers_dir):
+        with open_checkpoint(path) as reader:
+            for key in (fused, big):
+                pieces = [piece.clone() for piece in reader.pieces(key, scratch)]
+                assert torch.equal(torch.cat(pieces), tiny_sgm[key].reshape(-1)), (path, key)
+    with open_checkpoint(tiny_paths.single_file) as reader:
+        pointers = {piece.data_ptr() for piece in reader.pieces(big, scratch)}
+        assert pointers == {scratch.data_ptr()} and tiny_sgm[big].numel() * tiny_sgm[big].itemsize > 2 * 1000
+    cut = tmp_path / "cut.safetensors"
+    shutil.copy(tiny_paths.single_file, cut)
+    with open_checkpoint(cut) as reader:
+        last = max(reader.keys(), key=lambda k: reader._sources[k][1][0][0].offsets[k][1])
+        with open(cut, "r+b") as handle:
+            handle.truncate(cut.stat().st_size - 10)
+        with pytest.raises(InputError, match=f"file ended while reading {last}; the file is truncated"):
+            list(reader.pieces(last, scratch))
+
+
 def test_pickles_are_refused_unless_opted_in(tiny_sgm, tiny_paths, tmp_path):
     path = tmp_path / "model.ckpt"
     torch.save({"state_dict": tiny_sgm}, path)

@@ -109,6 +109,17 @@ class CheckpointReader:
         tensors = [file.read(name) for file, name in parts]
         return tensors[0] if entry is None else to_sgm(entry, tensors)
 
+    def pieces(self, key: str, scratch: Tensor) -> Iterator[Tensor]:
+        """This tensor flattened, in consecutive pieces read into ``scratch`` (uint8; each piece valid until the
+        next is read) from a single safetensors file; one assembled from several (a diffusers TE2 ``in_proj``) or
+        held by a pickle comes whole, as one piece."""
+        self._spec(key)
+        entry, parts = self._sources[key]
+        if entry is None and isinstance(parts[0][0], SafetensorsFile):
+            yield from parts[0][0].read_pieces(parts[0][1], scratch)
+        else:
+            yield self.get(key).reshape(-1)
+
     def __contains__(self, key: object) -> bool:
         return key in self._specs
 

@@ -1,12 +1,13 @@
 """Weights files read and written one tensor at a time: peak memory stays at about one tensor.
 
-A safetensors file is read with positioned file reads into a fresh buffer, not through a memory map (which is what
-``safetensors.safe_open`` does): pages of a mapped file stay counted in the process's resident memory once touched,
-so reading every tensor of a 7 GB checkpoint would look like a 7 GB peak (measured on a 192 MiB file of 4 MiB
-tensors: +206 MiB peak RSS through one ``safe_open``, +17-20 MiB with these reads). Opening ``safe_open`` anew for
-each tensor keeps the peak low but parses the header every time (+9 s over an SDXL-sized header of 2600 tensors).
-The header is parsed and checked against the file size once, so a truncated or corrupt file is refused, with what
-is wrong, before any tensor is read. Pickles are only ever loaded weights-only, and only on an explicit opt-in.
+A safetensors file is read with positioned file reads into a fresh buffer (or piece by piece into a reused one),
+not through a memory map (which is what ``safetensors.safe_open`` does): pages of a mapped file stay counted in
+the process's resident memory once touched, so reading every tensor of a 7 GB checkpoint would look like a 7 GB
+peak (measured on a 192 MiB file of 4 MiB tensors: +206 MiB peak RSS through one ``safe_open``, +17-20 MiB with
+these reads). Opening ``safe_open`` anew for each tensor keeps the peak low but parses the header every time
+(+9 s over an SDXL-sized header of 2600 tensors). The header is parsed and checked against the file size once,
+so a truncated or corrupt file is refused, with what is wrong, before any tensor is read. Pickles are only ever
+loaded weights-only, and only on an explicit opt-in.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -58,13 +59,28 @@ class SafetensorsFile:
     def read(self, name: str) -> Tensor:
         dtype, shape = self.specs[name]
         start, end = self.offsets[name]
+        buffer = torch.empty(end - start, dtype=torch.uint8)
+        self._read_into(name, start, buffer)
+        return buffer.view(dtype).reshape(shape)
+
+    def read_pieces(self, name: str, scratch: Tensor) -> Iterator[Tensor]:
+        """``name`` flattened, in consecutive pieces of whole elements read into ``scratch`` (uint8): each piece
+        is a view of it, valid until the next is read. Converting a tensor piece by piece from a small reused
+        buffer spares a fresh buffer of the whole tensor, whose pages each fault on first touch."""
+        dtype = self.specs[name][0]
+        start, end = self.offsets[name]
+        step = max(dtype.itemsize, scratch.numel() // dtype.itemsize * dtype.itemsize)
+        for offset in range(start, end, step):
+            piece = scratch[: min(step, end - offset)]
+            self._read_into(name, offset, piece)
+            yield piece.view(dtype)
+
+    def _read_into(self, name: str, offset: int, buffer: Tensor) -> None:
         if self._handle is None:
             self._handle = open(self.path, "rb")  # noqa: SIM115 (kept open across reads, closed by close())
-        buffer = torch.empty(end - start, dtype=torch.uint8)
-        self._handle.seek(start)
-        if end > start and self._handle.readinto(memoryview(buffer.numpy())) != end - start:
+        self._handle.seek(offset)
+        if buffer.numel() and self._handle.readinto(memoryview(buffer.numpy())) != buffer.numel():
             raise InputError(f"{self.path}: file ended while reading {name}; the file is truncated, re-download it")
-        return buffer.view(dtype).reshape(shape)
 
     def close(self) -> None:
         if self._handle is not None:

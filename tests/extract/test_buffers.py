@@ -1,0 +1,106 @@
+"""extract: the read path's buffers are reused once idle, never while any tensor still uses them."""
+
+import threading
+import weakref
+
+import torch
+
+from extract.buffers import Buffers
+from extract.config import ExtractConfig
+from extract.pipeline import FactorSettings, layer_differences
+from xlbake.lora.lowrank import to_matrix
+from xlbake.lora.names import kohya_targets
+from xlbake.sdxl.checkpoint import open_checkpoint, save_sgm_checkpoint
+
+CPU = torch.device("cpu")
+
+
+def test_an_idle_buffer_is_handed_out_again_and_one_in_use_is_not():
+    buffers = Buffers()
+    first = buffers.take((4, 6), torch.float32, CPU)
+    pointer = first.data_ptr()
+    del first
+    again = buffers.take((6, 4), torch.float32, CPU)  # as many elements, another shape: the same memory
+    assert again.shape == (6, 4) and again.data_ptr() == pointer
+    del again
+    views = (lambda t: t[1:3], lambda t: to_matrix(t.view(6, 2, 1, 2)), lambda t: t.view(-1)[5:])
+    for view_of in views:  # a view or slice alone keeps the buffer in use
+        view = view_of(buffers.take((6, 4), torch.float32, CPU))
+        assert view.untyped_storage().data_ptr() == pointer
+        assert buffers.take((6, 4), torch.float32, CPU).data_ptr() != pointer
+        del view
+    assert buffers.take((6, 4), torch.float32, CPU).data_ptr() == pointer
+    assert buffers.take((6, 4), torch.float64, CPU).data_ptr() != pointer  # another dtype: its own buffer
+    buffers = Buffers()
+    small, large = (buffers.take((n,), torch.float32, CPU).data_ptr() for n in (24, 100))
+    assert buffers.take((5, 4), torch.float32, CPU).data_ptr() == small  # fewer: the smallest idle one that fits
+    assert buffers.take((50,), torch.float32, CPU).data_ptr() == large
+
+
+def test_off_the_cpu_each_take_is_a_new_tensor_there():
+    buffers = Buffers()
+    taken = buffers.take((3, 4), torch.float32, torch.device("meta"))  # a stand-in for CUDA: no pooling there
+    assert taken.device.type == "meta" and taken.shape == (3, 4) and not buffers._pool
+
+
+def test_a_buffer_held_by_another_thread_is_not_reused_until_it_lets_go():
+    buffers = Buffers()
+    handed = buffers.take((8, 8), torch.float32, CPU)
+    pointer, holding, release = handed.data_ptr(), threading.Event(), threading.Event()
+
+    def worker(diff):
+        holding.set()
+        release.wait()
+
+    thread = threading.Thread(target=worker, args=(handed,))
+    thread.start()
+    del handed
+    holding.wait()
+    assert buffers.take((8, 8), torch.float32, CPU).data_ptr() != pointer
+    release.set()
+    thread.join()
+    del thread  # its target's frame held the tensor
+    taken = [buffers.take((8, 8), torch.float32, CPU) for _ in range(2)]
+    assert pointer in {t.data_ptr() for t in taken}
+
+
+def test_idle_buffers_beyond_the_bound_are_let_go_least_recently_used_first():
+    kib = 1024 // 4  # fp32 elements per KiB
+    buffers = Buffers(keep_bytes=32 << 10)
+
+    def take(kibs):
+        view = buffers.take((kibs * kib,), torch.float32, CPU)
+        return weakref.ref(view._base)  # the pooled buffer: alive as long as the pool keeps it
+
+    a, b = take(16), take(32)
+    assert a() is not None and b() is not None  # 16 KiB idle besides the one taken: kept
+    assert take(16)() is a()  # reused, now the most recently used
+    c = take(48)  # 16 + 32 KiB idle besides it: the least recently used (b) goes
+    assert b() is None and a() is not None and c() is not None
+    take(64)  # 16 + 48 KiB idle besides it: both go
+    assert a() is None and c() is None
+
+
+def test_differences_held_at_once_are_each_intact(tiny_paths, tmp_path):
+    """Every difference yielded is kept alive at once (as workers and the prefetch queue hold them): a buffer
+    handed out again while one of them still uses it would overwrite it."""
+    with open_checkpoint(tiny_paths.single_file) as reader:
+        weights = {key: reader.get(key).clone() for key in reader}
+    gen = torch.Generator().manual_seed(3)
+    tuned = dict(weights)
+    targets = kohya_targets({k: tuple(v.shape) for k, v in weights.items()}, conv=True)
+    for key in {t.key for t in targets}:
+        tuned[key] = weights[key] + torch.randn(weights[key].shape, generator=gen)
+    base_path = save_sgm_checkpoint(weights, tmp_path / "base.safetensors", dtype=torch.float16)
+    tuned_path = save_sgm_checkpoint(tuned, tmp_path / "tuned.safetensors", dtype=torch.float16)
+    cfg = ExtractConfig(base=base_path, tuned=tuned_path, out=tmp_path / "lora.safetensors")
+    settings = FactorSettings.from_config(cfg)
+    with open_checkpoint(base_path) as base, open_checkpoint(tuned_path) as tuned_reader:
+        held = list(layer_differences(base, tuned_reader, targets, settings))
+        shapes = [tuple(diff.shape) for _, diff, _ in held]
+        assert len(set(shapes)) < len(shapes)  # some shapes repeat: their buffers could be reused
+        for target, diff, _ in held:
+            expected = to_matrix(tuned_reader.get(target.key).float() - base.get(target.key).float())
+            if target.rows is not None:
+                expected = expected[target.rows[0] : target.rows[1]]
+            assert torch.equal(diff, expected), target.name
