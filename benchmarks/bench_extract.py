@@ -46,7 +46,6 @@ from pathlib import Path
 import torch
 
 from extract.config import ExtractConfig
-from xlbake.devices import HUGE_PAGES_VARIABLE
 
 FAST_DEFAULTS = ExtractConfig()  # the shipped power_iters / oversample
 UNET_REL, TE_REL = 1e-3, 1e-4
@@ -377,10 +376,7 @@ def run_method(
     command += ["--power-iters", str(args.power_iters), "--oversample", str(args.oversample)]
     command += ["--prefetch", str(prefetch)] if prefetch is not None else []
     command += ["--cores", str(cores)] if cores else []
-    env = dict(os.environ)
-    if method != "kohya":  # what `python -m extract` sets for itself (xlbake.devices.prefer_huge_pages)
-        env.setdefault(HUGE_PAGES_VARIABLE, "1")
-    done = subprocess.run(command, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, env=env)
+    done = subprocess.run(command, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"{method} worker failed:\n{done.stderr[-3000:]}")
     return {**json.loads(result.read_text()), "lora": out, "lora_size": out.stat().st_size}

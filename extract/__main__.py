@@ -1,10 +1,6 @@
 """``python -m extract``: the extract stage command (see ``extract.cli``)."""
 
-from xlbake.devices import prefer_huge_pages
-
-prefer_huge_pages()  # before torch is imported
-
-from extract.cli import main  # noqa: E402  (after prefer_huge_pages)
+from extract.cli import main
 
 if __name__ == "__main__":
     main(prog_name="python -m extract")

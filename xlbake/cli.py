@@ -26,7 +26,6 @@ import click
 
 from xlbake import __version__
 from xlbake.config import dump_yaml, load_config
-from xlbake.devices import prefer_huge_pages
 from xlbake.errors import XlbakeError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -99,7 +98,6 @@ class LazyGroup(click.Group):
 def load_command(name: str, target: str) -> click.Command:
     """Import ``"module:attribute"``; a missing stage or dependency becomes one clear line (exit 1)."""
     module_name, _, attribute = target.partition(":")
-    prefer_huge_pages()  # a stage imports torch
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
