@@ -12,6 +12,7 @@ from xlbake.lora.factored import factor_svd
 from xlbake.lora.krylov import svd_adaptive
 from xlbake.lora.lowrank import (
     Svd,
+    all_finite,
     allocate_ranks,
     clamp_quantile,
     from_matrix,
@@ -456,3 +457,13 @@ def test_factor_svd_keeps_only_the_top_vectors_asked_for_with_every_singular_val
     top = (reference.U[:, :5] * reference.S[:5]) @ reference.Vh[:5]
     assert rel((svd.u.double() * svd.s[:5].double()) @ svd.vh.double(), top) <= 1e-5
     assert torch.allclose(svd.u.T @ svd.u, torch.eye(5), atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_all_finite_sees_nan_and_both_infinities_anywhere(dtype):
+    x = torch.randn(7, 5).to(dtype)
+    assert all_finite(x) and all_finite(x[:0])
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        y = x.clone()
+        y[4, 2] = bad
+        assert not all_finite(y), bad

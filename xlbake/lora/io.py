@@ -26,6 +26,7 @@ from safetensors import SafetensorError, safe_open
 
 from xlbake.errors import InputError, OutputError
 from xlbake.fileio import atomic_path, check_output
+from xlbake.lora.lowrank import all_finite
 from xlbake.lora.names import module_kind
 from xlbake.sdxl.prediction import EPSILON, MODELSPEC_KEY, modelspec_value
 from xlbake.sdxl.tensorfile import PICKLE_SUFFIXES, SafetensorsFile, replace_in_header, stream_safetensors
@@ -204,8 +205,7 @@ def write_lora(
 
 def _module_caster(path: Path, shaped: Mapping, dtype: torch.dtype, alpha: float) -> Callable[[str], torch.Tensor]:
     """``fetch(key)`` for :func:`stream_safetensors`: each module folded and cast as it is written, one at a time
-    (not a second copy of the whole LoRA); its up and down share one fold. A module of rank alpha already in
-    ``dtype`` (extract's usual case: fp16 factors at the largest rank) is written as held, checked once."""
+    (not a second copy of the whole LoRA); its up and down share one fold (none at rank alpha in ``dtype``)."""
     last: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def fetch(key: str) -> torch.Tensor:
@@ -221,15 +221,16 @@ def _module_caster(path: Path, shaped: Mapping, dtype: torch.dtype, alpha: float
 
 
 def _ready(path: Path, name: str, up: torch.Tensor, down: torch.Tensor, dtype: torch.dtype, alpha: float) -> tuple:
-    """One module's factors folded by alpha and cast to ``dtype``; as held when of rank alpha and in ``dtype``."""
+    """One module's factors folded by alpha and cast to ``dtype``; as held (extract's usual case: fp16 factors at the
+    largest rank) when of rank alpha and in ``dtype``."""
     held = down.shape[0] == alpha and up.dtype == down.dtype == dtype
     up, down = (up, down) if held else fold_alpha(up, down, alpha)
-    if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
+    if not (all_finite(up) and all_finite(down)):
         raise ValueError(f"write_lora: {name}: factors hold NaN/Inf")
     if held:
         return up, down
     cast = up.to(dtype), down.to(dtype)
-    if not all(torch.isfinite(t).all() for t in cast):
+    if not all(all_finite(t) for t in cast):
         raise OutputError(f"{path}: module {name} overflows {dtype}; save as bf16 or fp32 instead")
     return cast
 
@@ -348,7 +349,7 @@ def _check_module_tensors(
     for key, tensor in ((name + UP, up), (name + DOWN, down)):
         if not tensor.is_floating_point():
             raise InputError(f"{path}: {key} has dtype {tensor.dtype}; LoRA factors must be floating point")
-        if tensor.numel() and not torch.isfinite(torch.stack(torch.aminmax(tensor))).all():  # NaN, ±inf reach them
+        if not all_finite(tensor):
             raise InputError(f"{path}: {key} holds NaN/Inf values; the LoRA is broken, re-create it")
     conv_up_ok = up.ndim == 4 and tuple(up.shape[2:]) == (1, 1)
     if up.ndim != down.ndim or (up.ndim not in (2, 4)) or (up.ndim == 4 and not conv_up_ok):
