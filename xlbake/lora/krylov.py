@@ -81,9 +81,11 @@ def svd_adaptive(
     Gram-Schmidt pass reuses the Gram's coefficients) and an eigvalsh of the Gram (fp64 when the error is small);
     the basis, the z's and the Gram live in buffers sized for the most blocks that fit.
     With the defaults at rank 128 SDXL layers take 5 blocks (360 basis columns). `python -m
-    benchmarks.bench_extract --quick --dim 128` (bf16 sketch): excess over the optimum of the stored difference
-    median +0.10 % / worst +0.45 % (finetune), +0.29 % / +0.58 % (--difference slow-decay); tol 5e-3 gives about a
-    third of that for ~20 % more CPU.
+    benchmarks.bench_extract --dim 128 --conv-dim 128` (bf16 sketch): excess over the optimum of the stored
+    difference median +0.09 % / worst +0.45 % (finetune, --fraction 0.1), +0.21 % / +0.55 % (--quick --difference
+    slow-decay); tol 5e-3 gives about a third of that for ~20 % more CPU. Measured alternatives, kept out: int8
+    products (VNNI, 1.5-2x a bf16 GEMM) lose it again quantizing the matrix; blocks of 48 or 64 columns save
+    10-25 % for 2-3x the excess; blocks of rank + oversample columns cut the excess 5-10x for 1.5-2x the time.
     `energy`, ||m||² when the caller has it already (extract does, from reading the layer), saves a pass over m.
     Falls back to `svd_exact` when min_iters + 2 blocks would not fit in the short side.
     Returns u (rows, k), s (k,), vh (k, cols) with k = min(rank, rows, cols); u and vh are orthonormal up to
