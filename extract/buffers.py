@@ -35,7 +35,7 @@ class Buffers:
     def __init__(self, keep_bytes: int = KEEP_BYTES, piece_bytes: int = PIECE_BYTES) -> None:
         self.scratch = torch.empty(piece_bytes, dtype=torch.uint8)
         self.keep_bytes = keep_bytes
-        self._pool: list[tuple[Tensor, int]] = []  # (flat buffer, its storage's use count when idle), oldest first
+        self._pool: list[tuple[Tensor, int | None]] = []  # (flat buffer, its use count when idle), oldest first
 
     def take(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
         """An uninitialized tensor of ``shape``: the start of the smallest idle buffer that holds it, else a new
@@ -71,11 +71,15 @@ def _fits(buffer: Tensor, numel: int, dtype: torch.dtype) -> bool:
     return buffer.dtype == dtype and buffer.numel() >= numel
 
 
-def _users(buffer: Tensor) -> int:
+def _users(buffer: Tensor) -> int | None:
     """References to the buffer's storage: every tensor on it (views and slices included) holds one. A private
-    torch call: tests/extract/test_buffers.py fails if it stops counting views."""
-    return torch._C._storage_Use_Count(buffer.untyped_storage()._cdata)
+    torch call: tests/extract/test_buffers.py fails if it stops counting views; None where torch lacks it."""
+    count = getattr(torch._C, "_storage_Use_Count", None)
+    return None if count is None else count(buffer.untyped_storage()._cdata)
 
 
-def _idle(buffer: Tensor, idle_count: int) -> bool:
-    return _users(buffer) <= idle_count
+def _idle(buffer: Tensor, idle_count: int | None) -> bool:
+    """Whether nothing but the pool holds the buffer; never, where torch cannot tell (then every layer reads into
+    a fresh buffer, as before the pool)."""
+    users = _users(buffer)
+    return users is not None and idle_count is not None and users <= idle_count

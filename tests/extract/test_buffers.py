@@ -37,6 +37,14 @@ def test_an_idle_buffer_is_handed_out_again_and_one_in_use_is_not():
     assert buffers.take((50,), torch.float32, CPU).data_ptr() == large
 
 
+def test_where_torch_cannot_count_a_storage_users_no_buffer_is_reused(monkeypatch):
+    monkeypatch.delattr(torch._C, "_storage_Use_Count")
+    buffers = Buffers()
+    first = buffers.take((4, 6), torch.float32, CPU)
+    held = first[1:3]  # still in use: it must not come back
+    assert buffers.take((4, 6), torch.float32, CPU).untyped_storage().data_ptr() != held.untyped_storage().data_ptr()
+
+
 def test_off_the_cpu_each_take_is_a_new_tensor_there():
     buffers = Buffers()
     taken = buffers.take((3, 4), torch.float32, torch.device("meta"))  # a stand-in for CUDA: no pooling there
