@@ -111,9 +111,9 @@ def svd_adaptive(
 
 
 class _Space:
-    """The growing Krylov space of t (short, long): basis K (short, p) kept as its rows Kᵀ (contiguous blocks: a
-    strided column block cost 6 ns per element to write), the rows zt = Kᵀ t (p, long) and the Gram zt ztᵀ
-    (p, p), in buffers sized for the most blocks that fit; `low`, t in the sketch's dtype (None: exact)."""
+    """The growing Krylov space of t (short, long): basis K (short, p) kept as its rows Kᵀ (each block written
+    contiguously), the rows zt = Kᵀ t (p, long) and the Gram zt ztᵀ (p, p), in buffers sized for the most blocks
+    that fit; `low`, t in the sketch's dtype (None: exact)."""
 
     def __init__(self, t: Tensor, low: Tensor | None, block: int, max_iters: int) -> None:
         self.t, self.low, self.block, self.size = t, low, block, 0
