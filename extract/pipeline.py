@@ -255,10 +255,13 @@ def iter_layers(
         return factor_layer(target, diff, stats.diff_energy, settings), stats
 
     threads_each = max(1, torch.get_num_threads() // settings.workers)
-    for done, item in enumerate(in_parallel(layers, factor, settings.workers, threads_each), start=1):
-        if done % TRIM_EVERY == 0:
-            release_freed_memory()
-        yield item
+    try:
+        for done, item in enumerate(in_parallel(layers, factor, settings.workers, threads_each), start=1):
+            if done % TRIM_EVERY == 0:
+                release_freed_memory()
+            yield item
+    finally:  # the reading thread joined now, not when an error's traceback lets go of this frame
+        layers.close()
 
 
 def release_freed_memory() -> None:

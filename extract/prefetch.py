@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import TypeVar
 
 import torch
@@ -23,7 +23,7 @@ POLL_SECONDS = 0.1
 _END = object()
 
 
-def prefetched(items: Iterator[T], ahead: int) -> Iterator[T]:
+def prefetched(items: Iterator[T], ahead: int) -> Generator[T, None, None]:
     """``items``, produced by a thread at most ``ahead`` items beyond the one in use (0: in the calling thread).
 
     The thread makes an item only when fewer than ``ahead`` are made beyond the one the consumer holds, so at most

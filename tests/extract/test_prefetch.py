@@ -99,6 +99,25 @@ def test_a_read_error_in_the_prefetch_thread_is_the_same_one_line_input_error(ch
     assert not _prefetch_threads() and not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("error", [TypeError("a bug"), InputError("bad layer")])
+def test_an_error_while_factoring_stops_the_reading_thread_before_it_propagates(changed, tmp_path, monkeypatch, error):
+    # the traceback keeps extract's frames alive: a reading thread left to them was still in a torch op when the
+    # interpreter exited after an uncaught error, which aborted the process ("terminate called", exit 134)
+    base, tuned, _ = changed
+    real, calls = extract.pipeline.factor_layer, []
+
+    def factor_layer(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise error
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(extract.pipeline, "factor_layer", factor_layer)
+    with pytest.raises(type(error)) as raised:
+        _extract(base, tuned, tmp_path / "lora.safetensors")
+    assert raised.value is error and not _prefetch_threads()
+
+
 def test_prefetched_keeps_the_order_and_raises_an_error_in_its_place():
     def items():
         yield from range(5)
