@@ -57,10 +57,10 @@ PREFETCH_LAYERS = 1
 """Layers whose differences a thread reads ahead while one is factored (reads and torch ops release the GIL). Each
 costs one layer's fp32 difference, at most ~120 MB in SDXL (a 2560 -> 1280 3x3 conv)."""
 TRIM_EVERY = 4
+"""Layers factored between two returns of freed heap memory to the system (see release_freed_memory)."""
 MAX_WORKERS = 4
 """Layers factored at once on a CPU (one per torch thread, at most this many): each holds its difference and SVD
 workspace (up to ~0.3 GiB for SDXL's largest), so more would grow the peak memory more than the speed."""
-"""Layers factored between two returns of freed heap memory to the system (see release_freed_memory)."""
 
 
 @dataclass(frozen=True)
@@ -361,8 +361,8 @@ def factor_layer(target: LoraTarget, diff: Tensor, energy: float, settings: Fact
 
 def truncated_svd(m: Tensor, rank: int, settings: FactorSettings, energy: float | None = None) -> Svd:
     """Exact (all values when the full spectrum is needed) or randomized top-``rank`` SVD of ``m``: block Krylov
-    with at least ``power_iters`` blocks, more until its error estimate settles, its subspace-choosing products in
-    the ``sketch`` dtype (xlbake.lora.krylov.svd_adaptive); ``energy``, ||m||² if known."""
+    with at least ``power_iters`` blocks, more until its error estimate settles, its products with ``m`` in the
+    ``sketch`` dtype (xlbake.lora.krylov.svd_adaptive); ``energy``, ||m||² if known."""
     if settings.svd == "exact":
         return svd_exact(m, min(m.shape) if settings.full_spectrum else rank)
     iters = max(1, settings.power_iters)

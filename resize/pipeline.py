@@ -1,10 +1,11 @@
 """The resize stage: re-factor every layer of a LoRA at a lower rank without ever forming its out x in matrix.
 
-A layer's delta (alpha / r) * up @ down has rank <= r, so its SVD comes from the QR of ``up`` and of ``down^T`` and
-the SVD of the small r x r core (``xlbake.lora.factored.factor_svd``): the singular values kohya gets by multiplying out
-and running a full SVD, at a fraction of the time and memory. The new factors are the top singular triplets; the
-rank comes from a fixed value, a per-layer criterion or a global size budget. Every output is written with one
-alpha and each layer's scale folded into its factors, the input's metadata updated, and a kept-energy report.
+A layer's delta (alpha / r) * up @ down has rank <= r, so its SVD comes from the factors' r x r Grams and the
+eigen-solve of a small r x r core (``xlbake.lora.factored.factor_svd``): the singular values kohya gets by
+multiplying out and running a full SVD, at a fraction of the time and memory. The new factors are the top singular
+triplets; the rank comes from a fixed value, a per-layer criterion or a global size budget. Every output is written
+with one alpha and each layer's scale folded into its factors, the input's metadata updated, and a kept-energy
+report.
 """
 
 from __future__ import annotations
