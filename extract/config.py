@@ -50,9 +50,9 @@ class ExtractConfig:
     to 12, until its a-posteriori error estimate settles, so flat spectra get more work than steep ones. Numbers
     in the README's benchmark section (benchmarks/bench_extract.py)."""
     oversample: int = 0
-    """Extra columns of the fast SVD's Krylov blocks, which are max((dim + oversample) / 2, 24) wide. Its basis
-    grows to 5 or more blocks, 2.5x dim, so none are needed: at dim 128, 16 cost ~15 % more CPU for half the excess
-    over the optimum (README's benchmark section)."""
+    """Extra columns of the fast SVD's Krylov blocks, (dim + oversample) / 2 wide, at least min(24, (dim + 16) / 2).
+    Its basis grows to 2.5x dim or more, so large ranks need none: at dim 128, 16 cost ~12 % more CPU for half the
+    excess over the optimum (README's benchmark section)."""
     sketch_precision: Literal["auto", "fp32", "bf16"] = "auto"
     """Precision of the fast SVD's products that only choose its Krylov subspace (the error estimate, the
     projection and the factors stay at ``precision``). Its rounding moves the error by < 1e-4 of the optimum when

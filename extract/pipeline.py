@@ -12,6 +12,7 @@ import ctypes
 import logging
 import math
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -42,7 +43,7 @@ from xlbake.errors import ConfigError, InputError
 from xlbake.fingerprint import fingerprint
 from xlbake.lora.calibration import Calibration, calibration_info
 from xlbake.lora.io import SAVE_DTYPES
-from xlbake.lora.krylov import sketch_dtype, svd_adaptive
+from xlbake.lora.krylov import Workspace, sketch_dtype, svd_adaptive
 from xlbake.lora.lowrank import Svd, split_factors, svd_exact, to_matrix
 from xlbake.lora.names import LoraTarget, kohya_targets
 from xlbake.lora.parallel import in_parallel
@@ -249,10 +250,13 @@ def iter_layers(
     """Factor each target's difference (``settings.workers`` at once), while a thread reads the next
     ``settings.prefetch`` ones; results in the targets' order."""
     layers = prefetched(layer_differences(base, tuned, targets, settings), settings.prefetch)
+    local = threading.local()  # a Workspace per worker thread, freed with this loop
 
     def factor(layer: tuple[LoraTarget, Tensor, LayerDiff]) -> tuple[LayerResult, LayerDiff]:
         target, diff, stats = layer
-        return factor_layer(target, diff, stats.diff_energy, settings), stats
+        if not hasattr(local, "workspace"):
+            local.workspace = Workspace()
+        return factor_layer(target, diff, stats.diff_energy, settings, local.workspace), stats
 
     threads_each = max(1, torch.get_num_threads() // settings.workers)
     try:
@@ -337,9 +341,12 @@ def _placed(pieces: Iterator[Tensor]) -> Iterator[tuple[int, Tensor]]:
         start += piece.numel()
 
 
-def factor_layer(target: LoraTarget, diff: Tensor, energy: float, settings: FactorSettings) -> LayerResult:
+def factor_layer(
+    target: LoraTarget, diff: Tensor, energy: float, settings: FactorSettings, workspace: Workspace | None = None
+) -> LayerResult:
     """Top-rank SVD factors of one difference matrix (out, n) of squared norm ``energy``; an exactly zero
-    difference is not factored (its factors have rank 0)."""
+    difference is not factored (its factors have rank 0). ``workspace``: the fast SVD's memory, reused by the
+    calling thread from layer to layer."""
     if energy == 0 and not diff.any():
         empty = torch.zeros(0, dtype=settings.hold_dtype)
         return LayerResult(target, empty.reshape(diff.shape[0], 0), empty.reshape(0, diff.shape[1]), empty, 0.0, True)
@@ -347,7 +354,7 @@ def factor_layer(target: LoraTarget, diff: Tensor, energy: float, settings: Fact
     whitening = whitening_for(settings.calibration, target)
     if whitening is not None:  # factor ΔW S' (same energy as ΔW: see whiten_scaled), then map down back
         diff, whitening = whiten_scaled(diff, whitening)
-    svd = truncated_svd(diff, rank, settings, energy=energy if whitening is None else None)
+    svd = truncated_svd(diff, rank, settings, energy=energy if whitening is None else None, workspace=workspace)
     spectrum, full = svd.s, svd.s.numel() == min(diff.shape)
     if settings.full_spectrum and not full:
         spectrum, full = torch.linalg.svdvals(diff), True
@@ -359,7 +366,9 @@ def factor_layer(target: LoraTarget, diff: Tensor, energy: float, settings: Fact
     )
 
 
-def truncated_svd(m: Tensor, rank: int, settings: FactorSettings, energy: float | None = None) -> Svd:
+def truncated_svd(
+    m: Tensor, rank: int, settings: FactorSettings, energy: float | None = None, workspace: Workspace | None = None
+) -> Svd:
     """Exact (all values when the full spectrum is needed) or randomized top-``rank`` SVD of ``m``: block Krylov
     with at least ``power_iters`` blocks, more until its error estimate settles, its products with ``m`` in the
     ``sketch`` dtype (xlbake.lora.krylov.svd_adaptive); ``energy``, ||m||² if known."""
@@ -367,7 +376,7 @@ def truncated_svd(m: Tensor, rank: int, settings: FactorSettings, energy: float 
         return svd_exact(m, min(m.shape) if settings.full_spectrum else rank)
     iters = max(1, settings.power_iters)
     return svd_adaptive(m, rank, oversample=settings.oversample, min_iters=iters, seed=settings.seed,
-                        sketch=settings.sketch, energy=energy)
+                        sketch=settings.sketch, energy=energy, workspace=workspace)
 
 
 def _inputs(cfg: ExtractConfig) -> list[tuple[str, Path]]:

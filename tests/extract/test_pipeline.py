@@ -345,3 +345,30 @@ def test_the_fast_svd_gets_the_layer_energy_read_with_the_difference(monkeypatch
     target = LoraTarget("lora_unet_x", "unet", "model.diffusion_model.x.weight", None, "linear", (300, 400))
     pipeline.factor_layer(target, m, energy, settings)
     assert seen == [energy]
+
+
+def test_each_factoring_thread_reuses_one_workspace_for_the_fast_svd(tiny_paths, dense, tmp_path, monkeypatch):
+    import threading
+
+    import extract.pipeline as pipeline
+
+    seen, real = [], pipeline.svd_adaptive
+
+    def spy(m, rank, **kw):
+        seen.append((threading.current_thread().name, kw["workspace"]))
+        return real(m, rank, **kw)
+
+    monkeypatch.setattr(pipeline, "svd_adaptive", spy)
+    threads = torch.get_num_threads()
+    try:
+        for workers in (1, 2):
+            seen.clear()
+            torch.set_num_threads(workers)  # one factoring worker per torch thread
+            _extract(tiny_paths.single_file, dense, tmp_path / f"{workers}.safetensors", dim=(4,))
+            names = {name for name, _ in seen}
+            assert len(seen) > 10 and all(workspace is not None for _, workspace in seen)
+            for name in names:  # one per thread, reused for each of its layers
+                assert len({id(workspace) for thread, workspace in seen if thread == name}) == 1
+            assert len({id(workspace) for _, workspace in seen}) == len(names) == workers
+    finally:
+        torch.set_num_threads(threads)

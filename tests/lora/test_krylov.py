@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from xlbake.errors import ConfigError
-from xlbake.lora.krylov import native_bf16, sketch_dtype, svd_adaptive
+from xlbake.lora.krylov import Workspace, native_bf16, sketch_dtype, svd_adaptive
 from xlbake.lora.lowrank import Svd, svd_exact
 
 BF16 = torch.bfloat16
@@ -119,3 +119,23 @@ def test_a_given_energy_is_used_in_place_of_a_pass_over_the_matrix():
     assert torch.equal(plain.u, given.u) and torch.equal(plain.s, given.s) and torch.equal(plain.vh, given.vh)
     # a wrong energy moves the error estimate, hence the stopping block and the result: it is the one used
     assert not torch.equal(svd_adaptive(m, 24, sketch=BF16, energy=100 * energy).s, plain.s)
+
+
+def _same(a: Svd, b: Svd) -> bool:
+    return torch.equal(a.u, b.u) and torch.equal(a.s, b.s) and torch.equal(a.vh, b.vh)
+
+
+def test_a_workspace_is_reused_from_call_to_call_and_changes_nothing():
+    workspace = Workspace()
+    for shape in [(300, 500), (500, 300), (200, 260), (320, 560)]:  # wide and tall; smaller, then larger
+        m = slow_decay(*shape, seed=sum(shape))
+        for sketch in (None, BF16):
+            held = {key: buffer.data_ptr() for key, buffer in workspace._buffers.items()}
+            got, want = svd_adaptive(m, 24, sketch=sketch, workspace=workspace), svd_adaptive(m, 24, sketch=sketch)
+            assert _same(got, want), (shape, sketch)
+            for buffer in workspace._buffers.values():  # nothing returned points into the workspace
+                buffer.fill_(float("nan"))
+            assert _same(got, want), (shape, sketch)
+            if shape == (200, 260):  # smaller than the layers before: the same memory again
+                assert held and all(workspace._buffers[key].data_ptr() == ptr for key, ptr in held.items())
+    assert {role for role, _ in workspace._buffers} == {"low", "rows", "zt", "gram"}

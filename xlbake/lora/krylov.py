@@ -22,9 +22,12 @@ SKETCH_PRECISIONS = ("auto", "fp32", "bf16")
 # the error is above a tenth of the norm (< 0.06 % of it), not below, where the products switch to t's dtype.
 _SKETCH_FLOOR = 1e-2
 _CPU_BF16_PROBES = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-MIN_BLOCK = 24
-"""Narrowest Krylov block: each block has fixed costs (an eigen-solve of the Gram, a QR) that narrow blocks of a
-small rank do not repay (rank 32 in blocks of 16 instead of 24: same CPU time, twice the worst excess)."""
+MIN_BLOCK, SMALL_RANK_OVERSAMPLE = 24, 16
+"""Krylov blocks are at least min(MIN_BLOCK, (rank + SMALL_RANK_OVERSAMPLE) / 2) wide, whatever the oversampling:
+each block has fixed costs (an eigen-solve of the Gram, a QR) that the narrow blocks of a small rank do not repay
+(rank 32 in blocks of 16 instead of 24: same CPU time, twice the worst excess), and a block of a column or two
+would make a tiny rank's result hinge on a few random vectors. Large ranks need no oversampling (the basis grows to
+2.5x the rank): at rank 128 blocks of 64, not 72, cost ~12 % less CPU, at rank 64 32 not 40 ~14 % less."""
 
 
 @functools.cache
@@ -59,12 +62,13 @@ def sketch_dtype(
 
 def svd_adaptive(
     m: Tensor, rank: int, *, oversample: int = 0, min_iters: int = 3, max_iters: int = 12, tol: float = 1e-2,
-    seed: int = 0, sketch: torch.dtype | None = None, energy: float | None = None,
+    seed: int = 0, sketch: torch.dtype | None = None, energy: float | None = None, workspace: Workspace | None = None,
 ) -> Svd:
     """Approximate top-`rank` SVD of m (rows, cols) by randomized block Krylov (Musco & Musco 2015) that stops on
     an a-posteriori error estimate.
 
-    Works on t, the matrix with its short side first, in blocks of b = ceil((rank + oversample) / 2) columns:
+    Works on t, the matrix with its short side first, in blocks of b = ceil((rank + oversample) / 2) columns, at
+    least min(MIN_BLOCK, ceil((rank + SMALL_RANK_OVERSAMPLE) / 2)):
     q_0 = orth(t Ω) with a Gaussian Ω seeded by `seed`, then for each block z_i = tᵀ q_i and
     q_{i+1} = orth(t z_i) against every earlier block. The basis K = [q_0 .. q_i] gives the Rayleigh-Ritz
     approximation from the Gram Kᵀ t tᵀ K = Zᵀ Z of the kept z's; its error e_i = sqrt(||t||² - top-`rank` Ritz
@@ -83,13 +87,16 @@ def svd_adaptive(
     Per block: two products with m, one GEMM for the Gram's new column, the re-orthogonalization GEMMs (one
     Gram-Schmidt pass reuses the Gram's coefficients) and an eigvalsh of the Gram (fp64 when the error is small);
     the basis, the z's and the Gram live in buffers sized for the most blocks that fit.
-    With the defaults at rank 128 SDXL layers take 5 blocks (360 basis columns). `python -m
+    With the defaults at rank 128 SDXL layers take 5-6 blocks of 64 (320-384 basis columns). `python -m
     benchmarks.bench_extract --dim 128 --conv-dim 128` (bf16 sketch): excess over the optimum of the stored
-    difference median +0.09 % / worst +0.45 % (finetune, --fraction 0.1), +0.21 % / +0.55 % (--quick --difference
-    slow-decay); tol 5e-3 gives about a third of that for ~20 % more CPU. Measured alternatives, kept out: int8
-    products (VNNI, 1.5-2x a bf16 GEMM) lose it again quantizing the matrix; blocks of 48 or 64 columns save
-    10-25 % for 2-3x the excess; blocks of rank + oversample columns cut the excess 5-10x for 1.5-2x the time.
+    difference median +0.22 % / worst +0.58 % (finetune, --fraction 0.1), +0.21 % / +0.65 % (--quick --difference
+    slow-decay). Measured alternatives (kept out): oversample 16 (blocks of 72) halves the median excess for
+    ~12 % more CPU; blocks of 48-56 gain nothing more (more blocks, more fixed costs) for 1.5-2x the worst excess;
+    tol 2e-2 saves ~15 % for 2.5x the excess (median 0.58 %, over the rule); blocks of rank + oversample columns
+    cut the excess 5-10x for 1.5-2x the time; int8 products (VNNI, 1.5-2x a bf16 GEMM) lose it again quantizing
+    the matrix; z rows and Gram in bf16 save ~3 % but leave vh orthonormal only to ~1e-3.
     `energy`, ||m||² when the caller has it already (extract does, from reading the layer), saves a pass over m.
+    `workspace`: memory reused from an earlier call on the same thread (None: fresh buffers).
     Falls back to `svd_exact` when min_iters + 2 blocks would not fit in the short side.
     Returns u (rows, k), s (k,), vh (k, cols) with k = min(rank, rows, cols); u and vh are orthonormal up to
     rounding, s descending.
@@ -101,10 +108,15 @@ def svd_adaptive(
                           f"{oversample}, {min_iters}, {max_iters}, {tol}")  # fmt: skip
     tall = m.shape[0] > m.shape[1]
     t = m.mT if tall else m  # (short, long): orthonormalize on the short side only
-    block = max(-(-(rank + oversample) // 2), MIN_BLOCK)
+    block = max(-(-(rank + oversample) // 2), min(MIN_BLOCK, -(-(rank + SMALL_RANK_OVERSAMPLE) // 2)))
     if block * (min_iters + 2) >= t.shape[0]:  # no room to settle before the basis fills the short side
         return svd_exact(m, rank)
-    space = _Space(t, None if sketch is None or sketch == t.dtype else t.to(sketch), block, max_iters)
+    workspace = Workspace() if workspace is None else workspace
+    low = None
+    if sketch is not None and sketch != t.dtype:  # converted into m's layout: a contiguous pass
+        low = workspace.take("low", tuple(m.shape), sketch, m.device).copy_(m)
+        low = low.mT if tall else low
+    space = _Space(t, low, block, max_iters, workspace)
     generator = torch.Generator(device=m.device).manual_seed(seed)
     omega = torch.randn(block, t.shape[1], generator=generator, device=m.device, dtype=m.dtype)
     space.rows[:block] = torch.linalg.qr(space.times(omega).mT).Q.mT
@@ -113,18 +125,42 @@ def svd_adaptive(
     return _ritz(space, vectors, rank, tall)
 
 
+class Workspace:
+    """Memory that `svd_adaptive` reuses from one call to the next instead of allocating it afresh: a fresh buffer
+    costs a page fault per 4 KiB page on first touch (~2 ns per fp32 element on the benchmark VM, against ~0.2 ns
+    to write it again; extract/buffers.py), and the sketch's copy of a layer, its z rows and basis are the SVD's
+    largest. Measured at 1 thread on the benchmark's fraction-0.1 set: extract 5 % less CPU. One per thread (calls
+    that run at the same time must not share one); its buffers grow to the largest layer seen and live as long as
+    it does. Results never point into them."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[str, torch.dtype], Tensor] = {}
+
+    def take(self, role: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+        """An uninitialized tensor of `shape` on the buffer kept for `role` (grown when too small); off the CPU a
+        new one each time (CUDA's caching allocator already reuses its memory)."""
+        if device.type != "cpu":
+            return torch.empty(shape, dtype=dtype, device=device)
+        numel = math.prod(shape)
+        buffer = self._buffers.get((role, dtype))
+        if buffer is None or buffer.numel() < numel:
+            buffer = self._buffers[(role, dtype)] = torch.empty(0, dtype=dtype)  # the old one freed first
+            buffer = self._buffers[(role, dtype)] = torch.empty(numel, dtype=dtype)
+        return buffer[:numel].view(shape)
+
+
 class _Space:
     """The growing Krylov space of t (short, long): basis K (short, p) kept as its rows Kᵀ (each block written
     contiguously), the rows zt = Kᵀ t (p, long) and the Gram zt ztᵀ (p, p), in buffers sized for the most blocks
     that fit; `low`, t in the sketch's dtype (None: exact)."""
 
-    def __init__(self, t: Tensor, low: Tensor | None, block: int, max_iters: int) -> None:
+    def __init__(self, t: Tensor, low: Tensor | None, block: int, max_iters: int, workspace: Workspace) -> None:
         self.t, self.low, self.block, self.size = t, low, block, 0
         self.blocks = min(max_iters, t.shape[0] // block - 1)  # then another 2 blocks would not fit the short side
         cap = self.blocks * block
-        self.rows = t.new_empty(cap, t.shape[0])  # Kᵀ
-        self.zt = t.new_empty(cap, t.shape[1])
-        self.gram = t.new_empty(cap, cap)
+        self.rows = workspace.take("rows", (cap, t.shape[0]), t.dtype, t.device)  # Kᵀ
+        self.zt = workspace.take("zt", (cap, t.shape[1]), t.dtype, t.device)
+        self.gram = workspace.take("gram", (cap, cap), t.dtype, t.device)
 
     def times(self, rows: Tensor) -> Tensor:
         """(t rowsᵀ)ᵀ = rows tᵀ (b, short) for rows (b, long), in the sketch's dtype when there is one."""
@@ -235,5 +271,5 @@ def _ritz(space: _Space, vectors: Tensor | None, rank: int, tall: bool) -> Svd:
         s, order = torch.sort(s, descending=True, stable=True)
         u, w = u[:, order], w[order]
     inverse = torch.where(s > 0, 1 / s, torch.zeros_like(s))
-    vh = w * inverse[:, None]  # (k, long)
+    vh = w.mul_(inverse[:, None])  # (k, long)
     return Svd(u=vh.mT, s=s, vh=u.mT) if tall else Svd(u=u, s=s, vh=vh)
