@@ -139,3 +139,17 @@ def test_a_workspace_is_reused_from_call_to_call_and_changes_nothing():
             if shape == (200, 260):  # smaller than the layers before: the same memory again
                 assert held and all(workspace._buffers[key].data_ptr() == ptr for key, ptr in held.items())
     assert {role for role, _ in workspace._buffers} == {"low", "rows", "zt", "gram"}
+
+
+def test_while_the_basis_is_within_the_rank_the_error_comes_from_the_trace_without_an_eigen_solve(monkeypatch):
+    from xlbake.lora import krylov
+
+    z = torch.randn(40, 300, generator=gen(4))
+    gram, energy = z @ z.T, 2.0 * float(z.square().sum())
+    want = [krylov._ritz_error(gram, rank, energy, vectors=False)[0] for rank in (40, 64, 20)]
+    monkeypatch.setattr(torch.linalg, "eigvalsh", lambda *a: pytest.fail("eigen-solve with every eigenvalue kept"))
+    assert krylov._ritz_error(gram, 40, energy, vectors=False)[0] == pytest.approx(want[0], rel=1e-6)
+    assert krylov._ritz_error(gram, 64, energy, vectors=False)[0] == pytest.approx(want[1], rel=1e-6)
+    with pytest.raises(pytest.fail.Exception):  # fewer kept than the basis holds: the eigenvalues are needed
+        krylov._ritz_error(gram, 20, energy, vectors=False)
+    assert want[2] > want[0]
