@@ -156,6 +156,7 @@ class _Space:
 
     def __init__(self, t: Tensor, low: Tensor | None, block: int, max_iters: int, workspace: Workspace) -> None:
         self.t, self.low, self.block, self.size = t, low, block, 0
+        self.newest = t.new_empty(0)  # the newest block's z rows, in the dtype of their product
         self.blocks = min(max_iters, t.shape[0] // block - 1)  # then another 2 blocks would not fit the short side
         cap = self.blocks * block
         self.rows = workspace.take("rows", (cap, t.shape[0]), t.dtype, t.device)  # Kᵀ
@@ -173,9 +174,10 @@ class _Space:
         p, b = self.size, self.block
         q = self.rows[p : p + b]  # q_iᵀ
         if self.low is None:
-            torch.mm(q, self.t, out=self.zt[p : p + b])
-        else:
-            self.zt[p : p + b] = q.to(self.low.dtype) @ self.low
+            self.newest = torch.mm(q, self.t, out=self.zt[p : p + b])
+        else:  # kept as the product gave them too: the next block's product takes them so, without a conversion
+            self.newest = q.to(self.low.dtype) @ self.low
+            self.zt[p : p + b] = self.newest
         self.size = p + b
         return self._gram_column(p)
 
@@ -184,6 +186,7 @@ class _Space:
         p, b = self.size, self.block
         self.low = None
         torch.mm(self.rows[:p], self.t, out=self.zt[:p])
+        self.newest = self.zt[p - b : p]
         self.size = 0
         for start in range(0, p, b):
             self.size = start + b
@@ -219,7 +222,7 @@ def _krylov(space: _Space, rank: int, energy: float, min_iters: int, tol: float)
             # the sketch's rounding would show in the error: exact products from here on, and the z's redone
             # exactly (one product), so that the Ritz step chooses from the basis without the rounding
             cross = space.redo_exactly()
-        y = space.times(space.zt[p - space.block : p])  # (b, short): (t tᵀ q)ᵀ, the next Krylov block
+        y = space.times(space.newest)  # (b, short): (t tᵀ q)ᵀ, the next Krylov block
         space.rows[p : p + space.block] = _orthonormalize(y, space.rows[:p], cross)
 
 
