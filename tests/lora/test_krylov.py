@@ -153,3 +153,11 @@ def test_while_the_basis_is_within_the_rank_the_error_comes_from_the_trace_witho
     with pytest.raises(pytest.fail.Exception):  # fewer kept than the basis holds: the eigenvalues are needed
         krylov._ritz_error(gram, 20, energy, vectors=False)
     assert want[2] > want[0]
+
+
+def test_off_the_cpu_a_workspace_hands_out_fresh_memory():
+    # CUDA's caching allocator already reuses memory (meta stands in for a GPU here): nothing is kept
+    workspace, meta = Workspace(), torch.device("meta")
+    first = workspace.take("zt", (4, 8), torch.float32, meta)
+    assert first.device == meta and first.shape == (4, 8) and not workspace._buffers
+    assert workspace.take("zt", (2, 8), torch.float32, meta) is not first
