@@ -22,7 +22,6 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from extract.buffers import Buffers
 from extract.calibrate import extract_calibration, whitening_for
 from extract.components import TEXT_ENCODERS, Decision, LayerDiff, component_totals, decide
 from extract.config import ExtractConfig
@@ -41,9 +40,10 @@ from xlbake.data.meta import dataset_keys
 from xlbake.devices import resolve_device
 from xlbake.errors import ConfigError, InputError
 from xlbake.fingerprint import fingerprint
+from xlbake.lora.buffers import SVD_KEEP_BYTES, Buffers
 from xlbake.lora.calibration import Calibration, calibration_info
 from xlbake.lora.io import SAVE_DTYPES
-from xlbake.lora.krylov import Workspace, sketch_dtype, svd_adaptive
+from xlbake.lora.krylov import sketch_dtype, svd_adaptive
 from xlbake.lora.lowrank import Svd, split_factors, svd_exact, to_matrix
 from xlbake.lora.names import LoraTarget, kohya_targets
 from xlbake.lora.parallel import in_parallel
@@ -59,6 +59,9 @@ PREFETCH_LAYERS = 1
 costs one layer's fp32 difference, at most ~120 MB in SDXL (a 2560 -> 1280 3x3 conv)."""
 TRIM_EVERY = 4
 """Layers factored between two returns of freed heap memory to the system (see release_freed_memory)."""
+PIECE_BYTES = 1 << 20
+"""File bytes read at a time into the scratch buffer: small enough to stay in cache while converted, large enough
+that the per-piece Python overhead is negligible (256 KiB, 1 MiB, 4 MiB measured within 5 %)."""
 MAX_WORKERS = 4
 """Layers factored at once on a CPU (one per torch thread, at most this many): each holds its difference and SVD
 workspace (up to ~0.3 GiB for SDXL's largest), so more would grow the peak memory more than the speed."""
@@ -250,13 +253,13 @@ def iter_layers(
     """Factor each target's difference (``settings.workers`` at once), while a thread reads the next
     ``settings.prefetch`` ones; results in the targets' order."""
     layers = prefetched(layer_differences(base, tuned, targets, settings), settings.prefetch)
-    local = threading.local()  # a Workspace per worker thread, freed with this loop
+    local = threading.local()  # a pool of the SVD's buffers per worker thread, freed with this loop
 
     def factor(layer: tuple[LoraTarget, Tensor, LayerDiff]) -> tuple[LayerResult, LayerDiff]:
         target, diff, stats = layer
-        if not hasattr(local, "workspace"):
-            local.workspace = Workspace()
-        return factor_layer(target, diff, stats.diff_energy, settings, local.workspace), stats
+        if not hasattr(local, "buffers"):
+            local.buffers = Buffers(SVD_KEEP_BYTES)
+        return factor_layer(target, diff, stats.diff_energy, settings, local.buffers), stats
 
     threads_each = max(1, torch.get_num_threads() // settings.workers)
     try:
@@ -285,11 +288,11 @@ def layer_differences(
 ) -> Iterator[tuple[LoraTarget, Tensor, LayerDiff]]:
     """Each target's difference matrix (out, n) and statistics; a fused weight (TE2 in_proj) is read once for its
     q, k, v. InputError for NaN/Inf in either file. The differences' memory is reused once nothing holds it."""
-    key, cached, buffers = None, None, Buffers()
+    key, cached, buffers, scratch = None, None, Buffers(), torch.empty(PIECE_BYTES, dtype=torch.uint8)
     for target in targets:
         if target.key != key:
             key, cached = target.key, None  # drop the previous layer before reading the next
-            cached = read_difference(base, tuned, target.key, settings, buffers)
+            cached = read_difference(base, tuned, target.key, settings, buffers, scratch)
         diff, row_energy = cached
         if target.rows is not None:
             diff, row_energy = diff[target.rows[0] : target.rows[1]], row_energy[target.rows[0] : target.rows[1]]
@@ -309,11 +312,12 @@ def _max_abs(diff: Tensor) -> float:
 
 
 def read_difference(
-    base: CheckpointReader, tuned: CheckpointReader, key: str, settings: FactorSettings, buffers: Buffers
+    base: CheckpointReader, tuned: CheckpointReader, key: str, settings: FactorSettings,
+    buffers: Buffers, scratch: Tensor,
 ) -> tuple[Tensor, Tensor]:
     """(tuned - base) as a matrix (out, in*kh*kw) and the base weight's squared row norms (out,), fp64.
 
-    Both files are read piece by piece into ``buffers.scratch`` and converted into one reused buffer: the base,
+    Both files are read piece by piece into ``scratch`` (uint8) and converted into one buffer of ``buffers``: the base,
     then tuned - base in place, with the very arithmetic of a whole-tensor ``tuned - base`` (each piece promoted as
     the whole would be). layer_differences over the quick benchmark set (40 SDXL-shaped fp16 layers, 1 thread):
     1.15-1.28 CPU s with fresh whole-tensor buffers (each page faulting on first touch, and the mixed-dtype
@@ -322,12 +326,12 @@ def read_difference(
     """
     weight = buffers.take(base.shape(key), settings.dtype, settings.device)
     flat = weight.view(-1)
-    for start, piece in _placed(base.pieces(key, buffers.scratch)):
+    for start, piece in _placed(base.pieces(key, scratch)):
         flat[start : start + piece.numel()].copy_(piece)
     row_energy = torch.linalg.vector_norm(to_matrix(weight), dim=1).double().square()
     if not math.isfinite(float(row_energy.sum())):
         raise InputError(f"{base.path}: {key} holds NaN/Inf values; the checkpoint is broken, re-save it")
-    for start, piece in _placed(tuned.pieces(key, buffers.scratch)):
+    for start, piece in _placed(tuned.pieces(key, scratch)):
         part = flat[start : start + piece.numel()]
         torch.sub(piece.to(settings.device), part, out=part)
     return to_matrix(weight), row_energy
@@ -342,7 +346,7 @@ def _placed(pieces: Iterator[Tensor]) -> Iterator[tuple[int, Tensor]]:
 
 
 def factor_layer(
-    target: LoraTarget, diff: Tensor, energy: float, settings: FactorSettings, workspace: Workspace | None = None
+    target: LoraTarget, diff: Tensor, energy: float, settings: FactorSettings, workspace: Buffers | None = None
 ) -> LayerResult:
     """Top-rank SVD factors of one difference matrix (out, n) of squared norm ``energy``; an exactly zero
     difference is not factored (its factors have rank 0). ``workspace``: the fast SVD's memory, reused by the
@@ -367,7 +371,7 @@ def factor_layer(
 
 
 def truncated_svd(
-    m: Tensor, rank: int, settings: FactorSettings, energy: float | None = None, workspace: Workspace | None = None
+    m: Tensor, rank: int, settings: FactorSettings, energy: float | None = None, workspace: Buffers | None = None
 ) -> Svd:
     """Exact (all values when the full spectrum is needed) or randomized top-``rank`` SVD of ``m``: block Krylov
     with at least ``power_iters`` blocks, more until its error estimate settles, its products with ``m`` in the

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from xlbake.errors import ConfigError
-from xlbake.lora.krylov import Workspace, native_bf16, sketch_dtype, svd_adaptive
+from xlbake.lora.buffers import Buffers
+from xlbake.lora.krylov import native_bf16, sketch_dtype, svd_adaptive
 from xlbake.lora.lowrank import Svd, svd_exact
 
 BF16 = torch.bfloat16
@@ -125,20 +126,20 @@ def _same(a: Svd, b: Svd) -> bool:
     return torch.equal(a.u, b.u) and torch.equal(a.s, b.s) and torch.equal(a.vh, b.vh)
 
 
-def test_a_workspace_is_reused_from_call_to_call_and_changes_nothing():
-    workspace = Workspace()
+def test_a_pool_of_buffers_is_reused_from_call_to_call_and_changes_nothing():
+    workspace = Buffers()
     for shape in [(300, 500), (500, 300), (200, 260), (320, 560)]:  # wide and tall; smaller, then larger
         m = slow_decay(*shape, seed=sum(shape))
         for sketch in (None, BF16):
-            held = {key: buffer.data_ptr() for key, buffer in workspace._buffers.items()}
+            pooled = {buffer.data_ptr() for buffer, _ in workspace._pool}
             got, want = svd_adaptive(m, 24, sketch=sketch, workspace=workspace), svd_adaptive(m, 24, sketch=sketch)
             assert _same(got, want), (shape, sketch)
-            for buffer in workspace._buffers.values():  # nothing returned points into the workspace
+            for buffer, _ in workspace._pool:  # nothing returned points into the pool
                 buffer.fill_(float("nan"))
             assert _same(got, want), (shape, sketch)
-            if shape == (200, 260):  # smaller than the layers before: the same memory again
-                assert held and all(workspace._buffers[key].data_ptr() == ptr for key, ptr in held.items())
-    assert {role for role, _ in workspace._buffers} == {"low", "rows", "zt", "gram"}
+            if shape == (200, 260):  # smaller than the layers before: their memory again, nothing new
+                assert pooled and {buffer.data_ptr() for buffer, _ in workspace._pool} == pooled
+    assert {buffer.dtype for buffer, _ in workspace._pool} == {torch.float32, BF16}  # bf16: the sketch's copy
 
 
 def test_while_the_basis_is_within_the_rank_the_error_comes_from_the_trace_without_an_eigen_solve(monkeypatch):
@@ -153,11 +154,3 @@ def test_while_the_basis_is_within_the_rank_the_error_comes_from_the_trace_witho
     with pytest.raises(pytest.fail.Exception):  # fewer kept than the basis holds: the eigenvalues are needed
         krylov._ritz_error(gram, 20, energy, vectors=False)
     assert want[2] > want[0]
-
-
-def test_off_the_cpu_a_workspace_hands_out_fresh_memory():
-    # CUDA's caching allocator already reuses memory (meta stands in for a GPU here): nothing is kept
-    workspace, meta = Workspace(), torch.device("meta")
-    first = workspace.take("zt", (4, 8), torch.float32, meta)
-    assert first.device == meta and first.shape == (4, 8) and not workspace._buffers
-    assert workspace.take("zt", (2, 8), torch.float32, meta) is not first

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from xlbake.errors import ConfigError, InputError
+from xlbake.lora.buffers import Buffers
 from xlbake.lora.lowrank import Svd, svd_exact
 
 SKETCH_PRECISIONS = ("auto", "fp32", "bf16")
@@ -62,7 +63,7 @@ def sketch_dtype(
 
 def svd_adaptive(
     m: Tensor, rank: int, *, oversample: int = 0, min_iters: int = 3, max_iters: int = 12, tol: float = 1e-2,
-    seed: int = 0, sketch: torch.dtype | None = None, energy: float | None = None, workspace: Workspace | None = None,
+    seed: int = 0, sketch: torch.dtype | None = None, energy: float | None = None, workspace: Buffers | None = None,
 ) -> Svd:
     """Approximate top-`rank` SVD of m (rows, cols) by randomized block Krylov (Musco & Musco 2015) that stops on
     an a-posteriori error estimate.
@@ -96,7 +97,8 @@ def svd_adaptive(
     cut the excess 5-10x for 1.5-2x the time; int8 products (VNNI, 1.5-2x a bf16 GEMM) lose it again quantizing
     the matrix; z rows and Gram in bf16 save ~3 % but leave vh orthonormal only to ~1e-3.
     `energy`, ||m||² when the caller has it already (extract does, from reading the layer), saves a pass over m.
-    `workspace`: memory reused from an earlier call on the same thread (None: fresh buffers).
+    `workspace`: a pool (xlbake.lora.buffers) whose memory an earlier call on this thread left idle, for the
+    sketch's copy of m, the basis, z rows and Gram (None: fresh buffers); the result never points into it.
     Falls back to `svd_exact` when min_iters + 2 blocks would not fit in the short side.
     Returns u (rows, k), s (k,), vh (k, cols) with k = min(rank, rows, cols); u and vh are orthonormal up to
     rounding, s descending.
@@ -111,10 +113,10 @@ def svd_adaptive(
     block = max(-(-(rank + oversample) // 2), min(MIN_BLOCK, -(-(rank + SMALL_RANK_OVERSAMPLE) // 2)))
     if block * (min_iters + 2) >= t.shape[0]:  # no room to settle before the basis fills the short side
         return svd_exact(m, rank)
-    workspace = Workspace() if workspace is None else workspace
+    workspace = Buffers() if workspace is None else workspace
     low = None
     if sketch is not None and sketch != t.dtype:  # converted into m's layout: a contiguous pass
-        low = workspace.take("low", tuple(m.shape), sketch, m.device).copy_(m)
+        low = workspace.take(tuple(m.shape), sketch, m.device).copy_(m)
         low = low.mT if tall else low
     space = _Space(t, low, block, max_iters, workspace)
     generator = torch.Generator(device=m.device).manual_seed(seed)
@@ -125,44 +127,19 @@ def svd_adaptive(
     return _ritz(space, vectors, rank, tall)
 
 
-class Workspace:
-    """Memory that `svd_adaptive` reuses from one call to the next instead of allocating it afresh: a fresh buffer
-    costs a page fault per 4 KiB page on first touch (~2 ns per fp32 element on the benchmark VM, against ~0.2 ns
-    to write it again; extract/buffers.py), and the sketch's copy of a layer, its z rows and basis are the SVD's
-    largest. Measured at 1 thread on the benchmark's fraction-0.1 set: extract ~8 % less CPU. One per thread (calls
-    that run at the same time must not share one); its buffers grow to the largest layer seen and live as long as
-    it does. Results never point into them."""
-
-    def __init__(self) -> None:
-        self._buffers: dict[tuple[str, torch.dtype], Tensor] = {}
-
-    def take(self, role: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-        """An uninitialized tensor of `shape` on the buffer kept for `role` (grown when too small); off the CPU a
-        new one each time (CUDA's caching allocator already reuses its memory)."""
-        if device.type != "cpu":
-            return torch.empty(shape, dtype=dtype, device=device)
-        numel = math.prod(shape)
-        buffer = self._buffers.pop((role, dtype), None)
-        if buffer is None or buffer.numel() < numel:
-            buffer = None  # the smaller one freed before the larger one is allocated
-            buffer = torch.empty(numel, dtype=dtype)
-        self._buffers[(role, dtype)] = buffer
-        return buffer[:numel].view(shape)
-
-
 class _Space:
     """The growing Krylov space of t (short, long): basis K (short, p) kept as its rows Kᵀ (each block written
     contiguously), the rows zt = Kᵀ t (p, long) and the Gram zt ztᵀ (p, p), in buffers sized for the most blocks
     that fit; `low`, t in the sketch's dtype (None: exact)."""
 
-    def __init__(self, t: Tensor, low: Tensor | None, block: int, max_iters: int, workspace: Workspace) -> None:
+    def __init__(self, t: Tensor, low: Tensor | None, block: int, max_iters: int, workspace: Buffers) -> None:
         self.t, self.low, self.block, self.size = t, low, block, 0
         self.newest = t.new_empty(0)  # the newest block's z rows, in the dtype of their product
         self.blocks = min(max_iters, t.shape[0] // block - 1)  # then another 2 blocks would not fit the short side
         cap = self.blocks * block
-        self.rows = workspace.take("rows", (cap, t.shape[0]), t.dtype, t.device)  # Kᵀ
-        self.zt = workspace.take("zt", (cap, t.shape[1]), t.dtype, t.device)
-        self.gram = workspace.take("gram", (cap, cap), t.dtype, t.device)
+        self.rows = workspace.take((cap, t.shape[0]), t.dtype, t.device)  # Kᵀ
+        self.zt = workspace.take((cap, t.shape[1]), t.dtype, t.device)
+        self.gram = workspace.take((cap, cap), t.dtype, t.device)
 
     def times(self, rows: Tensor) -> Tensor:
         """(t rowsᵀ)ᵀ = rows tᵀ (b, short) for rows (b, long), in the sketch's dtype when there is one."""

@@ -1,16 +1,12 @@
-"""extract: the read path's buffers are reused once idle, never while any tensor still uses them."""
+"""xlbake.lora.buffers: a pooled buffer is reused once idle, never while any tensor still uses it."""
 
 import threading
 import weakref
 
 import torch
 
-from extract.buffers import Buffers
-from extract.config import ExtractConfig
-from extract.pipeline import FactorSettings, layer_differences
+from xlbake.lora.buffers import Buffers
 from xlbake.lora.lowrank import to_matrix
-from xlbake.lora.names import kohya_targets
-from xlbake.sdxl.checkpoint import open_checkpoint, save_sgm_checkpoint
 
 CPU = torch.device("cpu")
 
@@ -37,12 +33,14 @@ def test_an_idle_buffer_is_handed_out_again_and_one_in_use_is_not():
     assert buffers.take((50,), torch.float32, CPU).data_ptr() == large
 
 
-def test_where_torch_cannot_count_a_storage_users_no_buffer_is_reused(monkeypatch):
+def test_where_torch_cannot_count_a_storage_users_no_buffer_is_reused_or_kept(monkeypatch):
     monkeypatch.delattr(torch._C, "_storage_Use_Count")
     buffers = Buffers()
     first = buffers.take((4, 6), torch.float32, CPU)
     held = first[1:3]  # still in use: it must not come back
     assert buffers.take((4, 6), torch.float32, CPU).untyped_storage().data_ptr() != held.untyped_storage().data_ptr()
+    gone = weakref.ref(buffers.take((1024,), torch.float32, CPU)._base)
+    assert gone() is None and not buffers._pool  # never reusable, so never kept: the pool holds nothing
 
 
 def test_off_the_cpu_each_take_is_a_new_tensor_there():
@@ -87,28 +85,3 @@ def test_idle_buffers_beyond_the_bound_are_let_go_least_recently_used_first():
     assert b() is None and a() is not None and c() is not None
     take(64)  # 16 + 48 KiB idle besides it: both go
     assert a() is None and c() is None
-
-
-def test_differences_held_at_once_are_each_intact(tiny_paths, tmp_path):
-    """Every difference yielded is kept alive at once (as workers and the prefetch queue hold them): a buffer
-    handed out again while one of them still uses it would overwrite it."""
-    with open_checkpoint(tiny_paths.single_file) as reader:
-        weights = {key: reader.get(key).clone() for key in reader}
-    gen = torch.Generator().manual_seed(3)
-    tuned = dict(weights)
-    targets = kohya_targets({k: tuple(v.shape) for k, v in weights.items()}, conv=True)
-    for key in {t.key for t in targets}:
-        tuned[key] = weights[key] + torch.randn(weights[key].shape, generator=gen)
-    base_path = save_sgm_checkpoint(weights, tmp_path / "base.safetensors", dtype=torch.float16)
-    tuned_path = save_sgm_checkpoint(tuned, tmp_path / "tuned.safetensors", dtype=torch.float16)
-    cfg = ExtractConfig(base=base_path, tuned=tuned_path, out=tmp_path / "lora.safetensors")
-    settings = FactorSettings.from_config(cfg)
-    with open_checkpoint(base_path) as base, open_checkpoint(tuned_path) as tuned_reader:
-        held = list(layer_differences(base, tuned_reader, targets, settings))
-        shapes = [tuple(diff.shape) for _, diff, _ in held]
-        assert len(set(shapes)) < len(shapes)  # some shapes repeat: their buffers could be reused
-        for target, diff, _ in held:
-            expected = to_matrix(tuned_reader.get(target.key).float() - base.get(target.key).float())
-            if target.rows is not None:
-                expected = expected[target.rows[0] : target.rows[1]]
-            assert torch.equal(diff, expected), target.name
