@@ -179,6 +179,7 @@ def _rss() -> int:
 
 def run_ours(args: argparse.Namespace, result: dict) -> None:
     """extract.pipeline.run_extract, timing each layer (reading, norms, SVD) and the LoRA writing."""
+    import extract.layers
     import extract.outputs as outputs
     import extract.pipeline as pipeline
 
@@ -201,7 +202,7 @@ def run_ours(args: argparse.Namespace, result: dict) -> None:
 
     pipeline.iter_layers, outputs.write_lora = timed_layers, timed_write
     if args.prefetch is not None:
-        pipeline.PREFETCH_LAYERS = args.prefetch
+        extract.layers.PREFETCH_LAYERS = args.prefetch
     cfg = ExtractConfig(
         base=Path(args.base),
         tuned=Path(args.tuned),

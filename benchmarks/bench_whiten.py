@@ -21,7 +21,7 @@ from dataclasses import replace
 import torch
 
 from extract.config import ExtractConfig
-from extract.pipeline import FactorSettings, factor_layer, truncated_svd
+from extract.layers import FactorSettings, factor_layer, truncated_svd
 from xlbake.lora.calibration import Calibration
 from xlbake.lora.lowrank import split_factors
 from xlbake.lora.moments import compress

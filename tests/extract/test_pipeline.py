@@ -314,7 +314,7 @@ def test_decisions_explain_min_diff_and_the_rounding_floor():
 
 
 def test_the_default_fast_svd_is_the_adaptive_block_krylov_one():
-    from extract.pipeline import FactorSettings, truncated_svd
+    from extract.layers import FactorSettings, truncated_svd
     from xlbake.lora.krylov import sketch_dtype, svd_adaptive
 
     cfg = ExtractConfig()
@@ -329,36 +329,36 @@ def test_the_default_fast_svd_is_the_adaptive_block_krylov_one():
 
 
 def test_the_fast_svd_gets_the_layer_energy_read_with_the_difference(monkeypatch):
-    import extract.pipeline as pipeline
+    import extract.layers as layers
     from xlbake.lora.names import LoraTarget
 
-    seen, real = [], pipeline.svd_adaptive
+    seen, real = [], layers.svd_adaptive
 
     def spy(m, rank, **kw):
         seen.append(kw["energy"])
         return real(m, rank, **kw)
 
-    monkeypatch.setattr(pipeline, "svd_adaptive", spy)
-    settings = pipeline.FactorSettings.from_config(ExtractConfig())
+    monkeypatch.setattr(layers, "svd_adaptive", spy)
+    settings = layers.FactorSettings.from_config(ExtractConfig())
     m = torch.randn(300, 400, generator=torch.Generator().manual_seed(2))
     energy = float(torch.linalg.vector_norm(m)) ** 2
     target = LoraTarget("lora_unet_x", "unet", "model.diffusion_model.x.weight", None, "linear", (300, 400))
-    pipeline.factor_layer(target, m, energy, settings)
+    layers.factor_layer(target, m, energy, settings)
     assert seen == [energy]
 
 
 def test_each_factoring_thread_reuses_one_workspace_for_the_fast_svd(tiny_paths, dense, tmp_path, monkeypatch):
     import threading
 
-    import extract.pipeline as pipeline
+    import extract.layers as layers
 
-    seen, real = [], pipeline.svd_adaptive
+    seen, real = [], layers.svd_adaptive
 
     def spy(m, rank, **kw):
         seen.append((threading.current_thread().name, kw["workspace"]))
         return real(m, rank, **kw)
 
-    monkeypatch.setattr(pipeline, "svd_adaptive", spy)
+    monkeypatch.setattr(layers, "svd_adaptive", spy)
     threads = torch.get_num_threads()
     try:
         for workers in (1, 2):

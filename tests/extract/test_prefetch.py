@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import extract.pipeline
+import extract.layers
 from extract.config import ExtractConfig
 from extract.pipeline import run_extract
 from extract.prefetch import prefetched
@@ -49,7 +49,7 @@ def test_loras_are_bit_identical_with_and_without_prefetch(changed, tmp_path, mo
     base, tuned, _ = changed
     written = {}
     for ahead in (0, 2):
-        monkeypatch.setattr(extract.pipeline, "PREFETCH_LAYERS", ahead)
+        monkeypatch.setattr(extract.layers, "PREFETCH_LAYERS", ahead)
         paths = _extract(base, tuned, tmp_path / f"ahead{ahead}" / "lora.safetensors", svd=svd).outputs
         written[ahead] = [load_file(path) for path in paths]
     for plain, ahead in zip(written[0], written[2], strict=True):
@@ -62,7 +62,7 @@ def test_the_difference_is_read_in_the_prefetch_thread_and_factors_are_held_at_t
 ):
     base, tuned, _ = changed
     readers, held = set(), []
-    real_pieces, real_factor = CheckpointReader.pieces, extract.pipeline.factor_layer
+    real_pieces, real_factor = CheckpointReader.pieces, extract.layers.factor_layer
 
     def pieces(self, key, scratch):
         readers.add(threading.current_thread().name)
@@ -73,7 +73,7 @@ def test_the_difference_is_read_in_the_prefetch_thread_and_factors_are_held_at_t
         return held[-1]
 
     monkeypatch.setattr(CheckpointReader, "pieces", pieces)
-    monkeypatch.setattr(extract.pipeline, "factor_layer", factor_layer)
+    monkeypatch.setattr(extract.layers, "factor_layer", factor_layer)
     _extract(base, tuned, tmp_path / "lora.safetensors", save_precision="bf16")
     assert THREAD in readers
     assert {layer.up.dtype for layer in held} == {layer.down.dtype for layer in held} == {SAVE_DTYPES["bf16"]}
@@ -104,7 +104,7 @@ def test_an_error_while_factoring_stops_the_reading_thread_before_it_propagates(
     # the traceback keeps extract's frames alive: a reading thread left to them was still in a torch op when the
     # interpreter exited after an uncaught error, which aborted the process ("terminate called", exit 134)
     base, tuned, _ = changed
-    real, calls = extract.pipeline.factor_layer, []
+    real, calls = extract.layers.factor_layer, []
 
     def factor_layer(*args, **kwargs):
         calls.append(1)
@@ -112,7 +112,7 @@ def test_an_error_while_factoring_stops_the_reading_thread_before_it_propagates(
             raise error
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(extract.pipeline, "factor_layer", factor_layer)
+    monkeypatch.setattr(extract.layers, "factor_layer", factor_layer)
     with pytest.raises(type(error)) as raised:
         _extract(base, tuned, tmp_path / "lora.safetensors")
     assert raised.value is error and not _prefetch_threads()
@@ -174,13 +174,13 @@ def test_loras_are_bit_identical_when_layers_are_factored_side_by_side(changed, 
     """Two workers of one torch thread each give the very bits of one worker at one thread."""
     base, tuned, _ = changed
     threads, written, factored_on = torch.get_num_threads(), {}, {1: set(), 2: set()}
-    real_factor, current = extract.pipeline.factor_layer, [0]
+    real_factor, current = extract.layers.factor_layer, [0]
 
     def factor_layer(*args):
         factored_on[current[0]].add(threading.current_thread().name.split("_")[0])  # pool threads: name_N
         return real_factor(*args)
 
-    monkeypatch.setattr(extract.pipeline, "factor_layer", factor_layer)
+    monkeypatch.setattr(extract.layers, "factor_layer", factor_layer)
     try:
         for workers in (1, 2):
             torch.set_num_threads(workers)  # extract takes one worker per torch thread

@@ -3,7 +3,7 @@
 import torch
 
 from extract.config import ExtractConfig
-from extract.pipeline import FactorSettings, layer_differences
+from extract.layers import FactorSettings, layer_differences
 from xlbake.lora.lowrank import to_matrix
 from xlbake.lora.names import kohya_targets
 from xlbake.sdxl.checkpoint import open_checkpoint, save_sgm_checkpoint

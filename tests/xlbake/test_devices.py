@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from extract.config import ExtractConfig
-from extract.pipeline import FactorSettings
+from extract.layers import FactorSettings
 from xlbake.devices import resolve_device
 from xlbake.errors import ConfigError
 
