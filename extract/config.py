@@ -46,9 +46,10 @@ class ExtractConfig:
     precision: Literal["fp32", "fp64"] = "fp32"
     """Precision of the difference and its SVD."""
     power_iters: int = 3
-    """Krylov blocks the fast SVD always builds (block Krylov, xlbake.lora.krylov.svd_adaptive); it adds more, up
-    to 12, until its a-posteriori error estimate settles, so flat spectra get more work than steep ones. Numbers
-    in the README's benchmark section (benchmarks/bench_extract.py)."""
+    """Krylov blocks the fast SVD always builds, 3 at least (block Krylov, xlbake.lora.krylov.svd_adaptive); it
+    adds more, up to 12, until the gains its a-posteriori error estimate extrapolates are below 0.5 % of the
+    error, so flat spectra get more work than steep ones. Numbers in the README's benchmark section
+    (benchmarks/bench_extract.py, benchmarks/bench_krylov.py)."""
     oversample: int = 0
     """Extra columns of the fast SVD's Krylov blocks, (dim + oversample) / 2 wide, at least min(24, (dim + 16) / 2).
     Its basis grows to 2.5x dim or more, so large ranks need none: at dim 128, 16 cost ~12 % more CPU for half the

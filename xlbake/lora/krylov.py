@@ -62,7 +62,7 @@ def sketch_dtype(
 
 
 def svd_adaptive(
-    m: Tensor, rank: int, *, oversample: int = 0, min_iters: int = 3, max_iters: int = 12, tol: float = 1e-2,
+    m: Tensor, rank: int, *, oversample: int = 0, min_iters: int = 3, max_iters: int = 12, tol: float = 5e-3,
     seed: int = 0, sketch: torch.dtype | None = None, energy: float | None = None, workspace: Buffers | None = None,
 ) -> Svd:
     """Approximate top-`rank` SVD of m (rows, cols) by randomized block Krylov (Musco & Musco 2015) that stops on
@@ -73,10 +73,12 @@ def svd_adaptive(
     q_0 = orth(t Ω) with a Gaussian Ω seeded by `seed`, then for each block z_i = tᵀ q_i and
     q_{i+1} = orth(t z_i) against every earlier block. The basis K = [q_0 .. q_i] gives the Rayleigh-Ritz
     approximation from the Gram Kᵀ t tᵀ K = Zᵀ Z of the kept z's; its error e_i = sqrt(||t||² - top-`rank` Ritz
-    energy) is exact for the current basis and never increases. Iterating stops after at least `min_iters` blocks
-    once e_{i-1} - e_i <= `tol` * e_i (Krylov converges faster than geometric, so the rest of the gain is below
-    the last step's), or at `max_iters`: flat spectra get more blocks, steep ones fewer. The result needs no
-    further product with m: u = K V for the Gram's top eigenvectors V, and vh = (Z V)ᵀ / s.
+    energy) is exact for the current basis and never increases. Iterating stops after at least max(`min_iters`, 3)
+    blocks once the gains still to come, extrapolated from the last two (the last gain g shrinking by its ratio r
+    to the one before: g r / (1 - r); Krylov's gains in fact shrink faster), are at most `tol` of e_i, or at
+    `max_iters`: the excess over what more blocks would reach is then about `tol` or less, flat spectra get more
+    blocks, steep ones fewer. The result needs no further product with m: u = K V for the Gram's top
+    eigenvectors V, and vh = (Z V)ᵀ / s.
 
     `sketch` (default: m's dtype), e.g. bf16, is the dtype of every product with m; the orthonormalization, the
     Gram and its eigen-solve stay in m's dtype. The rounding tilts the basis by ~2⁻⁹ and adds about
@@ -89,11 +91,14 @@ def svd_adaptive(
     Gram-Schmidt pass reuses the Gram's coefficients) and an eigvalsh of the Gram (fp64 when the error is small);
     the basis, the z's and the Gram live in buffers sized for the most blocks that fit.
     With the defaults at rank 128 SDXL layers take 5-6 blocks of 64 (320-384 basis columns). `python -m
-    benchmarks.bench_extract --dim 128 --conv-dim 128` (bf16 sketch): excess over the optimum of the stored
-    difference median +0.22 % / worst +0.58 % (finetune, --fraction 0.1), +0.21 % / +0.65 % (--quick --difference
-    slow-decay). Measured alternatives (kept out): oversample 16 (blocks of 72) halves the median excess for
-    ~12 % more CPU; blocks of 48-56 gain nothing more (more blocks, more fixed costs) for 1.5-2x the worst excess;
-    tol 2e-2 saves ~15 % for 2.5x the excess (median 0.58 %, over the rule); blocks of rank + oversample columns
+    benchmarks.bench_extract --dim 128 --conv-dim 128 --fraction 0.1` (bf16 sketch): excess over the optimum of
+    the stored difference median +0.21 % / worst +0.48 % (finetune), +0.18 % / +0.51 % (--difference slow-decay).
+    The rule before, e_{i-1} - e_i <= 1e-2 e_i (the last gain alone), did the same work on the finetune set (644
+    blocks against 641) but stopped slow-decay's 1280x1280 layers at +0.48 % (median +0.39 %, at the rule's
+    edge); per-block errors: `python -m benchmarks.bench_krylov`. Measured alternatives (kept out): oversample
+    16 (blocks of 72) halves the median excess for ~12 % more CPU; blocks of 48-56 gain nothing more (more
+    blocks, more fixed costs) for 1.5-2x the worst excess; stopping a block earlier (4 blocks of 64: +1.2-1.4 %
+    median) breaks the rule; blocks of rank + oversample columns
     cut the excess 5-10x for 1.5-2x the time; int8 products (VNNI, 1.5-2x a bf16 GEMM) lose it again quantizing
     the matrix; z rows and Gram in bf16 save ~3 % but leave vh orthonormal only to ~1e-3.
     `energy`, ||m||² when the caller has it already (extract does, from reading the layer), saves a pass over m.
@@ -188,13 +193,14 @@ def _krylov(space: _Space, rank: int, energy: float, min_iters: int, tol: float)
     while True:
         cross = space.grow()
         count, p = len(errors) + 1, space.size
-        last = count >= space.blocks
-        # Krylov's gains shrink faster than geometrically: the next is about g_{i-1}² / g_{i-2}
-        e = errors[-3:] if count >= max(min_iters, 2) else []
-        likely = last or (len(e) == 3 and (e[1] - e[2]) ** 2 <= tol * e[2] * max(e[0] - e[1], 0.0))
+        last, may_stop = count >= space.blocks, count >= max(min_iters, 3)
+        likely = last  # this block likely the last: its eigenvectors come with the eigenvalues (not again in _ritz)
+        if may_stop and not last and len(errors) >= 3:  # this block's gain guessed as the last one's times r
+            e = errors[-2:]
+            likely = _settled([*e, e[1] - (e[0] - e[1]) * _ratio(errors[-3:])], tol)
         error, vectors = _ritz_error(space.gram[:p, :p], rank, energy, likely)
         errors.append(error)
-        if last or (count >= max(min_iters, 2) and errors[-2] - errors[-1] <= tol * errors[-1]):
+        if last or (may_stop and _settled(errors[-3:], tol)):
             return vectors
         if space.low is not None and errors[-1] ** 2 < _SKETCH_FLOOR * energy:
             # the sketch's rounding would show in the error: exact products from here on, and the z's redone
@@ -202,6 +208,21 @@ def _krylov(space: _Space, rank: int, energy: float, min_iters: int, tol: float)
             cross = space.redo_exactly()
         y = space.times(space.newest)  # (b, short): (t tᵀ q)ᵀ, the next Krylov block
         space.rows[p : p + space.block] = _orthonormalize(y, space.rows[:p], cross)
+
+
+def _ratio(errors: list[float]) -> float:
+    """The last gain over the one before, of three errors, within [0, 0.9] (a gain that grew says nothing of the
+    next but that it may be as large)."""
+    first, last = errors[0] - errors[1], errors[1] - errors[2]
+    return min(max(last / first, 0.0), 0.9) if first > 0 else 0.9
+
+
+def _settled(errors: list[float], tol: float) -> bool:
+    """Whether the gains still to come, extrapolated geometrically from the last three errors (g r / (1 - r) for
+    the last gain g shrinking by r per block), are at most `tol` of the error: the error is then within about
+    `tol` of what more blocks would reach."""
+    ratio, gain = _ratio(errors), errors[1] - errors[2]
+    return gain <= 0 or gain * ratio / (1 - ratio) <= tol * errors[2]
 
 
 def _orthonormalize(y: Tensor, rows: Tensor, cross: Tensor) -> Tensor:
