@@ -2,6 +2,12 @@
 
 `svd_adaptive` is a pure function of tensors. `sketch_dtype` resolves the user's precision choice ("auto", "fp32",
 "bf16") for a device: bf16 only where the hardware multiplies it natively (`native_bf16`), else the matrix's dtype.
+
+Measured alternatives of `svd_adaptive` at rank 128, kept out: oversample 16 (blocks of 72) halves the median excess
+for ~12 % more CPU; blocks of 48-56 gain nothing more (more blocks, more fixed costs) for 1.5-2x the worst excess;
+stopping a block earlier (4 blocks of 64: +1.2-1.4 % median) breaks the rule; blocks of rank + oversample columns
+cut the excess 5-10x for 1.5-2x the time; int8 products (VNNI, 1.5-2x a bf16 GEMM) lose it again quantizing the
+matrix; z rows and Gram in bf16 save ~3 % but leave vh orthonormal only to ~1e-3.
 """
 
 from __future__ import annotations
@@ -95,12 +101,7 @@ def svd_adaptive(
     the stored difference median +0.21 % / worst +0.48 % (finetune), +0.18 % / +0.51 % (--difference slow-decay).
     The rule before, e_{i-1} - e_i <= 1e-2 e_i (the last gain alone), did the same work on the finetune set (644
     blocks against 641) but stopped slow-decay's 1280x1280 layers at +0.48 % (median +0.39 %, at the rule's
-    edge); per-block errors: `python -m benchmarks.bench_krylov`. Measured alternatives (kept out): oversample
-    16 (blocks of 72) halves the median excess for ~12 % more CPU; blocks of 48-56 gain nothing more (more
-    blocks, more fixed costs) for 1.5-2x the worst excess; stopping a block earlier (4 blocks of 64: +1.2-1.4 %
-    median) breaks the rule; blocks of rank + oversample columns
-    cut the excess 5-10x for 1.5-2x the time; int8 products (VNNI, 1.5-2x a bf16 GEMM) lose it again quantizing
-    the matrix; z rows and Gram in bf16 save ~3 % but leave vh orthonormal only to ~1e-3.
+    edge); per-block errors: `python -m benchmarks.bench_krylov`. Alternatives measured: the module's docstring.
     `energy`, ||m||² when the caller has it already (extract does, from reading the layer), saves a pass over m.
     `workspace`: a pool (xlbake.lora.buffers) whose memory an earlier call on this thread left idle, for the
     sketch's copy of m, the basis, z rows and Gram (None: fresh buffers); the result never points into it.
