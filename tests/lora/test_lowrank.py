@@ -407,8 +407,9 @@ def test_adaptive_is_within_half_a_percent_of_eckart_young_on_slow_decay(shape):
     ratios = [errors_over_optimum(slow_decay(*shape, seed=seed), 32) for seed in range(3)]
     adaptive = sorted(r["adaptive"] for r in ratios)
     assert adaptive[1] <= 1.005 and adaptive[-1] <= 1.02  # median and worst
-    # never worse than the fixed-iteration default by more than 0.1 % of the optimum (it stops at a 1 % gain)
-    assert all(r["adaptive"] <= r["today"] + 1e-3 for r in ratios)
+    # never much worse than the fixed-iteration default: it stops once the gains still to come are extrapolated
+    # to at most 0.5 % of the error (measured: 0.17-0.35 % above the optimum here, the default 0.22-0.34 %)
+    assert all(r["adaptive"] <= r["today"] + 2e-3 for r in ratios)
 
 
 def test_adaptive_on_a_steep_spectrum_recovers_it_and_stops_early():
