@@ -85,7 +85,7 @@ def excess(m: torch.Tensor, svd, optimum: float) -> float:
 def measure_class(target, kind: str, dim: int, kohya: bool) -> dict:
     """Excess per forced block count, the one-pass sketch's, and the CPU seconds of the products, the shipped fast
     SVD and (`kohya`) kohya's full SVD, for one layer."""
-    from xlbake.lora.krylov import MIN_BLOCK, SMALL_RANK_OVERSAMPLE, sketch_dtype, svd_adaptive
+    from xlbake.lora.krylov import krylov_block, sketch_dtype, svd_adaptive
     from xlbake.lora.lowrank import Svd
 
     m = stored_difference(target, kind)
@@ -93,10 +93,10 @@ def measure_class(target, kind: str, dim: int, kohya: bool) -> dict:
     sketch = sketch_dtype(cfg.sketch_precision, torch.float32, "cpu")
     energy = float(m.double().square().sum())
     optimum = float(torch.linalg.svdvals(m.double())[rank:].square().sum().sqrt())
-    block = max(-(-(rank + cfg.oversample) // 2), min(MIN_BLOCK, -(-(rank + SMALL_RANK_OVERSAMPLE) // 2)))
+    block = krylov_block(short, rank, cfg.oversample, 1) or 0
     row = {"blocks": {}, "block": block}
     for j in range(1, MAX_BLOCKS + 1):
-        if block * (j + 2) >= short:  # svd_adaptive would fall back to the exact SVD: no Krylov figure
+        if krylov_block(short, rank, cfg.oversample, j) is None:  # svd_adaptive would use the exact SVD
             break
         svd = svd_adaptive(m, rank, min_iters=j, max_iters=j, sketch=sketch, energy=energy, seed=cfg.seed)
         row["blocks"][j] = excess(m, svd, optimum)

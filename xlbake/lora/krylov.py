@@ -116,8 +116,8 @@ def svd_adaptive(
                           f"{oversample}, {min_iters}, {max_iters}, {tol}")  # fmt: skip
     tall = m.shape[0] > m.shape[1]
     t = m.mT if tall else m  # (short, long): orthonormalize on the short side only
-    block = max(-(-(rank + oversample) // 2), min(MIN_BLOCK, -(-(rank + SMALL_RANK_OVERSAMPLE) // 2)))
-    if block * (min_iters + 2) >= t.shape[0]:  # no room to settle before the basis fills the short side
+    block = krylov_block(t.shape[0], rank, oversample, min_iters)
+    if block is None:
         return svd_exact(m, rank)
     workspace = Buffers() if workspace is None else workspace
     low = None
@@ -131,6 +131,14 @@ def svd_adaptive(
     energy = float(torch.linalg.vector_norm(t)) ** 2 if energy is None else energy
     vectors = _krylov(space, rank, energy, min_iters, tol)
     return _ritz(space, vectors, rank, tall)
+
+
+def krylov_block(short: int, rank: int, oversample: int, min_iters: int) -> int | None:
+    """The width of `svd_adaptive`'s Krylov blocks for a matrix whose short side is `short`: ceil((rank +
+    oversample) / 2), at least min(MIN_BLOCK, ceil((rank + SMALL_RANK_OVERSAMPLE) / 2)); None when min_iters + 2
+    blocks would fill the short side (no room to settle: `svd_adaptive` returns the exact SVD)."""
+    block = max(-(-(rank + oversample) // 2), min(MIN_BLOCK, -(-(rank + SMALL_RANK_OVERSAMPLE) // 2)))
+    return None if block * (min_iters + 2) >= short else block
 
 
 class _Space:
