@@ -130,6 +130,12 @@ def true_difference(key: str, shape: tuple[int, ...], kind: str = "finetune") ->
     return (delta * (rel * weight(key, shape).norm() / delta.norm())).reshape(shape)
 
 
+def stored_pair(key: str, shape: tuple[int, ...], dtype: torch.dtype, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The base weight and the finetuned one as a file of ``dtype`` stores them: W and W + Delta, each rounded."""
+    base = weight(key, shape).to(dtype)
+    return base, (base.float() + true_difference(key, shape, kind)).to(dtype)
+
+
 def write_pair(folder: Path, keys: list[str], shapes: dict, dtype: torch.dtype, kind: str) -> tuple[Path, Path]:
     """base.safetensors and tuned.safetensors holding ``keys`` (+ detection tensors), one tensor at a time."""
     from xlbake.sdxl.tensorfile import write_safetensors
@@ -139,8 +145,7 @@ def write_pair(folder: Path, keys: list[str], shapes: dict, dtype: torch.dtype, 
     def fetch(key: str, tuned: bool) -> torch.Tensor:
         if key in DETECTION_KEYS:
             return torch.zeros(shapes[key])
-        stored = weight(key, shapes[key]).to(dtype)
-        return (stored.float() + true_difference(key, shapes[key], kind)).to(dtype) if tuned else stored
+        return stored_pair(key, shapes[key], dtype, kind)[int(tuned)]
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = folder / "base.safetensors", folder / "tuned.safetensors"

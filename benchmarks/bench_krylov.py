@@ -29,7 +29,7 @@ from collections import defaultdict
 
 import torch
 
-from benchmarks.bench_extract import DIFFERENCES, MEDIAN_EXCESS, WORST_EXCESS, true_difference, weight
+from benchmarks.bench_extract import DIFFERENCES, MEDIAN_EXCESS, WORST_EXCESS, stored_pair
 from extract.config import ExtractConfig
 
 MAX_BLOCKS = 8
@@ -46,13 +46,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def shape_classes(quick: bool) -> list[tuple[object, int]]:
+def shape_classes(shapes: dict[str, tuple[int, ...]], quick: bool) -> list[tuple[object, int]]:
     """(a representative target, how many of SDXL's LoRA layers share its component, kind and shape)."""
     from xlbake.lora.names import kohya_targets
-    from xlbake.sdxl.configs import real_sdxl_sgm_shapes
 
     classes: dict[tuple, list] = defaultdict(list)
-    for target in kohya_targets(real_sdxl_sgm_shapes(), conv=True):
+    for target in kohya_targets(shapes, conv=True):
         classes[(target.component, target.kind, target.shape)].append(target)
     total = sum(math.prod(t.shape) for members in classes.values() for t in members)
     chosen = [(members[len(members) // 2], len(members)) for members in classes.values()]
@@ -61,12 +60,12 @@ def shape_classes(quick: bool) -> list[tuple[object, int]]:
     return sorted(chosen, key=lambda c: -c[1] * math.prod(c[0].shape))
 
 
-def stored_difference(target, kind: str) -> torch.Tensor:
-    """The layer's difference as an fp16 file pair stores it: fp16(W + Delta) - fp16(W), as a matrix, fp32."""
-    key = target.key if target.rows is None else f"{target.key}:{target.rows[0]}"
-    base = weight(key, target.shape).half()
-    tuned = (base.float() + true_difference(key, target.shape, kind)).half()
-    return (tuned.float() - base.float()).flatten(1)
+def stored_difference(target, shape: tuple[int, ...], kind: str) -> torch.Tensor:
+    """The layer's difference as bench_extract's fp16 file pair stores it (a fused weight of `shape` whole, then the
+    target's rows), as a matrix, fp32."""
+    base, tuned = stored_pair(target.key, shape, torch.float16, kind)
+    rows = slice(*target.rows) if target.rows else slice(None)
+    return (tuned.float() - base.float())[rows].flatten(1)
 
 
 def cpu_seconds(run, repeats: int = 1, warm: bool = True) -> tuple[float, object]:
@@ -82,13 +81,13 @@ def excess(m: torch.Tensor, svd, optimum: float) -> float:
     return float(torch.linalg.matrix_norm(m.double() - approx)) / optimum - 1
 
 
-def measure_class(target, kind: str, dim: int, kohya: bool) -> dict:
+def measure_class(target, shape: tuple[int, ...], kind: str, dim: int, kohya: bool) -> dict:
     """Excess per forced block count, the one-pass sketch's, and the CPU seconds of the products, the shipped fast
     SVD and (`kohya`) kohya's full SVD, for one layer."""
     from xlbake.lora.krylov import krylov_block, sketch_dtype, svd_adaptive
     from xlbake.lora.lowrank import Svd
 
-    m = stored_difference(target, kind)
+    m = stored_difference(target, shape, kind)
     rank, short, cfg = min(dim, *m.shape), min(m.shape), ExtractConfig()
     sketch = sketch_dtype(cfg.sketch_precision, torch.float32, "cpu")
     energy = float(m.double().square().sum())
@@ -168,13 +167,16 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     kinds = DIFFERENCES if args.difference == "both" else (args.difference,)
-    classes = shape_classes(args.quick)
+    from xlbake.sdxl.configs import real_sdxl_sgm_shapes
+
+    shapes = real_sdxl_sgm_shapes()
+    classes = shape_classes(shapes, args.quick)
     rows: dict[str, list] = {}
     for kind in kinds:
         rows[kind] = []
         for target, count in classes:
             start = time.perf_counter()
-            row = measure_class(target, kind, args.dim, kohya=kind == kinds[0])
+            row = measure_class(target, shapes[target.key], kind, args.dim, kohya=kind == kinds[0])
             rows[kind].append((target, count, row))
             shown = " ".join(f"{row['blocks'][j]:+.2%}" for j in sorted(row["blocks"]))
             print(f"{kind} {target.component} {str(target.shape):20s} x{count:<4d} blocks of {row['block']}: "

@@ -47,7 +47,7 @@ FLAGS = {  # flag -> (config key, click option keyword arguments)
     "--size": ("size", {"metavar": "SIZE", "help": "Global budget: file size (100MB) or parameter count (50M)."}),
     "--svd": ("svd", {"type": click.Choice(["fast", "exact"]), "help": "Randomized (fast) or LAPACK (exact) SVD."}),
     "--precision": ("precision", {"type": click.Choice(["fp32", "fp64"]), "help": "Precision of the SVD."}),
-    "--power-iters": ("power_iters", {"type": int, "help": "Power iterations of the fast SVD."}),
+    "--power-iters": ("power_iters", {"type": int, "help": "Krylov blocks the fast SVD always builds (3 at least)."}),
     "--oversample": ("oversample", {"type": int, "help": "Oversampling of the fast SVD."}),
     "--seed": ("seed", {"type": int, "help": "Seed of the fast SVD."}),
     "--clamp-quantile": ("clamp_quantile", {"type": float, "help": "kohya's factor clamp (kohya: 0.99); 1 = none."}),
