@@ -14,7 +14,11 @@ from exact). --difference slow-decay: a harder case for a randomized SVD, a rank
 kept rank; same scales.
 
 Methods, each in its own subprocess (peak RSS from /proc VmHWM). Times are the CPU seconds of each worker process
-with one torch thread (--threads), which other processes on a shared machine disturb far less than wall time:
+with one torch thread (--threads), which other processes on a shared machine disturb far less than wall time;
+each starts with its input files in the page cache (read once just before), so that all are measured alike: a
+cold read adds the kernel's work to the reading (whole set, fast: 66 CPU s cold against 46-50 s warm), and which
+pages the generation or the method before left cached had decided the first run's figure (whole set, fast with
+read-ahead: 60.6 s first, 48.8-50.2 s in later runs):
   kohya: both files loaded whole and cast to fp32, every difference kept, then torch.linalg.svd with
          full_matrices=True per layer (sd-scripts networks/extract_lora_from_models.py; its 0.99 clamp is left
          out so that results compare).
@@ -382,6 +386,7 @@ def run_method(
     command += ["--power-iters", str(args.power_iters), "--oversample", str(args.oversample)]
     command += ["--prefetch", str(prefetch)] if prefetch is not None else []
     command += ["--cores", str(cores)] if cores else []
+    read_whole(pair)  # from a warm page cache, whatever ran before
     done = subprocess.run(command, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"{method} worker failed:\n{done.stderr[-3000:]}")
@@ -474,19 +479,20 @@ def print_table(args, conv_dim: int, full: list, measured: dict, results: dict, 
 # ---------------------------------------------------------------- issue 16's I/O goals (memory, overlap, threads, read)
 
 
+def read_whole(paths: tuple[Path, ...]) -> float:
+    """Read the files whole (into the page cache, if they fit); the seconds it took."""
+    buffer, start = bytearray(READ_CHUNK), time.perf_counter()
+    for path in paths:
+        with open(path, "rb", buffering=0) as handle:
+            while handle.readinto(buffer):
+                pass
+    return time.perf_counter() - start
+
+
 def warm_read_seconds(paths: tuple[Path, Path], repeats: int = 3) -> float:
     """Seconds to read both files whole from a warm page cache (the first read warms it; best of ``repeats``)."""
-    buffer = bytearray(READ_CHUNK)
-    best = math.inf
-    for attempt in range(repeats + 1):
-        start = time.perf_counter()
-        for path in paths:
-            with open(path, "rb", buffering=0) as handle:
-                while handle.readinto(buffer):
-                    pass
-        if attempt:
-            best = min(best, time.perf_counter() - start)
-    return best
+    read_whole(paths)
+    return min(read_whole(paths) for _ in range(repeats))
 
 
 def io_runs(pair: tuple[Path, Path], work: Path, args: argparse.Namespace, conv_dim: int) -> dict:
