@@ -7,7 +7,12 @@ Measured alternatives of `svd_adaptive` at rank 128, kept out: oversample 16 (bl
 for ~12 % more CPU; blocks of 48-56 gain nothing more (more blocks, more fixed costs) for 1.5-2x the worst excess;
 stopping a block earlier (4 blocks of 64: +1.2-1.4 % median) breaks the rule; blocks of rank + oversample columns
 cut the excess 5-10x for 1.5-2x the time; int8 products (VNNI, 1.5-2x a bf16 GEMM) lose it again quantizing the
-matrix; z rows and Gram in bf16 save ~3 % but leave vh orthonormal only to ~1e-3.
+matrix; z rows and Gram in bf16 save ~3 % but leave vh orthonormal only to ~1e-3. On a core whose bf16 GEMMs run 4x
+its fp32 ones (401 against 92-100 GF/s), where the eigen-solves and fp32 GEMMs take two thirds of a layer: blocks of
+96 or 128 (fewer, larger Grams) cost 25-35 % more; CholeskyQR2 is no faster than Householder QR on a 1280x64 block
+(0.55 against 0.48 ms); a Rayleigh-Ritz restarted on 192 Ritz vectors solves smaller Grams but needs eigenvectors
+every block, for no gain and +0.10 % excess. CPU bf16 GEMMs round their result to bf16 (torch's fp32-output
+`mm(..., out_dtype=)` is CUDA-only), so the Gram and Gram-Schmidt stay fp32.
 """
 
 from __future__ import annotations
