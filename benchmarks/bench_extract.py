@@ -158,11 +158,16 @@ def write_pair(folder: Path, keys: list[str], shapes: dict, dtype: torch.dtype, 
     return paths
 
 
+def shape_class(target) -> tuple:
+    """The class a LoRA target is measured and extrapolated by: its component, kind and shape."""
+    return target.component, target.kind, target.shape
+
+
 def sample_keys(targets: list, fraction: float, quick: bool) -> list[str]:
     """LoRA tensors chosen evenly within each shape class (at least one per class, and one attn2.to_k)."""
     classes: dict[tuple, list[str]] = defaultdict(list)
     for target in targets:
-        key_class = (target.component, target.kind, target.shape if target.rows is None else "fused")
+        key_class = shape_class(target) if target.rows is None else (*shape_class(target)[:2], "fused")
         if target.key not in classes[key_class]:
             classes[key_class].append(target.key)
     chosen = []
@@ -288,10 +293,10 @@ def extrapolate(result: dict, measured: list, full: list, bytes_ratio: float, lo
     seconds = result["layers"]
     by_class = defaultdict(list)
     for target in measured:
-        by_class[(target.component, target.kind, target.shape)].append(seconds[target.name])
+        by_class[shape_class(target)].append(seconds[target.name])
     per_class = {c: statistics.fmean(times) for c, times in by_class.items()}
     mean = statistics.fmean(seconds.values())
-    layers = sum(per_class.get((t.component, t.kind, t.shape), mean) for t in full)
+    layers = sum(per_class.get(shape_class(t), mean) for t in full)
     other = result["cpu"] - sum(seconds.values()) - result["load"] - result["write"]
     return other + layers + result["load"] * bytes_ratio + result["write"] * lora_ratio
 

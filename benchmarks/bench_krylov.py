@@ -29,7 +29,7 @@ from collections import defaultdict
 
 import torch
 
-from benchmarks.bench_extract import DIFFERENCES, MEDIAN_EXCESS, WORST_EXCESS, stored_pair
+from benchmarks.bench_extract import DIFFERENCES, MEDIAN_EXCESS, WORST_EXCESS, shape_class, stored_pair
 from extract.config import ExtractConfig
 
 MAX_BLOCKS = 8
@@ -52,7 +52,7 @@ def shape_classes(shapes: dict[str, tuple[int, ...]], quick: bool) -> list[tuple
 
     classes: dict[tuple, list] = defaultdict(list)
     for target in kohya_targets(shapes, conv=True):
-        classes[(target.component, target.kind, target.shape)].append(target)
+        classes[shape_class(target)].append(target)
     total = sum(math.prod(t.shape) for members in classes.values() for t in members)
     chosen = [(members[len(members) // 2], len(members)) for members in classes.values()]
     if quick:
